@@ -1,0 +1,108 @@
+//! A bounded in-memory cache of decoded, verified chunks, so hot chunks are decoded once.
+//! Sharded by key so concurrent readers rarely meet on a lock; each shard evicts by CLOCK
+//! (second chance), which keeps frequently read chunks without an LRU list update on every hit.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+const SHARDS: usize = 16;
+
+struct Shard<K> {
+    map: HashMap<K, (Arc<Vec<u8>>, bool)>,
+    clock: VecDeque<K>,
+    bytes: usize,
+}
+
+/// Decoded-chunk cache keyed by `K`, bounded by total bytes.
+pub struct ChunkCache<K> {
+    shards: Vec<Mutex<Shard<K>>>,
+    shard_limit: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl<K: Hash + Eq + Clone> ChunkCache<K> {
+    /// A cache holding at most about `limit_bytes` of decoded data (0 disables caching).
+    pub fn new(limit_bytes: usize) -> Self {
+        ChunkCache {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::new(),
+                        clock: VecDeque::new(),
+                        bytes: 0,
+                    })
+                })
+                .collect(),
+            shard_limit: limit_bytes / SHARDS,
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, k: &K) -> &Mutex<Shard<K>> {
+        &self.shards[self.hasher.hash_one(k) as usize % SHARDS]
+    }
+
+    /// The cached chunk, marking it recently used.
+    pub fn get(&self, k: &K) -> Option<Arc<Vec<u8>>> {
+        let mut s = self.shard(k).lock();
+        s.map.get_mut(k).map(|(v, used)| {
+            *used = true;
+            v.clone()
+        })
+    }
+
+    /// Adds a chunk, evicting others if the shard is over its share of the limit.
+    pub fn insert(&self, k: K, v: Arc<Vec<u8>>) {
+        if v.len() > self.shard_limit {
+            return;
+        }
+        let mut s = self.shard(&k).lock();
+        let s = &mut *s;
+        if s.map.contains_key(&k) {
+            return;
+        }
+        s.bytes += v.len();
+        s.map.insert(k.clone(), (v, false));
+        s.clock.push_back(k);
+        while s.bytes > self.shard_limit {
+            let Some(victim) = s.clock.pop_front() else {
+                break;
+            };
+            match s.map.get_mut(&victim) {
+                Some((_, used)) if *used => {
+                    *used = false;
+                    s.clock.push_back(victim);
+                }
+                Some(_) => {
+                    if let Some((v, _)) = s.map.remove(&victim) {
+                        s.bytes -= v.len();
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stays_within_limit_and_keeps_hot_entries() {
+        let c = ChunkCache::new(16 * 64 * 1024);
+        for i in 0..1000u32 {
+            c.insert(i, Arc::new(vec![0u8; 4096]));
+            assert!(c.get(&0).is_some() || i < 16, "hot entry evicted at {i}");
+        }
+        assert!(c.bytes() <= 16 * 64 * 1024);
+    }
+}

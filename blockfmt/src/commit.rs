@@ -1,0 +1,121 @@
+//! Sealing writable state into immutable layers, and importing raw disk images. All of these
+//! feed a `LayerWriter` in logical order, so their output is deterministic.
+
+use std::io::{Read, Write};
+
+use crate::error::{Error, Result};
+use crate::image::{Alloc, Image};
+use crate::upper::{UpperLayer, UpperTarget};
+use crate::writer::{LayerWriter, WriterOptions, WrittenLayer, ZeroPolicy, ZERO_GRANULE};
+
+/// Bytes moved per step when copying data into a writer.
+const STEP: u64 = 1 << 20;
+
+/// Seals an upper layer into a layer blob meant to sit on top of the layers it was written
+/// over: written data becomes data extents, zeros and trims become zero extents.
+pub fn commit_upper<W: Write>(
+    upper: &UpperLayer,
+    out: W,
+    mut opts: WriterOptions,
+) -> Result<(WrittenLayer, W)> {
+    opts.zeros = ZeroPolicy::Extent;
+    let mut w = LayerWriter::new(out, upper.logical_size(), opts)?;
+    let mut buf = Vec::new();
+    for (start, len, t) in upper.ranges() {
+        match t {
+            UpperTarget::Data { file_offset } => {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(STEP);
+                    buf.resize(n as usize, 0);
+                    upper.read_data(file_offset + done, &mut buf)?;
+                    w.write_data(start + done, &buf)?;
+                    done += n;
+                }
+            }
+            UpperTarget::Zero | UpperTarget::Trimmed => w.write_zeroes(start, len)?,
+        }
+    }
+    w.finish()
+}
+
+/// Squashes the whole image (every layer and the upper layer) into one bottom layer: what
+/// reads as zeros becomes a hole.
+pub fn squash<W: Write>(
+    image: &Image,
+    out: W,
+    mut opts: WriterOptions,
+) -> Result<(WrittenLayer, W)> {
+    opts.zeros = ZeroPolicy::Hole;
+    let mut w = LayerWriter::new(out, image.size(), opts)?;
+    let mut buf = Vec::new();
+    for (start, len, a) in image.map(0, image.size())? {
+        if a != Alloc::Data {
+            continue;
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(STEP);
+            buf.resize(n as usize, 0);
+            image.read(start + done, &mut buf)?;
+            w.write_data(start + done, &buf)?;
+            done += n;
+        }
+    }
+    w.finish()
+}
+
+/// Imports a raw disk image of `size` bytes read from `src`.
+///
+/// Without `base`, the result is a bottom layer: zero granules become holes. With `base`, the
+/// result is a layer to stack on `base` holding only the 4 KiB granules whose content differs
+/// from `base` (changed-to-zero granules become zero extents), so `base` + layer reads as `src`.
+pub fn import_raw<R: Read, W: Write>(
+    mut src: R,
+    size: u64,
+    base: Option<&Image>,
+    out: W,
+    mut opts: WriterOptions,
+    mut progress: impl FnMut(u64),
+) -> Result<(WrittenLayer, W)> {
+    if let Some(b) = base {
+        if b.size() != size {
+            return Err(Error::Invalid(format!(
+                "the raw image is {size} bytes, the base image {} bytes",
+                b.size()
+            )));
+        }
+    }
+    opts.zeros = if base.is_some() {
+        ZeroPolicy::Extent
+    } else {
+        ZeroPolicy::Hole
+    };
+    let mut w = LayerWriter::new(out, size, opts)?;
+    let mut buf = vec![0u8; STEP as usize];
+    let mut old = vec![0u8; STEP as usize];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(STEP) as usize;
+        src.read_exact(&mut buf[..n])
+            .map_err(|e| Error::io("raw image", off, e))?;
+        match base {
+            None => w.write_data(off, &buf[..n])?,
+            Some(b) => {
+                b.read(off, &mut old[..n])?;
+                let g = ZERO_GRANULE as usize;
+                let mut i = 0;
+                while i < n {
+                    let j = (i + g).min(n);
+                    if buf[i..j] != old[i..j] {
+                        w.write_data(off + i as u64, &buf[i..j])?;
+                    }
+                    i = j;
+                }
+            }
+        }
+        off += n as u64;
+        progress(off);
+    }
+    w.finish()
+}

@@ -1,0 +1,39 @@
+//! `blockfmt`: the lsm layered block image format.
+//!
+//! - [`format`]: byte layouts of the immutable layer blob (FORMAT.md §1).
+//! - [`chunk`]: compress and checked decode of one chunk.
+//! - [`writer`]: streaming `LayerWriter` (deterministic output).
+//! - [`reader`]: `Layer`, opened over the `ReadAt` seam in ≤ 2 ranged reads.
+//! - [`merged`]: the merged index of a stack of layers (top wins).
+//! - [`stack`]: `LayerStack`, layers + merged index + decoded-chunk cache.
+//! - [`upper`]: the writable, crash-safe `UpperLayer` (FORMAT.md §3).
+//! - [`image`]: `Image` = stack + optional upper layer.
+//! - [`commit`]: commit, squash and raw import.
+//!
+//! Pure: no network, no daemon, no kernel.
+
+pub mod cache;
+pub mod chunk;
+pub mod commit;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod merged;
+pub mod reader;
+pub mod stack;
+pub mod upper;
+pub mod writer;
+
+pub use chunk::{Compression, Verify};
+pub use error::{Error, Result};
+pub use image::{Alloc, Image};
+pub use merged::MergedIndex;
+pub use reader::{Layer, ReadAt};
+pub use stack::LayerStack;
+pub use upper::UpperLayer;
+pub use writer::{LayerWriter, WriterOptions, WrittenLayer, ZeroPolicy};
+
+/// OCI media type of a layer blob.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.lsm.layer.v1";
+/// OCI annotation carrying the metadata digest of a layer.
+pub const META_DIGEST_ANNOTATION: &str = "io.lsm.layer.meta-digest";

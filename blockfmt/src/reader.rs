@@ -1,0 +1,321 @@
+//! Opening and reading one immutable layer blob through the `ReadAt` seam. Opening costs at most
+//! two ranged reads (tail, then metadata if it did not fit in the tail); a chunk read costs one.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::chunk::{self, Verify};
+use crate::error::{Error, Result};
+use crate::format::{
+    oci_digest, sha256, ChunkEntry, Header, Metadata, Trailer, HEADER_LEN, TRAILER_LEN,
+};
+
+/// Positional reads of a blob: the one thing a layer needs from where its bytes live.
+/// Implemented for local files here; `lsmd` implements it over its sources and cache.
+pub trait ReadAt: Send + Sync {
+    /// Fills `buf` from `offset`; a short blob is an error (`UnexpectedEof`).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Total size in bytes.
+    fn size(&self) -> io::Result<u64>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+/// Bytes read from the end of a blob in the first ranged read: big enough for the trailer and the
+/// metadata of a layer with a few thousand extents, so most opens take one read.
+pub const TAIL_READ: u64 = 256 * 1024;
+
+/// An open, validated layer: trailer and metadata in memory, chunks read on demand.
+pub struct Layer {
+    name: String,
+    src: Arc<dyn ReadAt>,
+    blob_size: u64,
+    trailer: Trailer,
+    meta: Metadata,
+    /// Sources of the blobs in the blob table (index `i` = blob number `i + 1`).
+    borrowed: Vec<Option<Arc<dyn ReadAt>>>,
+    verify: Verify,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("name", &self.name)
+            .field("blob_size", &self.blob_size)
+            .field("extents", &self.meta.extents.len())
+            .finish()
+    }
+}
+
+impl Layer {
+    /// Opens a layer, checking trailer and metadata (and, if given, that the metadata digest is
+    /// `expect_meta`, as the image manifest says). `name` appears in every error.
+    pub fn open(
+        name: impl Into<String>,
+        src: Arc<dyn ReadAt>,
+        expect_meta: Option<[u8; 32]>,
+    ) -> Result<Layer> {
+        let name = name.into();
+        let blob_size = src.size().map_err(|e| Error::io(&name, 0, e))?;
+        if blob_size < (HEADER_LEN + TRAILER_LEN) as u64 {
+            return Err(Error::corrupt(
+                &name,
+                "blob",
+                0,
+                format!("{blob_size} bytes is too short for a layer blob"),
+            ));
+        }
+        let tail_len = blob_size.min(TAIL_READ);
+        let tail_off = blob_size - tail_len;
+        let mut tail = vec![0u8; tail_len as usize];
+        src.read_exact_at(&mut tail, tail_off)
+            .map_err(|e| Error::io(&name, tail_off, e))?;
+        let t = Trailer::decode(&tail[tail.len() - TRAILER_LEN..], blob_size, &name)?;
+        let meta_bytes = if t.meta_offset >= tail_off {
+            let s = (t.meta_offset - tail_off) as usize;
+            tail[s..s + t.meta_len as usize].to_vec()
+        } else {
+            let mut m = vec![0u8; t.meta_len as usize];
+            src.read_exact_at(&mut m, t.meta_offset)
+                .map_err(|e| Error::io(&name, t.meta_offset, e))?;
+            m
+        };
+        if sha256(&meta_bytes) != t.meta_sha256 {
+            return Err(Error::corrupt(
+                &name,
+                "metadata",
+                t.meta_offset,
+                "sha256 does not match the trailer",
+            ));
+        }
+        if let Some(want) = expect_meta {
+            if want != t.meta_sha256 {
+                return Err(Error::corrupt(
+                    &name,
+                    "metadata",
+                    t.meta_offset,
+                    format!(
+                        "digest {} is not the expected {}",
+                        oci_digest(&t.meta_sha256),
+                        oci_digest(&want)
+                    ),
+                ));
+            }
+        }
+        let meta = Metadata::decode(&meta_bytes, &t, &name)?;
+        let borrowed = vec![None; meta.blobs.len()];
+        Ok(Layer {
+            name,
+            src,
+            blob_size,
+            trailer: t,
+            meta,
+            borrowed,
+            verify: Verify::Full,
+        })
+    }
+
+    /// The name used in errors.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The decoded metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+    /// The trailer.
+    pub fn trailer(&self) -> &Trailer {
+        &self.trailer
+    }
+    /// Disk size this layer was written for.
+    pub fn logical_size(&self) -> u64 {
+        self.trailer.logical_size
+    }
+    /// Chunk window.
+    pub fn chunk_size(&self) -> u32 {
+        self.trailer.chunk_size
+    }
+    /// Blob size in bytes.
+    pub fn blob_size(&self) -> u64 {
+        self.blob_size
+    }
+    /// Chooses how much `read_chunk` checks (default: everything).
+    pub fn set_verify(&mut self, v: Verify) {
+        self.verify = v;
+    }
+
+    /// Supplies the source of blob table entry `number - 1` (blob numbers start at 1).
+    pub fn attach_blob(&mut self, number: u32, src: Arc<dyn ReadAt>) -> Result<()> {
+        let slot = (number as usize)
+            .checked_sub(1)
+            .and_then(|i| self.borrowed.get_mut(i))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no blob number {number} in the blob table",
+                    self.name
+                ))
+            })?;
+        *slot = Some(src);
+        Ok(())
+    }
+
+    fn chunk_entry(&self, chunk: u32) -> Result<&ChunkEntry> {
+        self.meta
+            .chunks
+            .get(chunk as usize)
+            .ok_or_else(|| Error::Invalid(format!("{}: no chunk {chunk}", self.name)))
+    }
+
+    /// The stored (still encoded, unchecked) bytes of a chunk: what a cache or a fetch moves.
+    pub fn read_stored(&self, chunk: u32) -> Result<Vec<u8>> {
+        let e = self.chunk_entry(chunk)?;
+        let src = if e.blob == 0 {
+            &self.src
+        } else {
+            let i = e.blob as usize - 1;
+            match self.borrowed.get(i).and_then(|s| s.as_ref()) {
+                Some(s) => s,
+                None => {
+                    return Err(Error::MissingBlob {
+                        layer: self.name.clone(),
+                        chunk,
+                        blob_digest: self
+                            .meta
+                            .blobs
+                            .get(i)
+                            .map(|b| oci_digest(&b.sha256))
+                            .unwrap_or_default(),
+                    })
+                }
+            }
+        };
+        let mut buf = vec![0u8; e.stored_len as usize];
+        src.read_exact_at(&mut buf, e.offset)
+            .map_err(|err| Error::io(&self.name, e.offset, err))?;
+        Ok(buf)
+    }
+
+    /// Reads, decodes and checks a chunk. Never returns bytes that failed a check.
+    pub fn read_chunk(&self, chunk: u32) -> Result<Vec<u8>> {
+        let stored = self.read_stored(chunk)?;
+        chunk::decode(
+            self.chunk_entry(chunk)?,
+            &stored,
+            chunk,
+            &self.name,
+            self.verify,
+        )
+    }
+
+    /// Checks every byte of the blob: header (and its agreement with the trailer), every chunk in
+    /// full, and, if given, the sha256 of the whole blob. Returns the first failure.
+    pub fn verify_all(&self, expect_digest: Option<[u8; 32]>) -> Result<()> {
+        let mut hb = [0u8; HEADER_LEN];
+        self.src
+            .read_exact_at(&mut hb, 0)
+            .map_err(|e| Error::io(&self.name, 0, e))?;
+        let h = Header::decode(&hb, &self.name)?;
+        if h.chunk_size != self.trailer.chunk_size || h.logical_size != self.trailer.logical_size {
+            return Err(Error::corrupt(
+                &self.name,
+                "header",
+                16,
+                "header and trailer disagree",
+            ));
+        }
+        for (i, e) in self.meta.chunks.iter().enumerate() {
+            if e.blob != 0
+                && self
+                    .borrowed
+                    .get(e.blob as usize - 1)
+                    .is_none_or(|s| s.is_none())
+            {
+                continue; // a borrowed chunk is verified with the blob that holds it
+            }
+            let stored = self.read_stored(i as u32)?;
+            chunk::decode(e, &stored, i as u32, &self.name, Verify::Full)?;
+        }
+        // Every byte between the header and the metadata belongs to some chunk of this blob.
+        let mut spans: Vec<(u64, u64)> = self
+            .meta
+            .chunks
+            .iter()
+            .filter(|c| c.blob == 0)
+            .map(|c| (c.offset, c.offset + c.stored_len as u64))
+            .collect();
+        spans.sort_unstable();
+        let mut at = HEADER_LEN as u64;
+        for (s, e) in spans {
+            if s > at {
+                return Err(Error::corrupt(
+                    &self.name,
+                    "blob",
+                    at,
+                    "bytes not covered by any chunk",
+                ));
+            }
+            at = at.max(e);
+        }
+        if at != self.trailer.meta_offset {
+            return Err(Error::corrupt(
+                &self.name,
+                "blob",
+                at,
+                "bytes not covered by any chunk",
+            ));
+        }
+        if let Some(want) = expect_digest {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < self.blob_size {
+                let n = (self.blob_size - off).min(buf.len() as u64) as usize;
+                self.src
+                    .read_exact_at(&mut buf[..n], off)
+                    .map_err(|e| Error::io(&self.name, off, e))?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            let got: [u8; 32] = h.finalize().into();
+            if got != want {
+                return Err(Error::corrupt(
+                    &self.name,
+                    "blob",
+                    0,
+                    format!(
+                        "digest {} is not the expected {}",
+                        oci_digest(&got),
+                        oci_digest(&want)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

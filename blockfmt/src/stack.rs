@@ -1,0 +1,126 @@
+//! A read-only stack of immutable layers over one virtual disk: the layers, their merged index,
+//! and a decoded-chunk cache. Reads never take a lock other than a cache shard's.
+
+use std::sync::Arc;
+
+use crate::cache::ChunkCache;
+use crate::error::{Error, Result};
+use crate::merged::{MergedIndex, Segment, Target};
+use crate::reader::Layer;
+
+/// Default bound of the decoded-chunk cache.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// Layers (bottom first) composed into one readable disk.
+pub struct LayerStack {
+    layers: Vec<Layer>,
+    index: MergedIndex,
+    size: u64,
+    cache: ChunkCache<(u16, u32)>,
+}
+
+impl LayerStack {
+    /// Composes `layers` (bottom first) into a disk of `size` bytes. Every layer must have been
+    /// written for a disk of at most `size` bytes.
+    pub fn new(layers: Vec<Layer>, size: u64, cache_bytes: usize) -> Result<LayerStack> {
+        for l in &layers {
+            if l.logical_size() > size {
+                return Err(Error::Invalid(format!(
+                    "{}: layer is for a {} byte disk, larger than the image ({size} bytes)",
+                    l.name(),
+                    l.logical_size()
+                )));
+            }
+        }
+        let lists: Vec<&[crate::format::Extent]> = layers
+            .iter()
+            .map(|l| l.metadata().extents.as_slice())
+            .collect();
+        let index = MergedIndex::build(&lists)?;
+        Ok(LayerStack {
+            layers,
+            index,
+            size,
+            cache: ChunkCache::new(cache_bytes),
+        })
+    }
+
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// The layers, bottom first.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+    /// The merged index.
+    pub fn index(&self) -> &MergedIndex {
+        &self.index
+    }
+
+    /// Bounds check shared by every request.
+    pub fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                offset: off,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// The decoded, verified chunk, from cache or from its layer.
+    pub fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
+        if let Some(c) = self.cache.get(&(layer, chunk)) {
+            return Ok(c);
+        }
+        let l = self
+            .layers
+            .get(layer as usize)
+            .ok_or_else(|| Error::Invalid(format!("no layer {layer}")))?;
+        let data = Arc::new(l.read_chunk(chunk)?);
+        self.cache.insert((layer, chunk), data.clone());
+        Ok(data)
+    }
+
+    /// The segments of `[off, off + len)`.
+    pub fn map(&self, off: u64, len: u64) -> Result<Vec<Segment>> {
+        self.check_range(off, len)?;
+        Ok(self.index.segments(off, len))
+    }
+
+    /// Reads `buf.len()` bytes at `off`.
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        for s in self.map(off, buf.len() as u64)? {
+            let dst = &mut buf[(s.offset - off) as usize..(s.offset - off + s.len) as usize];
+            self.read_segment(&s, dst)?;
+        }
+        Ok(())
+    }
+
+    /// Fills `dst` (of `s.len` bytes) with segment `s`.
+    pub fn read_segment(&self, s: &Segment, dst: &mut [u8]) -> Result<()> {
+        match s.target {
+            Target::Hole | Target::Zero { .. } => dst.fill(0),
+            Target::Data {
+                layer,
+                chunk,
+                chunk_offset,
+            } => {
+                let c = self.chunk(layer, chunk)?;
+                let from = chunk_offset as usize;
+                let src = c.get(from..from + dst.len()).ok_or_else(|| {
+                    Error::corrupt(
+                        self.layers[layer as usize].name(),
+                        "extent",
+                        s.offset,
+                        "extent leaves its chunk",
+                    )
+                })?;
+                dst.copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+}

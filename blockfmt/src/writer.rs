@@ -1,0 +1,291 @@
+//! Streaming writer of a layer blob. The caller hands it the layer's content in increasing
+//! logical order (data and zero ranges); it cuts chunks at fixed windows, detects all-zero 4 KiB
+//! granules, compresses, and writes header, chunks, metadata and trailer in one pass. The output
+//! depends only on the content and the options (FORMAT.md §1.5).
+
+use std::io::Write;
+
+use sha2::{Digest, Sha256};
+
+use crate::chunk::{self, Compression};
+use crate::error::{Error, Result};
+use crate::format::{
+    check_chunk_size, sha256, Extent, ExtentKind, Header, Metadata, Trailer, HEADER_LEN, NO_CHUNK,
+};
+
+/// Granule in which runs of zero bytes are detected, aligned to logical offset 0.
+pub const ZERO_GRANULE: u64 = 4096;
+
+/// Default chunk window (FORMAT.md §1.4 says why).
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+
+/// What the writer records for all-zero data and explicit zero ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroPolicy {
+    /// Leave a hole: right for a bottom layer, where nothing shows through.
+    Hole,
+    /// Write a zero extent: right for a layer over others, where zeros must hide what is below.
+    Extent,
+}
+
+/// Writer settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterOptions {
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub zeros: ZeroPolicy,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression: Compression::default(),
+            zeros: ZeroPolicy::Extent,
+        }
+    }
+}
+
+/// What a finished blob is: its identity and a few figures for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenLayer {
+    /// Total blob bytes.
+    pub size: u64,
+    /// sha256 of the whole blob (the OCI digest).
+    pub digest: [u8; 32],
+    /// sha256 of the metadata section (the `io.lsm.layer.meta-digest` annotation).
+    pub meta_digest: [u8; 32],
+    pub chunks: u64,
+    pub extents: u64,
+    /// Logical bytes held as data (not zero, not hole).
+    pub data_bytes: u64,
+    /// Bytes of stored chunk data.
+    pub stored_bytes: u64,
+}
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: Sha256,
+    pos: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.inner
+            .write_all(b)
+            .map_err(|e| Error::io("layer writer", self.pos, e))?;
+        self.hash.update(b);
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+}
+
+/// Streaming layer blob writer; see the module docs.
+pub struct LayerWriter<W: Write> {
+    out: HashingWriter<W>,
+    opts: WriterOptions,
+    logical_size: u64,
+    meta: Metadata,
+    window: u64,
+    buf: Vec<u8>,
+    next_free: u64,
+    data_bytes: u64,
+    stored_bytes: u64,
+}
+
+impl<W: Write> LayerWriter<W> {
+    /// Starts a blob for a disk of `logical_size` bytes and writes its header.
+    pub fn new(out: W, logical_size: u64, opts: WriterOptions) -> Result<Self> {
+        check_chunk_size(opts.chunk_size).map_err(Error::Invalid)?;
+        if let Compression::Zstd(l) = opts.compression {
+            if !(1..=22).contains(&l) {
+                return Err(Error::Invalid(format!("zstd level {l} is not in 1..=22")));
+            }
+        }
+        let mut w = LayerWriter {
+            out: HashingWriter {
+                inner: out,
+                hash: Sha256::new(),
+                pos: 0,
+            },
+            opts,
+            logical_size,
+            meta: Metadata::default(),
+            window: 0,
+            buf: Vec::with_capacity(opts.chunk_size as usize),
+            next_free: 0,
+            data_bytes: 0,
+            stored_bytes: 0,
+        };
+        let h = Header {
+            chunk_size: opts.chunk_size,
+            logical_size,
+        };
+        w.out.put(&h.encode())?;
+        Ok(w)
+    }
+
+    fn check_range(&mut self, off: u64, len: u64) -> Result<()> {
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= self.logical_size)
+            .ok_or(Error::OutOfRange {
+                offset: off,
+                len,
+                size: self.logical_size,
+            })?;
+        if off < self.next_free {
+            return Err(Error::Invalid(format!(
+                "layer writer: range at {off} starts before the end of the previous one ({})",
+                self.next_free
+            )));
+        }
+        self.next_free = end;
+        Ok(())
+    }
+
+    /// Adds data at `off`; all-zero 4 KiB granules become zero ranges.
+    pub fn write_data(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.check_range(off, data.len() as u64)?;
+        let mut pos = off;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let granule_end = (pos / ZERO_GRANULE + 1) * ZERO_GRANULE;
+            let n = rest.len().min((granule_end - pos) as usize);
+            let (piece, tail) = rest.split_at(n);
+            if is_zero(piece) {
+                self.push_zero(pos, n as u64);
+            } else {
+                self.push_data(pos, piece)?;
+            }
+            pos += n as u64;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Records `len` bytes of zeros at `off` (a zero extent or a hole, per the zero policy).
+    pub fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        self.push_zero(off, len);
+        Ok(())
+    }
+
+    fn push_zero(&mut self, mut off: u64, mut len: u64) {
+        if self.opts.zeros == ZeroPolicy::Hole {
+            return;
+        }
+        while len > 0 {
+            if let Some(p) = self.meta.extents.last_mut() {
+                if p.kind == ExtentKind::Zero && p.end() == off && p.len < u32::MAX {
+                    let add = len.min((u32::MAX - p.len) as u64);
+                    p.len += add as u32;
+                    off += add;
+                    len -= add;
+                    continue;
+                }
+            }
+            let n = len.min(u32::MAX as u64);
+            self.meta.extents.push(Extent {
+                logical: off,
+                len: n as u32,
+                kind: ExtentKind::Zero,
+                chunk: NO_CHUNK,
+                chunk_offset: 0,
+            });
+            off += n;
+            len -= n;
+        }
+    }
+
+    fn push_data(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let cs = self.opts.chunk_size as u64;
+        let mut pos = off;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let window = pos / cs;
+            if window != self.window {
+                self.flush_chunk()?;
+                self.window = window;
+            }
+            let n = rest.len().min(((window + 1) * cs - pos) as usize);
+            let chunk = self.meta.chunks.len() as u32;
+            let chunk_offset = self.buf.len() as u32;
+            match self.meta.extents.last_mut() {
+                Some(p)
+                    if p.kind == ExtentKind::Data
+                        && p.chunk == chunk
+                        && p.end() == pos
+                        && p.chunk_offset + p.len == chunk_offset =>
+                {
+                    p.len += n as u32
+                }
+                _ => self.meta.extents.push(Extent {
+                    logical: pos,
+                    len: n as u32,
+                    kind: ExtentKind::Data,
+                    chunk,
+                    chunk_offset,
+                }),
+            }
+            self.buf.extend_from_slice(&rest[..n]);
+            self.data_bytes += n as u64;
+            pos += n as u64;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+
+    fn flush_chunk(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let (stored, mut entry) = chunk::encode(&self.buf, self.opts.compression)?;
+        entry.offset = self.out.pos;
+        self.out.put(&stored)?;
+        self.stored_bytes += stored.len() as u64;
+        self.meta.chunks.push(entry);
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes the last chunk, the metadata and the trailer; returns the blob's identity and
+    /// the inner writer (flushed).
+    pub fn finish(mut self) -> Result<(WrittenLayer, W)> {
+        self.flush_chunk()?;
+        let meta = self.meta.encode();
+        let meta_digest = sha256(&meta);
+        let t = Trailer {
+            meta_offset: self.out.pos,
+            meta_len: meta.len() as u64,
+            meta_sha256: meta_digest,
+            logical_size: self.logical_size,
+            chunk_size: self.opts.chunk_size,
+        };
+        debug_assert!(t.meta_offset >= HEADER_LEN as u64);
+        self.out.put(&meta)?;
+        self.out.put(&t.encode())?;
+        let pos = self.out.pos;
+        self.out
+            .inner
+            .flush()
+            .map_err(|e| Error::io("layer writer", pos, e))?;
+        let written = WrittenLayer {
+            size: self.out.pos,
+            digest: self.out.hash.finalize().into(),
+            meta_digest,
+            chunks: self.meta.chunks.len() as u64,
+            extents: self.meta.extents.len() as u64,
+            data_bytes: self.data_bytes,
+            stored_bytes: self.stored_bytes,
+        };
+        Ok((written, self.out.inner))
+    }
+}
+
+/// True if every byte is zero. Folds 512-byte blocks (which the compiler vectorises) and stops
+/// at the first non-zero block: this runs over every imported byte.
+pub fn is_zero(b: &[u8]) -> bool {
+    b.chunks(512)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
