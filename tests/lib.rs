@@ -1,1 +1,137 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: locating the built binaries, running them, and
+//! building real ext4 images with the system's own `mkfs.ext4` and `debugfs`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// The directory cargo put this test's binaries in (`target/<profile>`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary; `tests/run` builds them before the tests run.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `bash tests/run` (or `cargo build --workspace --bins` with the same profile first)",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command, returning its output; panics with stderr if it could not start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `lsmctl` with arguments.
+pub fn lsmctl<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(args: I) -> Command {
+    let mut c = Command::new(bin("lsmctl"));
+    c.args(args);
+    c
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("read");
+    hex::encode(h.finalize())
+}
+
+/// Copies whole entries of `/usr/share`, in name order, into `dst` while they fit in
+/// `budget_mib`: real files of every kind (text, compressed docs, images, locales).
+pub fn stage_usr_share(dst: &Path, budget_mib: u64) -> u64 {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    let mut names: Vec<PathBuf> = std::fs::read_dir("/usr/share")
+        .expect("/usr/share")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    names.sort();
+    let mut used = 0u64;
+    for p in names {
+        let du = ok(Command::new("du").args(["-sk", "--apparent-size"]).arg(&p));
+        let kib: u64 = du
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX);
+        if used + kib / 1024 + 1 > budget_mib {
+            continue;
+        }
+        ok(Command::new("cp").arg("-a").arg(&p).arg(dst));
+        used += kib / 1024 + 1;
+    }
+    used
+}
+
+/// Makes a `size_mib` ext4 image at `img` populated from `dir` (no mount needed).
+pub fn mkfs_ext4(img: &Path, size_mib: u64, dir: &Path) {
+    let _ = std::fs::remove_file(img);
+    ok(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{size_mib}M"))
+        .arg(img));
+    ok(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "root_owner=0:0",
+            "-U",
+            "2b1f6e0e-5b2c-4c3a-9d0e-0123456789ab",
+            "-d",
+        ])
+        .arg(dir)
+        .arg(img));
+}
+
+/// Applies `debugfs -w` commands to an ext4 image (write, rm, mkdir, …) and checks fsck.
+pub fn debugfs(img: &Path, cmds: &str) {
+    let f = img.with_extension("debugfs-cmds");
+    std::fs::write(&f, cmds).expect("write cmds");
+    ok(Command::new("debugfs").arg("-w").arg("-f").arg(&f).arg(img));
+    ok(Command::new("e2fsck").args(["-f", "-n"]).arg(img));
+}
+
+/// Bytes of `zstd -3` over the non-zero 4 KiB blocks of a raw image: the yardstick for the
+/// imported size.
+pub fn zstd3_of_nonzero_blocks(img: &Path) -> u64 {
+    let data = std::fs::read(img).expect("read image");
+    let mut nz = Vec::with_capacity(data.len());
+    for b in data.chunks(4096) {
+        if b.iter().any(|&x| x != 0) {
+            nz.extend_from_slice(b);
+        }
+    }
+    let tmp = img.with_extension("nonzero");
+    std::fs::write(&tmp, &nz).expect("write");
+    let out = run(Command::new("zstd")
+        .args(["-3", "-q", "-c", "--single-thread"])
+        .arg(&tmp));
+    assert!(out.status.success(), "zstd failed");
+    let _ = std::fs::remove_file(&tmp);
+    out.stdout.len() as u64
+}

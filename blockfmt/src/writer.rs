@@ -3,6 +3,7 @@
 //! granules, compresses, and writes header, chunks, metadata and trailer in one pass. The output
 //! depends only on the content and the options (FORMAT.md §1.5).
 
+use std::collections::HashMap;
 use std::io::Write;
 
 use sha2::{Digest, Sha256};
@@ -17,7 +18,7 @@ use crate::format::{
 pub const ZERO_GRANULE: u64 = 4096;
 
 /// Default chunk window (FORMAT.md §1.4 says why).
-pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
 
 /// What the writer records for all-zero data and explicit zero ranges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +35,9 @@ pub struct WriterOptions {
     pub chunk_size: u32,
     pub compression: Compression,
     pub zeros: ZeroPolicy,
+    /// Store each distinct aligned 4 KiB block once per layer: a repeat becomes an extent into
+    /// the chunk that already holds it (FORMAT.md §1.4).
+    pub dedup: bool,
 }
 
 impl Default for WriterOptions {
@@ -42,6 +46,7 @@ impl Default for WriterOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             compression: Compression::default(),
             zeros: ZeroPolicy::Extent,
+            dedup: true,
         }
     }
 }
@@ -91,6 +96,9 @@ pub struct LayerWriter<W: Write> {
     next_free: u64,
     data_bytes: u64,
     stored_bytes: u64,
+    /// sha256 of each aligned 4 KiB block stored so far → (chunk, offset in chunk).
+    seen: HashMap<[u8; 32], (u32, u32)>,
+    pub(crate) dedup_bytes: u64,
 }
 
 impl<W: Write> LayerWriter<W> {
@@ -116,6 +124,8 @@ impl<W: Write> LayerWriter<W> {
             next_free: 0,
             data_bytes: 0,
             stored_bytes: 0,
+            seen: HashMap::new(),
+            dedup_bytes: 0,
         };
         let h = Header {
             chunk_size: opts.chunk_size,
@@ -155,6 +165,8 @@ impl<W: Write> LayerWriter<W> {
             let (piece, tail) = rest.split_at(n);
             if is_zero(piece) {
                 self.push_zero(pos, n as u64);
+            } else if self.opts.dedup && n as u64 == ZERO_GRANULE {
+                self.push_block(pos, piece)?;
             } else {
                 self.push_data(pos, piece)?;
             }
@@ -196,6 +208,41 @@ impl<W: Write> LayerWriter<W> {
             off += n;
             len -= n;
         }
+    }
+
+    /// Adds one aligned 4 KiB block, pointing at an earlier copy when there is one.
+    fn push_block(&mut self, off: u64, block: &[u8]) -> Result<()> {
+        let h = sha256(block);
+        let Some(&(chunk, chunk_offset)) = self.seen.get(&h) else {
+            self.push_data(off, block)?;
+            // The block now sits at the end of the pending chunk, whose index is the next one.
+            let at = (self.buf.len() - block.len()) as u32;
+            self.seen.insert(h, (self.meta.chunks.len() as u32, at));
+            return Ok(());
+        };
+        let cs = self.opts.chunk_size as u64;
+        let len = block.len() as u32;
+        match self.meta.extents.last_mut() {
+            Some(p)
+                if p.kind == ExtentKind::Data
+                    && p.chunk == chunk
+                    && p.end() == off
+                    && p.logical / cs == off / cs
+                    && p.chunk_offset + p.len == chunk_offset =>
+            {
+                p.len += len
+            }
+            _ => self.meta.extents.push(Extent {
+                logical: off,
+                len,
+                kind: ExtentKind::Data,
+                chunk,
+                chunk_offset,
+            }),
+        }
+        self.data_bytes += len as u64;
+        self.dedup_bytes += len as u64;
+        Ok(())
     }
 
     fn push_data(&mut self, off: u64, data: &[u8]) -> Result<()> {

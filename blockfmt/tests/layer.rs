@@ -218,3 +218,35 @@ fn expected_meta_digest_is_enforced() {
     let err = Layer::open("other", Arc::new(blob), Some([1; 32])).unwrap_err();
     assert!(err.to_string().contains("expected"), "{err}");
 }
+
+#[test]
+fn repeated_blocks_are_stored_once_and_read_back() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut block = vec![0u8; 4096];
+    rng.fill(&mut block[..]);
+    let mut disk = vec![0u8; 4 << 20];
+    // The same random block at many aligned places, in many windows, some adjacent.
+    for i in (0..1024).step_by(3) {
+        disk[i * 4096..(i + 1) * 4096].copy_from_slice(&block);
+    }
+    disk[4096 * 2..4096 * 2 + 100].fill(9);
+    for cs in [4096u32, 16384, 131072] {
+        let opts = WriterOptions {
+            chunk_size: cs,
+            ..Default::default()
+        };
+        let blob = build(&disk, opts);
+        let s = open_stack(&[blob.clone()], disk.len() as u64).unwrap();
+        assert_eq!(read_all(&s).unwrap(), disk);
+        assert!(
+            blob.len() < 64 << 10,
+            "{} bytes: repeats were stored again",
+            blob.len()
+        );
+        let off = WriterOptions {
+            dedup: false,
+            ..opts
+        };
+        assert!(build(&disk, off).len() > blob.len());
+    }
+}
