@@ -66,6 +66,11 @@ pub struct Segment {
 pub struct MergedIndex {
     starts: Vec<u64>,
     maps: Vec<Mapping>,
+    /// Bucket directory: `buckets[b]` = number of extents starting before `b << shift`. About
+    /// one bucket per extent, so a lookup reads one bucket pair and searches a handful of
+    /// starts instead of walking log2(E) cache lines (FORMAT.md §2).
+    buckets: Vec<u32>,
+    shift: u32,
 }
 
 impl MergedIndex {
@@ -99,8 +104,32 @@ impl MergedIndex {
                 overlay(&cur, upper)
             };
         }
-        let (starts, maps) = cur.into_iter().unzip();
-        Ok(MergedIndex { starts, maps })
+        if cur.len() >= u32::MAX as usize {
+            return Err(Error::Invalid(format!(
+                "{} merged extents is too many",
+                cur.len()
+            )));
+        }
+        let (starts, maps): (Vec<u64>, Vec<Mapping>) = cur.into_iter().unzip();
+        let (buckets, shift) = bucket_directory(&starts);
+        Ok(MergedIndex {
+            starts,
+            maps,
+            buckets,
+            shift,
+        })
+    }
+
+    /// Index of the last extent starting at or before `off`, plus one (0 = none).
+    #[inline]
+    fn rank(&self, off: u64) -> usize {
+        let b = (off >> self.shift) as usize;
+        let (lo, hi) = match (self.buckets.get(b), self.buckets.get(b + 1)) {
+            (Some(&lo), Some(&hi)) => (lo as usize, hi as usize),
+            (Some(&lo), None) => (lo as usize, self.starts.len()),
+            _ => return self.starts.len(),
+        };
+        lo + self.starts[lo..hi].partition_point(|&s| s <= off)
     }
 
     /// Number of merged extents.
@@ -116,8 +145,7 @@ impl MergedIndex {
     /// The extent containing byte `off`, as (its start, its mapping).
     #[inline]
     pub fn lookup(&self, off: u64) -> Option<(u64, Mapping)> {
-        let i = self.starts.partition_point(|&s| s <= off);
-        let i = i.checked_sub(1)?;
+        let i = self.rank(off).checked_sub(1)?;
         let (s, m) = (self.starts[i], self.maps[i]);
         (off < s + m.len as u64).then_some((s, m))
     }
@@ -127,7 +155,7 @@ impl MergedIndex {
         let mut out = Vec::new();
         let end = off + len;
         let mut pos = off;
-        let mut i = self.starts.partition_point(|&s| s <= off).saturating_sub(1);
+        let mut i = self.rank(off).saturating_sub(1);
         while pos < end {
             let Some((&s, m)) = self.starts.get(i).zip(self.maps.get(i)) else {
                 out.push(Segment {
@@ -172,6 +200,28 @@ impl MergedIndex {
         }
         out
     }
+}
+
+/// Builds the bucket directory for sorted `starts`: a power-of-two bucket width (≥ 4 KiB) giving
+/// about one bucket per extent.
+fn bucket_directory(starts: &[u64]) -> (Vec<u32>, u32) {
+    let Some(&last) = starts.last() else {
+        return (Vec::new(), 63);
+    };
+    let span = last.max(1);
+    let per = (span / starts.len() as u64).max(1);
+    let shift = (64 - per.leading_zeros()).clamp(12, 63);
+    let n = (last >> shift) as usize + 1;
+    let mut buckets = Vec::with_capacity(n);
+    let mut i = 0usize;
+    for b in 0..n as u64 {
+        let edge = b << shift;
+        while i < starts.len() && starts[i] < edge {
+            i += 1;
+        }
+        buckets.push(i as u32);
+    }
+    (buckets, shift)
 }
 
 /// Lays `upper` over `lower` (both sorted, non-overlapping): upper pieces replace whatever lower
@@ -268,6 +318,18 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn bucket_rank_equals_binary_search(mut starts in proptest::collection::vec(0u64..(1 << 40), 1..300), probes in proptest::collection::vec(0u64..(1 << 41), 50)) {
+            starts.sort_unstable();
+            starts.dedup();
+            let maps = vec![Mapping { len: 1, chunk: 0, chunk_offset: 0, layer: 0, kind: ExtentKind::Zero }; starts.len()];
+            let (buckets, shift) = bucket_directory(&starts);
+            let idx = MergedIndex { starts: starts.clone(), maps, buckets, shift };
+            for p in probes.into_iter().chain(starts.iter().copied()).chain(starts.iter().map(|s| s.saturating_sub(1))) {
+                prop_assert_eq!(idx.rank(p), starts.partition_point(|&s| s <= p));
+            }
+        }
+
         #[test]
         fn merged_matches_per_byte_model(layers in proptest::collection::vec(arb_layer(200), 1..6)) {
             let refs: Vec<&[Extent]> = layers.iter().map(|l| l.as_slice()).collect();

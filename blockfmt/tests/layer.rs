@@ -236,7 +236,7 @@ fn repeated_blocks_are_stored_once_and_read_back() {
             ..Default::default()
         };
         let blob = build(&disk, opts);
-        let s = open_stack(&[blob.clone()], disk.len() as u64).unwrap();
+        let s = open_stack(std::slice::from_ref(&blob), disk.len() as u64).unwrap();
         assert_eq!(read_all(&s).unwrap(), disk);
         assert!(
             blob.len() < 64 << 10,

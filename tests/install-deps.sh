@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what building and testing lsm needs on a fresh Debian machine (idempotent, quiet).
+# Tests use real tools: mkfs.ext4/debugfs/e2fsck (e2fsprogs) and zstd.
+set -euo pipefail
+need=()
+for pair in mkfs.ext4:e2fsprogs debugfs:e2fsprogs zstd:zstd bc:bc python3:python3; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "install-deps: cargo (Rust toolchain) is required" >&2; exit 1; }
