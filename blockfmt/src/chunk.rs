@@ -93,6 +93,13 @@ pub fn decode(
         )));
     }
     let raw = match entry.codec {
+        Codec::None if stored.len() != entry.raw_len as usize => {
+            return Err(bad(format!(
+                "{} stored bytes for an uncompressed chunk of {}",
+                stored.len(),
+                entry.raw_len
+            )))
+        }
         Codec::None => stored.to_vec(),
         Codec::Zstd => {
             let mut out = vec![0u8; entry.raw_len as usize];
@@ -126,6 +133,35 @@ mod tests {
                 let mut s = stored.clone();
                 s[pos] ^= 0x40;
                 assert!(decode(&e, &s, 0, "t", Verify::CrcOnly).is_err());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// Fuzz: hostile stored bytes that pass the crc (so they reach the zstd decoder) with any
+        /// claimed decoded length give an error or exactly that many verified bytes.
+        #[test]
+        fn fuzz_decode(stored in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..300), raw_len in 1u32..100_000, zstd in proptest::prelude::any::<bool>()) {
+            let mut e = ChunkEntry {
+                blob: 0,
+                codec: if zstd { Codec::Zstd } else { Codec::None },
+                stored_len: stored.len() as u32,
+                raw_len,
+                offset: 64,
+                crc32c: crc32c::crc32c(&stored),
+                sha256: [0; 32],
+            };
+            if let Ok(out) = decode(&e, &stored, 0, "fuzz", Verify::CrcOnly) {
+                proptest::prop_assert_eq!(out.len(), raw_len as usize);
+                e.sha256 = sha256(&out);
+                proptest::prop_assert!(decode(&e, &stored, 0, "fuzz", Verify::Full).is_ok());
+            }
+            // A valid frame with a wrong claimed length is refused.
+            let (z, mut good) = encode(&stored, Compression::Zstd(3)).unwrap();
+            good.raw_len = raw_len;
+            if raw_len as usize != stored.len() {
+                proptest::prop_assert!(decode(&good, &z, 0, "fuzz", Verify::CrcOnly).is_err());
             }
         }
     }

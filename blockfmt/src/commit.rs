@@ -11,6 +11,25 @@ use crate::writer::{LayerWriter, WriterOptions, WrittenLayer, ZeroPolicy, ZERO_G
 /// Bytes moved per step when copying data into a writer.
 const STEP: u64 = 1 << 20;
 
+/// Feeds `[start, start + len)` to the writer in `STEP` pieces, each filled by `read(offset, buf)`.
+fn copy_range<W: Write>(
+    w: &mut LayerWriter<W>,
+    buf: &mut Vec<u8>,
+    start: u64,
+    len: u64,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(STEP);
+        buf.resize(n as usize, 0);
+        read(start + done, buf)?;
+        w.write_data(start + done, buf)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Seals an upper layer into a layer blob meant to sit on top of the layers it was written
 /// over: written data becomes data extents, zeros and trims become zero extents.
 pub fn commit_upper<W: Write>(
@@ -24,14 +43,9 @@ pub fn commit_upper<W: Write>(
     for (start, len, t) in upper.ranges() {
         match t {
             UpperTarget::Data { file_offset } => {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(STEP);
-                    buf.resize(n as usize, 0);
-                    upper.read_data(file_offset + done, &mut buf)?;
-                    w.write_data(start + done, &buf)?;
-                    done += n;
-                }
+                copy_range(&mut w, &mut buf, start, len, |off, b| {
+                    upper.read_data(file_offset + (off - start), b)
+                })?
             }
             UpperTarget::Zero | UpperTarget::Trimmed => w.write_zeroes(start, len)?,
         }
@@ -53,14 +67,7 @@ pub fn squash<W: Write>(
         if a != Alloc::Data {
             continue;
         }
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(STEP);
-            buf.resize(n as usize, 0);
-            image.read(start + done, &mut buf)?;
-            w.write_data(start + done, &buf)?;
-            done += n;
-        }
+        copy_range(&mut w, &mut buf, start, len, |off, b| image.read(off, b))?;
     }
     w.finish()
 }
