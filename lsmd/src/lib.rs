@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod nbd;
 
 pub use config::{ImageConfig, ImageSpec, LayerConfig, SourceConfig};
 pub use error::{Error, Result};

@@ -1,0 +1,156 @@
+//! `lsmd`: serves layered block images as disks. `lsmd serve --help` lists the options.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use lsmd::nbd::{serve_connection, Export, Exports};
+use lsmd::ImageSpec;
+
+/// The lsm daemon: serves layered block images over NBD.
+#[derive(Parser)]
+#[command(name = "lsmd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve images over NBD on a Unix socket and/or TCP until SIGTERM or SIGINT, which flush
+    /// every upper layer before exiting.
+    Serve {
+        /// Image config to serve as export `NAME` (`NAME=PATH`), or as the default export (a
+        /// bare PATH, named after the file). Repeat for several exports.
+        #[arg(long = "config", required = true)]
+        configs: Vec<String>,
+        /// Unix socket path to listen on.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// TCP address to listen on, e.g. 127.0.0.1:10809.
+        #[arg(long)]
+        tcp: Option<String>,
+        /// Serve every image read-only, even those with an upper layer.
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+fn open_exports(configs: &[String], read_only: bool) -> Result<Exports, String> {
+    let mut list = Vec::new();
+    for c in configs {
+        let (name, path) = match c.split_once('=') {
+            Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+            None => {
+                let p = PathBuf::from(c);
+                (
+                    p.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    p,
+                )
+            }
+        };
+        let spec = ImageSpec::load(&path).map_err(|e| e.to_string())?;
+        let image = spec.open_image(!read_only).map_err(|e| e.to_string())?;
+        tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
+        list.push(Export {
+            name,
+            image: Arc::new(image),
+        });
+    }
+    Ok(Exports::new(list))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cmd::Serve {
+        configs,
+        socket,
+        tcp,
+        read_only,
+    } = Cli::parse().cmd;
+    if socket.is_none() && tcp.is_none() {
+        eprintln!("lsmd: error: give --socket PATH and/or --tcp ADDR");
+        return ExitCode::FAILURE;
+    }
+    let exports = match open_exports(&configs, read_only) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("lsmd: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(&path);
+        let l = match std::os::unix::net::UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("lsmd: error: {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(socket = %path.display(), "listening");
+        let ex = exports.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let ex = ex.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = serve_connection(s, &ex) {
+                        tracing::warn!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        });
+    }
+    if let Some(addr) = tcp {
+        let l = match std::net::TcpListener::bind(&addr) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("lsmd: error: {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(tcp = %addr, "listening");
+        let ex = exports.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let _ = s.set_nodelay(true);
+                let ex = ex.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = serve_connection(s, &ex) {
+                        tracing::warn!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        });
+    }
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lsmd: error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down: flushing upper layers");
+    }
+    let failed = exports.flush_all();
+    for (name, e) in &failed {
+        tracing::error!(export = %name, error = %e, "flush failed");
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
