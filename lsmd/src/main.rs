@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use lsmd::nbd::{serve_connection, Export, Exports};
+use lsmd::nbd::{serve_connection, Duplex, Export, Exports};
 use lsmd::ImageSpec;
 
 /// The lsm daemon: serves layered block images over NBD.
@@ -63,6 +63,30 @@ fn open_exports(configs: &[String], read_only: bool) -> Result<Exports, String> 
     Ok(Exports::new(list))
 }
 
+/// Accepts connections on a thread of its own and serves each on a thread of its own.
+fn spawn_accept_loop<S: Duplex>(
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    exports: Exports,
+) {
+    std::thread::spawn(move || loop {
+        match accept() {
+            Ok(s) => {
+                let ex = exports.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = serve_connection(s, &ex) {
+                        tracing::warn!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    });
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -97,17 +121,7 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(socket = %path.display(), "listening");
-        let ex = exports.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let ex = ex.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = serve_connection(s, &ex) {
-                        tracing::warn!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-        });
+        spawn_accept_loop(move || l.accept().map(|(s, _)| s), exports.clone());
     }
     if let Some(addr) = tcp {
         let l = match std::net::TcpListener::bind(&addr) {
@@ -118,18 +132,14 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(tcp = %addr, "listening");
-        let ex = exports.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let _ = s.set_nodelay(true);
-                let ex = ex.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = serve_connection(s, &ex) {
-                        tracing::warn!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-        });
+        spawn_accept_loop(
+            move || {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            },
+            exports.clone(),
+        );
     }
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
