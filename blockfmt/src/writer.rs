@@ -98,7 +98,6 @@ pub struct LayerWriter<W: Write> {
     stored_bytes: u64,
     /// sha256 of each aligned 4 KiB block stored so far → (chunk, offset in chunk).
     seen: HashMap<[u8; 32], (u32, u32)>,
-    pub(crate) dedup_bytes: u64,
 }
 
 impl<W: Write> LayerWriter<W> {
@@ -125,7 +124,6 @@ impl<W: Write> LayerWriter<W> {
             data_bytes: 0,
             stored_bytes: 0,
             seen: HashMap::new(),
-            dedup_bytes: 0,
         };
         let h = Header {
             chunk_size: opts.chunk_size,
@@ -220,8 +218,15 @@ impl<W: Write> LayerWriter<W> {
             self.seen.insert(h, (self.meta.chunks.len() as u32, at));
             return Ok(());
         };
+        self.push_data_extent(off, block.len() as u32, chunk, chunk_offset);
+        self.data_bytes += block.len() as u64;
+        Ok(())
+    }
+
+    /// Records that `[off, off + len)` is `chunk[chunk_offset..]`, extending the previous
+    /// extent when it continues it in the same window and the same chunk.
+    fn push_data_extent(&mut self, off: u64, len: u32, chunk: u32, chunk_offset: u32) {
         let cs = self.opts.chunk_size as u64;
-        let len = block.len() as u32;
         match self.meta.extents.last_mut() {
             Some(p)
                 if p.kind == ExtentKind::Data
@@ -240,9 +245,6 @@ impl<W: Write> LayerWriter<W> {
                 chunk_offset,
             }),
         }
-        self.data_bytes += len as u64;
-        self.dedup_bytes += len as u64;
-        Ok(())
     }
 
     fn push_data(&mut self, off: u64, data: &[u8]) -> Result<()> {
@@ -256,25 +258,8 @@ impl<W: Write> LayerWriter<W> {
                 self.window = window;
             }
             let n = rest.len().min(((window + 1) * cs - pos) as usize);
-            let chunk = self.meta.chunks.len() as u32;
-            let chunk_offset = self.buf.len() as u32;
-            match self.meta.extents.last_mut() {
-                Some(p)
-                    if p.kind == ExtentKind::Data
-                        && p.chunk == chunk
-                        && p.end() == pos
-                        && p.chunk_offset + p.len == chunk_offset =>
-                {
-                    p.len += n as u32
-                }
-                _ => self.meta.extents.push(Extent {
-                    logical: pos,
-                    len: n as u32,
-                    kind: ExtentKind::Data,
-                    chunk,
-                    chunk_offset,
-                }),
-            }
+            let (chunk, chunk_offset) = (self.meta.chunks.len() as u32, self.buf.len() as u32);
+            self.push_data_extent(pos, n as u32, chunk, chunk_offset);
             self.buf.extend_from_slice(&rest[..n]);
             self.data_bytes += n as u64;
             pos += n as u64;

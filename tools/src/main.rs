@@ -6,7 +6,6 @@ mod build;
 mod check;
 mod progress;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -111,9 +110,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// Path arguments are plain `PathBuf`s; this alias documents intent in signatures.
-pub type ImagePath = PathBuf;
 
 #[cfg(test)]
 mod tests {
