@@ -53,6 +53,22 @@ pub fn lsmctl<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(args: I) -> 
     c
 }
 
+/// Writes `data` as `dir/ref.raw`, imports it (with extra `import_args`) as `dir/base.blob`,
+/// and creates `dir/img.json` over it with an upper layer. Returns (config, raw reference).
+pub fn image_from_bytes(dir: &Path, data: &[u8], import_args: &[&str]) -> (PathBuf, PathBuf) {
+    let raw = dir.join("ref.raw");
+    std::fs::write(&raw, data).expect("write raw");
+    let blob = dir.join("base.blob");
+    ok(lsmctl(["import", "-q"])
+        .args(import_args)
+        .arg(&raw)
+        .arg("-o")
+        .arg(&blob));
+    let img = dir.join("img.json");
+    ok(lsmctl(["create"]).arg(&img).arg("--layer").arg(&blob));
+    (img, raw)
+}
+
 /// sha256 of a file, hex.
 pub fn sha256_file(p: &Path) -> String {
     let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));

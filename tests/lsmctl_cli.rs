@@ -6,22 +6,11 @@ use std::process::Command;
 use lsm_e2e::*;
 
 fn small_image(dir: &std::path::Path) -> std::path::PathBuf {
-    let raw = dir.join("disk.raw");
     let mut data = vec![0u8; 8 << 20];
     for (i, b) in data.iter_mut().enumerate().take(5 << 20) {
         *b = (i % 253) as u8 ^ (i >> 12) as u8;
     }
-    std::fs::write(&raw, &data).expect("write");
-    ok(lsmctl(["import", "-q", "--chunk-size", "16K"])
-        .arg(&raw)
-        .arg("-o")
-        .arg(dir.join("base.blob")));
-    let img = dir.join("img.json");
-    ok(lsmctl(["create"])
-        .arg(&img)
-        .arg("--layer")
-        .arg(dir.join("base.blob")));
-    img
+    image_from_bytes(dir, &data, &["--chunk-size", "16K"]).0
 }
 
 #[test]

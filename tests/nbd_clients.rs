@@ -45,23 +45,12 @@ fn start(config: &Path, sock: &Path, port: u16) -> Daemon {
 }
 
 fn setup(t: &Path) -> (PathBuf, PathBuf) {
-    // A base layer with data in its first 4 MiB of a 64 MiB disk, and a raw reference copy.
-    let raw = t.join("ref.raw");
+    // Data in the first 4 MiB of a 64 MiB disk; the rest is hole.
     let mut data = vec![0u8; 64 << 20];
     for (i, b) in data.iter_mut().enumerate().take(4 << 20) {
         *b = (i / 4096) as u8 ^ (i % 13) as u8;
     }
-    std::fs::write(&raw, &data).expect("write");
-    ok(lsmctl(["import", "-q"])
-        .arg(&raw)
-        .arg("-o")
-        .arg(t.join("base.blob")));
-    let img = t.join("img.json");
-    ok(lsmctl(["create"])
-        .arg(&img)
-        .arg("--layer")
-        .arg(t.join("base.blob")));
-    (img, raw)
+    image_from_bytes(t, &data, &[])
 }
 
 #[test]
