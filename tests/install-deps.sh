@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing lsm needs on a fresh Debian machine (idempotent, quiet).
 # Tests use real tools: mkfs.ext4/debugfs/e2fsck (e2fsprogs), zstd, and NBD clients that lsm
-# did not write: qemu-io/qemu-img (qemu-utils), nbdinfo/nbdcopy (libnbd-bin).
+# did not write: qemu-io/qemu-img (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), fio (nbd engine).
 set -euo pipefail
 need=()
 for pair in mkfs.ext4:e2fsprogs debugfs:e2fsprogs zstd:zstd bc:bc python3:python3 \
-  qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin; do
+  qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -151,3 +151,6 @@ pub fn zstd3_of_nonzero_blocks(img: &Path) -> u64 {
     let _ = std::fs::remove_file(&tmp);
     out.stdout.len() as u64
 }
+
+#[path = "support/nbd.rs"]
+pub mod nbd;

@@ -114,3 +114,16 @@ fn inspect_reports_structure() {
     let human = ok(lsmctl(["inspect"]).arg(tmp.path().join("base.blob")));
     assert!(human.contains("compression ratio"));
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let img = small_image(tmp.path());
+    let o = run(std::process::Command::new("sh").arg("-c").arg(format!(
+        "'{}' inspect --extents '{}' | true",
+        bin("lsmctl").display(),
+        img.display()
+    )));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -52,6 +52,11 @@ fn open_exports(configs: &[String], read_only: bool) -> Result<Exports, String> 
                 )
             }
         };
+        if list.iter().any(|e: &Export| e.name == name) {
+            return Err(format!(
+                "two exports are named {name:?}: name them with NAME=PATH"
+            ));
+        }
         let spec = ImageSpec::load(&path).map_err(|e| e.to_string())?;
         let image = spec.open_image(!read_only).map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
