@@ -8,7 +8,11 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-const SHARDS: usize = 16;
+/// Most shards a cache is split into.
+const MAX_SHARDS: usize = 16;
+/// Fewest largest-size entries one shard must be able to hold; small caches get fewer shards
+/// rather than shards too small to keep anything.
+const ENTRIES_PER_SHARD: usize = 4;
 
 struct Shard<K> {
     map: HashMap<K, (Arc<Vec<u8>>, bool)>,
@@ -24,10 +28,12 @@ pub struct ChunkCache<K> {
 }
 
 impl<K: Hash + Eq + Clone> ChunkCache<K> {
-    /// A cache holding at most about `limit_bytes` of decoded data (0 disables caching).
-    pub fn new(limit_bytes: usize) -> Self {
+    /// A cache holding at most about `limit_bytes` of decoded data (0 disables caching), for
+    /// entries of at most `max_entry` bytes.
+    pub fn new(limit_bytes: usize, max_entry: usize) -> Self {
+        let shards = (limit_bytes / (ENTRIES_PER_SHARD * max_entry.max(1))).clamp(1, MAX_SHARDS);
         ChunkCache {
-            shards: (0..SHARDS)
+            shards: (0..shards)
                 .map(|_| {
                     Mutex::new(Shard {
                         map: HashMap::new(),
@@ -36,13 +42,13 @@ impl<K: Hash + Eq + Clone> ChunkCache<K> {
                     })
                 })
                 .collect(),
-            shard_limit: limit_bytes / SHARDS,
+            shard_limit: limit_bytes / shards,
             hasher: Default::default(),
         }
     }
 
     fn shard(&self, k: &K) -> &Mutex<Shard<K>> {
-        &self.shards[self.hasher.hash_one(k) as usize % SHARDS]
+        &self.shards[self.hasher.hash_one(k) as usize % self.shards.len()]
     }
 
     /// The cached chunk, marking it recently used.
@@ -98,11 +104,21 @@ mod tests {
 
     #[test]
     fn stays_within_limit_and_keeps_hot_entries() {
-        let c = ChunkCache::new(16 * 64 * 1024);
+        let c = ChunkCache::new(16 * 64 * 1024, 4096);
         for i in 0..1000u32 {
             c.insert(i, Arc::new(vec![0u8; 4096]));
             assert!(c.get(&0).is_some() || i < 16, "hot entry evicted at {i}");
         }
         assert!(c.bytes() <= 16 * 64 * 1024);
+    }
+
+    #[test]
+    fn a_small_cache_still_holds_large_entries() {
+        let c = ChunkCache::new(1 << 20, 128 << 10);
+        for i in 0..8u32 {
+            c.insert(i, Arc::new(vec![0u8; 128 << 10]));
+        }
+        assert!(c.get(&7).is_some());
+        assert!(c.bytes() <= 1 << 20);
     }
 }

@@ -63,19 +63,87 @@ impl Image {
 
     /// Reads `buf.len()` bytes at `off`.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.lower.check_range(off, buf.len() as u64)?;
+        let len = buf.len() as u64;
+        self.walk(off, len, Some(buf), false, &mut |_, _, _| {})
+            .map(|_| ())
+    }
+
+    /// Reads `buf.len()` bytes at `off` and returns, from the same lookups, the allocation map
+    /// of the range (what [`Self::map`] would say), so a sparse reply describes exactly the
+    /// bytes it carries. With `cached_only`, returns `Ok(None)` (`buf` partly written) instead
+    /// of decoding a chunk the decoded-chunk cache does not hold: a frontend serves hot reads
+    /// on its own thread and hands the rest to threads that may block.
+    pub fn read_sparse(
+        &self,
+        off: u64,
+        buf: &mut [u8],
+        cached_only: bool,
+    ) -> Result<Option<Vec<(u64, u64, Alloc)>>> {
+        let mut out = Vec::new();
+        let len = buf.len() as u64;
+        let done = self.walk(off, len, Some(buf), cached_only, &mut merge_into(&mut out))?;
+        Ok(done.then_some(out))
+    }
+
+    /// The one walk behind reads and maps: upper pieces, then lower segments under the gaps;
+    /// `push` hears every piece in order; with `buf`, data is read into it as well.
+    /// `Ok(false)`: stopped at an uncached chunk (`cached_only`).
+    fn walk(
+        &self,
+        off: u64,
+        len: u64,
+        mut buf: Option<&mut [u8]>,
+        cached_only: bool,
+        push: &mut dyn FnMut(u64, u64, Alloc),
+    ) -> Result<bool> {
+        self.lower.check_range(off, len)?;
+        let lower =
+            |s: u64, l: u64, mut dst: Option<&mut [u8]>, push: &mut dyn FnMut(u64, u64, Alloc)| {
+                for seg in self.lower.index().segments(s, l) {
+                    if let Some(dst) = dst.as_deref_mut() {
+                        let at = (seg.offset - s) as usize;
+                        let d = &mut dst[at..at + seg.len as usize];
+                        if !self.lower.read_segment_from(&seg, d, cached_only)? {
+                            return Ok(false);
+                        }
+                    }
+                    let a = match seg.target {
+                        Target::Hole => Alloc::Hole,
+                        Target::Zero { .. } => Alloc::Zero,
+                        Target::Data { .. } => Alloc::Data,
+                    };
+                    push(seg.offset, seg.len, a);
+                }
+                Ok::<bool, Error>(true)
+            };
         let Some(up) = &self.upper else {
-            return self.lower.read(off, buf);
+            return lower(off, len, buf, push);
         };
-        for (s, l, t) in up.pieces(off, buf.len() as u64) {
-            let dst = &mut buf[(s - off) as usize..(s - off + l) as usize];
+        for (s, l, t) in up.pieces(off, len) {
+            let dst = buf
+                .as_deref_mut()
+                .map(|b| &mut b[(s - off) as usize..(s - off + l) as usize]);
             match t {
-                Some(UpperTarget::Data { file_offset }) => up.read_data(file_offset, dst)?,
-                Some(UpperTarget::Zero | UpperTarget::Trimmed) => dst.fill(0),
-                None => self.lower.read(s, dst)?,
+                Some(UpperTarget::Data { file_offset }) => {
+                    if let Some(dst) = dst {
+                        up.read_data(file_offset, dst)?;
+                    }
+                    push(s, l, Alloc::Data);
+                }
+                Some(UpperTarget::Zero | UpperTarget::Trimmed) => {
+                    if let Some(dst) = dst {
+                        dst.fill(0);
+                    }
+                    push(s, l, Alloc::Zero);
+                }
+                None => {
+                    if !lower(s, l, dst, push)? {
+                        return Ok(false);
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `data` at `off` into the upper layer.
@@ -104,36 +172,27 @@ impl Image {
         }
     }
 
+    /// Hands buffered upper-layer bookkeeping to the kernel (see [`UpperLayer::settle`]); for
+    /// frontends going idle.
+    pub fn settle(&self) -> Result<()> {
+        match &self.upper {
+            Some(u) => u.settle(),
+            None => Ok(()),
+        }
+    }
+
     /// Allocation map of `[off, off + len)`, adjacent pieces of one state merged.
     pub fn map(&self, off: u64, len: u64) -> Result<Vec<(u64, u64, Alloc)>> {
-        self.lower.check_range(off, len)?;
-        let mut out: Vec<(u64, u64, Alloc)> = Vec::new();
-        let mut push = |s: u64, l: u64, a: Alloc| match out.last_mut() {
-            Some(p) if p.2 == a && p.0 + p.1 == s => p.1 += l,
-            _ => out.push((s, l, a)),
-        };
-        let lower = |s: u64, l: u64, push: &mut dyn FnMut(u64, u64, Alloc)| {
-            for seg in self.lower.index().segments(s, l) {
-                let a = match seg.target {
-                    Target::Hole => Alloc::Hole,
-                    Target::Zero { .. } => Alloc::Zero,
-                    Target::Data { .. } => Alloc::Data,
-                };
-                push(seg.offset, seg.len, a);
-            }
-        };
-        match &self.upper {
-            None => lower(off, len, &mut push),
-            Some(up) => {
-                for (s, l, t) in up.pieces(off, len) {
-                    match t {
-                        Some(UpperTarget::Data { .. }) => push(s, l, Alloc::Data),
-                        Some(_) => push(s, l, Alloc::Zero),
-                        None => lower(s, l, &mut push),
-                    }
-                }
-            }
-        }
+        let mut out = Vec::new();
+        self.walk(off, len, None, false, &mut merge_into(&mut out))?;
         Ok(out)
+    }
+}
+
+/// A `push` for [`Image::walk`] that merges adjacent pieces of one state into `out`.
+fn merge_into(out: &mut Vec<(u64, u64, Alloc)>) -> impl FnMut(u64, u64, Alloc) + '_ {
+    |s, l, a| match out.last_mut() {
+        Some(p) if p.2 == a && p.0 + p.1 == s => p.1 += l,
+        _ => out.push((s, l, a)),
     }
 }

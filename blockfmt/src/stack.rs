@@ -37,11 +37,16 @@ impl LayerStack {
             .map(|l| l.metadata().extents.as_slice())
             .collect();
         let index = MergedIndex::build(&lists)?;
+        let largest_chunk = layers
+            .iter()
+            .map(|l| l.chunk_size() as usize)
+            .max()
+            .unwrap_or(1);
         Ok(LayerStack {
             layers,
             index,
             size,
-            cache: ChunkCache::new(cache_bytes),
+            cache: ChunkCache::new(cache_bytes, largest_chunk),
         })
     }
 
@@ -84,6 +89,11 @@ impl LayerStack {
         Ok(data)
     }
 
+    /// The decoded chunk if the cache holds it; never touches the layer.
+    pub fn cached_chunk(&self, layer: u16, chunk: u32) -> Option<Arc<Vec<u8>>> {
+        self.cache.get(&(layer, chunk))
+    }
+
     /// The segments of `[off, off + len)`.
     pub fn map(&self, off: u64, len: u64) -> Result<Vec<Segment>> {
         self.check_range(off, len)?;
@@ -101,6 +111,17 @@ impl LayerStack {
 
     /// Fills `dst` (of `s.len` bytes) with segment `s`.
     pub fn read_segment(&self, s: &Segment, dst: &mut [u8]) -> Result<()> {
+        self.read_segment_from(s, dst, false).map(|_| ())
+    }
+
+    /// [`Self::read_segment`], or `Ok(false)` with `dst` untouched when `cached_only` is set
+    /// and the segment's chunk is not in the decoded-chunk cache.
+    pub fn read_segment_from(
+        &self,
+        s: &Segment,
+        dst: &mut [u8],
+        cached_only: bool,
+    ) -> Result<bool> {
         match s.target {
             Target::Hole | Target::Zero { .. } => dst.fill(0),
             Target::Data {
@@ -108,7 +129,14 @@ impl LayerStack {
                 chunk,
                 chunk_offset,
             } => {
-                let c = self.chunk(layer, chunk)?;
+                let c = if cached_only {
+                    match self.cached_chunk(layer, chunk) {
+                        Some(c) => c,
+                        None => return Ok(false),
+                    }
+                } else {
+                    self.chunk(layer, chunk)?
+                };
                 let from = chunk_offset as usize;
                 let src = c.get(from..from + dst.len()).ok_or_else(|| {
                     Error::corrupt(
@@ -121,6 +149,6 @@ impl LayerStack {
                 dst.copy_from_slice(src);
             }
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -250,3 +250,58 @@ fn repeated_blocks_are_stored_once_and_read_back() {
         assert!(build(&disk, off).len() > blob.len());
     }
 }
+
+/// The frontends' read: `read_sparse` returns the same bytes as `read` and the same map as
+/// `map`, over layers and an upper layer; with `cached_only` it declines a cold chunk and
+/// serves it once the cache holds it.
+#[test]
+fn read_sparse_agrees_with_read_and_map() {
+    let v1 = sample_disk(1 << 20, 21);
+    let mut v2 = v1.clone();
+    v2[300_000..340_000].fill(0);
+    v2[600_000..610_000].fill(7);
+    let base = build(&v1, WriterOptions::default());
+    let (_, top) = import_raw(
+        &v2[..],
+        v2.len() as u64,
+        Some(
+            &Image::new(
+                open_stack(std::slice::from_ref(&base), 1 << 20).unwrap(),
+                None,
+            )
+            .unwrap(),
+        ),
+        Vec::new(),
+        WriterOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (up, _) = blockfmt::UpperLayer::open(tmp.path(), 1 << 20).unwrap();
+    let img = Image::new(open_stack(&[base, top], 1 << 20).unwrap(), Some(up)).unwrap();
+    img.write(500_000, &[9; 20_000]).unwrap();
+    img.write_zeroes(700_000, 30_000).unwrap();
+
+    let mut rng = StdRng::seed_from_u64(5);
+    for _ in 0..300 {
+        let off = rng.gen_range(0..(1 << 20) - 1);
+        let len = rng.gen_range(1..=((1 << 20) - off).min(200_000));
+        let mut a = vec![0u8; len as usize];
+        img.read(off, &mut a).unwrap();
+        let mut b = vec![1u8; len as usize];
+        let map = img
+            .read_sparse(off, &mut b, false)
+            .unwrap()
+            .expect("full read");
+        assert_eq!(a, b, "bytes at {off}+{len}");
+        assert_eq!(map, img.map(off, len).unwrap(), "map at {off}+{len}");
+    }
+    // A fresh stack: nothing cached yet.
+    let cold = open_stack(&[build(&v1, WriterOptions::default())], 1 << 20).unwrap();
+    let img = Image::new(cold, None).unwrap();
+    let data_at = v1.iter().position(|&x| x != 0).unwrap() as u64;
+    let mut b = vec![0u8; 4096];
+    assert_eq!(img.read_sparse(data_at, &mut b, true).unwrap(), None);
+    img.read(data_at, &mut b).unwrap();
+    assert!(img.read_sparse(data_at, &mut b, true).unwrap().is_some());
+}

@@ -55,15 +55,25 @@ fn flushed_writes_survive_any_cut_and_the_rest_is_a_prefix() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("upper");
     let mut rng = StdRng::seed_from_u64(42);
+    let mut last_write: Option<(u64, usize)> = None;
     let ops: Vec<Op> = (0..120)
         .map(|_| {
             let o = rng.gen_range(0..SIZE - 20_000);
-            match rng.gen_range(0..6) {
+            match rng.gen_range(0..8) {
                 0 => Op::Zero(o, rng.gen_range(1..20_000)),
                 1 => Op::Trim(o, rng.gen_range(1..20_000)),
+                // Rewrite part of the previous write: in place while no flush claimed it.
+                2 | 3 if last_write.is_some() => {
+                    let (lo, ll) = last_write.unwrap_or((0, 1));
+                    let skip = rng.gen_range(0..ll);
+                    let mut d = vec![0u8; rng.gen_range(1..=ll - skip)];
+                    rng.fill(&mut d[..]);
+                    Op::Write(lo + skip as u64, d)
+                }
                 _ => {
                     let mut d = vec![0u8; rng.gen_range(1..20_000)];
                     rng.fill(&mut d[..]);
+                    last_write = Some((o, d.len()));
                     Op::Write(o, d)
                 }
             }
@@ -98,6 +108,15 @@ fn flushed_writes_survive_any_cut_and_the_rest_is_a_prefix() {
     }
     let log_full = fs::metadata(dir.join(LOG_FILE)).unwrap().len();
     let data_full = fs::metadata(dir.join(DATA_FILE)).unwrap().len();
+    // Some rewrites went in place: the data file is smaller than every write appended.
+    let appended = ops.iter().fold(4096u64, |end, op| match op {
+        Op::Write(_, d) => end.next_multiple_of(4096) + d.len() as u64,
+        _ => end,
+    });
+    assert!(
+        data_full < appended,
+        "{data_full} >= {appended}: no write in place"
+    );
     let mut cuts: Vec<(u64, u64)> = Vec::new();
     // Every record boundary past the last flush, with the data file whole or cut short.
     let mut b = flushed_sizes.0;

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod nbd;
+pub mod pool;
 
 pub use config::{ImageConfig, ImageSpec, LayerConfig, SourceConfig};
 pub use error::{Error, Result};

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use lsmd::nbd::{serve_connection, Duplex, Export, Exports};
+use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Server};
+use lsmd::pool::WorkerPool;
 use lsmd::ImageSpec;
 
 /// The lsm daemon: serves layered block images over NBD.
@@ -34,6 +35,14 @@ enum Cmd {
         /// Serve every image read-only, even those with an upper layer.
         #[arg(long)]
         read_only: bool,
+        /// Threads shared by all connections for work that may block (cold chunk decodes,
+        /// fetches, flushes); hot reads and writes are served on each connection's thread.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Microseconds a connection thread polls for the next request before sleeping; saves
+        /// the cross-CPU wake-up (tens of µs on VMs) on back-to-back requests. 0 disables.
+        #[arg(long, default_value_t = 50)]
+        busy_poll_us: u64,
     },
 }
 
@@ -71,14 +80,14 @@ fn open_exports(configs: &[String], read_only: bool) -> Result<Exports, String> 
 /// Accepts connections on a thread of its own and serves each on a thread of its own.
 fn spawn_accept_loop<S: Duplex>(
     mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
-    exports: Exports,
+    server: Server,
 ) {
     std::thread::spawn(move || loop {
         match accept() {
             Ok(s) => {
-                let ex = exports.clone();
+                let server = server.clone();
                 std::thread::spawn(move || {
-                    if let Err(e) = serve_connection(s, &ex) {
+                    if let Err(e) = serve_connection(s, &server) {
                         tracing::warn!(error = %e, "connection ended with an error");
                     }
                 });
@@ -104,6 +113,8 @@ fn main() -> ExitCode {
         socket,
         tcp,
         read_only,
+        workers,
+        busy_poll_us,
     } = Cli::parse().cmd;
     if socket.is_none() && tcp.is_none() {
         eprintln!("lsmd: error: give --socket PATH and/or --tcp ADDR");
@@ -116,6 +127,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let server = Server {
+        exports: exports.clone(),
+        pool: WorkerPool::new(workers),
+        busy_poll: std::time::Duration::from_micros(busy_poll_us),
+    };
     if let Some(path) = socket {
         let _ = std::fs::remove_file(&path);
         let l = match std::os::unix::net::UnixListener::bind(&path) {
@@ -126,7 +142,7 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(socket = %path.display(), "listening");
-        spawn_accept_loop(move || l.accept().map(|(s, _)| s), exports.clone());
+        spawn_accept_loop(move || l.accept().map(|(s, _)| s), server.clone());
     }
     if let Some(addr) = tcp {
         let l = match std::net::TcpListener::bind(&addr) {
@@ -143,7 +159,7 @@ fn main() -> ExitCode {
                 s.set_nodelay(true)?;
                 Ok(s)
             },
-            exports.clone(),
+            server.clone(),
         );
     }
     let mut signals = match signal_hook::iterator::Signals::new([

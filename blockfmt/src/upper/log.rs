@@ -1,10 +1,23 @@
 //! Byte layouts of the upper layer's two files (FORMAT.md §3): the file headers and the 48-byte
 //! index log record. Decoding checks crc32c first, so a torn or foreign record is rejected.
 
-use crate::format::{le_u16, le_u32, le_u64, VERSION};
+use crate::format::{le_u16, le_u32, le_u64};
 
 /// Length of both file headers.
 pub const FILE_HEADER_LEN: usize = 64;
+/// Upper layer format version written by this build. Version 1 (data appended back to back)
+/// is still read and appended to; version 2 starts every write's bytes at a 4 KiB boundary of
+/// `data`, so block-sized writes fill whole pages and never read-modify-write one.
+pub const UPPER_VERSION: u16 = 2;
+
+/// Alignment of each write's bytes in `data` for a format version.
+pub fn data_alignment(version: u16) -> u64 {
+    if version >= 2 {
+        4096
+    } else {
+        1
+    }
+}
 /// Length of one log record.
 pub const RECORD_LEN: usize = 48;
 
@@ -76,6 +89,8 @@ impl Record {
 /// The shared header of `data` and `index.log`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHeader {
+    /// Format version (1 or 2).
+    pub version: u16,
     pub pair_id: [u8; 16],
     /// Disk size (log only; 0 in `data`).
     pub logical_size: u64,
@@ -86,7 +101,7 @@ impl FileHeader {
     pub fn encode(&self, magic: &[u8; 8]) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[0..8].copy_from_slice(magic);
-        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&self.version.to_le_bytes());
         b[10..12].copy_from_slice(&(FILE_HEADER_LEN as u16).to_le_bytes());
         b[16..32].copy_from_slice(&self.pair_id);
         b[32..40].copy_from_slice(&self.logical_size.to_le_bytes());
@@ -110,12 +125,15 @@ impl FileHeader {
             return Err("header crc32c mismatch".into());
         }
         let v = le_u16(b, 8);
-        if v != VERSION || le_u16(b, 10) as usize != FILE_HEADER_LEN {
-            return Err(format!("unsupported version {v}"));
+        if !(1..=UPPER_VERSION).contains(&v) || le_u16(b, 10) as usize != FILE_HEADER_LEN {
+            return Err(format!(
+                "unsupported version {v} (this build reads 1..={UPPER_VERSION})"
+            ));
         }
         let mut pair_id = [0u8; 16];
         pair_id.copy_from_slice(&b[16..32]);
         Ok(FileHeader {
+            version: v,
             pair_id,
             logical_size: le_u64(b, 32),
         })

@@ -33,6 +33,15 @@ pub struct RangeMap {
 }
 
 impl RangeMap {
+    /// The data-file offset of `[off, off + len)` when one data range holds all of it.
+    pub fn data_at(&self, off: u64, len: u64) -> Option<u64> {
+        let (&s, &(l, t)) = self.map.range(..=off).next_back()?;
+        match t {
+            UpperTarget::Data { file_offset } if off + len <= s + l => Some(file_offset + off - s),
+            _ => None,
+        }
+    }
+
     /// Records `[start, start + len)` as `t`, replacing what it covers.
     pub fn insert(&mut self, start: u64, len: u64, t: UpperTarget) {
         if len == 0 {

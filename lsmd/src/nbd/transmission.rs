@@ -1,0 +1,395 @@
+//! The transmission phase of one connection.
+//!
+//! The connection's own thread reads requests and does everything that cannot block for long
+//! right there: reads whose chunks are in the decoded-chunk cache (or in the upper layer, or
+//! holes), writes, zeroes, trims, block status. Their replies collect in one buffer that goes out
+//! in a single `write` when no further request is waiting in the input buffer — a burst of 32
+//! requests costs a couple of syscalls, not 64, and no thread hand-off. What may block (a chunk
+//! to decode or fetch, FLUSH, FUA) goes to the shared [`WorkerPool`], which replies by itself;
+//! replies therefore come in any order, as the protocol allows.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::fd::RawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blockfmt::{Alloc, Image};
+
+use super::handshake::protocol;
+use super::proto::*;
+use super::{Export, Server};
+use crate::pool::WorkerPool;
+
+/// Requests handed to the pool and not yet answered, per connection, before the connection
+/// stops reading (back-pressure on a client that floods cold reads).
+const MAX_DEFERRED: usize = 64;
+
+/// Largest read served on the connection thread when its chunks are cached.
+const INLINE_READ_MAX: u32 = 128 * 1024;
+
+thread_local! {
+    /// A pool thread's read buffer, reused: a fresh megabyte per request costs page faults.
+    static POOL_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Bytes of a request header.
+const REQUEST_LEN: usize = 28;
+
+/// The connection state shared by its thread and the pool tasks working for it.
+pub(super) struct Conn<W: Write> {
+    out: Mutex<BufWriter<W>>,
+    export: Arc<Export>,
+    structured: bool,
+    meta: bool,
+    deferred: Mutex<usize>,
+    deferred_done: Condvar,
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("reply lock poisoned")
+}
+
+fn errno(e: &blockfmt::Error, write: bool) -> u32 {
+    match e {
+        blockfmt::Error::OutOfRange { .. } if write => ENOSPC,
+        blockfmt::Error::OutOfRange { .. } | blockfmt::Error::Invalid(_) => EINVAL,
+        blockfmt::Error::ReadOnly => EPERM,
+        _ => EIO,
+    }
+}
+
+impl<W: Write + Send + 'static> Conn<W> {
+    pub(super) fn new(out: W, export: Arc<Export>, structured: bool, meta: bool) -> Self {
+        Conn {
+            out: Mutex::new(BufWriter::with_capacity(256 * 1024, out)),
+            export,
+            structured,
+            meta,
+            deferred: Mutex::new(0),
+            deferred_done: Condvar::new(),
+        }
+    }
+
+    fn out(&self) -> io::Result<MutexGuard<'_, BufWriter<W>>> {
+        self.out.lock().map_err(|_| poisoned())
+    }
+
+    fn image(&self) -> &Image {
+        &self.export.image
+    }
+
+    fn error(&self, w: &mut impl Write, cookie: u64, err: u32, msg: &str) -> io::Result<()> {
+        if self.structured {
+            let mut p = err.to_be_bytes().to_vec();
+            p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            p.extend_from_slice(msg.as_bytes());
+            w.write_all(&structured_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                cookie,
+                p.len() as u32,
+            ))?;
+            w.write_all(&p)
+        } else {
+            w.write_all(&simple_reply(err, cookie))
+        }
+    }
+
+    fn done(&self, w: &mut impl Write, req: &Request, r: blockfmt::Result<()>) -> io::Result<()> {
+        match r {
+            Ok(()) if self.structured => w.write_all(&structured_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                0,
+            )),
+            Ok(()) => w.write_all(&simple_reply(0, req.cookie)),
+            Err(e) => {
+                tracing::warn!(export = %self.export.name, offset = req.offset, len = req.len, error = %e, "request failed");
+                let write = req.kind != CMD_READ && req.kind != CMD_BLOCK_STATUS;
+                self.error(w, req.cookie, errno(&e, write), &e.to_string())
+            }
+        }
+    }
+
+    /// The reply to a READ whose bytes are in `buf`: sparse (holes and zeros as OFFSET_HOLE)
+    /// unless the client asked for one chunk.
+    fn read_reply(
+        &self,
+        w: &mut impl Write,
+        req: &Request,
+        buf: &[u8],
+        map: Vec<(u64, u64, Alloc)>,
+    ) -> io::Result<()> {
+        if !self.structured {
+            w.write_all(&simple_reply(0, req.cookie))?;
+            return w.write_all(buf);
+        }
+        if buf.is_empty() {
+            return self.done(w, req, Ok(()));
+        }
+        let pieces = if req.flags & CMD_FLAG_DF != 0 {
+            vec![(req.offset, req.len as u64, Alloc::Data)]
+        } else {
+            map
+        };
+        let n = pieces.len();
+        for (i, (off, len, a)) in pieces.into_iter().enumerate() {
+            let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+            let rel = (off - req.offset) as usize;
+            if a == Alloc::Data {
+                w.write_all(&structured_header(
+                    flags,
+                    REPLY_TYPE_OFFSET_DATA,
+                    req.cookie,
+                    8 + len as u32,
+                ))?;
+                w.write_all(&off.to_be_bytes())?;
+                w.write_all(&buf[rel..rel + len as usize])?;
+            } else {
+                w.write_all(&structured_header(
+                    flags,
+                    REPLY_TYPE_OFFSET_HOLE,
+                    req.cookie,
+                    12,
+                ))?;
+                w.write_all(&off.to_be_bytes())?;
+                w.write_all(&(len as u32).to_be_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, w: &mut impl Write, req: &Request) -> io::Result<()> {
+        let map = match self.image().map(req.offset, req.len as u64) {
+            Ok(m) => m,
+            Err(e) => return self.done(w, req, Err(e)),
+        };
+        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            1
+        } else {
+            1 << 16
+        };
+        let mut p = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        for (_, len, a) in map.iter().take(max) {
+            let state = match a {
+                Alloc::Data => 0,
+                Alloc::Zero => STATE_ZERO,
+                Alloc::Hole => STATE_HOLE | STATE_ZERO,
+            };
+            p.extend_from_slice(&(*len as u32).to_be_bytes());
+            p.extend_from_slice(&state.to_be_bytes());
+        }
+        w.write_all(&structured_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            p.len() as u32,
+        ))?;
+        w.write_all(&p)
+    }
+
+    /// A read on a pool thread: decodes (or, with remote sources, fetches) what it needs.
+    fn cold_read(&self, req: &Request) -> io::Result<()> {
+        POOL_BUFFER.with_borrow_mut(|buf| {
+            buf.resize(req.len as usize, 0);
+            match self.image().read_sparse(req.offset, buf, false) {
+                Ok(Some(map)) => self.send_now(|w| self.read_reply(w, req, buf, map)),
+                Ok(None) => self.send_now(|w| self.error(w, req.cookie, EIO, "read incomplete")),
+                Err(e) => self.send_now(|w| self.done(w, req, Err(e))),
+            }
+        })
+    }
+
+    /// Runs `task` on the pool; it replies and flushes by itself. Waits first while too many
+    /// of this connection's requests are already there.
+    fn defer(
+        self: &Arc<Self>,
+        pool: &WorkerPool,
+        task: impl FnOnce(&Self) -> io::Result<()> + Send + 'static,
+    ) -> io::Result<()> {
+        {
+            let mut n = self.deferred.lock().map_err(|_| poisoned())?;
+            while *n >= MAX_DEFERRED {
+                n = self.deferred_done.wait(n).map_err(|_| poisoned())?;
+            }
+            *n += 1;
+        }
+        let me = self.clone();
+        pool.submit(move || {
+            if let Err(e) = task(&me) {
+                tracing::debug!(error = %e, "reply not sent: connection gone");
+            }
+            if let Ok(mut n) = me.deferred.lock() {
+                *n -= 1;
+            }
+            me.deferred_done.notify_all();
+        });
+        Ok(())
+    }
+
+    /// Sends a reply from a pool task right away.
+    fn send_now(&self, f: impl FnOnce(&mut BufWriter<W>) -> io::Result<()>) -> io::Result<()> {
+        let mut w = self.out()?;
+        f(&mut w)?;
+        w.flush()
+    }
+
+    /// Waits until every deferred request has been answered.
+    fn drain(&self) -> io::Result<()> {
+        let mut n = self.deferred.lock().map_err(|_| poisoned())?;
+        while *n > 0 {
+            n = self.deferred_done.wait(n).map_err(|_| poisoned())?;
+        }
+        Ok(())
+    }
+
+    /// A flush (for FLUSH, or after a FUA request) on the pool, then the reply.
+    fn defer_flush(self: &Arc<Self>, pool: &WorkerPool, req: Request) -> io::Result<()> {
+        self.defer(pool, move |c| {
+            let r = c.image().flush();
+            c.send_now(|w| c.done(w, &req, r))
+        })
+    }
+
+    /// Handles one request read by the connection thread; `scratch` is its reusable buffer.
+    fn request<R: Read>(
+        self: &Arc<Self>,
+        req: Request,
+        rd: &mut R,
+        scratch: &mut Vec<u8>,
+        pool: &WorkerPool,
+    ) -> io::Result<()> {
+        let img = self.image();
+        let in_range = req
+            .offset
+            .checked_add(req.len as u64)
+            .is_some_and(|e| e <= img.size());
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        match req.kind {
+            CMD_WRITE => {
+                if req.len > MAX_PAYLOAD {
+                    return Err(protocol(format!(
+                        "write of {} bytes exceeds the maximum {MAX_PAYLOAD}",
+                        req.len
+                    )));
+                }
+                scratch.resize(req.len as usize, 0);
+                rd.read_exact(scratch)?;
+                if !in_range {
+                    let msg = "write past the end of the export";
+                    return self.error(&mut *self.out()?, req.cookie, ENOSPC, msg);
+                }
+                match img.write(req.offset, scratch) {
+                    Ok(()) if fua => self.defer_flush(pool, req),
+                    r => self.done(&mut *self.out()?, &req, r),
+                }
+            }
+            CMD_READ => {
+                if req.len > MAX_PAYLOAD {
+                    let msg = "read larger than the maximum block size";
+                    return self.error(&mut *self.out()?, req.cookie, EOVERFLOW, msg);
+                }
+                if !in_range {
+                    let msg = "read past the end of the export";
+                    return self.error(&mut *self.out()?, req.cookie, EINVAL, msg);
+                }
+                // Large reads go to the pool even when cached: copying megabytes is better
+                // spread over cores than serialised on the connection thread.
+                let hot = if req.len <= INLINE_READ_MAX {
+                    scratch.resize(req.len as usize, 0);
+                    img.read_sparse(req.offset, scratch, true)
+                } else {
+                    Ok(None)
+                };
+                match hot {
+                    Ok(Some(map)) => self.read_reply(&mut *self.out()?, &req, scratch, map),
+                    Err(e) => self.done(&mut *self.out()?, &req, Err(e)),
+                    Ok(None) => self.defer(pool, move |c| c.cold_read(&req)),
+                }
+            }
+            CMD_FLUSH => self.defer_flush(pool, req),
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                if !in_range {
+                    let msg = "range past the end of the export";
+                    return self.error(&mut *self.out()?, req.cookie, ENOSPC, msg);
+                }
+                let r = if req.kind == CMD_TRIM {
+                    img.trim(req.offset, req.len as u64)
+                } else {
+                    img.write_zeroes(req.offset, req.len as u64)
+                };
+                match r {
+                    Ok(()) if fua => self.defer_flush(pool, req),
+                    r => self.done(&mut *self.out()?, &req, r),
+                }
+            }
+            CMD_BLOCK_STATUS => {
+                let mut w = self.out()?;
+                if !self.structured || !self.meta {
+                    let msg = "no metadata context negotiated";
+                    return self.error(&mut *w, req.cookie, EINVAL, msg);
+                }
+                if !in_range || req.len == 0 {
+                    return self.error(&mut *w, req.cookie, EINVAL, "block status range invalid");
+                }
+                self.block_status(&mut *w, &req)
+            }
+            _ => self.error(&mut *self.out()?, req.cookie, EINVAL, "unknown command"),
+        }
+    }
+}
+
+/// Serves requests until DISC, the client leaving, or a protocol violation; answers every
+/// request already accepted before returning.
+pub(super) fn serve<R: Read, W: Write + Send + 'static>(
+    rd: &mut BufReader<R>,
+    fd: RawFd,
+    conn: Arc<Conn<W>>,
+    server: &Server,
+) -> io::Result<()> {
+    let pool = &server.pool;
+    let mut scratch = Vec::new();
+    let result = (|| loop {
+        if rd.buffer().len() < REQUEST_LEN {
+            // The next read may block: send the replies collected so far first, and let
+            // the upper layer write out its queued log records.
+            conn.out()?.flush()?;
+            if let Err(e) = conn.image().settle() {
+                tracing::warn!(export = %conn.export.name, error = %e, "upper layer log write failed");
+            }
+            poll_readable(fd, server.busy_poll);
+        }
+        let Some(req) = read_request(rd)? else {
+            return Err(protocol("request with bad magic"));
+        };
+        if req.kind == CMD_DISC {
+            return Ok(());
+        }
+        conn.request(req, rd, &mut scratch, pool)?;
+    })();
+    conn.drain()?;
+    let _ = conn.out()?.flush();
+    result
+}
+
+/// Polls `fd` without sleeping until it is readable or `budget` has passed.
+fn poll_readable(fd: RawFd, budget: Duration) -> bool {
+    if budget.is_zero() {
+        return false;
+    }
+    let start = Instant::now();
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd for the duration of the call; timeout 0 never blocks.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n != 0 || start.elapsed() >= budget {
+            return n > 0;
+        }
+        std::hint::spin_loop();
+    }
+}
