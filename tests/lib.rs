@@ -154,3 +154,6 @@ pub fn zstd3_of_nonzero_blocks(img: &Path) -> u64 {
 
 #[path = "support/nbd.rs"]
 pub mod nbd;
+
+#[path = "support/registry.rs"]
+pub mod registry;

@@ -9,6 +9,7 @@
 //! - [`upper`]: the writable, crash-safe `UpperLayer` (FORMAT.md §3).
 //! - [`image`]: `Image` = stack + optional upper layer.
 //! - [`commit`]: commit, squash and raw import.
+//! - [`store`]: the `ChunkStore` seam for a host-wide cache of fetched chunks.
 //!
 //! Pure: no network, no daemon, no kernel.
 
@@ -21,6 +22,7 @@ pub mod image;
 pub mod merged;
 pub mod reader;
 pub mod stack;
+pub mod store;
 pub mod upper;
 pub mod writer;
 
@@ -30,6 +32,7 @@ pub use image::{Alloc, Image};
 pub use merged::MergedIndex;
 pub use reader::{Layer, ReadAt};
 pub use stack::LayerStack;
+pub use store::{ChunkKey, ChunkStore};
 pub use upper::UpperLayer;
 pub use writer::{LayerWriter, WriterOptions, WrittenLayer, ZeroPolicy};
 

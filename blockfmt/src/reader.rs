@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     oci_digest, sha256, ChunkEntry, Header, Metadata, Trailer, HEADER_LEN, TRAILER_LEN,
 };
+use crate::store::{ChunkKey, ChunkStore};
 
 /// Positional reads of a blob: the one thing a layer needs from where its bytes live.
 /// Implemented for local files here; `lsmd` implements it over its sources and cache.
@@ -61,6 +62,8 @@ pub struct Layer {
     /// Sources of the blobs in the blob table (index `i` = blob number `i + 1`).
     borrowed: Vec<Option<Arc<dyn ReadAt>>>,
     verify: Verify,
+    /// Host-wide store of fetched chunks, consulted before the source.
+    store: Option<Arc<dyn ChunkStore>>,
 }
 
 impl std::fmt::Debug for Layer {
@@ -138,6 +141,7 @@ impl Layer {
             meta,
             borrowed,
             verify: Verify::Full,
+            store: None,
         })
     }
 
@@ -221,16 +225,36 @@ impl Layer {
         Ok(buf)
     }
 
-    /// Reads, decodes and checks a chunk. Never returns bytes that failed a check.
+    /// Reads, decodes and checks a chunk. Never returns bytes that failed a check. With a
+    /// store, a kept copy is tried first (and dropped if it fails the check), and a chunk
+    /// fetched from the source is kept once it has passed.
     pub fn read_chunk(&self, chunk: u32) -> Result<Vec<u8>> {
+        let e = self.chunk_entry(chunk)?;
+        let decode = |stored: &[u8]| chunk::decode(e, stored, chunk, &self.name, self.verify);
+        let Some(store) = &self.store else {
+            return decode(&self.read_stored(chunk)?);
+        };
+        let key = ChunkKey::of(e);
+        if let Some(kept) = store.get(&key) {
+            // Kept copies are always checked in full: the cache disk is not the blob.
+            match chunk::decode(e, &kept, chunk, &self.name, Verify::Full) {
+                Ok(d) => return Ok(d),
+                Err(err) => {
+                    tracing::warn!(layer = %self.name, chunk, error = %err, "cached chunk failed its check; fetching it again");
+                    store.discard(&key);
+                }
+            }
+        }
         let stored = self.read_stored(chunk)?;
-        chunk::decode(
-            self.chunk_entry(chunk)?,
-            &stored,
-            chunk,
-            &self.name,
-            self.verify,
-        )
+        let decoded = decode(&stored)?;
+        store.put(&key, &stored);
+        Ok(decoded)
+    }
+
+    /// Consults `store` before the source for every chunk, and fills it.
+    pub fn with_store(mut self, store: Arc<dyn ChunkStore>) -> Layer {
+        self.store = Some(store);
+        self
     }
 
     /// Checks every byte of the blob: header (and its agreement with the trailer), every chunk in

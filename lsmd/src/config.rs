@@ -9,14 +9,96 @@ use blockfmt::format::parse_oci_digest;
 use blockfmt::{Image, Layer, LayerStack, UpperLayer};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::DiskCache;
 use crate::error::{Error, Result};
+use crate::source::auth::Credentials;
+use crate::source::registry::{Mirror, RegistryBlob, RetryPolicy};
+use crate::source::SourceStats;
 
-/// Where a layer blob's bytes come from. Later sources (registry, NAS, P2P) are new variants.
+/// Where a layer blob's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum SourceConfig {
     /// A local file; relative paths are relative to the config file.
     Local(PathBuf),
+    /// A blob in an OCI registry, fetched lazily by ranges (the layer's `digest` names it).
+    Registry(RegistryConfig),
+}
+
+/// A registry blob source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL, `https://host[:port]`; `http://` only with `insecure` (loopback test registries).
+    pub url: String,
+    /// Repository, e.g. `library/app`.
+    pub repository: String,
+    /// Base URLs of mirrors holding the same blobs, tried in order when `url` fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
+    /// Allow plain HTTP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// Credentials; without them, a docker-style `config.json` is consulted, then anonymous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Blob size in bytes, if known (saves a HEAD request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+impl RegistryConfig {
+    fn check(&self) -> std::result::Result<(), String> {
+        for u in std::iter::once(&self.url).chain(&self.mirrors) {
+            if u.starts_with("http://") && !self.insecure {
+                return Err(format!("{u}: plain HTTP needs \"insecure\": true"));
+            }
+            if !u.starts_with("http://") && !u.starts_with("https://") {
+                return Err(format!("{u}: not an http(s) URL"));
+            }
+        }
+        if self.repository.is_empty() {
+            return Err("repository is empty".into());
+        }
+        Ok(())
+    }
+
+    /// The registry and its mirrors, each with the credentials that apply to it.
+    pub fn mirrors(&self) -> Vec<Mirror> {
+        std::iter::once(&self.url)
+            .chain(&self.mirrors)
+            .map(|base| {
+                let host = base
+                    .trim_start_matches("https://")
+                    .trim_start_matches("http://")
+                    .split('/')
+                    .next()
+                    .unwrap_or_default();
+                let credentials = match (&self.username, &self.password) {
+                    (Some(u), Some(p)) => Some(Credentials {
+                        username: u.clone(),
+                        password: p.clone(),
+                    }),
+                    _ => Credentials::from_docker_config(host),
+                };
+                Mirror {
+                    base: base.clone(),
+                    credentials,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What every image opened by one daemon shares: the host cache of fetched chunks, the
+/// counters of its sources, how hard remote sources retry.
+#[derive(Clone, Default)]
+pub struct HostServices {
+    pub cache: Option<Arc<DiskCache>>,
+    pub registry_stats: Arc<SourceStats>,
+    pub retry: RetryPolicy,
 }
 
 /// One layer of the stack.
@@ -101,6 +183,15 @@ impl ImageConfig {
             return Err("field `compression_level`: must be 0 (none) or 1..=22".into());
         }
         for (i, l) in self.layers.iter().enumerate() {
+            if let SourceConfig::Registry(r) = &l.source {
+                r.check()
+                    .map_err(|e| format!("field `layers[{i}].source.registry`: {e}"))?;
+                if l.digest.is_none() {
+                    return Err(format!(
+                        "field `layers[{i}].digest`: a registry layer needs its blob digest"
+                    ));
+                }
+            }
             for (name, d) in [("digest", &l.digest), ("meta_digest", &l.meta_digest)] {
                 if let Some(d) = d {
                     parse_oci_digest(d).map_err(|e| format!("field `layers[{i}].{name}`: {e}"))?;
@@ -174,11 +265,29 @@ impl ImageSpec {
         }
     }
 
-    /// The local path of layer `i`.
+    /// The local path of layer `i` (`None` for a remote layer).
     pub fn layer_path(&self, i: usize) -> Option<PathBuf> {
-        self.config.layers.get(i).map(|l| match &l.source {
-            SourceConfig::Local(p) => self.resolve(p),
+        self.config.layers.get(i).and_then(|l| match &l.source {
+            SourceConfig::Local(p) => Some(self.resolve(p)),
+            SourceConfig::Registry(_) => None,
         })
+    }
+
+    /// What layer `i` is called in logs and errors: its path, or its digest and repository.
+    pub fn layer_name(&self, i: usize) -> String {
+        match self.config.layers.get(i).map(|l| (&l.source, &l.digest)) {
+            Some((SourceConfig::Local(_), _)) => self
+                .layer_path(i)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            Some((SourceConfig::Registry(r), d)) => format!(
+                "{} in {}/{}",
+                d.as_deref().unwrap_or("?"),
+                r.url,
+                r.repository
+            ),
+            None => format!("layer {i}"),
+        }
     }
 
     /// The upper layer directory, if any.
@@ -188,26 +297,46 @@ impl ImageSpec {
 
     /// Opens layer `i`, checking its metadata digest if the config gives one.
     pub fn open_layer(&self, i: usize) -> Result<Layer> {
-        let (Some(l), Some(path)) = (self.config.layers.get(i), self.layer_path(i)) else {
+        self.open_layer_on(i, &HostServices::default())
+    }
+
+    /// [`Self::open_layer`] with the host's cache and source settings.
+    pub fn open_layer_on(&self, i: usize, host: &HostServices) -> Result<Layer> {
+        let Some(l) = self.config.layers.get(i) else {
             return Err(Error::Config {
                 path: self.path.clone(),
                 detail: format!("no layer {i}"),
             });
         };
+        let name = self.layer_name(i);
         let wrap = |source| Error::Layer {
             index: i,
-            path: path.clone(),
+            path: PathBuf::from(&name),
             source,
         };
-        let f = std::fs::File::open(&path).map_err(|e| Error::Layer {
-            index: i,
-            path: path.clone(),
-            source: blockfmt::Error::Io {
-                layer: path.display().to_string(),
+        let io_err = |e: std::io::Error| {
+            wrap(blockfmt::Error::Io {
+                layer: name.clone(),
                 offset: 0,
                 source: e,
-            },
-        })?;
+            })
+        };
+        let src: Arc<dyn blockfmt::ReadAt> = match &l.source {
+            SourceConfig::Local(p) => {
+                Arc::new(std::fs::File::open(self.resolve(p)).map_err(io_err)?)
+            }
+            SourceConfig::Registry(r) => Arc::new(
+                RegistryBlob::open(
+                    &r.mirrors(),
+                    &r.repository,
+                    l.digest.as_deref().unwrap_or_default(),
+                    r.size,
+                    host.retry,
+                    host.registry_stats.clone(),
+                )
+                .map_err(io_err)?,
+            ),
+        };
         let meta = match &l.meta_digest {
             Some(d) => Some(parse_oci_digest(d).map_err(|detail| Error::Config {
                 path: self.path.clone(),
@@ -215,13 +344,22 @@ impl ImageSpec {
             })?),
             None => None,
         };
-        Layer::open(path.display().to_string(), Arc::new(f), meta).map_err(wrap)
+        let layer = Layer::open(name.clone(), src, meta).map_err(wrap)?;
+        Ok(match &host.cache {
+            Some(c) => layer.with_store(c.clone()),
+            None => layer,
+        })
     }
 
     /// Opens the lower layers as a stack.
     pub fn open_stack(&self) -> Result<LayerStack> {
+        self.open_stack_on(&HostServices::default())
+    }
+
+    /// [`Self::open_stack`] with the host's cache and source settings.
+    pub fn open_stack_on(&self, host: &HostServices) -> Result<LayerStack> {
         let layers = (0..self.config.layers.len())
-            .map(|i| self.open_layer(i))
+            .map(|i| self.open_layer_on(i, host))
             .collect::<Result<Vec<_>>>()?;
         Ok(LayerStack::new(
             layers,
@@ -232,7 +370,12 @@ impl ImageSpec {
 
     /// Opens the whole image; with `writable`, opens (or creates) the upper layer too.
     pub fn open_image(&self, writable: bool) -> Result<Image> {
-        let stack = self.open_stack()?;
+        self.open_image_on(writable, &HostServices::default())
+    }
+
+    /// [`Self::open_image`] with the host's cache and source settings.
+    pub fn open_image_on(&self, writable: bool, host: &HostServices) -> Result<Image> {
+        let stack = self.open_stack_on(host)?;
         let upper = match (writable, self.upper_dir()) {
             (true, Some(dir)) => Some(UpperLayer::open(&dir, self.config.size)?.0),
             _ => None,

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use lsmd::cache::DiskCache;
 use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Server};
 use lsmd::pool::WorkerPool;
-use lsmd::ImageSpec;
+use lsmd::{HostServices, ImageSpec};
 
 /// The lsm daemon: serves layered block images over NBD.
 #[derive(Parser)]
@@ -43,10 +44,41 @@ enum Cmd {
         /// the cross-CPU wake-up (tens of µs on VMs) on back-to-back requests. 0 disables.
         #[arg(long, default_value_t = 50)]
         busy_poll_us: u64,
+        /// Directory of the host cache of fetched chunks, shared by every image (and every
+        /// lsmd) on the host; survives restarts. Without it remote chunks are fetched on every
+        /// decoded-chunk cache miss.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Bound of the host cache, bytes (suffixes K, M, G).
+        #[arg(long, default_value = "10G", value_parser = parse_size)]
+        cache_limit: u64,
+        /// Serve Prometheus metrics (`/metrics`) and status (`/status`) on this address, e.g.
+        /// 127.0.0.1:9810.
+        #[arg(long)]
+        metrics: Option<String>,
     },
 }
 
-fn open_exports(configs: &[String], read_only: bool) -> Result<Exports, String> {
+/// `10G`, `512M`, `4096`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 512M, 10G)"))
+}
+
+fn open_exports(
+    configs: &[String],
+    read_only: bool,
+    host: &HostServices,
+) -> Result<Exports, String> {
     let mut list = Vec::new();
     for c in configs {
         let (name, path) = match c.split_once('=') {
@@ -67,7 +99,9 @@ fn open_exports(configs: &[String], read_only: bool) -> Result<Exports, String> 
             ));
         }
         let spec = ImageSpec::load(&path).map_err(|e| e.to_string())?;
-        let image = spec.open_image(!read_only).map_err(|e| e.to_string())?;
+        let image = spec
+            .open_image_on(!read_only, host)
+            .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         list.push(Export {
             name,
@@ -115,18 +149,46 @@ fn main() -> ExitCode {
         read_only,
         workers,
         busy_poll_us,
+        cache_dir,
+        cache_limit,
+        metrics,
     } = Cli::parse().cmd;
     if socket.is_none() && tcp.is_none() {
         eprintln!("lsmd: error: give --socket PATH and/or --tcp ADDR");
         return ExitCode::FAILURE;
     }
-    let exports = match open_exports(&configs, read_only) {
+    let mut host = HostServices::default();
+    if let Some(dir) = &cache_dir {
+        match DiskCache::open(dir, cache_limit) {
+            Ok(c) => {
+                tracing::info!(cache = %dir.display(), bytes = c.bytes(), entries = c.len(), limit = cache_limit, "host cache ready");
+                host.cache = Some(Arc::new(c));
+            }
+            Err(e) => {
+                eprintln!("lsmd: error: cache: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let exports = match open_exports(&configs, read_only, &host) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("lsmd: error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = metrics {
+        match std::net::TcpListener::bind(&addr) {
+            Ok(l) => {
+                tracing::info!(metrics = %addr, "serving metrics");
+                lsmd::metrics::spawn(l, host.clone(), exports.clone());
+            }
+            Err(e) => {
+                eprintln!("lsmd: error: metrics {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let server = Server {
         exports: exports.clone(),
         pool: WorkerPool::new(workers),

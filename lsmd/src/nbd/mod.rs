@@ -62,6 +62,13 @@ impl Exports {
         self.by_name.get(key).cloned()
     }
 
+    /// Every export's name and image, in name order.
+    pub fn images(&self) -> impl Iterator<Item = (&str, &Image)> {
+        self.by_name
+            .values()
+            .map(|e| (e.name.as_str(), e.image.as_ref()))
+    }
+
     /// Flushes every writable image (graceful shutdown).
     pub fn flush_all(&self) -> Vec<(String, blockfmt::Error)> {
         self.by_name

@@ -1,0 +1,215 @@
+//! The metrics endpoint: `GET /metrics` in the Prometheus text format (bytes fetched per source,
+//! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes), and
+//! `GET /status` as JSON for `lsmctl status`. Plain HTTP/1.1 on a loopback address; one short
+//! request per connection.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+
+use crate::config::HostServices;
+use crate::nbd::Exports;
+use crate::source::{SourceStats, LATENCY_BUCKETS};
+
+/// Renders every metric.
+pub fn render(host: &HostServices, exports: &Exports) -> String {
+    let mut m = String::new();
+    source_metrics(&mut m, "registry", &host.registry_stats);
+    if let Some(c) = &host.cache {
+        let s = &c.stats;
+        let (hits, misses) = (
+            s.hits.load(Ordering::Relaxed),
+            s.misses.load(Ordering::Relaxed),
+        );
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+        for (name, help, kind, v) in [
+            (
+                "lsm_cache_hits_total",
+                "Chunks served from the host cache.",
+                "counter",
+                hits as f64,
+            ),
+            (
+                "lsm_cache_misses_total",
+                "Chunks not in the host cache.",
+                "counter",
+                misses as f64,
+            ),
+            (
+                "lsm_cache_hit_ratio",
+                "hits / (hits + misses) since start.",
+                "gauge",
+                ratio,
+            ),
+            (
+                "lsm_cache_bytes",
+                "Bytes of cache entry files.",
+                "gauge",
+                c.bytes() as f64,
+            ),
+            (
+                "lsm_cache_limit_bytes",
+                "The cache size bound.",
+                "gauge",
+                c.limit() as f64,
+            ),
+            ("lsm_cache_entries", "Chunks held.", "gauge", c.len() as f64),
+            (
+                "lsm_cache_inserted_bytes_total",
+                "Bytes written into the cache.",
+                "counter",
+                s.inserted_bytes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "lsm_cache_evictions_total",
+                "Entries evicted to stay under the bound.",
+                "counter",
+                s.evictions.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "lsm_cache_discarded_total",
+                "Entries that failed their check and were dropped.",
+                "counter",
+                s.discarded.load(Ordering::Relaxed) as f64,
+            ),
+        ] {
+            let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+    }
+    let _ = writeln!(m, "# HELP lsm_upper_data_bytes Bytes in each export's upper-layer data file.\n# TYPE lsm_upper_data_bytes gauge");
+    for (name, image) in exports.images() {
+        if let Some(u) = image.upper() {
+            let _ = writeln!(
+                m,
+                "lsm_upper_data_bytes{{export=\"{name}\"}} {}",
+                u.data_file_len()
+            );
+        }
+    }
+    m
+}
+
+fn source_metrics(m: &mut String, source: &str, s: &SourceStats) {
+    let l = format!("{{source=\"{source}\"}}");
+    for (name, help, kind, v) in [
+        (
+            "lsm_source_requests_total",
+            "Reads asked of the source.",
+            "counter",
+            s.requests.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "lsm_source_bytes_total",
+            "Bytes fetched from the source.",
+            "counter",
+            s.bytes.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "lsm_source_errors_total",
+            "Failed fetch attempts.",
+            "counter",
+            s.errors.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "lsm_source_retries_total",
+            "Back-off rounds.",
+            "counter",
+            s.retries.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "lsm_source_inflight",
+            "Fetches on the wire now.",
+            "gauge",
+            s.inflight.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = writeln!(
+            m,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{l} {v}"
+        );
+    }
+    let name = "lsm_source_fetch_seconds";
+    let _ = writeln!(
+        m,
+        "# HELP {name} Latency of fetch attempts.\n# TYPE {name} histogram"
+    );
+    let mut cum = 0;
+    for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+        cum += s.latency[i].load(Ordering::Relaxed);
+        let _ = writeln!(m, "{name}_bucket{{source=\"{source}\",le=\"{b}\"}} {cum}");
+    }
+    cum += s.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+    let _ = writeln!(m, "{name}_bucket{{source=\"{source}\",le=\"+Inf\"}} {cum}");
+    let sum = s.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+    let _ = writeln!(m, "{name}_sum{l} {sum}\n{name}_count{l} {cum}");
+}
+
+/// Serves the endpoint on `listener` until the process ends.
+pub fn spawn(listener: TcpListener, host: HostServices, exports: Exports) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut line = String::new();
+            if BufReader::new(&s).read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, kind, body) = match path {
+                "/metrics" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    render(&host, &exports),
+                ),
+                "/status" => ("200 OK", "application/json", status_json(&host, &exports)),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+}
+
+/// Exports, upper-layer sizes and cache use, for `lsmctl status`.
+pub fn status_json(host: &HostServices, exports: &Exports) -> String {
+    let ex: Vec<serde_json::Value> = exports
+        .images()
+        .map(|(name, image)| {
+            serde_json::json!({
+                "name": name,
+                "size": image.size(),
+                "read_only": image.read_only(),
+                "layers": image.lower().layers().len(),
+                "upper_data_bytes": image.upper().map(|u| u.data_file_len()),
+            })
+        })
+        .collect();
+    let cache = host.cache.as_ref().map(|c| {
+        serde_json::json!({
+            "bytes": c.bytes(),
+            "limit": c.limit(),
+            "entries": c.len(),
+            "hits": c.stats.hits.load(Ordering::Relaxed),
+            "misses": c.stats.misses.load(Ordering::Relaxed),
+        })
+    });
+    let s = &host.registry_stats;
+    serde_json::json!({
+        "exports": ex,
+        "cache": cache,
+        "registry": {
+            "bytes_fetched": s.bytes.load(Ordering::Relaxed),
+            "requests": s.requests.load(Ordering::Relaxed),
+            "errors": s.errors.load(Ordering::Relaxed),
+        },
+    })
+    .to_string()
+}

@@ -1,0 +1,312 @@
+//! A layer blob in an OCI registry, read with ranged `GET /v2/<name>/blobs/<digest>` requests:
+//! registry auth (anonymous, basic, bearer token), redirects to blob storage (credentials are
+//! not forwarded off the registry), mirrors tried in order, retries with backoff and jitter
+//! until a deadline, per-request timeouts. Every byte it returns is checked by the layer above
+//! (chunk crc32c + sha256): a source never has to be trusted.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::auth::{Credentials, RegistryAuth};
+use super::SourceStats;
+
+/// How hard a source tries before a read fails.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Keep retrying a read this long (a registry restart should be ridden out).
+    pub give_up_after: Duration,
+    /// First back-off; doubles up to `max_backoff`, each with ±50 % jitter.
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Timeout of one request (connect + whole body).
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            give_up_after: Duration::from_secs(60),
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One registry a blob can be fetched from.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    /// `http(s)://host[:port]`.
+    pub base: String,
+    pub credentials: Option<Credentials>,
+}
+
+/// Why one attempt failed.
+enum Failure {
+    /// Worth another try (5xx, 429, connection trouble, short body).
+    Transient(String),
+    /// Trying again will not help (404, 403, bad auth, bad request).
+    Fatal(String),
+}
+
+struct Endpoint {
+    url: String,
+    auth: RegistryAuth,
+}
+
+/// A blob in a registry (and its mirrors); implements `blockfmt::ReadAt`.
+pub struct RegistryBlob {
+    name: String,
+    endpoints: Vec<Endpoint>,
+    agent: ureq::Agent,
+    size: u64,
+    /// The mirror that answered last; failures move it on, and after a while it goes back to
+    /// the first (the preferred one).
+    current: AtomicUsize,
+    failed_over_at: parking_lot::Mutex<Option<Instant>>,
+    policy: RetryPolicy,
+    stats: Arc<SourceStats>,
+}
+
+/// How long a failed-over source stays on a later mirror before trying the first again.
+const RETURN_AFTER: Duration = Duration::from_secs(30);
+
+impl RegistryBlob {
+    /// A blob `digest` of `repository` served by `mirrors` (first preferred). `size` saves a
+    /// HEAD request when the manifest already says it.
+    pub fn open(
+        mirrors: &[Mirror],
+        repository: &str,
+        digest: &str,
+        size: Option<u64>,
+        policy: RetryPolicy,
+        stats: Arc<SourceStats>,
+    ) -> io::Result<RegistryBlob> {
+        if mirrors.is_empty() {
+            return Err(io::Error::other("no registry to fetch from"));
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5).min(policy.request_timeout))
+            .timeout(policy.request_timeout)
+            .max_idle_connections_per_host(16)
+            .build();
+        let endpoints = mirrors
+            .iter()
+            .map(|m| Endpoint {
+                url: format!(
+                    "{}/v2/{}/blobs/{}",
+                    m.base.trim_end_matches('/'),
+                    repository,
+                    digest
+                ),
+                auth: RegistryAuth::new(m.credentials.clone()),
+            })
+            .collect();
+        let mut blob = RegistryBlob {
+            name: format!("{digest} ({repository})"),
+            endpoints,
+            agent,
+            size: size.unwrap_or(0),
+            current: AtomicUsize::new(0),
+            failed_over_at: parking_lot::Mutex::new(None),
+            policy,
+            stats,
+        };
+        if size.is_none() {
+            blob.size = blob.with_retries(|b, ep| b.head(ep))?;
+        }
+        Ok(blob)
+    }
+
+    /// Tokens fetched by the first mirror's auth (for tests and status).
+    pub fn tokens_fetched(&self) -> u64 {
+        self.endpoints[0]
+            .auth
+            .tokens_fetched
+            .load(Ordering::Relaxed)
+    }
+
+    fn request(
+        &self,
+        ep: &Endpoint,
+        method: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<ureq::Response, Failure> {
+        for attempt in 0..2 {
+            let mut req = self.agent.request(method, &ep.url);
+            if let Some((off, len)) = range {
+                req = req.set("Range", &format!("bytes={}-{}", off, off + len - 1));
+            }
+            match ep.auth.header(&self.agent) {
+                Ok(Some(h)) => req = req.set("Authorization", &h),
+                Ok(None) => {}
+                Err(e) => return Err(Failure::Transient(e)),
+            }
+            match req.call() {
+                Ok(r) => return Ok(r),
+                Err(ureq::Error::Status(401, r)) if attempt == 0 => {
+                    if !ep.auth.challenged(r.header("www-authenticate")) {
+                        return Err(Failure::Fatal(format!(
+                            "{}: 401 unauthorized (no usable credentials)",
+                            ep.url
+                        )));
+                    }
+                }
+                Err(ureq::Error::Status(code, _)) if code == 429 || code >= 500 => {
+                    return Err(Failure::Transient(format!("{}: HTTP {code}", ep.url)))
+                }
+                Err(ureq::Error::Status(code, _)) => {
+                    return Err(Failure::Fatal(format!("{}: HTTP {code}", ep.url)))
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    return Err(Failure::Transient(format!("{}: {t}", ep.url)))
+                }
+            }
+        }
+        Err(Failure::Fatal(format!(
+            "{}: 401 unauthorized after authenticating",
+            ep.url
+        )))
+    }
+
+    fn head(&self, ep: &Endpoint) -> Result<u64, Failure> {
+        let r = self.request(ep, "HEAD", None)?;
+        r.header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Failure::Fatal(format!("{}: no Content-Length in HEAD reply", ep.url)))
+    }
+
+    fn get(&self, ep: &Endpoint, buf: &mut [u8], off: u64) -> Result<(), Failure> {
+        let len = buf.len() as u64;
+        let r = self.request(ep, "GET", Some((off, len)))?;
+        let status = r.status();
+        let ranged_right = r
+            .header("content-range")
+            .is_some_and(|v| v.trim().starts_with(&format!("bytes {off}-")));
+        let mut body = r.into_reader();
+        match status {
+            206 if ranged_right => {}
+            206 => {
+                return Err(Failure::Fatal(format!(
+                    "{}: 206 reply for another range than bytes {off}-",
+                    ep.url
+                )))
+            }
+            200 => {
+                // A server that ignores Range sends the whole blob: skip to the offset.
+                io::copy(&mut (&mut body).take(off), &mut io::sink())
+                    .map_err(|e| Failure::Transient(format!("{}: body: {e}", ep.url)))?;
+            }
+            s => return Err(Failure::Fatal(format!("{}: unexpected HTTP {s}", ep.url))),
+        }
+        let mut got = 0;
+        while got < buf.len() {
+            match body.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Err(Failure::Transient(format!(
+                        "{}: body ended after {got} of {len} bytes at offset {off}",
+                        ep.url
+                    )))
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Failure::Transient(format!("{}: body: {e}", ep.url))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `op` against the current mirror, failing over and backing off until it succeeds,
+    /// fails for good, or the deadline passes.
+    fn with_retries<T>(
+        &self,
+        mut op: impl FnMut(&Self, &Endpoint) -> Result<T, Failure>,
+    ) -> io::Result<T> {
+        let start = Instant::now();
+        let mut backoff = self.policy.first_backoff;
+        let n = self.endpoints.len();
+        {
+            let mut f = self.failed_over_at.lock();
+            if f.is_some_and(|t| t.elapsed() > RETURN_AFTER) {
+                *f = None;
+                self.current.store(0, Ordering::Relaxed);
+            }
+        }
+        loop {
+            let mut last = String::new();
+            let first = self.current.load(Ordering::Relaxed) % n;
+            for k in 0..n {
+                let i = (first + k) % n;
+                let t0 = Instant::now();
+                self.stats.inflight.fetch_add(1, Ordering::Relaxed);
+                let r = op(self, &self.endpoints[i]);
+                self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+                self.stats.observe_latency(t0.elapsed());
+                match r {
+                    Ok(v) => {
+                        if i != first {
+                            tracing::warn!(blob = %self.name, mirror = %self.endpoints[i].url, "failed over to another mirror");
+                            self.current.store(i, Ordering::Relaxed);
+                            *self.failed_over_at.lock() = Some(Instant::now());
+                        }
+                        return Ok(v);
+                    }
+                    Err(Failure::Fatal(e)) => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(io::Error::other(format!("blob {}: {e}", self.name)));
+                    }
+                    Err(Failure::Transient(e)) => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(blob = %self.name, error = %e, "fetch failed; will retry");
+                        last = e;
+                    }
+                }
+            }
+            if start.elapsed() + backoff > self.policy.give_up_after {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "blob {}: giving up after {:?}: {last}",
+                        self.name,
+                        start.elapsed()
+                    ),
+                ));
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(jitter(backoff));
+            backoff = (backoff * 2).min(self.policy.max_backoff);
+        }
+    }
+}
+
+/// `d` ± 50 %.
+fn jitter(d: Duration) -> Duration {
+    let r: f64 = rand::random();
+    d.mul_f64(0.5 + r)
+}
+
+impl blockfmt::ReadAt for RegistryBlob {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if offset + buf.len() as u64 > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("blob {}: read past its {} bytes", self.name, self.size),
+            ));
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.with_retries(|b, ep| b.get(ep, buf, offset))?;
+        self.stats
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size)
+    }
+}

@@ -1,0 +1,271 @@
+//! lsmd serving an image whose layers live in a real registry (`docker-registry` on
+//! 127.0.0.1): lazy ranged fetches, the host cache across restarts, its bound and its damage
+//! checks, basic auth, a registry restart in the middle of a read, and a damaged blob.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lsm_e2e::nbd::*;
+use lsm_e2e::registry::Registry;
+use lsm_e2e::*;
+
+/// Pushes the layers of the local image `img` to `reg` and writes a config reading them from
+/// there (`remote.json`, with its own upper layer).
+fn remote_config(t: &Path, img: &Path, reg: &Registry, creds: bool) -> PathBuf {
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img).expect("read config")).expect("json");
+    let layers = c["layers"].as_array_mut().expect("layers");
+    for l in layers.iter_mut() {
+        let path = t.join(l["source"]["local"].as_str().expect("local layer"));
+        let digest = reg.push_blob("lsm/test", &std::fs::read(&path).expect("read blob"));
+        assert_eq!(l["digest"].as_str(), Some(digest.as_str()));
+        let mut src = serde_json::json!({
+            "url": reg.url, "repository": "lsm/test", "insecure": true
+        });
+        if let (true, Some((u, p))) = (creds, &reg.auth) {
+            src["username"] = u.clone().into();
+            src["password"] = p.clone().into();
+        }
+        l["source"] = serde_json::json!({ "registry": src });
+    }
+    c["upper"] = "remote.upper".into();
+    let out = t.join("remote.json");
+    std::fs::write(&out, serde_json::to_vec_pretty(&c).expect("json")).expect("write");
+    out
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))
+}
+
+fn serve(sock: &Path, config: &Path, cache: &Path, limit: &str, port: u16) -> Lsmd {
+    let metrics = format!("127.0.0.1:{port}");
+    Lsmd::start(
+        sock,
+        &[
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("--cache-dir"),
+            cache.as_os_str(),
+            OsStr::new("--cache-limit"),
+            OsStr::new(limit),
+            OsStr::new("--metrics"),
+            OsStr::new(&metrics),
+        ],
+    )
+}
+
+/// A 64 MiB disk mostly of random bytes (so blobs are as large as the data), in three layers:
+/// a base and two diffs rewriting scattered 1 MiB pieces. Returns (config, raw reference).
+fn dense_image(t: &Path) -> (PathBuf, PathBuf) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut data = vec![0u8; 64 << 20];
+    rng.fill(&mut data[..56 << 20]);
+    let raw = t.join("ref.raw");
+    let img = t.join("img.json");
+    for l in 0..3 {
+        if l > 0 {
+            for _ in 0..6 {
+                let m = rng.gen_range(0..64usize) << 20;
+                rng.fill(&mut data[m..m + (1 << 20)]);
+            }
+        }
+        std::fs::write(&raw, &data).expect("write raw");
+        let blob = t.join(format!("layer{l}.blob"));
+        let mut c = lsmctl(["import", "-q"]);
+        c.arg(&raw).arg("-o").arg(&blob);
+        if l > 0 {
+            c.arg("--base").arg(&img).arg("--add-to").arg(&img);
+        }
+        ok(&mut c);
+        if l == 0 {
+            ok(lsmctl(["create"]).arg(&img).arg("--layer").arg(&blob));
+        }
+    }
+    (img, raw)
+}
+
+fn sum_blob_bytes(t: &Path) -> u64 {
+    (0..3)
+        .map(|i| {
+            std::fs::metadata(t.join(format!("layer{i}.blob")))
+                .expect("blob")
+                .len()
+        })
+        .sum()
+}
+
+#[test]
+fn lazy_fetch_cache_restart_bound_and_damage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, raw) = dense_image(t);
+    let reg = Registry::start(&t.join("registry"), None);
+    let remote = remote_config(t, &img, &reg, false);
+    let blob_bytes = sum_blob_bytes(t);
+    let sock = t.join("lsmd.sock");
+    let cache = t.join("cache");
+    let port = free_port();
+
+    // Cold: read 1% of the disk; the registry serves about that share of the blobs.
+    let d = serve(&sock, &remote, &cache, "1G", port);
+    let opened = metric(port, "lsm_source_bytes_total");
+    ok(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read 20M 655360", &d.uri()]));
+    let fetched = metric(port, "lsm_source_bytes_total") - opened;
+    eprintln!(
+        "opening fetched {opened} bytes (metadata); reading 1% of the disk fetched {fetched} \
+         of {blob_bytes} blob bytes ({:.2} %)",
+        100.0 * fetched / blob_bytes as f64
+    );
+    assert!(
+        fetched > 0.0 && fetched < 0.03 * blob_bytes as f64,
+        "{fetched}"
+    );
+
+    // The whole disk equals the reference.
+    let copy = t.join("copy.raw");
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    let cached = metric(port, "lsm_cache_bytes");
+    assert!(cached > 0.0);
+    d.kill9();
+
+    // Restart on the same cache: only the layer metadata is fetched again, no chunk.
+    let d = serve(&sock, &remote, &cache, "1G", port);
+    let opened2 = metric(port, "lsm_source_bytes_total");
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    assert_eq!(
+        metric(port, "lsm_source_bytes_total"),
+        opened2,
+        "chunks refetched after restart"
+    );
+    assert!(metric(port, "lsm_cache_hits_total") > 0.0);
+    d.terminate();
+
+    // A damaged cache entry is detected, dropped and fetched again; data stays right.
+    let entry = walk_files(&cache)
+        .into_iter()
+        .find(|p| !p.starts_with(cache.join("tmp")))
+        .expect("an entry");
+    let mut b = std::fs::read(&entry).expect("entry");
+    let n = b.len();
+    b[n - 10] ^= 0x55;
+    std::fs::write(&entry, b).expect("damage");
+    let d = serve(&sock, &remote, &cache, "1G", port);
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    assert!(
+        metric(port, "lsm_cache_discarded_total") >= 1.0,
+        "damaged entry not noticed"
+    );
+    d.terminate();
+
+    // A bound smaller than the image: usage stays under it, reads stay right.
+    let small = t.join("small-cache");
+    let d = serve(&sock, &remote, &small, "2M", port);
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    assert!(metric(port, "lsm_cache_bytes") <= 2.0 * 1048576.0);
+    assert!(metric(port, "lsm_cache_evictions_total") > 0.0);
+    let du: u64 = walk_files(&small)
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    assert!(du <= 2 << 20, "cache files hold {du} bytes");
+    d.terminate();
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn basic_auth_registry_restart_and_a_damaged_blob() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, raw) = dense_image(t);
+    let mut reg = Registry::start(&t.join("registry"), Some(("lsm", "s3cret")));
+    let remote = remote_config(t, &img, &reg, true);
+    let sock = t.join("lsmd.sock");
+    let port = free_port();
+
+    // Without credentials the daemon refuses to start, saying why.
+    let anon = t.join("anon.json");
+    let text = std::fs::read_to_string(&remote).expect("read");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let mut v2 = v.clone();
+    for l in v2["layers"].as_array_mut().expect("layers") {
+        let r = l["source"]["registry"].as_object_mut().expect("registry");
+        r.remove("username");
+        r.remove("password");
+    }
+    std::fs::write(&anon, v2.to_string()).expect("write");
+    let o = run(Command::new(bin("lsmd"))
+        .args(["serve", "--config"])
+        .arg(&anon)
+        .arg("--socket")
+        .arg(t.join("x.sock"))
+        .env("HOME", t));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("401"), "{err}");
+
+    // With them: the registry goes away in the middle of a whole-disk copy and comes back;
+    // the copy stalls, then completes with the right bytes.
+    let d = serve(&sock, &remote, &t.join("cache"), "1G", port);
+    let uri = d.uri();
+    let copy = t.join("copy.raw");
+    let c2 = copy.clone();
+    let reader = std::thread::spawn(move || run(Command::new("nbdcopy").arg(&uri).arg(&c2)));
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    reg.stop();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    reg.resume();
+    let o = reader.join().expect("reader");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    eprintln!(
+        "registry restart: {} fetch errors, {} retry rounds",
+        metric(port, "lsm_source_errors_total"),
+        metric(port, "lsm_source_retries_total")
+    );
+    d.terminate();
+
+    // Flipped bytes in a blob in the registry: reads of it fail with an I/O error naming the
+    // blob digest; never other data.
+    let top = v["layers"][2]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let f = reg.blob_file(&top);
+    let mut b = std::fs::read(&f).expect("blob");
+    for i in (100..b.len().saturating_sub(4096)).step_by(997) {
+        b[i] ^= 0xff;
+    }
+    std::fs::write(&f, b).expect("damage");
+    let d = serve(&sock, &remote, &t.join("cold-cache"), "1G", port);
+    let o = run(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert!(!o.status.success(), "a copy over a damaged blob succeeded");
+    let log = d.log();
+    assert!(log.contains(&top) && log.contains("corrupt"), "{log}");
+}

@@ -1,0 +1,139 @@
+//! A real OCI registry for the tests: Debian's `docker-registry` (CNCF distribution) on
+//! 127.0.0.1, optionally behind htpasswd basic auth, with blobs pushed by plain HTTP uploads.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::nbd::free_port;
+use crate::ok;
+
+/// A running registry; killed when dropped.
+pub struct Registry {
+    child: Option<Child>,
+    dir: PathBuf,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Basic-auth user and password, if enabled.
+    pub auth: Option<(String, String)>,
+}
+
+impl Registry {
+    /// Starts a registry storing under `dir`; with `auth`, htpasswd basic auth for that user.
+    pub fn start(dir: &Path, auth: Option<(&str, &str)>) -> Registry {
+        std::fs::create_dir_all(dir).expect("registry dir");
+        let port = free_port();
+        let mut yml = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        );
+        if let Some((u, p)) = auth {
+            let line = ok(Command::new("htpasswd").args(["-Bbn", u, p]));
+            std::fs::write(dir.join("htpasswd"), line.trim()).expect("htpasswd");
+            yml += &format!(
+                "auth:\n  htpasswd:\n    realm: lsm-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            );
+        }
+        std::fs::write(dir.join("config.yml"), yml).expect("config");
+        let mut r = Registry {
+            child: None,
+            dir: dir.to_path_buf(),
+            url: format!("http://127.0.0.1:{port}"),
+            auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+        };
+        r.resume();
+        r
+    }
+
+    /// Stops the process (the data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same address and data.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (apt install docker-registry)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if ureq::get(&format!("{}/v2/", self.url)).call().is_ok()
+                || matches!(
+                    ureq::get(&format!("{}/v2/", self.url)).call(),
+                    Err(ureq::Error::Status(401, _))
+                )
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "registry did not start: {:?}",
+            std::fs::read_to_string(self.dir.join("registry.log"))
+        );
+    }
+
+    fn authed(&self, r: ureq::Request) -> ureq::Request {
+        match &self.auth {
+            Some((u, p)) => r.set(
+                "Authorization",
+                &format!(
+                    "Basic {}",
+                    lsmd::source::auth::base64_encode(format!("{u}:{p}").as_bytes())
+                ),
+            ),
+            None => r,
+        }
+    }
+
+    /// Uploads `data` as a blob of `repo`; returns its digest.
+    pub fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+        let r = self
+            .authed(ureq::post(&format!(
+                "{}/v2/{repo}/blobs/uploads/",
+                self.url
+            )))
+            .call()
+            .expect("start upload");
+        let loc = r.header("location").expect("upload location").to_string();
+        let loc = if loc.starts_with('/') {
+            format!("{}{loc}", self.url)
+        } else {
+            loc
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        self.authed(ureq::put(&format!("{loc}{sep}digest={digest}")))
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(data)
+            .expect("finish upload");
+        digest
+    }
+
+    /// The file the registry keeps a blob's bytes in (to damage it on purpose).
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
