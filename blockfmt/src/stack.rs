@@ -1,7 +1,10 @@
 //! A read-only stack of immutable layers over one virtual disk: the layers, their merged index,
 //! and a decoded-chunk cache. Reads never take a lock other than a cache shard's.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar};
+
+use parking_lot::Mutex;
 
 use crate::cache::ChunkCache;
 use crate::error::{Error, Result};
@@ -11,12 +14,39 @@ use crate::reader::Layer;
 /// Default bound of the decoded-chunk cache.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
+/// A chunk being read by one thread that others wait for instead of reading it again.
+#[derive(Default)]
+struct InFlight {
+    /// `Some(result)` once the reader is done; `Some(None)` means it failed (waiters retry).
+    done: std::sync::Mutex<Option<Option<Arc<Vec<u8>>>>>,
+    cv: Condvar,
+}
+
+impl InFlight {
+    fn finish(&self, v: Option<Arc<Vec<u8>>>) {
+        if let Ok(mut d) = self.done.lock() {
+            *d = Some(v);
+        }
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Option<Arc<Vec<u8>>> {
+        let mut d = self.done.lock().ok()?;
+        while d.is_none() {
+            d = self.cv.wait(d).ok()?;
+        }
+        d.clone().flatten()
+    }
+}
+
 /// Layers (bottom first) composed into one readable disk.
 pub struct LayerStack {
     layers: Vec<Layer>,
     index: MergedIndex,
     size: u64,
     cache: ChunkCache<(u16, u32)>,
+    /// Chunks being read now: concurrent misses on one chunk cost one fetch and one decode.
+    inflight: Mutex<HashMap<(u16, u32), Arc<InFlight>>>,
 }
 
 impl LayerStack {
@@ -47,6 +77,7 @@ impl LayerStack {
             index,
             size,
             cache: ChunkCache::new(cache_bytes, largest_chunk),
+            inflight: Mutex::new(HashMap::new()),
         })
     }
 
@@ -75,11 +106,38 @@ impl LayerStack {
         }
     }
 
-    /// The decoded, verified chunk, from cache or from its layer.
+    /// The decoded, verified chunk, from cache or from its layer. Concurrent misses on the same
+    /// chunk wait for the first reader instead of fetching it again.
     pub fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.cache.get(&(layer, chunk)) {
+        let key = (layer, chunk);
+        if let Some(c) = self.cache.get(&key) {
             return Ok(c);
         }
+        let (slot, leader) = {
+            let mut m = self.inflight.lock();
+            match m.get(&key) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s = Arc::new(InFlight::default());
+                    m.insert(key, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if !leader {
+            if let Some(c) = slot.wait() {
+                return Ok(c);
+            }
+            // The first reader failed: try on our own (and report our own error).
+            return self.read_chunk_now(layer, chunk);
+        }
+        let r = self.read_chunk_now(layer, chunk);
+        self.inflight.lock().remove(&key);
+        slot.finish(r.as_ref().ok().cloned());
+        r
+    }
+
+    fn read_chunk_now(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
         let l = self
             .layers
             .get(layer as usize)

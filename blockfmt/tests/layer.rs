@@ -305,3 +305,48 @@ fn read_sparse_agrees_with_read_and_map() {
     img.read(data_at, &mut b).unwrap();
     assert!(img.read_sparse(data_at, &mut b, true).unwrap().is_some());
 }
+
+/// Eight readers missing the same chunk at once cause one fetch from the source.
+#[test]
+fn concurrent_misses_on_one_chunk_fetch_it_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Slow {
+        data: Vec<u8>,
+        reads: AtomicUsize,
+    }
+    impl blockfmt::ReadAt for Slow {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            Ok(self.data.len() as u64)
+        }
+    }
+    let disk = sample_disk(1 << 20, 31);
+    let src = Arc::new(Slow {
+        data: build(&disk, WriterOptions::default()),
+        reads: AtomicUsize::new(0),
+    });
+    let layer = Layer::open("slow", src.clone(), None).unwrap();
+    let stack = Arc::new(LayerStack::new(vec![layer], 1 << 20, 8 << 20).unwrap());
+    let at = disk.iter().position(|&x| x != 0).unwrap() as u64;
+    let before = src.reads.load(Ordering::SeqCst);
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let s = stack.clone();
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 4096];
+                s.read(at, &mut b).unwrap();
+                b
+            })
+        })
+        .collect();
+    for r in readers {
+        let b = r.join().unwrap();
+        assert_eq!(b, disk[at as usize..at as usize + 4096]);
+    }
+    assert_eq!(src.reads.load(Ordering::SeqCst) - before, 1);
+}
