@@ -269,3 +269,43 @@ fn basic_auth_registry_restart_and_a_damaged_blob() {
     let log = d.log();
     assert!(log.contains(&top) && log.contains("corrupt"), "{log}");
 }
+
+#[test]
+fn bearer_tokens_are_fetched_and_refreshed_when_they_expire() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, raw) = dense_image(t);
+    let mut reg = Registry::start(&t.join("registry"), None);
+    let remote = remote_config(t, &img, &reg, false);
+    // Tokens live 2 s; the registry now wants one on every request.
+    let issuer = reg.use_token_auth(2);
+    let o = run(Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/v2/", reg.url)));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "401",
+        "the registry does not ask for a token"
+    );
+
+    let sock = t.join("lsmd.sock");
+    let port = free_port();
+    let d = serve(&sock, &remote, &t.join("cache"), "1G", port);
+    let first = issuer.issued();
+    assert!(first >= 1, "no token was fetched");
+    // Read the disk in slices spread over > 2 token lifetimes: expired tokens get refreshed.
+    let copy = t.join("copy.raw");
+    for i in 0..4 {
+        std::thread::sleep(std::time::Duration::from_millis(1600));
+        let cmd = format!("read {}M 16M", i * 16);
+        ok(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", &cmd, &d.uri()]));
+    }
+    assert!(
+        issuer.issued() > first,
+        "tokens were not refreshed ({first} issued)"
+    );
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    eprintln!("bearer: {} tokens issued over the run", issuer.issued());
+    d.terminate();
+}

@@ -132,6 +132,87 @@ impl Registry {
     }
 }
 
+/// The test's token issuer (`support/token_issuer.py`); killed when dropped.
+pub struct TokenIssuer {
+    child: Child,
+    count_file: PathBuf,
+}
+
+impl TokenIssuer {
+    /// Tokens issued so far.
+    pub fn issued(&self) -> u64 {
+        std::fs::read_to_string(&self.count_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TokenIssuer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Switches the registry to bearer-token auth (`auth: token`) served by a fresh issuer whose
+    /// tokens live `ttl_secs`, and restarts it on the same address and data.
+    pub fn use_token_auth(&mut self, ttl_secs: u32) -> TokenIssuer {
+        let key = self.dir.join("issuer.key");
+        let cert = self.dir.join("issuer.crt");
+        ok(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=lsm-test-issuer",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert));
+        let port = free_port();
+        let count_file = self.dir.join("tokens-issued");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/token_issuer.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&key)
+            .arg(&cert)
+            .arg(ttl_secs.to_string())
+            .arg(&count_file)
+            .spawn()
+            .expect("python3 token issuer");
+        let realm = format!("http://127.0.0.1:{port}/token");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let yml = std::fs::read_to_string(self.dir.join("config.yml")).expect("config");
+        let base = yml.split("auth:").next().unwrap_or(&yml).to_string();
+        std::fs::write(
+            self.dir.join("config.yml"),
+            format!(
+                "{base}auth:\n  token:\n    realm: {realm}\n    service: lsm-registry\n    issuer: lsm-test-issuer\n    rootcertbundle: {}\n",
+                cert.display()
+            ),
+        )
+        .expect("config");
+        self.stop();
+        self.auth = None;
+        self.resume();
+        TokenIssuer { child, count_file }
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
