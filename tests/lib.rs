@@ -157,3 +157,6 @@ pub mod nbd;
 
 #[path = "support/registry.rs"]
 pub mod registry;
+
+#[path = "support/faultproxy.rs"]
+pub mod faultproxy;

@@ -309,3 +309,64 @@ fn bearer_tokens_are_fetched_and_refreshed_when_they_expire() {
     eprintln!("bearer: {} tokens issued over the run", issuer.issued());
     d.terminate();
 }
+
+/// Points every registry layer of `config` at `url`, with `mirrors` behind it; writes `out`.
+fn repoint(config: &Path, url: &str, mirrors: &[&str], out: &Path) {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(config).expect("read")).expect("json");
+    for l in v["layers"].as_array_mut().expect("layers") {
+        l["source"]["registry"]["url"] = url.into();
+        l["source"]["registry"]["mirrors"] = mirrors.to_vec().into();
+    }
+    v["upper"] = format!("{}.upper", out.display()).into();
+    std::fs::write(out, v.to_string()).expect("write");
+}
+
+#[test]
+fn faults_in_flight_never_return_wrong_data_and_mirrors_take_over() {
+    use lsm_e2e::faultproxy::{Fault, FaultProxy};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, raw) = dense_image(t);
+    let reg = Registry::start(&t.join("registry"), None);
+    let remote = remote_config(t, &img, &reg, false);
+    let sock = t.join("lsmd.sock");
+    let port = free_port();
+    let copy = t.join("copy.raw");
+
+    // Error bursts, bodies cut mid-way and bodies shorter than their range, while the whole
+    // disk is copied: every fault is met, the copy is exact.
+    let proxy = FaultProxy::start(reg.url.trim_start_matches("http://"));
+    let faulty = t.join("faulty.json");
+    repoint(&remote, &proxy.url, &[], &faulty);
+    let d = serve(&sock, &faulty, &t.join("cache1"), "1G", port);
+    let faults = [
+        Fault::Status(500),
+        Fault::Status(503),
+        Fault::Status(500),
+        Fault::CutBody,
+        Fault::ShortBody,
+        Fault::Status(503),
+        Fault::Status(429),
+        Fault::CutBody,
+        Fault::ShortBody,
+        Fault::CutBody,
+    ];
+    proxy.inject(&faults);
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    assert_eq!(proxy.pending(), 0, "not every fault was met");
+    assert!(metric(port, "lsm_source_errors_total") >= faults.len() as f64);
+    d.terminate();
+
+    // A primary that only answers 503: the mirror serves everything.
+    let dead = FaultProxy::start(reg.url.trim_start_matches("http://"));
+    dead.inject(&[Fault::Status(503); 100_000]);
+    let mirrored = t.join("mirrored.json");
+    repoint(&remote, &dead.url, &[&reg.url], &mirrored);
+    let d = serve(&sock, &mirrored, &t.join("cache2"), "1G", port);
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    assert!(d.log().contains("failed over"), "{}", d.log());
+    d.terminate();
+}
