@@ -160,3 +160,6 @@ pub mod registry;
 
 #[path = "support/faultproxy.rs"]
 pub mod faultproxy;
+
+#[path = "support/squid.rs"]
+pub mod squid;

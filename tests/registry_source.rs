@@ -370,3 +370,45 @@ fn faults_in_flight_never_return_wrong_data_and_mirrors_take_over() {
     assert!(d.log().contains("failed over"), "{}", d.log());
     d.terminate();
 }
+
+#[test]
+fn p2p_agent_proxy_carries_aligned_pieces_and_its_failure_falls_back() {
+    use lsm_e2e::squid::Squid;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, raw) = dense_image(t);
+    let reg = Registry::start(&t.join("registry"), None);
+    let remote = remote_config(t, &img, &reg, false);
+    let mut squid = Squid::start(&t.join("squid"));
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&remote).expect("read")).expect("json");
+    for l in v["layers"].as_array_mut().expect("layers") {
+        l["source"]["registry"]["p2p"] =
+            serde_json::json!({ "proxy": squid.url, "piece_size": 1048576 });
+    }
+    let p2p = t.join("p2p.json");
+    std::fs::write(&p2p, v.to_string()).expect("write");
+    let sock = t.join("lsmd.sock");
+    let port = free_port();
+    let copy = t.join("copy.raw");
+
+    let d = serve(&sock, &p2p, &t.join("cache1"), "1G", port);
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    d.terminate();
+    let log = squid.access_log();
+    let carried = log.lines().filter(|l| l.contains("/blobs/sha256:")).count();
+    assert!(carried > 0, "the agent carried no blob request:\n{log}");
+
+    // The agent is down: lsmd says so and reads straight from the registry.
+    squid.stop();
+    let d = serve(&sock, &p2p, &t.join("cache2"), "1G", port);
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    assert!(
+        d.log().contains("falling back to the registry"),
+        "{}",
+        d.log()
+    );
+    d.terminate();
+}

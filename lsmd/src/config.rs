@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::DiskCache;
 use crate::error::{Error, Result};
 use crate::source::auth::Credentials;
-use crate::source::registry::{Mirror, RegistryBlob, RetryPolicy};
+use crate::source::registry::{Mirror, P2pAgent, RegistryBlob, RetryPolicy};
 use crate::source::SourceStats;
 
 /// Where a layer blob's bytes come from.
@@ -47,6 +47,24 @@ pub struct RegistryConfig {
     /// Blob size in bytes, if known (saves a HEAD request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// A P2P agent to fetch through first (its HTTP proxy); the registry is the fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p: Option<P2pConfig>,
+}
+
+fn default_piece_size() -> u64 {
+    4 << 20
+}
+
+/// A P2P agent (e.g. Dragonfly's dfdaemon) used as an HTTP proxy for blob URLs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2pConfig {
+    /// The agent's proxy, `http://host:port`.
+    pub proxy: String,
+    /// Range requests are widened to whole pieces of this size (default 4 MiB, Dragonfly's).
+    #[serde(default = "default_piece_size")]
+    pub piece_size: u64,
 }
 
 impl RegistryConfig {
@@ -61,6 +79,14 @@ impl RegistryConfig {
         }
         if self.repository.is_empty() {
             return Err("repository is empty".into());
+        }
+        if let Some(p) = &self.p2p {
+            if !p.proxy.starts_with("http://") {
+                return Err(format!("p2p.proxy {}: not an http:// URL", p.proxy));
+            }
+            if !(4096..=1 << 30).contains(&p.piece_size) {
+                return Err("p2p.piece_size: must be 4096..=1 GiB".into());
+            }
         }
         Ok(())
     }
@@ -325,8 +351,8 @@ impl ImageSpec {
             SourceConfig::Local(p) => {
                 Arc::new(std::fs::File::open(self.resolve(p)).map_err(io_err)?)
             }
-            SourceConfig::Registry(r) => Arc::new(
-                RegistryBlob::open(
+            SourceConfig::Registry(r) => {
+                let blob = RegistryBlob::open(
                     &r.mirrors(),
                     &r.repository,
                     l.digest.as_deref().unwrap_or_default(),
@@ -334,8 +360,17 @@ impl ImageSpec {
                     host.retry,
                     host.registry_stats.clone(),
                 )
-                .map_err(io_err)?,
-            ),
+                .map_err(io_err)?;
+                Arc::new(match &r.p2p {
+                    Some(p) => blob
+                        .via_p2p(P2pAgent {
+                            proxy: p.proxy.clone(),
+                            piece_size: p.piece_size,
+                        })
+                        .map_err(io_err)?,
+                    None => blob,
+                })
+            }
         };
         let meta = match &l.meta_digest {
             Some(d) => Some(parse_oci_digest(d).map_err(|detail| Error::Config {

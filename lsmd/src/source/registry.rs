@@ -43,6 +43,29 @@ pub struct Mirror {
     pub credentials: Option<Credentials>,
 }
 
+/// A P2P agent used as an HTTP proxy for blob URLs (as Dragonfly's dfdaemon is deployed).
+#[derive(Debug, Clone)]
+pub struct P2pAgent {
+    /// `http://host:port` of the agent's proxy.
+    pub proxy: String,
+    /// Requests are widened to whole pieces of this size, so every node asks the agent for the
+    /// same ranges and an agent that keys its tasks by range shares them between nodes.
+    pub piece_size: u64,
+}
+
+/// Pieces kept per blob, so neighbouring chunk reads do not ask for the same piece again.
+const PIECES_KEPT: usize = 8;
+/// How long to go straight to the registry after the agent failed.
+const AGENT_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+struct P2pPath {
+    agent: ureq::Agent,
+    cfg: P2pAgent,
+    /// Recently fetched pieces: (piece index, bytes), most recent last.
+    pieces: parking_lot::Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+    down_since: parking_lot::Mutex<Option<Instant>>,
+}
+
 /// Why one attempt failed.
 enum Failure {
     /// Worth another try (5xx, 429, connection trouble, short body).
@@ -68,6 +91,7 @@ pub struct RegistryBlob {
     failed_over_at: parking_lot::Mutex<Option<Instant>>,
     policy: RetryPolicy,
     stats: Arc<SourceStats>,
+    p2p: Option<P2pPath>,
 }
 
 /// How long a failed-over source stays on a later mirror before trying the first again.
@@ -113,11 +137,81 @@ impl RegistryBlob {
             failed_over_at: parking_lot::Mutex::new(None),
             policy,
             stats,
+            p2p: None,
         };
         if size.is_none() {
             blob.size = blob.with_retries(|b, ep| b.head(ep))?;
         }
         Ok(blob)
+    }
+
+    /// Sends blob requests through a P2P agent first (see [`P2pAgent`]); falls back to the
+    /// registry, with a warning, whenever the agent fails.
+    pub fn via_p2p(mut self, cfg: P2pAgent) -> io::Result<RegistryBlob> {
+        let proxy = ureq::Proxy::new(&cfg.proxy)
+            .map_err(|e| io::Error::other(format!("P2P agent {}: {e}", cfg.proxy)))?;
+        let agent = ureq::AgentBuilder::new()
+            .proxy(proxy)
+            .timeout_connect(Duration::from_secs(2))
+            .timeout(self.policy.request_timeout)
+            .build();
+        self.p2p = Some(P2pPath {
+            agent,
+            cfg,
+            pieces: parking_lot::Mutex::new(Vec::new()),
+            down_since: parking_lot::Mutex::new(None),
+        });
+        Ok(self)
+    }
+
+    /// Reads through the agent by whole pieces; `None` when the agent is (or just went) down.
+    fn read_via_p2p(&self, p: &P2pPath, buf: &mut [u8], off: u64) -> Option<()> {
+        if p.down_since
+            .lock()
+            .is_some_and(|t| t.elapsed() < AGENT_RETRY_AFTER)
+        {
+            return None;
+        }
+        let ps = p.cfg.piece_size.max(4096);
+        let (first, last) = (off / ps, (off + buf.len() as u64 - 1) / ps);
+        let mut done = 0usize;
+        for piece in first..=last {
+            let cached = p
+                .pieces
+                .lock()
+                .iter()
+                .find(|(i, _)| *i == piece)
+                .map(|(_, b)| b.clone());
+            let bytes = match cached {
+                Some(b) => b,
+                None => {
+                    let start = piece * ps;
+                    let mut b = vec![0u8; ps.min(self.size - start) as usize];
+                    let ep = &self.endpoints[0];
+                    let t0 = Instant::now();
+                    let r = self.get_with(&p.agent, ep, &mut b, start);
+                    self.stats.observe_latency(t0.elapsed());
+                    if let Err(Failure::Transient(e) | Failure::Fatal(e)) = r {
+                        tracing::warn!(blob = %self.name, agent = %p.cfg.proxy, error = %e, "P2P agent failed; falling back to the registry");
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        *p.down_since.lock() = Some(Instant::now());
+                        return None;
+                    }
+                    let b = Arc::new(b);
+                    let mut kept = p.pieces.lock();
+                    kept.push((piece, b.clone()));
+                    if kept.len() > PIECES_KEPT {
+                        kept.remove(0);
+                    }
+                    b
+                }
+            };
+            let from = (off + done as u64 - piece * ps) as usize;
+            let n = (bytes.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&bytes[from..from + n]);
+            done += n;
+        }
+        Some(())
     }
 
     /// Tokens fetched by the first mirror's auth (for tests and status).
@@ -130,12 +224,13 @@ impl RegistryBlob {
 
     fn request(
         &self,
+        agent: &ureq::Agent,
         ep: &Endpoint,
         method: &str,
         range: Option<(u64, u64)>,
     ) -> Result<ureq::Response, Failure> {
         for attempt in 0..2 {
-            let mut req = self.agent.request(method, &ep.url);
+            let mut req = agent.request(method, &ep.url);
             if let Some((off, len)) = range {
                 req = req.set("Range", &format!("bytes={}-{}", off, off + len - 1));
             }
@@ -172,15 +267,25 @@ impl RegistryBlob {
     }
 
     fn head(&self, ep: &Endpoint) -> Result<u64, Failure> {
-        let r = self.request(ep, "HEAD", None)?;
+        let r = self.request(&self.agent, ep, "HEAD", None)?;
         r.header("content-length")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| Failure::Fatal(format!("{}: no Content-Length in HEAD reply", ep.url)))
     }
 
     fn get(&self, ep: &Endpoint, buf: &mut [u8], off: u64) -> Result<(), Failure> {
+        self.get_with(&self.agent, ep, buf, off)
+    }
+
+    fn get_with(
+        &self,
+        agent: &ureq::Agent,
+        ep: &Endpoint,
+        buf: &mut [u8],
+        off: u64,
+    ) -> Result<(), Failure> {
         let len = buf.len() as u64;
-        let r = self.request(ep, "GET", Some((off, len)))?;
+        let r = self.request(agent, ep, "GET", Some((off, len)))?;
         let status = r.status();
         let ranged_right = r
             .header("content-range")
@@ -299,7 +404,13 @@ impl blockfmt::ReadAt for RegistryBlob {
             ));
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        self.with_retries(|b, ep| b.get(ep, buf, offset))?;
+        let via_agent = self
+            .p2p
+            .as_ref()
+            .and_then(|p| self.read_via_p2p(p, buf, offset));
+        if via_agent.is_none() {
+            self.with_retries(|b, ep| b.get(ep, buf, offset))?;
+        }
         self.stats
             .bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
