@@ -3,12 +3,14 @@
 # Tests use real tools: mkfs.ext4/debugfs/e2fsck (e2fsprogs), zstd, and NBD clients that lsm
 # did not write: qemu-io/qemu-img (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), fio (nbd engine);
 # a real OCI registry (docker-registry) with htpasswd (apache2-utils) and, for its token auth,
-# keys made with openssl; squid as the stand-in for a P2P agent's proxy.
+# keys made with openssl; squid as the stand-in for a P2P agent's proxy; nbdkit (+ nbdfuse)
+# as a flaky network filesystem.
 set -euo pipefail
 need=()
 for pair in mkfs.ext4:e2fsprogs debugfs:e2fsprogs zstd:zstd bc:bc python3:python3 \
   qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio \
-  docker-registry:docker-registry htpasswd:apache2-utils openssl:openssl squid:squid; do
+  docker-registry:docker-registry htpasswd:apache2-utils openssl:openssl squid:squid \
+  nbdkit:nbdkit; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

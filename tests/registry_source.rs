@@ -120,9 +120,9 @@ fn lazy_fetch_cache_restart_bound_and_damage() {
 
     // Cold: read 1% of the disk; the registry serves about that share of the blobs.
     let d = serve(&sock, &remote, &cache, "1G", port);
-    let opened = metric(port, "lsm_source_bytes_total");
+    let opened = metric(port, "lsm_source_bytes_total{source=\"registry\"}");
     ok(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read 20M 655360", &d.uri()]));
-    let fetched = metric(port, "lsm_source_bytes_total") - opened;
+    let fetched = metric(port, "lsm_source_bytes_total{source=\"registry\"}") - opened;
     eprintln!(
         "opening fetched {opened} bytes (metadata); reading 1% of the disk fetched {fetched} \
          of {blob_bytes} blob bytes ({:.2} %)",
@@ -143,11 +143,11 @@ fn lazy_fetch_cache_restart_bound_and_damage() {
 
     // Restart on the same cache: only the layer metadata is fetched again, no chunk.
     let d = serve(&sock, &remote, &cache, "1G", port);
-    let opened2 = metric(port, "lsm_source_bytes_total");
+    let opened2 = metric(port, "lsm_source_bytes_total{source=\"registry\"}");
     ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
     assert_eq!(sha256_file(&copy), sha256_file(&raw));
     assert_eq!(
-        metric(port, "lsm_source_bytes_total"),
+        metric(port, "lsm_source_bytes_total{source=\"registry\"}"),
         opened2,
         "chunks refetched after restart"
     );
@@ -246,8 +246,8 @@ fn basic_auth_registry_restart_and_a_damaged_blob() {
     assert_eq!(sha256_file(&copy), sha256_file(&raw));
     eprintln!(
         "registry restart: {} fetch errors, {} retry rounds",
-        metric(port, "lsm_source_errors_total"),
-        metric(port, "lsm_source_retries_total")
+        metric(port, "lsm_source_errors_total{source=\"registry\"}"),
+        metric(port, "lsm_source_retries_total{source=\"registry\"}")
     );
     d.terminate();
 
@@ -356,7 +356,7 @@ fn faults_in_flight_never_return_wrong_data_and_mirrors_take_over() {
     ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
     assert_eq!(sha256_file(&copy), sha256_file(&raw));
     assert_eq!(proxy.pending(), 0, "not every fault was met");
-    assert!(metric(port, "lsm_source_errors_total") >= faults.len() as f64);
+    assert!(metric(port, "lsm_source_errors_total{source=\"registry\"}") >= faults.len() as f64);
     d.terminate();
 
     // A primary that only answers 503: the mirror serves everything.
@@ -410,5 +410,35 @@ fn p2p_agent_proxy_carries_aligned_pieces_and_its_failure_falls_back() {
         "{}",
         d.log()
     );
+    d.terminate();
+}
+
+#[test]
+fn plain_http_urls_that_honour_range_are_a_source() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, raw) = dense_image(t);
+    let reg = Registry::start(&t.join("registry"), None);
+    let remote = remote_config(t, &img, &reg, false);
+    // The same blobs, named by URL only (as an object store's public or presigned URLs).
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&remote).expect("read")).expect("json");
+    for l in v["layers"].as_array_mut().expect("layers") {
+        let url = format!(
+            "{}/v2/lsm/test/blobs/{}",
+            reg.url,
+            l["digest"].as_str().expect("digest")
+        );
+        l["source"] = serde_json::json!({ "http": { "url": url, "insecure": true } });
+    }
+    let http = t.join("http.json");
+    std::fs::write(&http, v.to_string()).expect("write");
+    let d = Lsmd::start(
+        &t.join("lsmd.sock"),
+        &[OsStr::new("--config"), http.as_os_str()],
+    );
+    let copy = t.join("copy.raw");
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
     d.terminate();
 }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::cache::DiskCache;
 use crate::error::{Error, Result};
 use crate::source::auth::Credentials;
-use crate::source::registry::{Mirror, P2pAgent, RegistryBlob, RetryPolicy};
+use crate::source::http::{HttpBlob, Mirror, P2pAgent, RetryPolicy};
+use crate::source::nas::NasFile;
 use crate::source::SourceStats;
 
 /// Where a layer blob's bytes come from.
@@ -23,6 +24,41 @@ pub enum SourceConfig {
     Local(PathBuf),
     /// A blob in an OCI registry, fetched lazily by ranges (the layer's `digest` names it).
     Registry(RegistryConfig),
+    /// A blob at any HTTP(S) URL that honours Range (object storage, presigned URLs).
+    Http(HttpConfig),
+    /// A blob file on a network filesystem: reads time out and are retried.
+    Nas(NasConfig),
+}
+
+/// A blob at an HTTP(S) URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// The blob's URL; `http://` only with `insecure`.
+    pub url: String,
+    /// URLs of copies, tried in order when `url` fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// Blob size in bytes, if known (saves a HEAD request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+fn default_nas_timeout_ms() -> u64 {
+    5000
+}
+
+/// A blob file on a network mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NasConfig {
+    /// Path of the blob (relative paths: to the config file).
+    pub path: PathBuf,
+    /// Timeout of one read, milliseconds (reads are retried until the source gives up).
+    #[serde(default = "default_nas_timeout_ms")]
+    pub read_timeout_ms: u64,
 }
 
 /// A registry blob source.
@@ -124,6 +160,8 @@ impl RegistryConfig {
 pub struct HostServices {
     pub cache: Option<Arc<DiskCache>>,
     pub registry_stats: Arc<SourceStats>,
+    pub http_stats: Arc<SourceStats>,
+    pub nas_stats: Arc<SourceStats>,
     pub retry: RetryPolicy,
 }
 
@@ -209,14 +247,32 @@ impl ImageConfig {
             return Err("field `compression_level`: must be 0 (none) or 1..=22".into());
         }
         for (i, l) in self.layers.iter().enumerate() {
-            if let SourceConfig::Registry(r) = &l.source {
-                r.check()
-                    .map_err(|e| format!("field `layers[{i}].source.registry`: {e}"))?;
-                if l.digest.is_none() {
+            match &l.source {
+                SourceConfig::Registry(r) => {
+                    r.check()
+                        .map_err(|e| format!("field `layers[{i}].source.registry`: {e}"))?;
+                    if l.digest.is_none() {
+                        return Err(format!(
+                            "field `layers[{i}].digest`: a registry layer needs its blob digest"
+                        ));
+                    }
+                }
+                SourceConfig::Http(h) => {
+                    for u in std::iter::once(&h.url).chain(&h.mirrors) {
+                        let plain = u.starts_with("http://");
+                        if !(plain || u.starts_with("https://")) || (plain && !h.insecure) {
+                            return Err(format!(
+                                "field `layers[{i}].source.http`: {u}: needs https:// (or http:// with \"insecure\": true)"
+                            ));
+                        }
+                    }
+                }
+                SourceConfig::Nas(n) if n.read_timeout_ms == 0 => {
                     return Err(format!(
-                        "field `layers[{i}].digest`: a registry layer needs its blob digest"
+                        "field `layers[{i}].source.nas.read_timeout_ms`: must be > 0"
                     ));
                 }
+                _ => {}
             }
             for (name, d) in [("digest", &l.digest), ("meta_digest", &l.meta_digest)] {
                 if let Some(d) = d {
@@ -294,18 +350,21 @@ impl ImageSpec {
     /// The local path of layer `i` (`None` for a remote layer).
     pub fn layer_path(&self, i: usize) -> Option<PathBuf> {
         self.config.layers.get(i).and_then(|l| match &l.source {
-            SourceConfig::Local(p) => Some(self.resolve(p)),
-            SourceConfig::Registry(_) => None,
+            SourceConfig::Local(p) | SourceConfig::Nas(NasConfig { path: p, .. }) => {
+                Some(self.resolve(p))
+            }
+            SourceConfig::Registry(_) | SourceConfig::Http(_) => None,
         })
     }
 
     /// What layer `i` is called in logs and errors: its path, or its digest and repository.
     pub fn layer_name(&self, i: usize) -> String {
         match self.config.layers.get(i).map(|l| (&l.source, &l.digest)) {
-            Some((SourceConfig::Local(_), _)) => self
+            Some((SourceConfig::Local(_) | SourceConfig::Nas(_), _)) => self
                 .layer_path(i)
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            Some((SourceConfig::Http(h), _)) => h.url.clone(),
             Some((SourceConfig::Registry(r), d)) => format!(
                 "{} in {}/{}",
                 d.as_deref().unwrap_or("?"),
@@ -352,7 +411,7 @@ impl ImageSpec {
                 Arc::new(std::fs::File::open(self.resolve(p)).map_err(io_err)?)
             }
             SourceConfig::Registry(r) => {
-                let blob = RegistryBlob::open(
+                let blob = HttpBlob::registry(
                     &r.mirrors(),
                     &r.repository,
                     l.digest.as_deref().unwrap_or_default(),
@@ -362,6 +421,7 @@ impl ImageSpec {
                 )
                 .map_err(io_err)?;
                 Arc::new(match &r.p2p {
+                    // (the P2P agent only fronts registry blobs)
                     Some(p) => blob
                         .via_p2p(P2pAgent {
                             proxy: p.proxy.clone(),
@@ -371,6 +431,34 @@ impl ImageSpec {
                     None => blob,
                 })
             }
+            SourceConfig::Http(h) => {
+                let urls: Vec<Mirror> = std::iter::once(&h.url)
+                    .chain(&h.mirrors)
+                    .map(|u| Mirror {
+                        base: u.clone(),
+                        credentials: None,
+                    })
+                    .collect();
+                Arc::new(
+                    HttpBlob::urls(
+                        name.clone(),
+                        &urls,
+                        h.size,
+                        host.retry,
+                        host.http_stats.clone(),
+                    )
+                    .map_err(io_err)?,
+                )
+            }
+            SourceConfig::Nas(n) => Arc::new(
+                NasFile::open(
+                    &self.resolve(&n.path),
+                    std::time::Duration::from_millis(n.read_timeout_ms),
+                    host.retry,
+                    host.nas_stats.clone(),
+                )
+                .map_err(io_err)?,
+            ),
         };
         let meta = match &l.meta_digest {
             Some(d) => Some(parse_oci_digest(d).map_err(|detail| Error::Config {

@@ -15,7 +15,14 @@ use crate::source::{SourceStats, LATENCY_BUCKETS};
 /// Renders every metric.
 pub fn render(host: &HostServices, exports: &Exports) -> String {
     let mut m = String::new();
-    source_metrics(&mut m, "registry", &host.registry_stats);
+    source_metrics(
+        &mut m,
+        &[
+            ("registry", &host.registry_stats),
+            ("http", &host.http_stats),
+            ("nas", &host.nas_stats),
+        ],
+    );
     if let Some(c) = &host.cache {
         let s = &c.stats;
         let (hits, misses) = (
@@ -94,59 +101,64 @@ pub fn render(host: &HostServices, exports: &Exports) -> String {
     m
 }
 
-fn source_metrics(m: &mut String, source: &str, s: &SourceStats) {
-    let l = format!("{{source=\"{source}\"}}");
-    for (name, help, kind, v) in [
+/// One family per metric, a sample per kind of source.
+fn source_metrics(m: &mut String, sources: &[(&str, &SourceStats)]) {
+    type Get = fn(&SourceStats) -> i64;
+    let families: [(&str, &str, &str, Get); 5] = [
         (
             "lsm_source_requests_total",
             "Reads asked of the source.",
             "counter",
-            s.requests.load(Ordering::Relaxed) as i64,
+            |s| s.requests.load(Ordering::Relaxed) as i64,
         ),
         (
             "lsm_source_bytes_total",
             "Bytes fetched from the source.",
             "counter",
-            s.bytes.load(Ordering::Relaxed) as i64,
+            |s| s.bytes.load(Ordering::Relaxed) as i64,
         ),
         (
             "lsm_source_errors_total",
             "Failed fetch attempts.",
             "counter",
-            s.errors.load(Ordering::Relaxed) as i64,
+            |s| s.errors.load(Ordering::Relaxed) as i64,
         ),
         (
             "lsm_source_retries_total",
             "Back-off rounds.",
             "counter",
-            s.retries.load(Ordering::Relaxed) as i64,
+            |s| s.retries.load(Ordering::Relaxed) as i64,
         ),
         (
             "lsm_source_inflight",
             "Fetches on the wire now.",
             "gauge",
-            s.inflight.load(Ordering::Relaxed),
+            |s| s.inflight.load(Ordering::Relaxed),
         ),
-    ] {
-        let _ = writeln!(
-            m,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{l} {v}"
-        );
+    ];
+    for (name, help, kind, get) in families {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (source, s) in sources {
+            let _ = writeln!(m, "{name}{{source=\"{source}\"}} {}", get(s));
+        }
     }
     let name = "lsm_source_fetch_seconds";
     let _ = writeln!(
         m,
         "# HELP {name} Latency of fetch attempts.\n# TYPE {name} histogram"
     );
-    let mut cum = 0;
-    for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-        cum += s.latency[i].load(Ordering::Relaxed);
-        let _ = writeln!(m, "{name}_bucket{{source=\"{source}\",le=\"{b}\"}} {cum}");
+    for (source, s) in sources {
+        let mut cum = 0;
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            cum += s.latency[i].load(Ordering::Relaxed);
+            let _ = writeln!(m, "{name}_bucket{{source=\"{source}\",le=\"{b}\"}} {cum}");
+        }
+        cum += s.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(m, "{name}_bucket{{source=\"{source}\",le=\"+Inf\"}} {cum}");
+        let sum = s.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let l = format!("{{source=\"{source}\"}}");
+        let _ = writeln!(m, "{name}_sum{l} {sum}\n{name}_count{l} {cum}");
     }
-    cum += s.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-    let _ = writeln!(m, "{name}_bucket{{source=\"{source}\",le=\"+Inf\"}} {cum}");
-    let sum = s.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-    let _ = writeln!(m, "{name}_sum{l} {sum}\n{name}_count{l} {cum}");
 }
 
 /// Serves the endpoint on `listener` until the process ends.
@@ -212,4 +224,35 @@ pub fn status_json(host: &HostServices, exports: &Exports) -> String {
         },
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family is declared once, before its samples, and every sample has a number.
+    #[test]
+    fn exposition_is_well_formed() {
+        let text = render(&HostServices::default(), &Exports::new(Vec::new()));
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap_or_default();
+                assert!(declared.insert(name.to_string()), "{name} declared twice");
+            } else if !line.starts_with('#') {
+                let (series, value) = line.rsplit_once(' ').unwrap_or_default();
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+                let family = series.split('{').next().unwrap_or_default();
+                let base = family
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_sum")
+                    .trim_end_matches("_count");
+                assert!(
+                    declared.contains(family) || declared.contains(base),
+                    "{line}"
+                );
+            }
+        }
+        assert!(declared.contains("lsm_source_bytes_total"));
+    }
 }

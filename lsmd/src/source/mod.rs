@@ -3,10 +3,12 @@
 //! layer above checks every chunk, so no source is trusted.
 //!
 //! - local file: `std::fs::File` itself;
-//! - [`registry::RegistryBlob`]: an OCI registry (and mirrors) over HTTP(S) with Range.
+//! - [`nas::NasFile`]: a file on a network mount, with read timeouts and retries;
+//! - [`http::HttpBlob`]: a blob over HTTP(S) with Range — in an OCI registry (`/v2/<repo>/blobs/<digest>`, registry auth) or at any URL that honours Range (object storage), with mirrors and an optional P2P agent.
 
 pub mod auth;
-pub mod registry;
+pub mod http;
+pub mod nas;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;

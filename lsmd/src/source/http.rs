@@ -1,7 +1,8 @@
-//! A layer blob in an OCI registry, read with ranged `GET /v2/<name>/blobs/<digest>` requests:
-//! registry auth (anonymous, basic, bearer token), redirects to blob storage (credentials are
-//! not forwarded off the registry), mirrors tried in order, retries with backoff and jitter
-//! until a deadline, per-request timeouts. Every byte it returns is checked by the layer above
+//! A layer blob read over HTTP(S) with ranged GETs: from an OCI registry
+//! (`GET /v2/<name>/blobs/<digest>`, with registry auth — anonymous, basic, bearer token — and
+//! redirects to blob storage, credentials not forwarded off the registry) or from any URL that
+//! honours Range (object storage). Mirrors tried in order, retries with backoff and jitter
+//! until a deadline, per-request timeouts, an optional P2P agent in front. Every byte it returns is checked by the layer above
 //! (chunk crc32c + sha256): a source never has to be trusted.
 
 use std::io::{self, Read};
@@ -35,10 +36,11 @@ impl Default for RetryPolicy {
     }
 }
 
-/// One registry a blob can be fetched from.
+/// One place a blob can be fetched from.
 #[derive(Debug, Clone)]
 pub struct Mirror {
-    /// `http(s)://host[:port]`.
+    /// A registry's `http(s)://host[:port]` (for [`HttpBlob::registry`]), or the blob's whole
+    /// URL (for [`HttpBlob::urls`]).
     pub base: String,
     pub credentials: Option<Credentials>,
 }
@@ -80,7 +82,7 @@ struct Endpoint {
 }
 
 /// A blob in a registry (and its mirrors); implements `blockfmt::ReadAt`.
-pub struct RegistryBlob {
+pub struct HttpBlob {
     name: String,
     endpoints: Vec<Endpoint>,
     agent: ureq::Agent,
@@ -97,39 +99,63 @@ pub struct RegistryBlob {
 /// How long a failed-over source stays on a later mirror before trying the first again.
 const RETURN_AFTER: Duration = Duration::from_secs(30);
 
-impl RegistryBlob {
+impl HttpBlob {
     /// A blob `digest` of `repository` served by `mirrors` (first preferred). `size` saves a
     /// HEAD request when the manifest already says it.
-    pub fn open(
+    pub fn registry(
         mirrors: &[Mirror],
         repository: &str,
         digest: &str,
         size: Option<u64>,
         policy: RetryPolicy,
         stats: Arc<SourceStats>,
-    ) -> io::Result<RegistryBlob> {
-        if mirrors.is_empty() {
-            return Err(io::Error::other("no registry to fetch from"));
+    ) -> io::Result<HttpBlob> {
+        let urls: Vec<Mirror> = mirrors
+            .iter()
+            .map(|m| Mirror {
+                base: format!(
+                    "{}/v2/{}/blobs/{}",
+                    m.base.trim_end_matches('/'),
+                    repository,
+                    digest
+                ),
+                credentials: m.credentials.clone(),
+            })
+            .collect();
+        HttpBlob::urls(
+            format!("{digest} ({repository})"),
+            &urls,
+            size,
+            policy,
+            stats,
+        )
+    }
+
+    /// A blob at each of `urls` (whole URLs, first preferred), called `name` in errors.
+    pub fn urls(
+        name: String,
+        urls: &[Mirror],
+        size: Option<u64>,
+        policy: RetryPolicy,
+        stats: Arc<SourceStats>,
+    ) -> io::Result<HttpBlob> {
+        if urls.is_empty() {
+            return Err(io::Error::other(format!("{name}: no URL to fetch from")));
         }
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5).min(policy.request_timeout))
             .timeout(policy.request_timeout)
             .max_idle_connections_per_host(16)
             .build();
-        let endpoints = mirrors
+        let endpoints = urls
             .iter()
             .map(|m| Endpoint {
-                url: format!(
-                    "{}/v2/{}/blobs/{}",
-                    m.base.trim_end_matches('/'),
-                    repository,
-                    digest
-                ),
+                url: m.base.clone(),
                 auth: RegistryAuth::new(m.credentials.clone()),
             })
             .collect();
-        let mut blob = RegistryBlob {
-            name: format!("{digest} ({repository})"),
+        let mut blob = HttpBlob {
+            name,
             endpoints,
             agent,
             size: size.unwrap_or(0),
@@ -147,7 +173,7 @@ impl RegistryBlob {
 
     /// Sends blob requests through a P2P agent first (see [`P2pAgent`]); falls back to the
     /// registry, with a warning, whenever the agent fails.
-    pub fn via_p2p(mut self, cfg: P2pAgent) -> io::Result<RegistryBlob> {
+    pub fn via_p2p(mut self, cfg: P2pAgent) -> io::Result<HttpBlob> {
         let proxy = ureq::Proxy::new(&cfg.proxy)
             .map_err(|e| io::Error::other(format!("P2P agent {}: {e}", cfg.proxy)))?;
         let agent = ureq::AgentBuilder::new()
@@ -392,7 +418,7 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + r)
 }
 
-impl blockfmt::ReadAt for RegistryBlob {
+impl blockfmt::ReadAt for HttpBlob {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
