@@ -152,6 +152,8 @@ fn lazy_fetch_cache_restart_bound_and_damage() {
         "chunks refetched after restart"
     );
     assert!(metric(port, "lsm_cache_hits_total") > 0.0);
+    let status = ok(&mut lsmctl(["status", "--metrics", &format!("127.0.0.1:{port}")]));
+    assert!(status.contains("export remote") && status.contains("chunks"), "{status}");
     d.terminate();
 
     // A damaged cache entry is detected, dropped and fetched again; data stays right.

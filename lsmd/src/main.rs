@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use lsmd::cache::DiskCache;
 use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Server};
 use lsmd::pool::WorkerPool;
-use lsmd::{HostServices, ImageSpec};
+use lsmd::{parse_size, HostServices, ImageSpec};
 
 /// The lsm daemon: serves layered block images over NBD.
 #[derive(Parser)]
@@ -57,21 +57,6 @@ enum Cmd {
         #[arg(long)]
         metrics: Option<String>,
     },
-}
-
-/// `10G`, `512M`, `4096`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 512M, 10G)"))
 }
 
 fn open_exports(

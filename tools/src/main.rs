@@ -55,29 +55,68 @@ enum Cmd {
     /// Check every checksum and digest of layer blobs or of an image; exits non-zero naming the
     /// failing layer and offset.
     Verify(check::VerifyArgs),
+    /// Show what a running lsmd serves: exports, upper-layer sizes, host cache use, bytes
+    /// fetched (from its `--metrics` address).
+    Status(StatusArgs),
 }
 
-/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (a number with an optional K, M, G or T)"))
+/// Arguments of `lsmctl status`.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// lsmd's `--metrics` address.
+    #[arg(long, default_value = "127.0.0.1:9810")]
+    metrics: String,
+    /// Print lsmd's JSON as is.
+    #[arg(long)]
+    json: bool,
 }
+
+fn status(a: StatusArgs) -> CliResult {
+    let url = format!("http://{}/status", a.metrics);
+    let text = ureq::get(&url)
+        .timeout(std::time::Duration::from_secs(5))
+        .call()
+        .map_err(|e| {
+            CliError(format!(
+                "{url}: {e} (is lsmd running with --metrics {}?)",
+                a.metrics
+            ))
+        })?
+        .into_string()?;
+    if a.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    for e in v["exports"].as_array().into_iter().flatten() {
+        println!(
+            "export {:<16} {:>14} bytes  {} layers  {}  upper data {} bytes",
+            e["name"].as_str().unwrap_or("?"),
+            e["size"],
+            e["layers"],
+            if e["read_only"].as_bool() == Some(true) {
+                "read-only"
+            } else {
+                "writable "
+            },
+            e["upper_data_bytes"].as_u64().unwrap_or(0)
+        );
+    }
+    match v.get("cache").filter(|c| !c.is_null()) {
+        Some(c) => println!(
+            "cache  {} of {} bytes, {} chunks, {} hits, {} misses",
+            c["bytes"], c["limit"], c["entries"], c["hits"], c["misses"]
+        ),
+        None => println!("cache  none (lsmd runs without --cache-dir)"),
+    }
+    println!(
+        "registry  {} bytes fetched in {} reads, {} errors",
+        v["registry"]["bytes_fetched"], v["registry"]["requests"], v["registry"]["errors"]
+    );
+    Ok(())
+}
+
+pub use lsmd::parse_size;
 
 /// Error type of the CLI: a message for a human.
 pub struct CliError(pub String);
@@ -107,6 +146,7 @@ fn main() -> ExitCode {
         Cmd::Commit(a) => build::commit(a),
         Cmd::Inspect(a) => check::inspect(a),
         Cmd::Verify(a) => check::verify(a),
+        Cmd::Status(a) => status(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
