@@ -152,8 +152,15 @@ fn lazy_fetch_cache_restart_bound_and_damage() {
         "chunks refetched after restart"
     );
     assert!(metric(port, "lsm_cache_hits_total") > 0.0);
-    let status = ok(&mut lsmctl(["status", "--metrics", &format!("127.0.0.1:{port}")]));
-    assert!(status.contains("export remote") && status.contains("chunks"), "{status}");
+    let status = ok(&mut lsmctl([
+        "status",
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+    ]));
+    assert!(
+        status.contains("export remote") && status.contains("chunks"),
+        "{status}"
+    );
     d.terminate();
 
     // A damaged cache entry is detected, dropped and fetched again; data stays right.
@@ -443,4 +450,87 @@ fn plain_http_urls_that_honour_range_are_a_source() {
     ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
     assert_eq!(sha256_file(&copy), sha256_file(&raw));
     d.terminate();
+}
+
+/// Reads a fixed "startup" set — 200 scattered 4 KiB reads, one after another — and returns
+/// how long it took.
+fn startup(uri: &str) -> std::time::Duration {
+    let mut args = vec!["-f".to_string(), "raw".into(), "-r".into()];
+    let mut x = 0x1234_5678_9abc_def1u64;
+    for _ in 0..200 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        args.push("-c".into());
+        args.push(format!("read {} 4k", (x % (56 << 20)) / 4096 * 4096));
+    }
+    args.push(uri.to_string());
+    let t0 = std::time::Instant::now();
+    ok(Command::new("qemu-io").args(&args));
+    t0.elapsed()
+}
+
+#[test]
+fn a_recorded_startup_trace_is_replayed_first_on_the_next_start() {
+    use lsm_e2e::faultproxy::FaultProxy;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, _) = dense_image(t);
+    let reg = Registry::start(&t.join("registry"), None);
+    let remote = remote_config(t, &img, &reg, false);
+    // A registry 5 ms away.
+    let far = FaultProxy::start(reg.url.trim_start_matches("http://"));
+    let config = t.join("far.json");
+    repoint(&remote, &far.url, &[], &config);
+    far.set_latency(std::time::Duration::from_millis(5));
+    let sock = t.join("lsmd.sock");
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let start = |cache: &str, prefetch: &str| {
+        Lsmd::start(
+            &sock,
+            &[
+                OsStr::new("--config"),
+                config.as_os_str(),
+                OsStr::new("--cache-dir"),
+                t.join(cache).as_os_str(),
+                OsStr::new("--metrics"),
+                OsStr::new(&metrics),
+                OsStr::new("--prefetch"),
+                OsStr::new(prefetch),
+            ],
+        )
+    };
+
+    // First start: nothing to replay; record what the startup read.
+    let d = start("cache-a", "trace");
+    let cold = startup(&d.uri());
+    let rec = ok(&mut lsmctl(["trace", "record", "--metrics", &metrics]).arg(&config));
+    assert!(rec.contains("chunks"), "{rec}");
+    d.terminate();
+    let trace = std::fs::read(t.join("far.json.trace")).expect("trace file");
+    let parsed = lsmd::trace::Trace::decode(&trace).expect("trace parses");
+    assert!(
+        parsed.entries.len() >= 100,
+        "{} chunks traced",
+        parsed.entries.len()
+    );
+
+    // Next start, empty cache again: the trace is fetched first, in parallel.
+    let d = start("cache-b", "trace");
+    let warm = startup(&d.uri());
+    assert!(
+        d.log().contains("replaying the startup trace"),
+        "{}",
+        d.log()
+    );
+    d.terminate();
+    eprintln!(
+        "startup of 200 scattered reads over a registry 5 ms away: {:.0} ms cold, {:.0} ms with \
+         the trace replayed ({:.1}x; {} chunks traced)",
+        cold.as_secs_f64() * 1e3,
+        warm.as_secs_f64() * 1e3,
+        cold.as_secs_f64() / warm.as_secs_f64(),
+        parsed.entries.len()
+    );
 }

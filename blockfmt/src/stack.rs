@@ -47,6 +47,17 @@ pub struct LayerStack {
     cache: ChunkCache<(u16, u32)>,
     /// Chunks being read now: concurrent misses on one chunk cost one fetch and one decode.
     inflight: Mutex<HashMap<(u16, u32), Arc<InFlight>>>,
+    /// Chunks readers needed, in first-need order (for startup traces), bounded.
+    touched: Mutex<Touched>,
+}
+
+/// Most chunks a trace remembers.
+const TOUCHED_MAX: usize = 1 << 20;
+
+#[derive(Default)]
+struct Touched {
+    seen: std::collections::HashSet<(u16, u32)>,
+    order: Vec<(u16, u32)>,
 }
 
 impl LayerStack {
@@ -78,6 +89,7 @@ impl LayerStack {
             size,
             cache: ChunkCache::new(cache_bytes, largest_chunk),
             inflight: Mutex::new(HashMap::new()),
+            touched: Mutex::new(Touched::default()),
         })
     }
 
@@ -107,8 +119,26 @@ impl LayerStack {
     }
 
     /// The decoded, verified chunk, from cache or from its layer. Concurrent misses on the same
-    /// chunk wait for the first reader instead of fetching it again.
+    /// chunk wait for the first reader instead of fetching it again. Remembered as needed (see
+    /// [`Self::touched`]).
     pub fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
+        {
+            let mut t = self.touched.lock();
+            if t.order.len() < TOUCHED_MAX && t.seen.insert((layer, chunk)) {
+                t.order.push((layer, chunk));
+            }
+        }
+        self.load_chunk(layer, chunk)
+    }
+
+    /// Chunks that readers needed from the decoded-chunk cache's misses, in the order first
+    /// needed (prefetching does not count): what a startup reads.
+    pub fn touched(&self) -> Vec<(u16, u32)> {
+        self.touched.lock().order.clone()
+    }
+
+    /// [`Self::chunk`] for prefetching: loads without counting as needed.
+    pub fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
         let key = (layer, chunk);
         if let Some(c) = self.cache.get(&key) {
             return Ok(c);

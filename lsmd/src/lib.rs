@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod pool;
 pub mod source;
+pub mod trace;
 
 pub use config::{HostServices, ImageConfig, ImageSpec, LayerConfig, RegistryConfig, SourceConfig};
 pub use error::{Error, Result};

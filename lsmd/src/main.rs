@@ -56,6 +56,11 @@ enum Cmd {
         /// 127.0.0.1:9810.
         #[arg(long)]
         metrics: Option<String>,
+        /// What to fetch in the background at start: `trace` replays `<config>.trace` (made
+        /// by `lsmctl trace record`) if there is one; `all` does that, then fetches every
+        /// other chunk at low priority; `none` fetches only what reads need.
+        #[arg(long, default_value = "trace", value_parser = ["none", "trace", "all"])]
+        prefetch: String,
     },
 }
 
@@ -63,6 +68,7 @@ fn open_exports(
     configs: &[String],
     read_only: bool,
     host: &HostServices,
+    prefetch: &str,
 ) -> Result<Exports, String> {
     let mut list = Vec::new();
     for c in configs {
@@ -88,12 +94,43 @@ fn open_exports(
             .open_image_on(!read_only, host)
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
-        list.push(Export {
-            name,
-            image: Arc::new(image),
-        });
+        let image = Arc::new(image);
+        start_prefetch(&name, &path, &image, prefetch);
+        list.push(Export { name, image });
     }
     Ok(Exports::new(list))
+}
+
+/// Starts the background fetches `--prefetch` asks for.
+fn start_prefetch(name: &str, config: &std::path::Path, image: &Arc<blockfmt::Image>, mode: &str) {
+    if mode == "none" {
+        return;
+    }
+    let trace_file = lsmd::trace::trace_path(config);
+    let traced = match std::fs::read(&trace_file) {
+        Ok(b) => match lsmd::trace::Trace::decode(&b) {
+            Ok(t) => t.resolve(image),
+            Err(e) => {
+                tracing::warn!(trace = %trace_file.display(), error = %e, "ignoring a bad trace");
+                Vec::new()
+            }
+        },
+        Err(_) => Vec::new(),
+    };
+    let all = mode == "all";
+    if traced.is_empty() && !all {
+        return;
+    }
+    let (name, image) = (name.to_string(), image.clone());
+    std::thread::spawn(move || {
+        if !traced.is_empty() {
+            tracing::info!(export = %name, chunks = traced.len(), "replaying the startup trace");
+            lsmd::trace::prefetch(&name, &image, traced, 8);
+        }
+        if all {
+            lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1);
+        }
+    });
 }
 
 /// Accepts connections on a thread of its own and serves each on a thread of its own.
@@ -137,6 +174,7 @@ fn main() -> ExitCode {
         cache_dir,
         cache_limit,
         metrics,
+        prefetch,
     } = Cli::parse().cmd;
     if socket.is_none() && tcp.is_none() {
         eprintln!("lsmd: error: give --socket PATH and/or --tcp ADDR");
@@ -155,7 +193,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    let exports = match open_exports(&configs, read_only, &host) {
+    let exports = match open_exports(&configs, read_only, &host, &prefetch) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("lsmd: error: {e}");

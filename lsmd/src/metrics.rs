@@ -1,6 +1,7 @@
 //! The metrics endpoint: `GET /metrics` in the Prometheus text format (bytes fetched per source,
-//! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes), and
-//! `GET /status` as JSON for `lsmctl status`. Plain HTTP/1.1 on a loopback address; one short
+//! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes),
+//! `GET /status` as JSON for `lsmctl status`, and `GET /trace?export=NAME` (the chunks that
+//! export's readers needed so far, FORMAT.md §6) for `lsmctl trace record`. Plain HTTP/1.1 on a loopback address; one short
 //! request per connection.
 
 use std::fmt::Write as _;
@@ -11,6 +12,7 @@ use std::sync::atomic::Ordering;
 use crate::config::HostServices;
 use crate::nbd::Exports;
 use crate::source::{SourceStats, LATENCY_BUCKETS};
+use crate::trace::Trace;
 
 /// Renders every metric.
 pub fn render(host: &HostServices, exports: &Exports) -> String {
@@ -171,21 +173,42 @@ pub fn spawn(listener: TcpListener, host: HostServices, exports: Exports) {
             if BufReader::new(&s).read_line(&mut line).is_err() {
                 continue;
             }
-            let path = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, kind, body) = match path {
+            let target = line.split_whitespace().nth(1).unwrap_or("");
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let (status, kind, body): (&str, &str, Vec<u8>) = match path {
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4",
-                    render(&host, &exports),
+                    render(&host, &exports).into_bytes(),
                 ),
-                "/status" => ("200 OK", "application/json", status_json(&host, &exports)),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                "/status" => (
+                    "200 OK",
+                    "application/json",
+                    status_json(&host, &exports).into_bytes(),
+                ),
+                "/trace" => {
+                    let want = query.strip_prefix("export=").unwrap_or("");
+                    match exports.images().find(|(n, _)| *n == want) {
+                        Some((_, image)) => (
+                            "200 OK",
+                            "application/octet-stream",
+                            Trace::of(image).encode(),
+                        ),
+                        None => (
+                            "404 Not Found",
+                            "text/plain",
+                            format!("no export {want:?}\n").into_bytes(),
+                        ),
+                    }
+                }
+                _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
             };
             let _ = write!(
                 s,
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
-            );
+            )
+            .and_then(|_| s.write_all(&body));
         }
     });
 }

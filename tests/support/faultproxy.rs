@@ -29,6 +29,8 @@ pub struct FaultProxy {
     pub requests: Arc<AtomicU64>,
     /// Faults delivered.
     pub delivered: Arc<AtomicU64>,
+    /// Added to every forwarded request, microseconds (a far-away registry).
+    latency_us: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -39,16 +41,22 @@ impl FaultProxy {
         let faults: Arc<Mutex<VecDeque<Fault>>> = Arc::default();
         let requests: Arc<AtomicU64> = Arc::default();
         let delivered: Arc<AtomicU64> = Arc::default();
-        let (f, r, d, up) = (
+        let latency_us: Arc<AtomicU64> = Arc::default();
+        let (f, r, d, up, lat) = (
             faults.clone(),
             requests.clone(),
             delivered.clone(),
             upstream.to_string(),
+            latency_us.clone(),
         );
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                let (f, r, d, up) = (f.clone(), r.clone(), d.clone(), up.clone());
+                let (f, r, d, up, lat) = (f.clone(), r.clone(), d.clone(), up.clone(), lat.clone());
                 std::thread::spawn(move || {
+                    let us = lat.load(Ordering::Relaxed);
+                    if us > 0 {
+                        std::thread::sleep(std::time::Duration::from_micros(us));
+                    }
                     let _ = handle(c, &up, &f, &r, &d);
                 });
             }
@@ -58,7 +66,14 @@ impl FaultProxy {
             faults,
             requests,
             delivered,
+            latency_us,
         }
+    }
+
+    /// Delays every request from now on by `d`.
+    pub fn set_latency(&self, d: std::time::Duration) {
+        self.latency_us
+            .store(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Queues faults for the next requests, in order.

@@ -55,9 +55,66 @@ enum Cmd {
     /// Check every checksum and digest of layer blobs or of an image; exits non-zero naming the
     /// failing layer and offset.
     Verify(check::VerifyArgs),
+    /// Startup traces: `trace record` saves the chunks a running lsmd's export has needed so far
+    /// (start lsmd, start the container or VM, then record) as `<IMAGE>.trace`, which lsmd
+    /// fetches first, in the background, the next time it serves IMAGE.
+    #[command(subcommand)]
+    Trace(TraceCmd),
     /// Show what a running lsmd serves: exports, upper-layer sizes, host cache use, bytes
     /// fetched (from its `--metrics` address).
     Status(StatusArgs),
+}
+
+/// `lsmctl trace` actions.
+#[derive(clap::Subcommand)]
+pub enum TraceCmd {
+    /// Save the chunks the export has needed since lsmd started as `<IMAGE>.trace`.
+    Record {
+        /// The image config lsmd serves.
+        image: std::path::PathBuf,
+        /// Export name in lsmd (default: IMAGE's file name without `.json`, as lsmd names it).
+        #[arg(long)]
+        export: Option<String>,
+        /// lsmd's `--metrics` address.
+        #[arg(long, default_value = "127.0.0.1:9810")]
+        metrics: String,
+    },
+}
+
+fn trace(cmd: TraceCmd) -> CliResult {
+    let TraceCmd::Record {
+        image,
+        export,
+        metrics,
+    } = cmd;
+    let export = export.unwrap_or_else(|| {
+        image
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let url = format!("http://{metrics}/trace?export={export}");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut ureq::get(&url)
+            .timeout(std::time::Duration::from_secs(30))
+            .call()
+            .map_err(|e| CliError(format!("{url}: {e}")))?
+            .into_reader(),
+        &mut bytes,
+    )?;
+    let t = lsmd::trace::Trace::decode(&bytes).map_err(|e| CliError(format!("{url}: {e}")))?;
+    let out = lsmd::trace::trace_path(&image);
+    let tmp = out.with_extension("trace.tmp");
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, &out)?;
+    println!(
+        "{}: {} chunks of {} layers",
+        out.display(),
+        t.entries.len(),
+        t.layers.len()
+    );
+    Ok(())
 }
 
 /// Arguments of `lsmctl status`.
@@ -147,6 +204,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => check::inspect(a),
         Cmd::Verify(a) => check::verify(a),
         Cmd::Status(a) => status(a),
+        Cmd::Trace(c) => trace(c),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,182 @@
+//! Startup traces and prefetch. A trace is the list of chunks an image's readers needed, in the
+//! order they first needed them — typically while a container or VM started. Stored next to the
+//! image config (`<config>.trace`, FORMAT.md §6); on the next start lsmd fetches those chunks
+//! first, in the background and in parallel, so the startup finds them local. Optionally it then
+//! goes on to the rest of the image at low priority.
+//!
+//! Layers are named in a trace by their metadata digest, not their position, so a trace stays
+//! valid when layers are added on top; entries of layers no longer in the stack are skipped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use blockfmt::Image;
+
+const MAGIC: &[u8; 8] = b"LSMTRACE";
+const VERSION: u16 = 1;
+const HEADER_LEN: usize = 16;
+
+/// A decoded trace: layer table (metadata sha256) and (layer index, chunk) entries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Trace {
+    pub layers: Vec<[u8; 32]>,
+    pub entries: Vec<(u16, u32)>,
+}
+
+impl Trace {
+    /// What `image`'s readers have needed since it was opened.
+    pub fn of(image: &Image) -> Trace {
+        let stack = image.lower();
+        Trace {
+            layers: stack
+                .layers()
+                .iter()
+                .map(|l| l.trailer().meta_sha256)
+                .collect(),
+            entries: stack.touched(),
+        }
+    }
+
+    /// Encodes: header, layer table, entries, crc32c of all before it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b =
+            Vec::with_capacity(HEADER_LEN + self.layers.len() * 32 + self.entries.len() * 8 + 4);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&(self.layers.len() as u16).to_le_bytes());
+        b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for l in &self.layers {
+            b.extend_from_slice(l);
+        }
+        for &(layer, chunk) in &self.entries {
+            b.extend_from_slice(&layer.to_le_bytes());
+            b.extend_from_slice(&0u16.to_le_bytes());
+            b.extend_from_slice(&chunk.to_le_bytes());
+        }
+        let c = crc32c::crc32c(&b);
+        b.extend_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    /// Decodes; the error says what is wrong.
+    pub fn decode(b: &[u8]) -> Result<Trace, String> {
+        if b.len() < HEADER_LEN + 4 || &b[..8] != MAGIC {
+            return Err("not an lsm trace".into());
+        }
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err("trace checksum mismatch".into());
+        }
+        let v = u16::from_le_bytes([b[8], b[9]]);
+        if v != VERSION {
+            return Err(format!("unsupported trace version {v}"));
+        }
+        let nl = u16::from_le_bytes([b[10], b[11]]) as usize;
+        let ne = u32::from_le_bytes([b[12], b[13], b[14], b[15]]) as usize;
+        if body.len() != HEADER_LEN + nl * 32 + ne * 8 {
+            return Err("trace length does not match its counts".into());
+        }
+        let mut t = Trace::default();
+        for l in body[HEADER_LEN..HEADER_LEN + nl * 32].chunks(32) {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(l);
+            t.layers.push(d);
+        }
+        for e in body[HEADER_LEN + nl * 32..].chunks(8) {
+            let layer = u16::from_le_bytes([e[0], e[1]]);
+            if layer as usize >= nl || e[2..4] != [0, 0] {
+                return Err(format!("trace entry names layer {layer} of {nl}"));
+            }
+            t.entries
+                .push((layer, u32::from_le_bytes([e[4], e[5], e[6], e[7]])));
+        }
+        Ok(t)
+    }
+
+    /// The entries as (layer index in `image`'s stack, chunk), dropping those of other layers
+    /// and chunks out of range.
+    pub fn resolve(&self, image: &Image) -> Vec<(u16, u32)> {
+        let layers = image.lower().layers();
+        let map: Vec<Option<u16>> = self
+            .layers
+            .iter()
+            .map(|d| {
+                layers
+                    .iter()
+                    .position(|l| &l.trailer().meta_sha256 == d)
+                    .map(|i| i as u16)
+            })
+            .collect();
+        self.entries
+            .iter()
+            .filter_map(|&(l, c)| {
+                let i = map.get(l as usize).copied().flatten()?;
+                (c < layers[i as usize].metadata().chunks.len() as u32).then_some((i, c))
+            })
+            .collect()
+    }
+}
+
+/// Where an image's trace lives: beside its config.
+pub fn trace_path(config: &Path) -> PathBuf {
+    let mut p = config.as_os_str().to_owned();
+    p.push(".trace");
+    PathBuf::from(p)
+}
+
+/// Fetches `chunks` of `image` on `threads` background threads, in order (each thread takes the
+/// next), then returns. Failures are logged and skipped: prefetch is only a hint.
+pub fn prefetch(name: &str, image: &Arc<Image>, chunks: Vec<(u16, u32)>, threads: usize) {
+    let chunks = Arc::new(chunks);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = std::time::Instant::now();
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let (image, chunks, next) = (image.clone(), chunks.clone(), next.clone());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(l, c)) = chunks.get(i) else { return };
+                if let Err(e) = image.lower().load_chunk(l, c) {
+                    tracing::debug!(layer = l, chunk = c, error = %e, "prefetch skipped a chunk");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    tracing::info!(export = %name, chunks = chunks.len(), secs = start.elapsed().as_secs_f64(), "prefetch done");
+}
+
+/// Every chunk of every layer, top layer first (what a whole-image prefetch fetches).
+pub fn all_chunks(image: &Image) -> Vec<(u16, u32)> {
+    let layers = image.lower().layers();
+    (0..layers.len())
+        .rev()
+        .flat_map(|i| (0..layers[i].metadata().chunks.len() as u32).map(move |c| (i as u16, c)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Fuzz: traces round-trip; any flipped byte or arbitrary bytes are rejected without panic.
+        #[test]
+        fn trace_format(nl in 1usize..4, entries in proptest::collection::vec((0u16..4, any::<u32>()), 0..50), pos in any::<usize>(), x in 1u8..=255, junk in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let t = Trace {
+                layers: (0..nl).map(|i| [i as u8; 32]).collect(),
+                entries: entries.into_iter().map(|(l, c)| (l % nl as u16, c)).collect(),
+            };
+            let mut b = t.encode();
+            prop_assert_eq!(Trace::decode(&b), Ok(t));
+            let p = pos % b.len();
+            b[p] ^= x;
+            prop_assert!(Trace::decode(&b).is_err());
+            let _ = Trace::decode(&junk);
+        }
+    }
+}
