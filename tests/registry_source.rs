@@ -505,7 +505,7 @@ fn a_recorded_startup_trace_is_replayed_first_on_the_next_start() {
     // First start: nothing to replay; record what the startup read.
     let d = start("cache-a", "trace");
     let cold = startup(&d.uri());
-    let rec = ok(&mut lsmctl(["trace", "record", "--metrics", &metrics]).arg(&config));
+    let rec = ok(lsmctl(["trace", "record", "--metrics", &metrics]).arg(&config));
     assert!(rec.contains("chunks"), "{rec}");
     d.terminate();
     let trace = std::fs::read(t.join("far.json.trace")).expect("trace file");
