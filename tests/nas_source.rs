@@ -57,12 +57,8 @@ impl FlakyMount {
 
 impl Drop for FlakyMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg(&self.dir)
-            .stderr(Stdio::null())
-            .status();
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.unmount();
     }
 }
 

@@ -221,15 +221,13 @@ fn basic_auth_registry_restart_and_a_damaged_blob() {
 
     // Without credentials the daemon refuses to start, saying why.
     let anon = t.join("anon.json");
-    let text = std::fs::read_to_string(&remote).expect("read");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let mut v2 = v.clone();
-    for l in v2["layers"].as_array_mut().expect("layers") {
+    rewrite_layers(&remote, &anon, |l| {
         let r = l["source"]["registry"].as_object_mut().expect("registry");
         r.remove("username");
         r.remove("password");
-    }
-    std::fs::write(&anon, v2.to_string()).expect("write");
+    });
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&remote).expect("read")).expect("json");
     let o = run(Command::new(bin("lsmd"))
         .args(["serve", "--config"])
         .arg(&anon)
@@ -319,16 +317,23 @@ fn bearer_tokens_are_fetched_and_refreshed_when_they_expire() {
     d.terminate();
 }
 
-/// Points every registry layer of `config` at `url`, with `mirrors` behind it; writes `out`.
-fn repoint(config: &Path, url: &str, mirrors: &[&str], out: &Path) {
+/// Writes `out`: `config` with `edit` applied to every layer and an upper layer of its own.
+fn rewrite_layers(config: &Path, out: &Path, mut edit: impl FnMut(&mut serde_json::Value)) {
     let mut v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(config).expect("read")).expect("json");
     for l in v["layers"].as_array_mut().expect("layers") {
-        l["source"]["registry"]["url"] = url.into();
-        l["source"]["registry"]["mirrors"] = mirrors.to_vec().into();
+        edit(l);
     }
     v["upper"] = format!("{}.upper", out.display()).into();
     std::fs::write(out, v.to_string()).expect("write");
+}
+
+/// Points every registry layer of `config` at `url`, with `mirrors` behind it; writes `out`.
+fn repoint(config: &Path, url: &str, mirrors: &[&str], out: &Path) {
+    rewrite_layers(config, out, |l| {
+        l["source"]["registry"]["url"] = url.into();
+        l["source"]["registry"]["mirrors"] = mirrors.to_vec().into();
+    });
 }
 
 #[test]
@@ -389,14 +394,11 @@ fn p2p_agent_proxy_carries_aligned_pieces_and_its_failure_falls_back() {
     let reg = Registry::start(&t.join("registry"), None);
     let remote = remote_config(t, &img, &reg, false);
     let mut squid = Squid::start(&t.join("squid"));
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&remote).expect("read")).expect("json");
-    for l in v["layers"].as_array_mut().expect("layers") {
+    let p2p = t.join("p2p.json");
+    rewrite_layers(&remote, &p2p, |l| {
         l["source"]["registry"]["p2p"] =
             serde_json::json!({ "proxy": squid.url, "piece_size": 1048576 });
-    }
-    let p2p = t.join("p2p.json");
-    std::fs::write(&p2p, v.to_string()).expect("write");
+    });
     let sock = t.join("lsmd.sock");
     let port = free_port();
     let copy = t.join("copy.raw");
@@ -430,18 +432,12 @@ fn plain_http_urls_that_honour_range_are_a_source() {
     let reg = Registry::start(&t.join("registry"), None);
     let remote = remote_config(t, &img, &reg, false);
     // The same blobs, named by URL only (as an object store's public or presigned URLs).
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&remote).expect("read")).expect("json");
-    for l in v["layers"].as_array_mut().expect("layers") {
-        let url = format!(
-            "{}/v2/lsm/test/blobs/{}",
-            reg.url,
-            l["digest"].as_str().expect("digest")
-        );
-        l["source"] = serde_json::json!({ "http": { "url": url, "insecure": true } });
-    }
     let http = t.join("http.json");
-    std::fs::write(&http, v.to_string()).expect("write");
+    rewrite_layers(&remote, &http, |l| {
+        let digest = l["digest"].as_str().expect("digest").to_string();
+        let url = format!("{}/v2/lsm/test/blobs/{digest}", reg.url);
+        l["source"] = serde_json::json!({ "http": { "url": url, "insecure": true } });
+    });
     let d = Lsmd::start(
         &t.join("lsmd.sock"),
         &[OsStr::new("--config"), http.as_os_str()],

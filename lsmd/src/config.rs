@@ -103,16 +103,28 @@ pub struct P2pConfig {
     pub piece_size: u64,
 }
 
+/// `https://…`, or `http://…` when `insecure` allows it.
+fn check_urls<'a>(
+    urls: impl IntoIterator<Item = &'a String>,
+    insecure: bool,
+) -> std::result::Result<(), String> {
+    for u in urls {
+        if u.starts_with("http://") && !insecure {
+            return Err(format!("{u}: plain HTTP needs \"insecure\": true"));
+        }
+        if !u.starts_with("http://") && !u.starts_with("https://") {
+            return Err(format!("{u}: not an http(s) URL"));
+        }
+    }
+    Ok(())
+}
+
 impl RegistryConfig {
     fn check(&self) -> std::result::Result<(), String> {
-        for u in std::iter::once(&self.url).chain(&self.mirrors) {
-            if u.starts_with("http://") && !self.insecure {
-                return Err(format!("{u}: plain HTTP needs \"insecure\": true"));
-            }
-            if !u.starts_with("http://") && !u.starts_with("https://") {
-                return Err(format!("{u}: not an http(s) URL"));
-            }
-        }
+        check_urls(
+            std::iter::once(&self.url).chain(&self.mirrors),
+            self.insecure,
+        )?;
         if self.repository.is_empty() {
             return Err("repository is empty".into());
         }
@@ -258,14 +270,8 @@ impl ImageConfig {
                     }
                 }
                 SourceConfig::Http(h) => {
-                    for u in std::iter::once(&h.url).chain(&h.mirrors) {
-                        let plain = u.starts_with("http://");
-                        if !(plain || u.starts_with("https://")) || (plain && !h.insecure) {
-                            return Err(format!(
-                                "field `layers[{i}].source.http`: {u}: needs https:// (or http:// with \"insecure\": true)"
-                            ));
-                        }
-                    }
+                    check_urls(std::iter::once(&h.url).chain(&h.mirrors), h.insecure)
+                        .map_err(|e| format!("field `layers[{i}].source.http`: {e}"))?;
                 }
                 SourceConfig::Nas(n) if n.read_timeout_ms == 0 => {
                     return Err(format!(
@@ -528,6 +534,26 @@ mod tests {
                 "layers[0].digest",
             ),
             (r#"{"size": "#, "EOF"),
+            (
+                r#"{"size": 1, "layers": [{"source": {"registry": {"url": "http://r", "repository": "a"}}, "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
+                "insecure",
+            ),
+            (
+                r#"{"size": 1, "layers": [{"source": {"registry": {"url": "https://r", "repository": "a"}}}]}"#,
+                "layers[0].digest",
+            ),
+            (
+                r#"{"size": 1, "layers": [{"source": {"http": {"url": "ftp://x"}}}]}"#,
+                "layers[0].source.http",
+            ),
+            (
+                r#"{"size": 1, "layers": [{"source": {"registry": {"url": "https://r", "repository": "a", "p2p": {"proxy": "socks://p"}}}, "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
+                "p2p.proxy",
+            ),
+            (
+                r#"{"size": 1, "layers": [{"source": {"nas": {"path": "x", "read_timeout_ms": 0}}}]}"#,
+                "read_timeout_ms",
+            ),
         ] {
             std::fs::write(&p, text).unwrap();
             let e = ImageConfig::load(&p).unwrap_err().to_string();
