@@ -1,5 +1,12 @@
-//! `lsmd`: the lsm daemon as a library — image configs and opening images today; sources, the
-//! host cache and the NBD/ublk/FUSE frontends compose on top of these.
+//! `lsmd`: the lsm daemon as a library. Sources → host cache → image → frontends:
+//!
+//! - [`source`]: where blob bytes come from (registry, HTTP URL, NAS file, P2P agent; local
+//!   files are plain `File`s), all behind `blockfmt::ReadAt`;
+//! - [`cache`]: the host's on-disk cache of fetched chunks (`blockfmt::ChunkStore`);
+//! - [`config`]: image configs, and opening an image on the host's services;
+//! - [`trace`]: startup traces and background prefetch;
+//! - [`nbd`]: the NBD frontend, with [`pool`] for work that may block;
+//! - [`metrics`]: the Prometheus/status endpoint.
 
 pub mod cache;
 pub mod config;
