@@ -6,11 +6,13 @@
 //! - [`config`]: image configs, and opening an image on the host's services;
 //! - [`trace`]: startup traces and background prefetch;
 //! - [`nbd`]: the NBD frontend, with [`pool`] for work that may block;
+//! - [`fuse`]: the FUSE-file frontend (one file per export, for `losetup`);
 //! - [`metrics`]: the Prometheus/status endpoint.
 
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod fuse;
 pub mod metrics;
 pub mod nbd;
 pub mod pool;

@@ -61,6 +61,10 @@ enum Cmd {
         /// other chunk at low priority; `none` fetches only what reads need.
         #[arg(long, default_value = "trace", value_parser = ["none", "trace", "all"])]
         prefetch: String,
+        /// Also mount every export as a regular file named after it in this directory (FUSE),
+        /// for `losetup` + `mount` where the kernel has neither nbd nor ublk. Unmounted at exit.
+        #[arg(long)]
+        fuse: Option<PathBuf>,
     },
 }
 
@@ -175,9 +179,10 @@ fn main() -> ExitCode {
         cache_limit,
         metrics,
         prefetch,
+        fuse,
     } = Cli::parse().cmd;
-    if socket.is_none() && tcp.is_none() {
-        eprintln!("lsmd: error: give --socket PATH and/or --tcp ADDR");
+    if socket.is_none() && tcp.is_none() && fuse.is_none() {
+        eprintln!("lsmd: error: give --socket PATH, --tcp ADDR and/or --fuse DIR");
         return ExitCode::FAILURE;
     }
     let mut host = HostServices::default();
@@ -247,6 +252,25 @@ fn main() -> ExitCode {
             server.clone(),
         );
     }
+    let fuse_mount = match &fuse {
+        Some(dir) => {
+            let files = exports
+                .images_shared()
+                .map(|(n, i)| (n.to_string(), i))
+                .collect();
+            match lsmd::fuse::mount(dir, files) {
+                Ok(m) => {
+                    tracing::info!(fuse = %dir.display(), "exports mounted as files");
+                    Some(m)
+                }
+                Err(e) => {
+                    eprintln!("lsmd: error: FUSE mount on {}: {e}", dir.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -260,6 +284,7 @@ fn main() -> ExitCode {
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down: flushing upper layers");
     }
+    drop(fuse_mount);
     let failed = exports.flush_all();
     for (name, e) in &failed {
         tracing::error!(export = %name, error = %e, "flush failed");

@@ -69,6 +69,13 @@ impl Exports {
             .map(|e| (e.name.as_str(), e.image.as_ref()))
     }
 
+    /// Every export's name and a shared handle to its image, in name order.
+    pub fn images_shared(&self) -> impl Iterator<Item = (&str, Arc<Image>)> {
+        self.by_name
+            .values()
+            .map(|e| (e.name.as_str(), e.image.clone()))
+    }
+
     /// Flushes every writable image (graceful shutdown).
     pub fn flush_all(&self) -> Vec<(String, blockfmt::Error)> {
         self.by_name

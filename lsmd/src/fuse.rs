@@ -1,0 +1,252 @@
+//! The FUSE-file frontend: every export appears as one regular file on a FUSE mount, so
+//! `losetup` + `mount` work on kernels without nbd or ublk (such as these build machines). Reads
+//! and writes go straight to the `Image`; `fsync` on the file is FLUSH. Files are opened with
+//! direct I/O, so the kernel keeps no second copy of the disk's pages and what a reader sees is
+//! always the image itself.
+//!
+//! The session runs on one thread: FUSE requests are served one at a time (enough for mounts
+//! and tests; the NBD and ublk frontends are the fast paths).
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use blockfmt::Image;
+use fuser::{
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
+};
+
+const ROOT: u64 = 1;
+const TTL: Duration = Duration::from_secs(1);
+
+/// The exported files: inode `2 + i` is `files[i]`.
+struct ExportFiles {
+    files: Vec<(String, Arc<Image>)>,
+    started: SystemTime,
+}
+
+impl ExportFiles {
+    fn file(&self, ino: u64) -> Option<&(String, Arc<Image>)> {
+        ino.checked_sub(2).and_then(|i| self.files.get(i as usize))
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, perm, size) = if ino == ROOT {
+            (FileType::Directory, 0o755, 0)
+        } else {
+            let (_, img) = self.file(ino)?;
+            let perm = if img.read_only() { 0o444 } else { 0o644 };
+            (FileType::RegularFile, perm, img.size())
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+}
+
+fn errno(e: &blockfmt::Error) -> i32 {
+    match e {
+        blockfmt::Error::OutOfRange { .. } | blockfmt::Error::Invalid(_) => libc::EINVAL,
+        blockfmt::Error::ReadOnly => libc::EROFS,
+        _ => libc::EIO,
+    }
+}
+
+impl Filesystem for ExportFiles {
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let found = (parent == ROOT)
+            .then(|| self.files.iter().position(|(n, _)| OsStr::new(n) == name))
+            .flatten();
+        match found.and_then(|i| self.attr(i as u64 + 2)) {
+            Some(a) => reply.entry(&TTL, &a, 0),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        match self.attr(ino) {
+            // A disk's size is fixed: truncating it to another size is refused.
+            Some(a) if size.is_some_and(|s| s != a.size) => reply.error(libc::EPERM),
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let Some((_, img)) = self.file(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        if img.read_only() && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(libc::EROFS);
+        }
+        reply.opened(0, fuser::consts::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let Some((name, img)) = self.file(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        let off = offset.max(0) as u64;
+        let len = (size as u64).min(img.size().saturating_sub(off)) as usize;
+        let mut buf = vec![0u8; len];
+        match img.read(off, &mut buf) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => {
+                tracing::warn!(export = %name, offset = off, len, error = %e, "FUSE read failed");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        let Some((name, img)) = self.file(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        let off = offset.max(0) as u64;
+        if off + data.len() as u64 > img.size() {
+            return reply.error(libc::ENOSPC);
+        }
+        match img.write(off, data) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                tracing::warn!(export = %name, offset = off, len = data.len(), error = %e, "FUSE write failed");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: ReplyEmpty) {
+        // close(2) promises nothing about durability; fsync does.
+        reply.ok();
+    }
+
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some((_, img)) = self.file(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        match img.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != ROOT {
+            return reply.error(libc::ENOTDIR);
+        }
+        let mut entries: Vec<(u64, FileType, &str)> = vec![
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+        ];
+        for (i, (name, _)) in self.files.iter().enumerate() {
+            entries.push((i as u64 + 2, FileType::RegularFile, name));
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
+            if reply.add(ino, i as i64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// A mounted FUSE-file export; unmounted when dropped.
+pub struct FuseMount {
+    _session: fuser::BackgroundSession,
+}
+
+/// Mounts `exports` (name, image) as files in `dir`.
+pub fn mount(dir: &Path, exports: Vec<(String, Arc<Image>)>) -> std::io::Result<FuseMount> {
+    let writable = exports.iter().any(|(_, i)| !i.read_only());
+    let mut options = vec![
+        MountOption::FSName("lsmd".into()),
+        MountOption::Subtype("lsm".into()),
+        MountOption::DefaultPermissions,
+    ];
+    options.push(if writable {
+        MountOption::RW
+    } else {
+        MountOption::RO
+    });
+    let fs = ExportFiles {
+        files: exports,
+        started: SystemTime::now(),
+    };
+    let session = fuser::spawn_mount2(fs, dir, &options)?;
+    Ok(FuseMount { _session: session })
+}
