@@ -225,3 +225,19 @@ fn an_ext4_image_mounted_through_the_fuse_file_equals_its_tree_and_keeps_writes(
     }
     d.terminate();
 }
+
+#[test]
+fn kernel_setup_check_reports_every_feature() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-setup/check");
+    let o = run(Command::new("bash").arg(script).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check --json prints JSON");
+    for k in ["nbd", "ublk", "loop", "fuse", "ext4", "erofs", "io_uring"] {
+        assert!(v[k].is_string(), "{k} missing in {v}");
+    }
+    // The FUSE-file test above ran, so this host has that path.
+    assert!(
+        v["attach_paths"].as_array().is_some_and(|a| a.iter().any(|p| p == "fuse-file")),
+        "{v}"
+    );
+    assert!(o.status.success());
+}
