@@ -236,7 +236,9 @@ fn kernel_setup_check_reports_every_feature() {
     }
     // The FUSE-file test above ran, so this host has that path.
     assert!(
-        v["attach_paths"].as_array().is_some_and(|a| a.iter().any(|p| p == "fuse-file")),
+        v["attach_paths"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p == "fuse-file")),
         "{v}"
     );
     assert!(o.status.success());

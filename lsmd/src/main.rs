@@ -65,6 +65,10 @@ enum Cmd {
         /// for `losetup` + `mount` where the kernel has neither nbd nor ublk. Unmounted at exit.
         #[arg(long)]
         fuse: Option<PathBuf>,
+        /// Attach an export to a kernel nbd device, `NAME=/dev/nbdN` (repeat for more);
+        /// detached, after the kernel's requests complete, at exit.
+        #[arg(long = "nbd-device")]
+        nbd_devices: Vec<String>,
     },
 }
 
@@ -180,9 +184,12 @@ fn main() -> ExitCode {
         metrics,
         prefetch,
         fuse,
+        nbd_devices,
     } = Cli::parse().cmd;
-    if socket.is_none() && tcp.is_none() && fuse.is_none() {
-        eprintln!("lsmd: error: give --socket PATH, --tcp ADDR and/or --fuse DIR");
+    if socket.is_none() && tcp.is_none() && fuse.is_none() && nbd_devices.is_empty() {
+        eprintln!(
+            "lsmd: error: give --socket PATH, --tcp ADDR, --fuse DIR and/or --nbd-device NAME=DEV"
+        );
         return ExitCode::FAILURE;
     }
     let mut host = HostServices::default();
@@ -271,6 +278,28 @@ fn main() -> ExitCode {
         }
         None => None,
     };
+    let mut attached = Vec::new();
+    for spec in &nbd_devices {
+        let (name, dev) = spec.split_once('=').unwrap_or(("", spec));
+        let Some(export) = exports.find(name) else {
+            eprintln!("lsmd: error: --nbd-device {spec}: no export named {name:?}");
+            return ExitCode::FAILURE;
+        };
+        match lsmd::nbd::kernel::KernelAttachment::attach(
+            std::path::Path::new(dev),
+            export,
+            &server,
+        ) {
+            Ok(a) => {
+                tracing::info!(export = %name, device = %dev, "attached");
+                attached.push(a);
+            }
+            Err(e) => {
+                eprintln!("lsmd: error: --nbd-device {spec}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -283,6 +312,12 @@ fn main() -> ExitCode {
     };
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down: flushing upper layers");
+    }
+    for a in attached {
+        let dev = a.device().display().to_string();
+        if let Err(e) = a.detach() {
+            tracing::error!(device = %dev, error = %e, "detach failed");
+        }
     }
     drop(fuse_mount);
     let failed = exports.flush_all();

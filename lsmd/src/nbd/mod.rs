@@ -13,6 +13,7 @@
 //! `transmission`). No thread is ever started per request.
 
 mod handshake;
+pub mod kernel;
 pub mod proto;
 mod transmission;
 
@@ -53,7 +54,8 @@ impl Exports {
         }
     }
 
-    fn find(&self, name: &str) -> Option<Arc<Export>> {
+    /// The export called `name` (the empty name: the default export).
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
         let key = if name.is_empty() {
             self.default.as_deref()?
         } else {
