@@ -22,6 +22,8 @@ pub enum Alloc {
 pub struct Image {
     lower: LayerStack,
     upper: Option<UpperLayer>,
+    /// Writes allowed: an upper layer, not opened as a read-only view.
+    writable: bool,
 }
 
 impl Image {
@@ -37,7 +39,18 @@ impl Image {
                 )));
             }
         }
-        Ok(Image { lower, upper })
+        let writable = upper.is_some();
+        Ok(Image {
+            lower,
+            upper,
+            writable,
+        })
+    }
+
+    /// The same image, refusing writes: reads still see what the upper layer holds.
+    pub fn read_only_view(mut self) -> Image {
+        self.writable = false;
+        self
     }
 
     /// Disk size.
@@ -52,13 +65,16 @@ impl Image {
     pub fn upper(&self) -> Option<&UpperLayer> {
         self.upper.as_ref()
     }
-    /// True without an upper layer.
+    /// True without an upper layer, or when opened as a read-only view.
     pub fn read_only(&self) -> bool {
-        self.upper.is_none()
+        !self.writable
     }
 
     fn upper_or_ro(&self) -> Result<&UpperLayer> {
-        self.upper.as_ref().ok_or(Error::ReadOnly)
+        self.upper
+            .as_ref()
+            .filter(|_| self.writable)
+            .ok_or(Error::ReadOnly)
     }
 
     /// Reads `buf.len()` bytes at `off`.
@@ -167,8 +183,8 @@ impl Image {
     /// Makes every acknowledged write durable (no-op when read-only).
     pub fn flush(&self) -> Result<()> {
         match &self.upper {
-            Some(u) => u.flush(),
-            None => Ok(()),
+            Some(u) if self.writable => u.flush(),
+            _ => Ok(()),
         }
     }
 

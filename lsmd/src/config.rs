@@ -497,7 +497,8 @@ impl ImageSpec {
         )?)
     }
 
-    /// Opens the whole image; with `writable`, opens (or creates) the upper layer too.
+    /// Opens the whole image; with `writable`, opens (or creates) the upper layer too; without,
+    /// an existing upper layer is shown but not written.
     pub fn open_image(&self, writable: bool) -> Result<Image> {
         self.open_image_on(writable, &HostServices::default())
     }
@@ -505,11 +506,19 @@ impl ImageSpec {
     /// [`Self::open_image`] with the host's cache and source settings.
     pub fn open_image_on(&self, writable: bool, host: &HostServices) -> Result<Image> {
         let stack = self.open_stack_on(host)?;
-        let upper = match (writable, self.upper_dir()) {
-            (true, Some(dir)) => Some(UpperLayer::open(&dir, self.config.size)?.0),
+        // Read-only still shows what an existing upper layer holds; it only refuses writes.
+        let upper = match self.upper_dir() {
+            Some(dir) if writable || dir.join(blockfmt::upper::LOG_FILE).exists() => {
+                Some(UpperLayer::open(&dir, self.config.size)?.0)
+            }
             _ => None,
         };
-        Ok(Image::new(stack, upper)?)
+        let image = Image::new(stack, upper)?;
+        Ok(if writable {
+            image
+        } else {
+            image.read_only_view()
+        })
     }
 }
 

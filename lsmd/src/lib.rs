@@ -7,6 +7,7 @@
 //! - [`trace`]: startup traces and background prefetch;
 //! - [`nbd`]: the NBD frontend, with [`pool`] for work that may block;
 //! - [`fuse`]: the FUSE-file frontend (one file per export, for `losetup`);
+//! - [`ublk`]: the ublk frontend (`/dev/ublkbN` over io_uring);
 //! - [`metrics`]: the Prometheus/status endpoint.
 
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod nbd;
 pub mod pool;
 pub mod source;
 pub mod trace;
+pub mod ublk;
 
 pub use config::{HostServices, ImageConfig, ImageSpec, LayerConfig, RegistryConfig, SourceConfig};
 pub use error::{Error, Result};

@@ -33,7 +33,7 @@ enum Cmd {
         /// TCP address to listen on, e.g. 127.0.0.1:10809.
         #[arg(long)]
         tcp: Option<String>,
-        /// Serve every image read-only, even those with an upper layer.
+        /// Serve every image read-only: reads still see what an upper layer holds, writes fail.
         #[arg(long)]
         read_only: bool,
         /// Threads shared by all connections for work that may block (cold chunk decodes,
@@ -69,6 +69,10 @@ enum Cmd {
         /// detached, after the kernel's requests complete, at exit.
         #[arg(long = "nbd-device")]
         nbd_devices: Vec<String>,
+        /// Serve an export as a ublk block device (/dev/ublkbN, numbered by the kernel; the
+        /// log says which). Repeat for more. Stopped at exit.
+        #[arg(long = "ublk")]
+        ublk: Vec<String>,
     },
 }
 
@@ -185,10 +189,17 @@ fn main() -> ExitCode {
         prefetch,
         fuse,
         nbd_devices,
+        ublk,
     } = Cli::parse().cmd;
-    if socket.is_none() && tcp.is_none() && fuse.is_none() && nbd_devices.is_empty() {
+    if socket.is_none()
+        && tcp.is_none()
+        && fuse.is_none()
+        && nbd_devices.is_empty()
+        && ublk.is_empty()
+    {
         eprintln!(
-            "lsmd: error: give --socket PATH, --tcp ADDR, --fuse DIR and/or --nbd-device NAME=DEV"
+            "lsmd: error: give --socket PATH, --tcp ADDR, --fuse DIR, --nbd-device NAME=DEV \
+             and/or --ublk NAME"
         );
         return ExitCode::FAILURE;
     }
@@ -300,6 +311,23 @@ fn main() -> ExitCode {
             }
         }
     }
+    let mut ublk_devices = Vec::new();
+    for name in &ublk {
+        let Some((_, image)) = exports.images_shared().find(|(n, _)| n == name) else {
+            eprintln!("lsmd: error: --ublk {name}: no such export");
+            return ExitCode::FAILURE;
+        };
+        match lsmd::ublk::UblkDevice::start(name, image) {
+            Ok(d) => {
+                tracing::info!(export = %name, device = %d.block_device(), "ublk device started");
+                ublk_devices.push(d);
+            }
+            Err(e) => {
+                eprintln!("lsmd: error: --ublk {name}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -312,6 +340,12 @@ fn main() -> ExitCode {
     };
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down: flushing upper layers");
+    }
+    for d in ublk_devices {
+        let dev = d.block_device();
+        if let Err(e) = d.stop() {
+            tracing::error!(device = %dev, error = %e, "ublk stop failed");
+        }
     }
     for a in attached {
         let dev = a.device().display().to_string();

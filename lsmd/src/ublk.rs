@@ -1,0 +1,365 @@
+//! The ublk frontend (`Documentation/block/ublk.rst`): an export becomes `/dev/ublkbN`, a block
+//! device whose requests the kernel hands to lsmd through io_uring. The control device
+//! (`/dev/ublk-control`) takes ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV and DEL_DEV as
+//! `IORING_OP_URING_CMD`s on a 128-byte-SQE ring; the per-device char device (`/dev/ublkcN`)
+//! takes FETCH_REQ / COMMIT_AND_FETCH_REQ per tag, and its mmap'd descriptor array says what
+//! each fetched request is. Data moves through one page-aligned buffer per tag.
+//!
+//! One queue, served by one thread that completes requests in order of arrival; the `Image`
+//! does the work. User recovery (taking over a live device after a restart) is not done yet.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use blockfmt::Image;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+const CTRL_DEV: &str = "/dev/ublk-control";
+
+/// `_IOWR('u', nr, size)`: the ioctl-encoded command numbers.
+const fn iowr(nr: u32, size: u32) -> u32 {
+    (3 << 30) | (size << 16) | ((b'u' as u32) << 8) | nr
+}
+const CTRL_CMD_LEN: u32 = 32;
+const IO_CMD_LEN: u32 = 16;
+const CMD_ADD_DEV: u32 = iowr(0x04, CTRL_CMD_LEN);
+const CMD_DEL_DEV: u32 = iowr(0x05, CTRL_CMD_LEN);
+const CMD_START_DEV: u32 = iowr(0x06, CTRL_CMD_LEN);
+const CMD_STOP_DEV: u32 = iowr(0x07, CTRL_CMD_LEN);
+const CMD_SET_PARAMS: u32 = iowr(0x08, CTRL_CMD_LEN);
+const IO_FETCH_REQ: u32 = iowr(0x20, IO_CMD_LEN);
+const IO_COMMIT_AND_FETCH_REQ: u32 = iowr(0x21, IO_CMD_LEN);
+
+const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
+const PARAM_TYPE_BASIC: u32 = 1;
+const ATTR_READ_ONLY: u32 = 1;
+
+const OP_READ: u8 = 0;
+const OP_WRITE: u8 = 1;
+const OP_FLUSH: u8 = 2;
+const OP_DISCARD: u8 = 3;
+const OP_WRITE_ZEROES: u8 = 5;
+
+/// Most queue depth the driver allows; it also spaces the per-queue descriptor arrays.
+const MAX_QUEUE_DEPTH: usize = 4096;
+const DESC_LEN: usize = 24;
+
+/// Queue depth and per-request buffer size of the devices lsmd creates.
+const QUEUE_DEPTH: u16 = 64;
+const IO_BUF_BYTES: u32 = 512 * 1024;
+
+/// struct ublksrv_ctrl_cmd, as bytes.
+fn ctrl_cmd(dev_id: u32, len: u16, addr: u64, data0: u64) -> [u8; 80] {
+    let mut c = [0u8; 80];
+    c[0..4].copy_from_slice(&dev_id.to_le_bytes());
+    c[4..6].copy_from_slice(&u16::MAX.to_le_bytes()); // queue_id: none
+    c[6..8].copy_from_slice(&len.to_le_bytes());
+    c[8..16].copy_from_slice(&addr.to_le_bytes());
+    c[16..24].copy_from_slice(&data0.to_le_bytes());
+    c
+}
+
+/// struct ublksrv_io_cmd, as bytes.
+fn io_cmd(tag: u16, result: i32, addr: u64) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[2..4].copy_from_slice(&tag.to_le_bytes()); // q_id 0
+    c[4..8].copy_from_slice(&result.to_le_bytes());
+    c[8..16].copy_from_slice(&addr.to_le_bytes());
+    c
+}
+
+struct Control {
+    file: File,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+}
+
+impl Control {
+    fn open() -> io::Result<Control> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(CTRL_DEV)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("{CTRL_DEV}: {e} (is ublk_drv loaded?)"))
+            })?;
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(4)?;
+        Ok(Control { file, ring })
+    }
+
+    /// Runs one control command; returns the kernel's result.
+    fn run(&mut self, what: &str, op: u32, cmd: [u8; 80]) -> io::Result<i32> {
+        let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
+            .cmd(cmd)
+            .build();
+        // SAFETY: the command's `addr` (if any) points at memory the caller keeps alive until
+        // this call returns, and we wait for the completion before returning.
+        unsafe {
+            self.ring
+                .submission()
+                .push(&sqe)
+                .map_err(|_| io::Error::other("control ring full"))?;
+        }
+        self.ring.submit_and_wait(1)?;
+        let res = self
+            .ring
+            .completion()
+            .next()
+            .map(|c| c.result())
+            .ok_or_else(|| io::Error::other("no completion"))?;
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            return Err(io::Error::new(e.kind(), format!("ublk {what}: {e}")));
+        }
+        Ok(res)
+    }
+}
+
+/// Page-aligned anonymous memory, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access is coordinated by the queue
+// thread (it is only ever used there).
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn map(len: usize, fd: Option<(&File, i64)>, prot: i32) -> io::Result<Mapping> {
+        let (flags, raw, off) = match fd {
+            Some((f, off)) => (libc::MAP_SHARED | libc::MAP_POPULATE, f.as_raw_fd(), off),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+        };
+        // SAFETY: a fresh mapping of `len` bytes; the kernel picks the address.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, raw, off) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: p as *mut u8,
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// An export served as a ublk block device.
+pub struct UblkDevice {
+    dev_id: u32,
+    ctrl: Control,
+    queue: Option<JoinHandle<()>>,
+}
+
+impl UblkDevice {
+    /// Creates `/dev/ublkbN` for `image` and starts serving it. `name` appears in logs.
+    pub fn start(name: &str, image: Arc<Image>) -> io::Result<UblkDevice> {
+        let mut ctrl = Control::open()?;
+        // struct ublksrv_ctrl_dev_info, 64 bytes; the kernel fills in dev_id.
+        let mut info = [0u8; 64];
+        info[0..2].copy_from_slice(&1u16.to_le_bytes()); // nr_hw_queues
+        info[2..4].copy_from_slice(&QUEUE_DEPTH.to_le_bytes());
+        info[8..12].copy_from_slice(&IO_BUF_BYTES.to_le_bytes());
+        info[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // dev_id: any
+        info[24..32].copy_from_slice(&F_CMD_IOCTL_ENCODE.to_le_bytes());
+        ctrl.run(
+            "ADD_DEV",
+            CMD_ADD_DEV,
+            ctrl_cmd(u32::MAX, 64, info.as_mut_ptr() as u64, 0),
+        )?;
+        let dev_id = u32::from_le_bytes([info[12], info[13], info[14], info[15]]);
+        let mut dev = UblkDevice {
+            dev_id,
+            ctrl,
+            queue: None,
+        };
+
+        // struct ublk_params with the basic part only: 8 + 32 bytes.
+        let mut params = [0u8; 40];
+        params[0..4].copy_from_slice(&40u32.to_le_bytes());
+        params[4..8].copy_from_slice(&PARAM_TYPE_BASIC.to_le_bytes());
+        let attrs = if image.read_only() { ATTR_READ_ONLY } else { 0 };
+        params[8..12].copy_from_slice(&attrs.to_le_bytes());
+        params[12] = 9; // logical block 512
+        params[13] = 12; // physical block 4096
+        params[14] = 12; // optimal I/O 4096
+        params[15] = 9; // minimal I/O 512
+        params[16..20].copy_from_slice(&(IO_BUF_BYTES >> 9).to_le_bytes());
+        params[24..32].copy_from_slice(&(image.size() >> 9).to_le_bytes());
+        dev.ctrl.run(
+            "SET_PARAMS",
+            CMD_SET_PARAMS,
+            ctrl_cmd(dev_id, 40, params.as_mut_ptr() as u64, 0),
+        )?;
+
+        let cdev_path = format!("/dev/ublkc{dev_id}");
+        let mut cdev = None;
+        for _ in 0..100 {
+            match OpenOptions::new().read(true).write(true).open(&cdev_path) {
+                Ok(f) => {
+                    cdev = Some(f);
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        let cdev = cdev.ok_or_else(|| io::Error::other(format!("{cdev_path} did not appear")))?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let name = name.to_string();
+        dev.queue = Some(std::thread::spawn(move || {
+            if let Err(e) = serve_queue(&name, &image, &cdev, &ready_tx) {
+                tracing::error!(export = %name, error = %e, "ublk queue failed");
+                let _ = ready_tx.send(Err(e));
+            }
+        }));
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("ublk queue thread ended")),
+        }
+        dev.ctrl.run(
+            "START_DEV",
+            CMD_START_DEV,
+            ctrl_cmd(dev_id, 0, 0, std::process::id() as u64),
+        )?;
+        Ok(dev)
+    }
+
+    /// `/dev/ublkbN`.
+    pub fn block_device(&self) -> String {
+        format!("/dev/ublkb{}", self.dev_id)
+    }
+
+    /// Stops and removes the device (the kernel fails requests still queued).
+    pub fn stop(mut self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        let Some(q) = self.queue.take() else {
+            return Ok(());
+        };
+        let r = self
+            .ctrl
+            .run("STOP_DEV", CMD_STOP_DEV, ctrl_cmd(self.dev_id, 0, 0, 0));
+        let _ = q.join();
+        self.ctrl
+            .run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(self.dev_id, 0, 0, 0))?;
+        r.map(|_| ())
+    }
+}
+
+impl Drop for UblkDevice {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(device = %self.block_device(), error = %e, "ublk stop failed");
+        }
+    }
+}
+
+fn errno_of(e: &blockfmt::Error) -> i32 {
+    match e {
+        blockfmt::Error::OutOfRange { .. } | blockfmt::Error::Invalid(_) => libc::EINVAL,
+        blockfmt::Error::ReadOnly => libc::EROFS,
+        _ => libc::EIO,
+    }
+}
+
+/// Serves the one queue until the device stops.
+fn serve_queue(
+    name: &str,
+    image: &Image,
+    cdev: &File,
+    ready: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    let depth = QUEUE_DEPTH as usize;
+    // Queue 0's descriptors sit at offset 0; the driver wants exactly its rounded size.
+    let descs_len = (depth * DESC_LEN).div_ceil(4096) * 4096;
+    debug_assert!(depth <= MAX_QUEUE_DEPTH);
+    let descs = Mapping::map(descs_len, Some((cdev, 0)), libc::PROT_READ)?;
+    let bufs = Mapping::map(
+        depth * IO_BUF_BYTES as usize,
+        None,
+        libc::PROT_READ | libc::PROT_WRITE,
+    )?;
+    let buf_addr = |tag: usize| bufs.ptr as u64 + (tag * IO_BUF_BYTES as usize) as u64;
+    let mut ring: IoUring = IoUring::new((depth * 2) as u32)?;
+    let fd = types::Fd(cdev.as_raw_fd());
+    let push = |ring: &mut IoUring, op: u32, tag: usize, result: i32| -> io::Result<()> {
+        let sqe = opcode::UringCmd16::new(fd, op)
+            .cmd(io_cmd(tag as u16, result, buf_addr(tag)))
+            .build()
+            .user_data(tag as u64);
+        // SAFETY: the command names this tag's buffer, which lives (in `bufs`) as long as the
+        // ring; completions are reaped below before `bufs` is dropped.
+        unsafe {
+            ring.submission()
+                .push(&sqe)
+                .map_err(|_| io::Error::other("queue ring full"))
+        }
+    };
+    for tag in 0..depth {
+        push(&mut ring, IO_FETCH_REQ, tag, 0)?;
+    }
+    ring.submit()?;
+    let _ = ready.send(Ok(()));
+    let mut live = depth;
+    while live > 0 {
+        ring.submit_and_wait(1)?;
+        let done: Vec<(usize, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data() as usize, c.result()))
+            .collect();
+        for (tag, res) in done {
+            if res < 0 {
+                // UBLK_IO_RES_ABORT (-ENODEV): the device is stopping; this tag is done.
+                live -= 1;
+                continue;
+            }
+            // SAFETY: the driver wrote descriptor `tag` before completing its fetch, and the
+            // mapping holds `depth` descriptors.
+            let d = unsafe { std::slice::from_raw_parts(descs.ptr.add(tag * DESC_LEN), DESC_LEN) };
+            let op = d[0];
+            let sectors = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as u64;
+            let start = u64::from_le_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]);
+            let (off, len) = (start << 9, (sectors << 9) as usize);
+            let result = if len > IO_BUF_BYTES as usize {
+                -libc::EINVAL
+            } else {
+                // SAFETY: this tag's buffer: `len` ≤ IO_BUF_BYTES bytes inside `bufs`, used by
+                // nobody else until we commit it.
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut(bufs.ptr.add(tag * IO_BUF_BYTES as usize), len)
+                };
+                let r = match op {
+                    OP_READ => image.read(off, buf),
+                    OP_WRITE => image.write(off, buf),
+                    OP_FLUSH => image.flush(),
+                    OP_DISCARD => image.trim(off, len as u64),
+                    OP_WRITE_ZEROES => image.write_zeroes(off, len as u64),
+                    _ => Err(blockfmt::Error::Invalid(format!("ublk op {op}"))),
+                };
+                match r {
+                    Ok(()) => len as i32,
+                    Err(e) => {
+                        tracing::warn!(export = %name, op, offset = off, len, error = %e, "ublk request failed");
+                        -errno_of(&e)
+                    }
+                }
+            };
+            push(&mut ring, IO_COMMIT_AND_FETCH_REQ, tag, result)?;
+        }
+    }
+    Ok(())
+}
