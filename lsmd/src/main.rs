@@ -73,6 +73,10 @@ enum Cmd {
         /// log says which). Repeat for more. Stopped at exit.
         #[arg(long = "ublk")]
         ublk: Vec<String>,
+        /// Where lsmd remembers its ublk device ids, so that a restarted lsmd takes over the
+        /// devices (and their mounts) instead of creating new ones.
+        #[arg(long, default_value = "/run/lsm")]
+        state_dir: PathBuf,
     },
 }
 
@@ -190,6 +194,7 @@ fn main() -> ExitCode {
         fuse,
         nbd_devices,
         ublk,
+        state_dir,
     } = Cli::parse().cmd;
     if socket.is_none()
         && tcp.is_none()
@@ -317,7 +322,8 @@ fn main() -> ExitCode {
             eprintln!("lsmd: error: --ublk {name}: no such export");
             return ExitCode::FAILURE;
         };
-        match lsmd::ublk::UblkDevice::start(name, image) {
+        let state = state_dir.join(format!("ublk-{name}.id"));
+        match lsmd::ublk::UblkDevice::start(name, image, &state) {
             Ok(d) => {
                 tracing::info!(export = %name, device = %d.block_device(), "ublk device started");
                 ublk_devices.push(d);
@@ -341,11 +347,12 @@ fn main() -> ExitCode {
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down: flushing upper layers");
     }
-    for d in ublk_devices {
+    for (d, name) in ublk_devices.into_iter().zip(&ublk) {
         let dev = d.block_device();
         if let Err(e) = d.stop() {
             tracing::error!(device = %dev, error = %e, "ublk stop failed");
         }
+        let _ = std::fs::remove_file(state_dir.join(format!("ublk-{name}.id")));
     }
     for a in attached {
         let dev = a.device().display().to_string();

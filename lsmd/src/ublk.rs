@@ -6,7 +6,10 @@
 //! each fetched request is. Data moves through one page-aligned buffer per tag.
 //!
 //! One queue, served by one thread that completes requests in order of arrival; the `Image`
-//! does the work. User recovery (taking over a live device after a restart) is not done yet.
+//! does the work. Devices are created with user recovery: if lsmd dies, the kernel holds the
+//! device's I/O (a mounted filesystem just waits), and the next lsmd started for the same
+//! export takes the device over (START/END_USER_RECOVERY) — requests that were in flight are
+//! issued again. The device id is remembered in a state file for that.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -24,6 +27,10 @@ const CTRL_DEV: &str = "/dev/ublk-control";
 const fn iowr(nr: u32, size: u32) -> u32 {
     (3 << 30) | (size << 16) | ((b'u' as u32) << 8) | nr
 }
+/// `_IOR('u', nr, size)`.
+const fn ior(nr: u32, size: u32) -> u32 {
+    (2 << 30) | (size << 16) | ((b'u' as u32) << 8) | nr
+}
 const CTRL_CMD_LEN: u32 = 32;
 const IO_CMD_LEN: u32 = 16;
 const CMD_ADD_DEV: u32 = iowr(0x04, CTRL_CMD_LEN);
@@ -31,10 +38,19 @@ const CMD_DEL_DEV: u32 = iowr(0x05, CTRL_CMD_LEN);
 const CMD_START_DEV: u32 = iowr(0x06, CTRL_CMD_LEN);
 const CMD_STOP_DEV: u32 = iowr(0x07, CTRL_CMD_LEN);
 const CMD_SET_PARAMS: u32 = iowr(0x08, CTRL_CMD_LEN);
+const CMD_GET_DEV_INFO: u32 = ior(0x02, CTRL_CMD_LEN);
+const CMD_START_USER_RECOVERY: u32 = iowr(0x10, CTRL_CMD_LEN);
+const CMD_END_USER_RECOVERY: u32 = iowr(0x11, CTRL_CMD_LEN);
 const IO_FETCH_REQ: u32 = iowr(0x20, IO_CMD_LEN);
 const IO_COMMIT_AND_FETCH_REQ: u32 = iowr(0x21, IO_CMD_LEN);
 
+const F_USER_RECOVERY: u64 = 1 << 3;
+/// With recovery: requests in flight when the server died are issued again to the next one.
+const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
 const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
+/// Device states (`ublksrv_ctrl_dev_info.state`) a restarted server can take over.
+const S_DEV_QUIESCED: u16 = 2;
+const S_DEV_FAIL_IO: u16 = 3;
 const PARAM_TYPE_BASIC: u32 = 1;
 const ATTR_READ_ONLY: u32 = 1;
 
@@ -163,27 +179,41 @@ pub struct UblkDevice {
 }
 
 impl UblkDevice {
-    /// Creates `/dev/ublkbN` for `image` and starts serving it. `name` appears in logs.
-    pub fn start(name: &str, image: Arc<Image>) -> io::Result<UblkDevice> {
+    /// Serves `image` as a ublk device: takes over the device recorded in `state` if it is
+    /// waiting for a server (after lsmd died), else creates `/dev/ublkbN` and records its id in
+    /// `state`. `name` appears in logs.
+    pub fn start(name: &str, image: Arc<Image>, state: &std::path::Path) -> io::Result<UblkDevice> {
         let mut ctrl = Control::open()?;
+        let previous = std::fs::read_to_string(state)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if let Some(id) = previous {
+            match recoverable(&mut ctrl, id) {
+                Ok(true) => {
+                    let dev = UblkDevice::serve(name, image, ctrl, id, true)?;
+                    tracing::info!(export = %name, device = %dev.block_device(), "took over the ublk device after a restart");
+                    return Ok(dev);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(export = %name, error = %e, "recorded ublk device is gone")
+                }
+            }
+        }
         // struct ublksrv_ctrl_dev_info, 64 bytes; the kernel fills in dev_id.
         let mut info = [0u8; 64];
         info[0..2].copy_from_slice(&1u16.to_le_bytes()); // nr_hw_queues
         info[2..4].copy_from_slice(&QUEUE_DEPTH.to_le_bytes());
         info[8..12].copy_from_slice(&IO_BUF_BYTES.to_le_bytes());
         info[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // dev_id: any
-        info[24..32].copy_from_slice(&F_CMD_IOCTL_ENCODE.to_le_bytes());
+        let flags = F_CMD_IOCTL_ENCODE | F_USER_RECOVERY | F_USER_RECOVERY_REISSUE;
+        info[24..32].copy_from_slice(&flags.to_le_bytes());
         ctrl.run(
             "ADD_DEV",
             CMD_ADD_DEV,
             ctrl_cmd(u32::MAX, 64, info.as_mut_ptr() as u64, 0),
         )?;
         let dev_id = u32::from_le_bytes([info[12], info[13], info[14], info[15]]);
-        let mut dev = UblkDevice {
-            dev_id,
-            ctrl,
-            queue: None,
-        };
 
         // struct ublk_params with the basic part only: 8 + 32 bytes.
         let mut params = [0u8; 40];
@@ -197,12 +227,44 @@ impl UblkDevice {
         params[15] = 9; // minimal I/O 512
         params[16..20].copy_from_slice(&(IO_BUF_BYTES >> 9).to_le_bytes());
         params[24..32].copy_from_slice(&(image.size() >> 9).to_le_bytes());
-        dev.ctrl.run(
+        if let Err(e) = ctrl.run(
             "SET_PARAMS",
             CMD_SET_PARAMS,
             ctrl_cmd(dev_id, 40, params.as_mut_ptr() as u64, 0),
-        )?;
+        ) {
+            let _ = ctrl.run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(dev_id, 0, 0, 0));
+            return Err(e);
+        }
+        let dev = UblkDevice::serve(name, image, ctrl, dev_id, false)?;
+        if let Some(dir) = state.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = std::fs::write(state, format!("{dev_id}\n")) {
+            tracing::warn!(state = %state.display(), error = %e, "cannot record the ublk device id; a restart will not take it over");
+        }
+        Ok(dev)
+    }
 
+    /// Opens the char device, starts the queue thread, then START_DEV (or END_USER_RECOVERY).
+    fn serve(
+        name: &str,
+        image: Arc<Image>,
+        ctrl: Control,
+        dev_id: u32,
+        recovering: bool,
+    ) -> io::Result<UblkDevice> {
+        let mut dev = UblkDevice {
+            dev_id,
+            ctrl,
+            queue: None,
+        };
+        if recovering {
+            dev.ctrl.run(
+                "START_USER_RECOVERY",
+                CMD_START_USER_RECOVERY,
+                ctrl_cmd(dev_id, 0, 0, 0),
+            )?;
+        }
         let cdev_path = format!("/dev/ublkc{dev_id}");
         let mut cdev = None;
         for _ in 0..100 {
@@ -228,11 +290,13 @@ impl UblkDevice {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(io::Error::other("ublk queue thread ended")),
         }
-        dev.ctrl.run(
-            "START_DEV",
-            CMD_START_DEV,
-            ctrl_cmd(dev_id, 0, 0, std::process::id() as u64),
-        )?;
+        let (what, op) = if recovering {
+            ("END_USER_RECOVERY", CMD_END_USER_RECOVERY)
+        } else {
+            ("START_DEV", CMD_START_DEV)
+        };
+        dev.ctrl
+            .run(what, op, ctrl_cmd(dev_id, 0, 0, std::process::id() as u64))?;
         Ok(dev)
     }
 
@@ -258,6 +322,19 @@ impl UblkDevice {
             .run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(self.dev_id, 0, 0, 0))?;
         r.map(|_| ())
     }
+}
+
+/// True when device `id` exists, has user recovery, and waits for a server.
+fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<bool> {
+    let mut info = [0u8; 64];
+    ctrl.run(
+        "GET_DEV_INFO",
+        CMD_GET_DEV_INFO,
+        ctrl_cmd(id, 64, info.as_mut_ptr() as u64, 0),
+    )?;
+    let state = u16::from_le_bytes([info[4], info[5]]);
+    let flags = u64::from_le_bytes(info[24..32].try_into().unwrap_or_default());
+    Ok(flags & F_USER_RECOVERY != 0 && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO))
 }
 
 impl Drop for UblkDevice {
@@ -359,6 +436,11 @@ fn serve_queue(
                 }
             };
             push(&mut ring, IO_COMMIT_AND_FETCH_REQ, tag, result)?;
+        }
+        // Before the kernel hears of these completions, the upper layer's queued records reach
+        // the kernel too: a restarted lsmd (recovery) then sees every write it acknowledged.
+        if let Err(e) = image.settle() {
+            tracing::warn!(export = %name, error = %e, "upper layer log write failed");
         }
     }
     Ok(())

@@ -352,12 +352,13 @@ pub(super) fn serve<R: Read, W: Write + Send + 'static>(
     let mut scratch = Vec::new();
     let result = (|| loop {
         if rd.buffer().len() < REQUEST_LEN {
-            // The next read may block: send the replies collected so far first, and let
-            // the upper layer write out its queued log records.
-            conn.out()?.flush()?;
+            // The next read may block: let the upper layer hand its queued log records to
+            // the kernel (so a restarted lsmd sees every acknowledged write), then send the
+            // replies collected so far.
             if let Err(e) = conn.image().settle() {
                 tracing::warn!(export = %conn.export.name, error = %e, "upper layer log write failed");
             }
+            conn.out()?.flush()?;
             poll_readable(fd, server.busy_poll);
         }
         let Some(req) = read_request(rd)? else {
