@@ -69,6 +69,10 @@ enum Cmd {
         /// detached, after the kernel's requests complete, at exit.
         #[arg(long = "nbd-device")]
         nbd_devices: Vec<String>,
+        /// Seconds the kernel holds an nbd device's I/O after lsmd dies, waiting for a
+        /// restarted lsmd to take the device over (netlink attach).
+        #[arg(long, default_value_t = 120)]
+        nbd_dead_timeout: u64,
         /// Serve an export as a ublk block device (/dev/ublkbN, numbered by the kernel; the
         /// log says which). Repeat for more. Stopped at exit.
         #[arg(long = "ublk")]
@@ -193,6 +197,7 @@ fn main() -> ExitCode {
         prefetch,
         fuse,
         nbd_devices,
+        nbd_dead_timeout,
         ublk,
         state_dir,
     } = Cli::parse().cmd;
@@ -301,10 +306,13 @@ fn main() -> ExitCode {
             eprintln!("lsmd: error: --nbd-device {spec}: no export named {name:?}");
             return ExitCode::FAILURE;
         };
+        let state = state_dir.join(format!("nbd-{name}.index"));
         match lsmd::nbd::kernel::KernelAttachment::attach(
             std::path::Path::new(dev),
             export,
             &server,
+            &state,
+            nbd_dead_timeout,
         ) {
             Ok(a) => {
                 tracing::info!(export = %name, device = %dev, "attached");

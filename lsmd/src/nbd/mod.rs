@@ -14,6 +14,7 @@
 
 mod handshake;
 pub mod kernel;
+mod netlink;
 pub mod proto;
 mod transmission;
 
