@@ -243,3 +243,59 @@ fn kernel_setup_check_reports_every_feature() {
     );
     assert!(o.status.success());
 }
+
+#[test]
+fn lsmctl_attach_list_detach_with_the_fuse_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let tree = t.join("tree");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    std::fs::write(tree.join("hello.txt"), "attached\n").expect("write");
+    let raw = t.join("fs.raw");
+    mkfs_ext4(&raw, 32, &tree);
+    ok(lsmctl(["import", "-q"])
+        .arg(&raw)
+        .arg("-o")
+        .arg(t.join("base.blob")));
+    let img = t.join("app.json");
+    ok(lsmctl(["create"])
+        .arg(&img)
+        .arg("--layer")
+        .arg(t.join("base.blob")));
+    let state = t.join("state");
+    let files = t.join("files");
+
+    let dev = ok(lsmctl(["attach"])
+        .arg(&img)
+        .arg("--fuse")
+        .arg(&files)
+        .arg("--state-dir")
+        .arg(&state));
+    let dev = PathBuf::from(dev.trim());
+    assert_eq!(dev, files.join("app"));
+    assert_eq!(
+        std::fs::metadata(&dev).expect("device file").len(),
+        32 << 20
+    );
+    let list = ok(lsmctl(["list", "--state-dir"]).arg(&state));
+    assert!(list.contains("app") && list.contains("running"), "{list}");
+    // Attaching it twice is refused.
+    let o = run(lsmctl(["attach"])
+        .arg(&img)
+        .arg("--fuse")
+        .arg(&files)
+        .arg("--state-dir")
+        .arg(&state));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already attached"));
+    {
+        let m = Mounted::new(&dev, &t.join("mnt"));
+        assert_eq!(
+            std::fs::read_to_string(m.dir.join("hello.txt")).expect("read"),
+            "attached\n"
+        );
+    }
+    ok(lsmctl(["detach", "app", "--state-dir"]).arg(&state));
+    assert!(!dev.exists(), "the FUSE file outlived detach");
+    let list = ok(lsmctl(["list", "--state-dir"]).arg(&state));
+    assert!(list.contains("nothing attached"), "{list}");
+}

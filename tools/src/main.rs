@@ -2,6 +2,7 @@
 //! says what it does; errors are printed for humans (with the layer, offset or field at fault)
 //! and exit non-zero.
 
+mod attach;
 mod build;
 mod check;
 mod progress;
@@ -60,6 +61,14 @@ enum Cmd {
     /// fetches first, in the background, the next time it serves IMAGE.
     #[command(subcommand)]
     Trace(TraceCmd),
+    /// Attach an image as a block device (--nbd /dev/nbdN or --ublk) or a FUSE file (--fuse
+    /// DIR): starts a detached lsmd for it and prints the device.
+    Attach(attach::AttachArgs),
+    /// Detach an attached image (by name or device): its lsmd finishes the kernel's requests,
+    /// flushes, and exits.
+    Detach(attach::DetachArgs),
+    /// List attached images.
+    List(attach::ListArgs),
     /// Show what a running lsmd serves: exports, upper-layer sizes, host cache use, bytes
     /// fetched (from its `--metrics` address).
     Status(StatusArgs),
@@ -205,6 +214,9 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => check::verify(a),
         Cmd::Status(a) => status(a),
         Cmd::Trace(c) => trace(c),
+        Cmd::Attach(a) => attach::attach(a),
+        Cmd::Detach(a) => attach::detach(a),
+        Cmd::List(a) => attach::list(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
