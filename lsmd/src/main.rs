@@ -77,6 +77,12 @@ enum Cmd {
         /// log says which). Repeat for more. Stopped at exit.
         #[arg(long = "ublk")]
         ublk: Vec<String>,
+        /// Hardware queues of each new ublk device (one serving thread each).
+        #[arg(long, default_value_t = 1)]
+        ublk_queues: u16,
+        /// Requests in flight per ublk queue.
+        #[arg(long, default_value_t = 64)]
+        ublk_depth: u16,
         /// Where lsmd remembers its ublk device ids, so that a restarted lsmd takes over the
         /// devices (and their mounts) instead of creating new ones.
         #[arg(long, default_value = "/run/lsm")]
@@ -199,6 +205,8 @@ fn main() -> ExitCode {
         nbd_devices,
         nbd_dead_timeout,
         ublk,
+        ublk_queues,
+        ublk_depth,
         state_dir,
     } = Cli::parse().cmd;
     if socket.is_none()
@@ -331,7 +339,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         };
         let state = state_dir.join(format!("ublk-{name}.id"));
-        match lsmd::ublk::UblkDevice::start(name, image, &state) {
+        let opts = lsmd::ublk::UblkOptions {
+            queues: ublk_queues,
+            depth: ublk_depth,
+        };
+        match lsmd::ublk::UblkDevice::start(name, image, &state, opts) {
             Ok(d) => {
                 tracing::info!(export = %name, device = %d.block_device(), "ublk device started");
                 ublk_devices.push(d);

@@ -5,8 +5,8 @@
 //! takes FETCH_REQ / COMMIT_AND_FETCH_REQ per tag, and its mmap'd descriptor array says what
 //! each fetched request is. Data moves through one page-aligned buffer per tag.
 //!
-//! One queue, served by one thread that completes requests in order of arrival; the `Image`
-//! does the work. Devices are created with user recovery: if lsmd dies, the kernel holds the
+//! Each hardware queue (`--ublk-queues`, depth `--ublk-depth`) is served by its own thread,
+//! which completes its requests in order of arrival; the `Image` does the work. Devices are created with user recovery: if lsmd dies, the kernel holds the
 //! device's I/O (a mounted filesystem just waits), and the next lsmd started for the same
 //! export takes the device over (START/END_USER_RECOVERY) — requests that were in flight are
 //! issued again. The device id is remembered in a state file for that.
@@ -64,9 +64,24 @@ const OP_WRITE_ZEROES: u8 = 5;
 const MAX_QUEUE_DEPTH: usize = 4096;
 const DESC_LEN: usize = 24;
 
-/// Queue depth and per-request buffer size of the devices lsmd creates.
-const QUEUE_DEPTH: u16 = 64;
+/// Per-request buffer size (and largest request) of the devices lsmd creates.
 const IO_BUF_BYTES: u32 = 512 * 1024;
+
+/// Shape of a new device: hardware queues (one serving thread each) and their depth.
+#[derive(Debug, Clone, Copy)]
+pub struct UblkOptions {
+    pub queues: u16,
+    pub depth: u16,
+}
+
+impl Default for UblkOptions {
+    fn default() -> Self {
+        UblkOptions {
+            queues: 1,
+            depth: 64,
+        }
+    }
+}
 
 /// struct ublksrv_ctrl_cmd, as bytes.
 fn ctrl_cmd(dev_id: u32, len: u16, addr: u64, data0: u64) -> [u8; 80] {
@@ -80,9 +95,10 @@ fn ctrl_cmd(dev_id: u32, len: u16, addr: u64, data0: u64) -> [u8; 80] {
 }
 
 /// struct ublksrv_io_cmd, as bytes.
-fn io_cmd(tag: u16, result: i32, addr: u64) -> [u8; 16] {
+fn io_cmd(q_id: u16, tag: u16, result: i32, addr: u64) -> [u8; 16] {
     let mut c = [0u8; 16];
-    c[2..4].copy_from_slice(&tag.to_le_bytes()); // q_id 0
+    c[0..2].copy_from_slice(&q_id.to_le_bytes());
+    c[2..4].copy_from_slice(&tag.to_le_bytes());
     c[4..8].copy_from_slice(&result.to_le_bytes());
     c[8..16].copy_from_slice(&addr.to_le_bytes());
     c
@@ -175,26 +191,37 @@ impl Drop for Mapping {
 pub struct UblkDevice {
     dev_id: u32,
     ctrl: Control,
-    queue: Option<JoinHandle<()>>,
+    queues: Vec<JoinHandle<()>>,
 }
 
 impl UblkDevice {
     /// Serves `image` as a ublk device: takes over the device recorded in `state` if it is
     /// waiting for a server (after lsmd died), else creates `/dev/ublkbN` and records its id in
     /// `state`. `name` appears in logs.
-    pub fn start(name: &str, image: Arc<Image>, state: &std::path::Path) -> io::Result<UblkDevice> {
+    pub fn start(
+        name: &str,
+        image: Arc<Image>,
+        state: &std::path::Path,
+        opts: UblkOptions,
+    ) -> io::Result<UblkDevice> {
+        if opts.queues == 0 || opts.depth == 0 || opts.depth as usize > MAX_QUEUE_DEPTH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("ublk queues must be ≥ 1 and depth 1..={MAX_QUEUE_DEPTH}"),
+            ));
+        }
         let mut ctrl = Control::open()?;
         let previous = std::fs::read_to_string(state)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
         if let Some(id) = previous {
             match recoverable(&mut ctrl, id) {
-                Ok(true) => {
-                    let dev = UblkDevice::serve(name, image, ctrl, id, true)?;
+                Ok(Some(shape)) => {
+                    let dev = UblkDevice::serve(name, image, ctrl, id, shape, true)?;
                     tracing::info!(export = %name, device = %dev.block_device(), "took over the ublk device after a restart");
                     return Ok(dev);
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(export = %name, error = %e, "recorded ublk device is gone")
                 }
@@ -202,8 +229,8 @@ impl UblkDevice {
         }
         // struct ublksrv_ctrl_dev_info, 64 bytes; the kernel fills in dev_id.
         let mut info = [0u8; 64];
-        info[0..2].copy_from_slice(&1u16.to_le_bytes()); // nr_hw_queues
-        info[2..4].copy_from_slice(&QUEUE_DEPTH.to_le_bytes());
+        info[0..2].copy_from_slice(&opts.queues.to_le_bytes()); // nr_hw_queues
+        info[2..4].copy_from_slice(&opts.depth.to_le_bytes());
         info[8..12].copy_from_slice(&IO_BUF_BYTES.to_le_bytes());
         info[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // dev_id: any
         let flags = F_CMD_IOCTL_ENCODE | F_USER_RECOVERY | F_USER_RECOVERY_REISSUE;
@@ -235,7 +262,7 @@ impl UblkDevice {
             let _ = ctrl.run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(dev_id, 0, 0, 0));
             return Err(e);
         }
-        let dev = UblkDevice::serve(name, image, ctrl, dev_id, false)?;
+        let dev = UblkDevice::serve(name, image, ctrl, dev_id, opts, false)?;
         if let Some(dir) = state.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -245,18 +272,20 @@ impl UblkDevice {
         Ok(dev)
     }
 
-    /// Opens the char device, starts the queue thread, then START_DEV (or END_USER_RECOVERY).
+    /// Opens the char device, starts a thread per queue, then START_DEV (or
+    /// END_USER_RECOVERY).
     fn serve(
         name: &str,
         image: Arc<Image>,
         ctrl: Control,
         dev_id: u32,
+        shape: UblkOptions,
         recovering: bool,
     ) -> io::Result<UblkDevice> {
         let mut dev = UblkDevice {
             dev_id,
             ctrl,
-            queue: None,
+            queues: Vec::new(),
         };
         if recovering {
             dev.ctrl.run(
@@ -270,7 +299,7 @@ impl UblkDevice {
         for _ in 0..100 {
             match OpenOptions::new().read(true).write(true).open(&cdev_path) {
                 Ok(f) => {
-                    cdev = Some(f);
+                    cdev = Some(Arc::new(f));
                     break;
                 }
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
@@ -278,17 +307,27 @@ impl UblkDevice {
         }
         let cdev = cdev.ok_or_else(|| io::Error::other(format!("{cdev_path} did not appear")))?;
         let (ready_tx, ready_rx) = mpsc::channel();
-        let name = name.to_string();
-        dev.queue = Some(std::thread::spawn(move || {
-            if let Err(e) = serve_queue(&name, &image, &cdev, &ready_tx) {
-                tracing::error!(export = %name, error = %e, "ublk queue failed");
-                let _ = ready_tx.send(Err(e));
+        for q in 0..shape.queues {
+            let (name, image, cdev, ready) = (
+                name.to_string(),
+                image.clone(),
+                cdev.clone(),
+                ready_tx.clone(),
+            );
+            dev.queues.push(std::thread::spawn(move || {
+                if let Err(e) = serve_queue(&name, &image, &cdev, q, shape.depth, &ready) {
+                    tracing::error!(export = %name, queue = q, error = %e, "ublk queue failed");
+                    let _ = ready.send(Err(e));
+                }
+            }));
+        }
+        drop(ready_tx);
+        for _ in 0..shape.queues {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other("ublk queue thread ended")),
             }
-        }));
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(io::Error::other("ublk queue thread ended")),
         }
         let (what, op) = if recovering {
             ("END_USER_RECOVERY", CMD_END_USER_RECOVERY)
@@ -311,21 +350,23 @@ impl UblkDevice {
     }
 
     fn shutdown(&mut self) -> io::Result<()> {
-        let Some(q) = self.queue.take() else {
+        if self.queues.is_empty() {
             return Ok(());
-        };
+        }
         let r = self
             .ctrl
             .run("STOP_DEV", CMD_STOP_DEV, ctrl_cmd(self.dev_id, 0, 0, 0));
-        let _ = q.join();
+        for q in self.queues.drain(..) {
+            let _ = q.join();
+        }
         self.ctrl
             .run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(self.dev_id, 0, 0, 0))?;
         r.map(|_| ())
     }
 }
 
-/// True when device `id` exists, has user recovery, and waits for a server.
-fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<bool> {
+/// The shape of device `id` when it exists, has user recovery, and waits for a server.
+fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
     let mut info = [0u8; 64];
     ctrl.run(
         "GET_DEV_INFO",
@@ -334,7 +375,12 @@ fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<bool> {
     )?;
     let state = u16::from_le_bytes([info[4], info[5]]);
     let flags = u64::from_le_bytes(info[24..32].try_into().unwrap_or_default());
-    Ok(flags & F_USER_RECOVERY != 0 && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO))
+    let waiting =
+        flags & F_USER_RECOVERY != 0 && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO);
+    Ok(waiting.then(|| UblkOptions {
+        queues: u16::from_le_bytes([info[0], info[1]]),
+        depth: u16::from_le_bytes([info[2], info[3]]),
+    }))
 }
 
 impl Drop for UblkDevice {
@@ -353,18 +399,25 @@ fn errno_of(e: &blockfmt::Error) -> i32 {
     }
 }
 
-/// Serves the one queue until the device stops.
+/// Serves queue `q_id` (of `depth` tags) until the device stops.
 fn serve_queue(
     name: &str,
     image: &Image,
     cdev: &File,
+    q_id: u16,
+    depth: u16,
     ready: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
-    let depth = QUEUE_DEPTH as usize;
-    // Queue 0's descriptors sit at offset 0; the driver wants exactly its rounded size.
+    let depth = depth as usize;
+    // Each queue's descriptors sit at a fixed stride (room for the largest depth); the driver
+    // wants exactly the queue's own size, rounded to pages.
+    let stride = (MAX_QUEUE_DEPTH * DESC_LEN).div_ceil(4096) * 4096;
     let descs_len = (depth * DESC_LEN).div_ceil(4096) * 4096;
-    debug_assert!(depth <= MAX_QUEUE_DEPTH);
-    let descs = Mapping::map(descs_len, Some((cdev, 0)), libc::PROT_READ)?;
+    let descs = Mapping::map(
+        descs_len,
+        Some((cdev, q_id as i64 * stride as i64)),
+        libc::PROT_READ,
+    )?;
     let bufs = Mapping::map(
         depth * IO_BUF_BYTES as usize,
         None,
@@ -375,7 +428,7 @@ fn serve_queue(
     let fd = types::Fd(cdev.as_raw_fd());
     let push = |ring: &mut IoUring, op: u32, tag: usize, result: i32| -> io::Result<()> {
         let sqe = opcode::UringCmd16::new(fd, op)
-            .cmd(io_cmd(tag as u16, result, buf_addr(tag)))
+            .cmd(io_cmd(q_id, tag as u16, result, buf_addr(tag)))
             .build()
             .user_data(tag as u64);
         // SAFETY: the command names this tag's buffer, which lives (in `bufs`) as long as the
@@ -430,7 +483,7 @@ fn serve_queue(
                 match r {
                     Ok(()) => len as i32,
                     Err(e) => {
-                        tracing::warn!(export = %name, op, offset = off, len, error = %e, "ublk request failed");
+                        tracing::warn!(export = %name, queue = q_id, op, offset = off, len, error = %e, "ublk request failed");
                         -errno_of(&e)
                     }
                 }
