@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p lsm-tools
-L=target/release/lsmctl
+L=${CARGO_TARGET_DIR:-target}/release/lsmctl
 w=$(mktemp -d); trap 'rm -rf "$w"' EXIT
 python3 - "$w/tree" <<'PY'
 import os, subprocess, sys

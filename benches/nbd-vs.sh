@@ -16,8 +16,8 @@ for t in qemu-nbd nbdkit; do
 done
 cargo build --release -q -p lsmd -p lsm-tools
 ROOT=$PWD
-L=$ROOT/target/release/lsmctl
-D=$ROOT/target/release/lsmd
+L=${CARGO_TARGET_DIR:-$ROOT/target}/release/lsmctl
+D=${CARGO_TARGET_DIR:-$ROOT/target}/release/lsmd
 MIB=${BENCH_MIB:-1024}
 CACHE_MIB=${BENCH_CACHE_MIB:-$((MIB * 2))}
 SECS=${BENCH_SECS:-10}

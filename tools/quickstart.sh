@@ -7,7 +7,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 bash tests/install-deps.sh
 cargo build --release -q -p lsm-tools
-L="$repo/target/release/lsmctl"
+L="${CARGO_TARGET_DIR:-$repo/target}/release/lsmctl"
 w=${LSM_QUICKSTART_DIR:-$repo/target/quickstart}
 rm -rf "$w"; mkdir -p "$w/tree"
 cp -a README.md FORMAT.md blockfmt lsmd tools "$w/tree/"
