@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::DiskCache;
 use crate::error::{Error, Result};
-use crate::source::auth::Credentials;
+use crate::source::auth::{AuthCache, Credentials};
 use crate::source::http::{HttpBlob, Mirror, P2pAgent, RetryPolicy};
 use crate::source::nas::NasFile;
 use crate::source::SourceStats;
@@ -175,6 +175,8 @@ pub struct HostServices {
     pub http_stats: Arc<SourceStats>,
     pub nas_stats: Arc<SourceStats>,
     pub retry: RetryPolicy,
+    /// Registry auth state (tokens) shared by all layers of a repository.
+    pub registry_auth: AuthCache,
 }
 
 /// One layer of the stack.
@@ -424,6 +426,7 @@ impl ImageSpec {
                     r.size,
                     host.retry,
                     host.registry_stats.clone(),
+                    &host.registry_auth,
                 )
                 .map_err(io_err)?;
                 Arc::new(match &r.p2p {

@@ -205,6 +205,22 @@ impl RegistryAuth {
     }
 }
 
+/// Auth state shared by every blob of one registry repository (tokens are scoped to it), so a
+/// token fetched for one layer serves the others. Cloning shares it.
+#[derive(Clone, Default)]
+pub struct AuthCache(std::sync::Arc<Mutex<HashMap<String, std::sync::Arc<RegistryAuth>>>>);
+
+impl AuthCache {
+    /// The state for `key` (registry base URL + repository), made with `creds` the first time.
+    pub fn get(&self, key: &str, creds: Option<Credentials>) -> std::sync::Arc<RegistryAuth> {
+        self.0
+            .lock()
+            .entry(key.to_string())
+            .or_insert_with(|| std::sync::Arc::new(RegistryAuth::new(creds)))
+            .clone()
+    }
+}
+
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Standard base64 with padding.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::auth::{Credentials, RegistryAuth};
+use super::auth::{AuthCache, Credentials, RegistryAuth};
 use super::SourceStats;
 
 /// How hard a source tries before a read fails.
@@ -78,7 +78,7 @@ enum Failure {
 
 struct Endpoint {
     url: String,
-    auth: RegistryAuth,
+    auth: Arc<RegistryAuth>,
 }
 
 /// A blob in a registry (and its mirrors); implements `blockfmt::ReadAt`.
@@ -102,6 +102,8 @@ const RETURN_AFTER: Duration = Duration::from_secs(30);
 impl HttpBlob {
     /// A blob `digest` of `repository` served by `mirrors` (first preferred). `size` saves a
     /// HEAD request when the manifest already says it.
+    /// Blobs of one repository share `auths`' state, so one token serves them all.
+    #[allow(clippy::too_many_arguments)]
     pub fn registry(
         mirrors: &[Mirror],
         repository: &str,
@@ -109,22 +111,21 @@ impl HttpBlob {
         size: Option<u64>,
         policy: RetryPolicy,
         stats: Arc<SourceStats>,
+        auths: &AuthCache,
     ) -> io::Result<HttpBlob> {
-        let urls: Vec<Mirror> = mirrors
+        let endpoints = mirrors
             .iter()
-            .map(|m| Mirror {
-                base: format!(
-                    "{}/v2/{}/blobs/{}",
-                    m.base.trim_end_matches('/'),
-                    repository,
-                    digest
-                ),
-                credentials: m.credentials.clone(),
+            .map(|m| {
+                let base = m.base.trim_end_matches('/');
+                Endpoint {
+                    url: format!("{base}/v2/{repository}/blobs/{digest}"),
+                    auth: auths.get(&format!("{base}/{repository}"), m.credentials.clone()),
+                }
             })
             .collect();
-        HttpBlob::urls(
+        HttpBlob::open(
             format!("{digest} ({repository})"),
-            &urls,
+            endpoints,
             size,
             policy,
             stats,
@@ -139,7 +140,24 @@ impl HttpBlob {
         policy: RetryPolicy,
         stats: Arc<SourceStats>,
     ) -> io::Result<HttpBlob> {
-        if urls.is_empty() {
+        let endpoints = urls
+            .iter()
+            .map(|m| Endpoint {
+                url: m.base.clone(),
+                auth: Arc::new(RegistryAuth::new(m.credentials.clone())),
+            })
+            .collect();
+        HttpBlob::open(name, endpoints, size, policy, stats)
+    }
+
+    fn open(
+        name: String,
+        endpoints: Vec<Endpoint>,
+        size: Option<u64>,
+        policy: RetryPolicy,
+        stats: Arc<SourceStats>,
+    ) -> io::Result<HttpBlob> {
+        if endpoints.is_empty() {
             return Err(io::Error::other(format!("{name}: no URL to fetch from")));
         }
         let agent = ureq::AgentBuilder::new()
@@ -147,13 +165,6 @@ impl HttpBlob {
             .timeout(policy.request_timeout)
             .max_idle_connections_per_host(16)
             .build();
-        let endpoints = urls
-            .iter()
-            .map(|m| Endpoint {
-                url: m.base.clone(),
-                auth: RegistryAuth::new(m.credentials.clone()),
-            })
-            .collect();
         let mut blob = HttpBlob {
             name,
             endpoints,
@@ -238,14 +249,6 @@ impl HttpBlob {
             done += n;
         }
         Some(())
-    }
-
-    /// Tokens fetched by the first mirror's auth (for tests and status).
-    pub fn tokens_fetched(&self) -> u64 {
-        self.endpoints[0]
-            .auth
-            .tokens_fetched
-            .load(Ordering::Relaxed)
     }
 
     fn request(
