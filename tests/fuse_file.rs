@@ -3,41 +3,13 @@
 //! contents (`diff -r`), modes, owners, symlink targets, hard links and xattrs. Then files
 //! written through the mount survive `sync`, unmount, a commit and a fresh mount.
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use lsm_e2e::nbd::*;
+use lsm_e2e::tree::*;
 use lsm_e2e::*;
-
-/// A loop device over a file, mounted; undone on drop.
-struct Mounted {
-    loopdev: String,
-    dir: PathBuf,
-}
-
-impl Mounted {
-    fn new(file: &Path, dir: &Path) -> Mounted {
-        std::fs::create_dir_all(dir).expect("mountpoint");
-        let loopdev = ok(Command::new("losetup").args(["-f", "--show"]).arg(file))
-            .trim()
-            .to_string();
-        ok(Command::new("mount").arg(&loopdev).arg(dir));
-        Mounted {
-            loopdev,
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
-    }
-}
 
 /// A tree with every kind of entry and metadata mkfs.ext4 -d carries over.
 fn make_tree(root: &Path) {
@@ -63,68 +35,6 @@ fn make_tree(root: &Path) {
     ok(Command::new("setfattr")
         .args(["-n", "user.lsm", "-v", "layered"])
         .arg(root.join("plain.txt")));
-}
-
-/// Path → (mode, uid, gid, size, symlink target, hard-link group) for every entry but
-/// lost+found.
-fn metadata(root: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut by_inode: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("readdir").flatten() {
-            let p = e.path();
-            let rel = p.strip_prefix(root).expect("prefix").to_path_buf();
-            if rel == Path::new("lost+found") {
-                continue;
-            }
-            let m = std::fs::symlink_metadata(&p).expect("lstat");
-            let target = std::fs::read_link(&p)
-                .map(|t| t.display().to_string())
-                .unwrap_or_default();
-            let size = if m.is_dir() { 0 } else { m.size() };
-            out.insert(
-                rel.clone(),
-                format!(
-                    "{:o} {}:{} {size} {target} rdev={}",
-                    m.mode(),
-                    m.uid(),
-                    m.gid(),
-                    m.rdev()
-                ),
-            );
-            if m.is_file() && m.nlink() > 1 {
-                by_inode.entry(m.ino()).or_default().push(rel);
-            }
-            if m.is_dir() {
-                stack.push(p);
-            }
-        }
-    }
-    for group in by_inode.values() {
-        let mut g = group.clone();
-        g.sort();
-        for p in group {
-            if let Some(v) = out.get_mut(p) {
-                *v += &format!(" linked={g:?}");
-            }
-        }
-    }
-    out
-}
-
-/// Every xattr of every entry (symlinks not followed), one block per entry, in path order.
-fn xattrs(root: &Path) -> Vec<String> {
-    let out = ok(Command::new("getfattr")
-        .args(["-R", "-h", "-d", "-m", "-", "."])
-        .current_dir(root));
-    let mut blocks: Vec<String> = out
-        .split("\n\n")
-        .map(|b| b.trim().to_string())
-        .filter(|b| !b.is_empty())
-        .collect();
-    blocks.sort();
-    blocks
 }
 
 #[test]
@@ -199,20 +109,7 @@ fn an_ext4_image_mounted_through_the_fuse_file_equals_its_tree_and_keeps_writes(
         ],
     );
     {
-        std::fs::create_dir_all(t.join("mnt2")).expect("mkdir");
-        let loopdev = ok(Command::new("losetup")
-            .args(["-f", "--show", "-r"])
-            .arg(files.join("img")))
-        .trim()
-        .to_string();
-        ok(Command::new("mount")
-            .args(["-o", "ro"])
-            .arg(&loopdev)
-            .arg(t.join("mnt2")));
-        let m = Mounted {
-            loopdev,
-            dir: t.join("mnt2"),
-        };
+        let m = Mounted::with(&files.join("img"), &t.join("mnt2"), true);
         assert_eq!(
             std::fs::read_to_string(m.dir.join("new.txt")).expect("read"),
             "written through lsmd\n"

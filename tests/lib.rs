@@ -163,3 +163,6 @@ pub mod faultproxy;
 
 #[path = "support/squid.rs"]
 pub mod squid;
+
+#[path = "support/tree.rs"]
+pub mod tree;

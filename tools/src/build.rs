@@ -100,7 +100,7 @@ pub struct CommitArgs {
 }
 
 /// Writer options from the flags, falling back to the image config, then to defaults.
-fn writer_options(o: &LayerOpts, cfg: Option<&ImageConfig>) -> CliResult<WriterOptions> {
+pub(crate) fn writer_options(o: &LayerOpts, cfg: Option<&ImageConfig>) -> CliResult<WriterOptions> {
     let mut w = cfg.map(|c| c.writer_options()).unwrap_or_default();
     if let Some(cs) = o.chunk_size {
         w.chunk_size =
@@ -129,7 +129,7 @@ pub fn descriptor(w: &WrittenLayer) -> serde_json::Value {
 
 /// Writes a blob through `f` into a temporary file beside `out`, fsyncs it and renames it into
 /// place, so `out` is either absent or complete.
-fn write_blob_atomically(
+pub(crate) fn write_blob_atomically(
     out: &Path,
     f: impl FnOnce(
         std::io::BufWriter<File>,

@@ -5,6 +5,7 @@
 mod attach;
 mod build;
 mod check;
+mod convert;
 mod progress;
 
 use std::process::ExitCode;
@@ -61,6 +62,10 @@ enum Cmd {
     /// fetches first, in the background, the next time it serves IMAGE.
     #[command(subcommand)]
     Trace(TraceCmd),
+    /// Convert an OCI image (an image layout directory) into lsm block layers in another image
+    /// layout: each source layer applied (whiteouts honoured) to a tree, made into ext4
+    /// deterministically, and stored as the blocks that differ from the layers below.
+    Convert(convert::ConvertArgs),
     /// Attach an image as a block device (--nbd /dev/nbdN or --ublk) or a FUSE file (--fuse
     /// DIR): starts a detached lsmd for it and prints the device.
     Attach(attach::AttachArgs),
@@ -215,6 +220,7 @@ fn main() -> ExitCode {
         Cmd::Status(a) => status(a),
         Cmd::Trace(c) => trace(c),
         Cmd::Attach(a) => attach::attach(a),
+        Cmd::Convert(a) => convert::convert(a),
         Cmd::Detach(a) => attach::detach(a),
         Cmd::List(a) => attach::list(a),
     };

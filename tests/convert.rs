@@ -1,0 +1,299 @@
+//! `lsmctl convert` against umoci, the reference OCI unpacker: a synthetic image exercising every
+//! whiteout case (file deleted, directory replaced by a file, opaque directory, file re-created
+//! after deletion) plus owners, modes, xattrs, symlinks (one absolute), hard links, a device and
+//! a fifo is converted; lsmd serves the result through the FUSE file, the kernel mounts it, and
+//! the tree equals `umoci unpack` of the source. Bad layers are refused with no image written.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lsm_e2e::nbd::*;
+use lsm_e2e::tree::*;
+use lsm_e2e::*;
+use sha2::{Digest, Sha256};
+
+/// Builds tar layers entry by entry.
+struct TarLayer(tar::Builder<Vec<u8>>);
+
+impl TarLayer {
+    fn new() -> TarLayer {
+        TarLayer(tar::Builder::new(Vec::new()))
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_size(size);
+        h.set_mtime(1_700_000_000);
+        h
+    }
+
+    fn dir(mut self, path: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Directory, 0o755, 0, 0, 0);
+        self.0.append_data(&mut h, path, &[][..]).expect("dir");
+        self
+    }
+
+    fn file(self, path: &str, body: &str) -> Self {
+        self.file_as(path, body, 0o644, 0, 0)
+    }
+
+    fn file_as(mut self, path: &str, body: &str, mode: u32, uid: u64, gid: u64) -> Self {
+        let mut h = Self::header(tar::EntryType::Regular, mode, uid, gid, body.len() as u64);
+        self.0
+            .append_data(&mut h, path, body.as_bytes())
+            .expect("file");
+        self
+    }
+
+    fn link(mut self, kind: tar::EntryType, path: &str, target: &str) -> Self {
+        let mut h = Self::header(kind, 0o777, 0, 0, 0);
+        self.0.append_link(&mut h, path, target).expect("link");
+        self
+    }
+
+    fn node(mut self, kind: tar::EntryType, path: &str, major: u32, minor: u32) -> Self {
+        let mut h = Self::header(kind, 0o666, 0, 0, 0);
+        h.set_device_major(major).expect("major");
+        h.set_device_minor(minor).expect("minor");
+        self.0.append_data(&mut h, path, &[][..]).expect("node");
+        self
+    }
+
+    fn xattr(mut self, key: &str, value: &str) -> Self {
+        let k = format!("SCHILY.xattr.{key}");
+        self.0
+            .append_pax_extensions([(k.as_str(), value.as_bytes())])
+            .expect("pax");
+        self
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.0.into_inner().expect("tar")
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(b).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+/// Writes an OCI image layout at `dir` tagged `t` with these (tar, compressed?) layers.
+fn oci_layout(dir: &Path, layers: &[(Vec<u8>, bool)]) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let put = |b: &[u8]| {
+        let d = sha(b);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b).expect("blob");
+        d
+    };
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (tar, gz) in layers {
+        diff_ids.push(sha(tar));
+        let (bytes, media) = if *gz {
+            (gzip(tar), "application/vnd.oci.image.layer.v1.tar+gzip")
+        } else {
+            (tar.clone(), "application/vnd.oci.image.layer.v1.tar")
+        };
+        descs.push(
+            serde_json::json!({"mediaType": media, "digest": put(&bytes), "size": bytes.len()}),
+        );
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/true"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .expect("json");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+        "layers": descs,
+    }))
+    .expect("json");
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": put(&manifest), "size": manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "t"},
+    }]});
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
+    std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}").expect("layout");
+}
+
+fn whiteout_image(dir: &Path) {
+    use tar::EntryType::*;
+    let l1 = TarLayer::new()
+        .dir("etc")
+        .file("etc/hostname", "one\n")
+        .dir("d")
+        .file("d/x", "x")
+        .file("d/y", "y")
+        .dir("o")
+        .file("o/p", "p")
+        .file("o/q", "q")
+        .file("gone.txt", "bye")
+        .file("back.txt", "first")
+        .xattr("user.lsm", "layer1")
+        .file_as("owned.txt", "owned", 0o4750, 1234, 5678)
+        .link(Symlink, "link", "etc/hostname")
+        .link(Symlink, "abs", "/etc")
+        .link(Link, "hard", "etc/hostname")
+        .node(Char, "null", 1, 3)
+        .node(Fifo, "fifo", 0, 0)
+        .finish();
+    let l2 = TarLayer::new()
+        .file(".wh.gone.txt", "")
+        .file(".wh.d", "")
+        .file("d", "now a file")
+        .dir("o")
+        .file("o/.wh..wh..opq", "")
+        .file("o/new", "new")
+        .file(".wh.back.txt", "")
+        .file("abs/written", "through an absolute symlink")
+        .finish();
+    let l3 = TarLayer::new().file("back.txt", "second").finish();
+    oci_layout(dir, &[(l1, true), (l2, false), (l3, true)]);
+}
+
+fn convert(src: &Path, dst: &Path) -> std::process::Output {
+    run(lsmctl(["convert", "-q", "--tag", "t"]).arg(src).arg(dst))
+}
+
+#[test]
+fn whiteouts_and_metadata_match_umoci() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let src = t.join("src");
+    whiteout_image(&src);
+
+    // The reference: umoci's own unpack of the source image.
+    let bundle = t.join("bundle");
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:t", src.display()))
+        .arg(&bundle));
+    let reference = bundle.join("rootfs");
+
+    let dst = t.join("dst");
+    let o = convert(&src, &dst);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let digest = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    // Contained: the absolute symlink was followed inside the image only.
+    assert!(!Path::new("/etc/written").exists());
+
+    let files = t.join("files");
+    std::fs::create_dir_all(&files).expect("mkdir");
+    let img = dst.join("lsm-image.json");
+    let name = format!("img={}", img.display());
+    let d = Lsmd::start(
+        &t.join("lsmd.sock"),
+        &[
+            OsStr::new("--config"),
+            OsStr::new(&name),
+            OsStr::new("--fuse"),
+            files.as_os_str(),
+        ],
+    );
+    {
+        let m = Mounted::with(&files.join("img"), &t.join("mnt"), true);
+        ok(Command::new("diff")
+            .args([
+                "-r",
+                "--no-dereference",
+                "-x",
+                "lost+found",
+                "-x",
+                "fifo",
+                "-x",
+                "null",
+            ])
+            .arg(&reference)
+            .arg(&m.dir));
+        assert_eq!(metadata(&reference), metadata(&m.dir));
+        let x = xattrs(&reference);
+        assert!(x.iter().any(|b| b.contains("user.lsm")), "{x:?}");
+        assert_eq!(x, xattrs(&m.dir));
+        // The whiteout cases, spelled out.
+        assert!(!m.dir.join("gone.txt").exists());
+        assert_eq!(
+            std::fs::read_to_string(m.dir.join("d")).expect("d"),
+            "now a file"
+        );
+        let mut o: Vec<String> = std::fs::read_dir(m.dir.join("o"))
+            .expect("o")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        o.sort();
+        assert_eq!(o, ["new"]);
+        assert_eq!(
+            std::fs::read_to_string(m.dir.join("back.txt")).expect("back"),
+            "second"
+        );
+        assert_eq!(
+            std::fs::read_to_string(m.dir.join("etc/written")).expect("written"),
+            "through an absolute symlink"
+        );
+    }
+    d.terminate();
+}
+
+#[test]
+fn bad_layers_are_refused_and_leave_no_image() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+
+    // A path climbing out of the root.
+    let evil = t.join("evil");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(4);
+    h.set_mode(0o644);
+    // Set the raw name: the builder refuses `..` itself.
+    h.as_old_mut().name[..12].copy_from_slice(b"../escape.tx");
+    h.set_cksum();
+    b.append(&h, &b"evil"[..]).expect("append");
+    oci_layout(&evil, &[(b.into_inner().expect("tar"), false)]);
+    let out = t.join("out-evil");
+    let o = convert(&evil, &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("climbs out"), "{err}");
+    assert!(!out.join("index.json").exists() && !t.join("escape.tx").exists());
+
+    // A corrupt layer blob.
+    let src = t.join("src");
+    whiteout_image(&src);
+    let blobs: Vec<PathBuf> = std::fs::read_dir(src.join("blobs/sha256"))
+        .expect("blobs")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let layer = blobs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a blob");
+    let mut bytes = std::fs::read(layer).expect("read");
+    let n = bytes.len() / 2;
+    bytes[n] ^= 0xff;
+    std::fs::write(layer, bytes).expect("write");
+    let out = t.join("out-corrupt");
+    let o = convert(&src, &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("does not match its digest"),
+        "{err}"
+    );
+    assert!(!out.join("index.json").exists());
+}

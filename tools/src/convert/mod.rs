@@ -1,0 +1,328 @@
+//! `lsmctl convert SRC DST`: an OCI image (an image layout directory, as `skopeo copy …
+//! oci:DIR:TAG` or umoci make) becomes block layers in an OCI image layout. Each source layer in
+//! order is applied to a root tree (whiteouts honoured, see `unpack`), the tree is made into an
+//! ext4 filesystem with `mkfs.ext4 -d` (UUID and hash seed derived from the source manifest
+//! digest, a fixed filesystem time), and the filesystem is imported as a layer holding only the
+//! blocks that differ from the layers below. The result: an OCI manifest
+//! of lsm layers (each annotated with the source layer it came from and the format version),
+//! the source config, and `lsm-image.json`, an lsm image config over the converted blobs.
+//!
+//! First cut: local layouts only (no registry push), one image per run, no reuse database, and
+//! not yet byte-for-byte reproducible — `mkfs.ext4 -d` copies each file's change time, which is
+//! the time of the unpack.
+
+mod unpack;
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blockfmt::{Image, Layer, LayerStack};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::build::{write_blob_atomically, writer_options};
+use crate::{parse_size, CliError, CliResult, LayerOpts};
+
+/// Arguments of `lsmctl convert`.
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// Source OCI image layout directory.
+    src: PathBuf,
+    /// Destination OCI image layout directory (created; must not hold an image yet).
+    dst: PathBuf,
+    /// Image in SRC by its tag (`org.opencontainers.image.ref.name`); default: its only image.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Virtual disk size (suffixes K, M, G). Default: twice the unpacked size plus 64 MiB.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    #[command(flatten)]
+    opts: LayerOpts,
+    /// No progress lines.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn bad(what: impl std::fmt::Display) -> CliError {
+    CliError(what.to_string())
+}
+
+fn read_json(p: &Path) -> CliResult<Value> {
+    let text = std::fs::read(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+    serde_json::from_slice(&text).map_err(|e| bad(format!("{}: {e}", p.display())))
+}
+
+/// `blobs/sha256/<hex>` of a layout, for a `sha256:` digest (anything else is refused).
+fn blob_path(layout: &Path, digest: &str) -> CliResult<PathBuf> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| bad(format!("unsupported digest {digest:?}")))?;
+    Ok(layout.join("blobs/sha256").join(hex))
+}
+
+fn sha256_file(p: &Path) -> CliResult<String> {
+    let mut f = File::open(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// A source layer's bytes, decompressed as its media type says.
+fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>> {
+    let f = BufReader::with_capacity(1 << 20, File::open(path)?);
+    Ok(if media_type.ends_with("gzip") {
+        Box::new(flate2::read::MultiGzDecoder::new(f))
+    } else if media_type.ends_with("zstd") {
+        Box::new(zstd::stream::read::Decoder::new(f)?)
+    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+        Box::new(f)
+    } else {
+        return Err(std::io::Error::other(format!(
+            "unsupported layer media type {media_type}"
+        )));
+    })
+}
+
+/// Writes `bytes` as a blob of layout `dst`; returns its descriptor fields (digest, size).
+fn put_blob(dst: &Path, bytes: &[u8]) -> CliResult<(String, u64)> {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    let p = blob_path(dst, &digest)?;
+    std::fs::write(&p, bytes).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+    Ok((digest, bytes.len() as u64))
+}
+
+pub fn convert(a: ConvertArgs) -> CliResult {
+    let say = |m: String| {
+        if !a.quiet {
+            eprintln!("convert: {m}");
+        }
+    };
+    // --- the source image -------------------------------------------------------------------
+    let index = read_json(&a.src.join("index.json"))?;
+    let manifests = index["manifests"]
+        .as_array()
+        .ok_or_else(|| bad(format!("{}/index.json lists no manifests", a.src.display())))?;
+    let chosen: Vec<&Value> = manifests
+        .iter()
+        .filter(|m| match &a.tag {
+            Some(t) => m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t),
+            None => true,
+        })
+        .collect();
+    let desc = match chosen.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(bad(format!(
+                "{}: no image tagged {:?}",
+                a.src.display(),
+                a.tag
+            )))
+        }
+        _ => {
+            return Err(bad(format!(
+                "{} holds several images: pick one with --tag",
+                a.src.display()
+            )))
+        }
+    };
+    let manifest_digest = desc["digest"].as_str().unwrap_or_default().to_string();
+    let manifest_path = blob_path(&a.src, &manifest_digest)?;
+    if sha256_file(&manifest_path)? != manifest_digest {
+        return Err(bad(format!(
+            "manifest {manifest_digest}: content does not match its digest"
+        )));
+    }
+    let manifest = read_json(&manifest_path)?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let layers: Vec<(String, String)> = manifest["layers"]
+        .as_array()
+        .ok_or_else(|| bad("the manifest lists no layers"))?
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap_or_default().to_string(),
+                l["mediaType"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+
+    // Every blob is checked before anything is written; the unpacked size sizes the disk.
+    let mut unpacked = 0u64;
+    for (digest, media) in &layers {
+        let p = blob_path(&a.src, digest)?;
+        if sha256_file(&p)? != *digest {
+            return Err(bad(format!(
+                "layer {digest}: content does not match its digest (corrupt or truncated)"
+            )));
+        }
+        let mut r = layer_reader(&p, media).map_err(|e| bad(format!("layer {digest}: {e}")))?;
+        unpacked += std::io::copy(&mut r, &mut std::io::sink())
+            .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
+    }
+    let size = a
+        .size
+        .unwrap_or(((2 * unpacked + (64 << 20)).div_ceil(1 << 20)) << 20);
+    say(format!(
+        "{} layers, {unpacked} bytes unpacked, disk {size} bytes",
+        layers.len()
+    ));
+
+    // --- the destination -------------------------------------------------------------------
+    if a.dst.join("index.json").exists() {
+        return Err(bad(format!("{} already holds an image", a.dst.display())));
+    }
+    std::fs::create_dir_all(a.dst.join("blobs/sha256"))
+        .map_err(|e| bad(format!("{}: {e}", a.dst.display())))?;
+    let work = a.dst.join(".convert-work");
+    let _ = std::fs::remove_dir_all(&work);
+    let root = work.join("root");
+    std::fs::create_dir_all(&root)?;
+    let result = (|| -> CliResult<Vec<Value>> {
+        // Deterministic filesystem identity: derived from what is converted.
+        let seed = Sha256::digest(manifest_digest.as_bytes());
+        let uuid = format!(
+            "{}-{}-{}-{}-{}",
+            hex::encode(&seed[0..4]),
+            hex::encode(&seed[4..6]),
+            hex::encode(&seed[6..8]),
+            hex::encode(&seed[8..10]),
+            hex::encode(&seed[10..16])
+        );
+        let opts = writer_options(&a.opts, None)?;
+        let mut out: Vec<Value> = Vec::new();
+        for (i, (digest, media)) in layers.iter().enumerate() {
+            let p = blob_path(&a.src, digest)?;
+            unpack::apply_layer(&root, || layer_reader(&p, media))
+                .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+            let raw = work.join("fs.raw");
+            let _ = std::fs::remove_file(&raw);
+            File::create(&raw)?.set_len(size)?;
+            let o = std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-U", &uuid, "-E"])
+                .arg(format!("hash_seed={uuid},lazy_itable_init=0,nodiscard"))
+                .arg("-d")
+                .arg(&root)
+                .arg(&raw)
+                .env("E2FSPROGS_FAKE_TIME", "1")
+                .output()
+                .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
+            if !o.status.success() {
+                return Err(bad(format!(
+                    "mkfs.ext4 for layer {digest}: {} (is --size {size} too small?)",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )));
+            }
+            // The layers converted so far: the new one stores only what differs from them.
+            let below = out
+                .iter()
+                .map(|v| {
+                    let bp = blob_path(&a.dst, v["digest"].as_str().unwrap_or_default())?;
+                    let f = File::open(&bp).map_err(|e| bad(format!("{}: {e}", bp.display())))?;
+                    Ok(Layer::open(bp.display().to_string(), Arc::new(f), None)?)
+                })
+                .collect::<CliResult<Vec<Layer>>>()?;
+            let base = (!below.is_empty())
+                .then(|| LayerStack::new(below, size, 64 << 20).and_then(|s| Image::new(s, None)))
+                .transpose()?;
+            let tmp = a.dst.join("blobs/sha256/.layer.partial");
+            let rawf = File::open(&raw)?;
+            let w = write_blob_atomically(&tmp, |o| {
+                blockfmt::commit::import_raw(
+                    BufReader::with_capacity(1 << 20, rawf),
+                    size,
+                    base.as_ref(),
+                    o,
+                    opts,
+                    |_| {},
+                )
+            })?;
+            let ours = format!("sha256:{}", hex::encode(w.digest));
+            let final_path = blob_path(&a.dst, &ours)?;
+            std::fs::rename(&tmp, &final_path)?;
+            say(format!(
+                "layer {}/{}: {digest} → {ours} ({} bytes)",
+                i + 1,
+                layers.len(),
+                w.size
+            ));
+            out.push(json!({
+                "mediaType": blockfmt::LAYER_MEDIA_TYPE,
+                "digest": ours,
+                "size": w.size,
+                "annotations": {
+                    blockfmt::META_DIGEST_ANNOTATION: format!("sha256:{}", hex::encode(w.meta_digest)),
+                    "io.lsm.source-layer": digest,
+                    "io.lsm.format-version": "1",
+                },
+            }));
+        }
+        Ok(out)
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    let out_layers = match result {
+        Ok(l) => l,
+        Err(e) => {
+            // No partial image: drop the blobs written.
+            let _ = std::fs::remove_dir_all(a.dst.join("blobs"));
+            return Err(e);
+        }
+    };
+
+    // Config (the source's, unchanged), manifest, index, layout marker, lsm image config.
+    let config_bytes = std::fs::read(blob_path(&a.src, &config_digest)?)
+        .map_err(|e| bad(format!("config {config_digest}: {e}")))?;
+    let (cfg_digest, cfg_size) = put_blob(&a.dst, &config_bytes)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": manifest["config"]["mediaType"],
+            "digest": cfg_digest,
+            "size": cfg_size,
+        },
+        "layers": out_layers,
+        "annotations": {
+            "io.lsm.format-version": "1",
+            "io.lsm.disk-size": size.to_string(),
+            "io.lsm.source-manifest": manifest_digest,
+        },
+    });
+    let mbytes = serde_json::to_vec_pretty(&manifest)?;
+    let (m_digest, m_size) = put_blob(&a.dst, &mbytes)?;
+    let mut mdesc = json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": m_digest,
+        "size": m_size,
+    });
+    if let Some(t) = &a.tag {
+        mdesc["annotations"] = json!({ "org.opencontainers.image.ref.name": t });
+    }
+    std::fs::write(
+        a.dst.join("oci-layout"),
+        "{\"imageLayoutVersion\":\"1.0.0\"}",
+    )?;
+    let image = json!({
+        "size": size,
+        "layers": manifest["layers"].as_array().into_iter().flatten().map(|l| json!({
+            "source": { "local": blob_path(Path::new(""), l["digest"].as_str().unwrap_or_default()).unwrap_or_default() },
+            "digest": l["digest"],
+            "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        a.dst.join("lsm-image.json"),
+        serde_json::to_vec_pretty(&image)?,
+    )?;
+    std::fs::write(
+        a.dst.join("index.json"),
+        serde_json::to_vec_pretty(&json!({ "schemaVersion": 2, "manifests": [mdesc] }))?,
+    )?;
+    println!("{m_digest}");
+    Ok(())
+}
