@@ -1,15 +1,15 @@
 //! `lsmctl convert SRC DST`: an OCI image (an image layout directory, as `skopeo copy …
 //! oci:DIR:TAG` or umoci make) becomes block layers in an OCI image layout. Each source layer in
 //! order is applied to a root tree (whiteouts honoured, see `unpack`), the tree is made into an
-//! ext4 filesystem with `mkfs.ext4 -d` (UUID and hash seed derived from the source manifest
-//! digest, a fixed filesystem time), and the filesystem is imported as a layer holding only the
-//! blocks that differ from the layers below. The result: an OCI manifest
+//! ext4 filesystem with `mkfs.ext4 -d` and imported as a layer holding only the blocks that
+//! differ from the layers below. The output is reproducible: UUID and hash seed derive from the
+//! source manifest digest, the filesystem time is fixed, every inode's change/creation/access
+//! time is set to its modification time (which comes from the layer), and directories a layer
+//! changes without naming keep their time. The result: an OCI manifest
 //! of lsm layers (each annotated with the source layer it came from and the format version),
 //! the source config, and `lsm-image.json`, an lsm image config over the converted blobs.
 //!
-//! First cut: local layouts only (no registry push), one image per run, no reuse database, and
-//! not yet byte-for-byte reproducible — `mkfs.ext4 -d` copies each file's change time, which is
-//! the time of the unpack.
+//! First cut: local layouts only (no registry push), one image per run, no reuse database.
 
 mod unpack;
 
@@ -84,6 +84,53 @@ fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>>
             "unsupported layer media type {media_type}"
         )));
     })
+}
+
+/// Makes the filesystem's times a function of the image: `mkfs.ext4 -d` copies each file's
+/// change and access times (when the unpack wrote and mkfs read it); set change, creation and
+/// access times to the modification
+/// time the layer gave it, and the root's to a constant, with one `debugfs` pass.
+fn normalize_times(root: &Path, raw: &Path) -> CliResult {
+    let mut cmds =
+        String::from("sif / ctime @1\nsif / crtime @1\nsif / mtime @1\nsif / atime @1\n");
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p)?;
+            if m.is_dir() {
+                stack.push(p.clone());
+            }
+            let rel = p
+                .strip_prefix(root)
+                .map_err(|_| bad("path outside the tree"))?;
+            let Some(rel) = rel.to_str().filter(|r| !r.contains(['"', '\n', '\\'])) else {
+                continue; // a name debugfs cannot quote keeps its unpack time
+            };
+            let t = std::os::unix::fs::MetadataExt::mtime(&m);
+            for field in ["ctime", "crtime", "atime"] {
+                cmds.push_str(&format!("sif \"/{rel}\" {field} @{t}\n"));
+            }
+        }
+    }
+    let f = raw.with_extension("debugfs");
+    std::fs::write(&f, cmds)?;
+    let o = std::process::Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&f)
+        .arg(raw)
+        .output()
+        .map_err(|e| bad(format!("debugfs: {e}")))?;
+    if !o.status.success() {
+        return Err(bad(format!(
+            "debugfs: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `bytes` as a blob of layout `dst`; returns its descriptor fields (digest, size).
@@ -218,6 +265,7 @@ pub fn convert(a: ConvertArgs) -> CliResult {
                     String::from_utf8_lossy(&o.stderr).trim()
                 )));
             }
+            normalize_times(&root, &raw)?;
             // The layers converted so far: the new one stores only what differs from them.
             let below = out
                 .iter()

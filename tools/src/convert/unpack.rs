@@ -111,11 +111,28 @@ fn entry_path(root: &Path, parts: &[std::ffi::OsString]) -> io::Result<PathBuf> 
     Ok(resolve(root, dir)?.join(name))
 }
 
+/// Directories whose contents a layer changes without naming them keep their modification time
+/// (as the layer did not change them): remembered before the first change, put back at the end.
+#[derive(Default)]
+struct KeptTimes(std::collections::HashMap<PathBuf, u64>);
+
+impl KeptTimes {
+    fn touch(&mut self, dir: &Path) {
+        if !self.0.contains_key(dir) {
+            if let Ok(m) = std::fs::symlink_metadata(dir) {
+                let t = std::os::unix::fs::MetadataExt::mtime(&m) as u64;
+                self.0.insert(dir.to_path_buf(), t);
+            }
+        }
+    }
+}
+
 /// Applies one layer, read twice through `open` (whiteouts, then contents), onto `root`.
 pub fn apply_layer(
     root: &Path,
     mut open: impl FnMut() -> io::Result<Box<dyn Read>>,
 ) -> io::Result<()> {
+    let mut kept = KeptTimes::default();
     // Pass 1: whiteouts hide what lower layers put there.
     let mut a = Archive::new(open()?);
     for e in a.entries()? {
@@ -127,6 +144,7 @@ pub fn apply_layer(
         if name == ".wh..wh..opq" {
             let dir = resolve(root, &parts[..parts.len() - 1])?;
             if dir.is_dir() {
+                kept.touch(&dir);
                 for c in std::fs::read_dir(&dir)? {
                     remove_all(&c?.path())?;
                 }
@@ -134,7 +152,11 @@ pub fn apply_layer(
         } else if let Some(hidden) = name.strip_prefix(".wh.") {
             let mut p = parts[..parts.len() - 1].to_vec();
             p.push(hidden.into());
-            remove_all(&entry_path(root, &p)?)?;
+            let victim = entry_path(root, &p)?;
+            if let Some(d) = victim.parent() {
+                kept.touch(d);
+            }
+            remove_all(&victim)?;
         }
     }
     // Pass 2: everything else.
@@ -149,6 +171,7 @@ pub fn apply_layer(
         }
         let parent = resolve(root, &parts[..parts.len() - 1])?;
         std::fs::create_dir_all(&parent)?;
+        kept.touch(&parent);
         let dst = parent.join(name);
         let kind = e.header().entry_type();
         let existing = std::fs::symlink_metadata(&dst).ok();
@@ -256,7 +279,14 @@ pub fn apply_layer(
             set_mtime(&c, &dst, e.header().mtime()?)?;
         }
     }
-    // Directory times last: adding children changed them.
+    // Directory times last: adding children changed them. Directories the layer names get
+    // its times; the others get their own back.
+    let named: std::collections::HashSet<&PathBuf> = dirs.iter().map(|(d, _)| d).collect();
+    for (d, t) in &kept.0 {
+        if !named.contains(d) && d.exists() {
+            set_mtime(&cstr(d)?, d, *t)?;
+        }
+    }
     for (d, h) in dirs.iter().rev() {
         set_mtime(&cstr(d)?, d, h.mtime()?)?;
     }
