@@ -303,3 +303,58 @@ fn bad_layers_are_refused_and_leave_no_image() {
     );
     assert!(!out.join("index.json").exists());
 }
+
+#[test]
+fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let src = t.join("src");
+    whiteout_image(&src);
+    let bundle = t.join("bundle");
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:t", src.display()))
+        .arg(&bundle));
+    let reg = lsm_e2e::registry::Registry::start(&t.join("registry"), None);
+    let target = format!("{}/lsm/converted:t", reg.url);
+
+    let push = |dst: &Path| {
+        run(
+            lsmctl(["convert", "--tag", "t", "--insecure", "--push", &target])
+                .arg(&src)
+                .arg(dst),
+        )
+    };
+    let o = push(&t.join("dst"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("4 blobs uploaded, 0 already there"),
+        "{err}"
+    );
+    // Converting again gives the same blobs: nothing is uploaded a second time.
+    let o = push(&t.join("dst2"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("0 blobs uploaded, 4 already there"),
+        "{err}"
+    );
+
+    // lsmd reads the pushed layers from the registry; the tree is umoci's.
+    let files = t.join("files");
+    std::fs::create_dir_all(&files).expect("mkdir");
+    let name = format!("img={}", t.join("dst/lsm-remote.json").display());
+    let d = Lsmd::start(
+        &t.join("lsmd.sock"),
+        &[
+            OsStr::new("--config"),
+            OsStr::new(&name),
+            OsStr::new("--fuse"),
+            files.as_os_str(),
+        ],
+    );
+    {
+        let m = Mounted::with(&files.join("img"), &t.join("mnt"), true);
+        assert_eq!(metadata(&bundle.join("rootfs")), metadata(&m.dir));
+    }
+    d.terminate();
+}

@@ -190,6 +190,7 @@ fn status(a: StatusArgs) -> CliResult {
 pub use lsmd::parse_size;
 
 /// Error type of the CLI: a message for a human.
+#[derive(Debug)]
 pub struct CliError(pub String);
 
 impl<E: std::fmt::Display> From<E> for CliError {

@@ -9,8 +9,12 @@
 //! of lsm layers (each annotated with the source layer it came from and the format version),
 //! the source config, and `lsm-image.json`, an lsm image config over the converted blobs.
 //!
-//! First cut: local layouts only (no registry push), one image per run, no reuse database.
+//! With `--push http(s)://registry/repository:tag`, the converted blobs the registry lacks are
+//! uploaded and the manifest tagged, and `lsm-remote.json` is written: an image config that
+//! reads the layers from that registry. First cut: the source is a local layout; one image per
+//! run; no reuse database.
 
+mod push;
 mod unpack;
 
 use std::fs::File;
@@ -38,6 +42,17 @@ pub struct ConvertArgs {
     /// Virtual disk size (suffixes K, M, G). Default: twice the unpacked size plus 64 MiB.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
+    /// Also push the converted image: `http(s)://host[:port]/repository:tag`.
+    #[arg(long)]
+    push: Option<String>,
+    /// Allow pushing over plain HTTP (loopback test registries).
+    #[arg(long)]
+    insecure: bool,
+    /// Registry user (else a docker-style config.json, else anonymous).
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    #[arg(long, requires = "username")]
+    password: Option<String>,
     #[command(flatten)]
     opts: LayerOpts,
     /// No progress lines.
@@ -371,6 +386,52 @@ pub fn convert(a: ConvertArgs) -> CliResult {
         a.dst.join("index.json"),
         serde_json::to_vec_pretty(&json!({ "schemaVersion": 2, "manifests": [mdesc] }))?,
     )?;
+    if let Some(p) = &a.push {
+        let target = push::Target::parse(p)?;
+        if target.base.starts_with("http://") && !a.insecure {
+            return Err(bad(format!("--push {p}: plain HTTP needs --insecure")));
+        }
+        let creds = match (&a.username, &a.password) {
+            (Some(u), Some(pw)) => Some(lsmd::source::auth::Credentials {
+                username: u.clone(),
+                password: pw.clone(),
+            }),
+            _ => None,
+        };
+        let remote = json!({
+            "size": size,
+            "layers": out_layers.iter().map(|l| json!({
+                "source": { "registry": {
+                    "url": target.base, "repository": target.repository,
+                    "insecure": a.insecure, "size": l["size"],
+                } },
+                "digest": l["digest"],
+                "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
+            })).collect::<Vec<_>>(),
+        });
+        let session = push::Session::new(target, creds);
+        let (mut sent, mut had) = (0, 0);
+        let blobs = std::iter::once(cfg_digest.clone()).chain(
+            out_layers
+                .iter()
+                .map(|l| l["digest"].as_str().unwrap_or_default().to_string()),
+        );
+        for d in blobs {
+            if session.put_blob(&d, &blob_path(&a.dst, &d)?)? {
+                sent += 1;
+            } else {
+                had += 1;
+            }
+        }
+        session.put_manifest(&mbytes, "application/vnd.oci.image.manifest.v1+json")?;
+        std::fs::write(
+            a.dst.join("lsm-remote.json"),
+            serde_json::to_vec_pretty(&remote)?,
+        )?;
+        say(format!(
+            "pushed to {p}: {sent} blobs uploaded, {had} already there"
+        ));
+    }
     println!("{m_digest}");
     Ok(())
 }

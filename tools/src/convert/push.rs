@@ -1,0 +1,183 @@
+//! Pushing a converted image to a registry (OCI distribution API): every blob that the registry
+//! does not already have (HEAD first) is uploaded in one PUT, then the manifest is put under its
+//! tag. Registry auth — basic or bearer token from the `WWW-Authenticate` challenge — is lsmd's.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use lsmd::source::auth::{Credentials, RegistryAuth};
+
+use crate::{CliError, CliResult};
+
+/// Where to push: `http(s)://host[:port]/repository:tag`.
+pub struct Target {
+    pub base: String,
+    pub repository: String,
+    pub tag: String,
+}
+
+impl Target {
+    /// Parses `http(s)://host[:port]/repo/path:tag`.
+    pub fn parse(s: &str) -> CliResult<Target> {
+        let bad = || {
+            CliError(format!(
+                "--push {s:?}: want http(s)://host[:port]/repository:tag"
+            ))
+        };
+        let (scheme, rest) = s.split_once("://").ok_or_else(bad)?;
+        if scheme != "http" && scheme != "https" {
+            return Err(bad());
+        }
+        let (host, path) = rest.split_once('/').ok_or_else(bad)?;
+        let (repository, tag) = path.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || repository.is_empty() || tag.is_empty() {
+            return Err(bad());
+        }
+        Ok(Target {
+            base: format!("{scheme}://{host}"),
+            repository: repository.to_string(),
+            tag: tag.to_string(),
+        })
+    }
+
+    /// `host[:port]`, for credentials lookup.
+    pub fn host(&self) -> &str {
+        self.base.split("://").nth(1).unwrap_or_default()
+    }
+}
+
+/// An authenticated session with one registry repository.
+pub struct Session {
+    agent: ureq::Agent,
+    auth: Arc<RegistryAuth>,
+    target: Target,
+}
+
+impl Session {
+    pub fn new(target: Target, creds: Option<Credentials>) -> Session {
+        let creds = creds.or_else(|| Credentials::from_docker_config(target.host()));
+        Session {
+            agent: ureq::AgentBuilder::new()
+                .timeout(std::time::Duration::from_secs(600))
+                .build(),
+            auth: Arc::new(RegistryAuth::new(creds)),
+            target,
+        }
+    }
+
+    /// Sends a request built by `make`, meeting one auth challenge; `Ok(None)` for a 404.
+    fn send(
+        &self,
+        what: &str,
+        mut make: impl FnMut(&ureq::Agent) -> ureq::Request,
+        body: Option<&dyn Fn() -> std::io::Result<std::fs::File>>,
+        bytes: Option<&[u8]>,
+    ) -> CliResult<Option<ureq::Response>> {
+        for attempt in 0..2 {
+            let mut req = make(&self.agent);
+            if let Some(h) = self.auth.header(&self.agent).map_err(CliError)? {
+                req = req.set("Authorization", &h);
+            }
+            let r = match (body, bytes) {
+                (Some(open), _) => req.send(open().map_err(|e| CliError(format!("{what}: {e}")))?),
+                (None, Some(b)) => req.send_bytes(b),
+                (None, None) => req.call(),
+            };
+            match r {
+                Ok(resp) => return Ok(Some(resp)),
+                Err(ureq::Error::Status(404, _)) => return Ok(None),
+                Err(ureq::Error::Status(401, resp)) if attempt == 0 => {
+                    if !self.auth.challenged(resp.header("www-authenticate")) {
+                        return Err(CliError(format!(
+                            "{what}: 401 unauthorized (give credentials)"
+                        )));
+                    }
+                }
+                Err(e) => return Err(CliError(format!("{what}: {e}"))),
+            }
+        }
+        Err(CliError(format!(
+            "{what}: unauthorized after authenticating"
+        )))
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v2/{}/{tail}", self.target.base, self.target.repository)
+    }
+
+    /// Uploads blob `digest` from `file` unless the registry has it; true if uploaded.
+    pub fn put_blob(&self, digest: &str, file: &Path) -> CliResult<bool> {
+        let head = self.url(&format!("blobs/{digest}"));
+        if self
+            .send(&format!("HEAD {head}"), |a| a.head(&head), None, None)?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        let start = self.url("blobs/uploads/");
+        let resp = self
+            .send(
+                &format!("POST {start}"),
+                |a| a.post(&start),
+                None,
+                Some(&[]),
+            )?
+            .ok_or_else(|| CliError(format!("POST {start}: 404")))?;
+        let loc = resp
+            .header("location")
+            .ok_or_else(|| CliError(format!("POST {start}: no upload location")))?;
+        let loc = if loc.starts_with('/') {
+            format!("{}{loc}", self.target.base)
+        } else {
+            loc.to_string()
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let put = format!("{loc}{sep}digest={digest}");
+        let open = || std::fs::File::open(file);
+        self.send(
+            &format!("PUT blob {digest}"),
+            |a| a.put(&put).set("Content-Type", "application/octet-stream"),
+            Some(&open),
+            None,
+        )?
+        .ok_or_else(|| CliError(format!("PUT blob {digest}: 404")))?;
+        Ok(true)
+    }
+
+    /// Puts the manifest under the tag.
+    pub fn put_manifest(&self, bytes: &[u8], media_type: &str) -> CliResult {
+        let url = self.url(&format!("manifests/{}", self.target.tag));
+        self.send(
+            &format!("PUT {url}"),
+            |a| a.put(&url).set("Content-Type", media_type),
+            None,
+            Some(bytes),
+        )?
+        .ok_or_else(|| CliError(format!("PUT {url}: 404")))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        let t = Target::parse("http://127.0.0.1:5000/lsm/app:v1").expect("parse");
+        assert_eq!(
+            (t.base.as_str(), t.repository.as_str(), t.tag.as_str()),
+            ("http://127.0.0.1:5000", "lsm/app", "v1")
+        );
+        assert_eq!(t.host(), "127.0.0.1:5000");
+        for bad in [
+            "127.0.0.1:5000/a:b",
+            "ftp://h/a:b",
+            "http://h/a",
+            "http://h/:t",
+            "http:///a:b",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
