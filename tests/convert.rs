@@ -168,6 +168,18 @@ fn whiteout_image(dir: &Path) {
     oci_layout(dir, &[(l1, true), (l2, false), (l3, true)]);
 }
 
+/// The synthetic image at `dir/src`, and umoci's own unpack of it (the reference tree).
+fn source_and_reference(t: &Path) -> (PathBuf, PathBuf) {
+    let src = t.join("src");
+    whiteout_image(&src);
+    let bundle = t.join("bundle");
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:t", src.display()))
+        .arg(&bundle));
+    (src, bundle.join("rootfs"))
+}
+
 fn convert(src: &Path, dst: &Path) -> std::process::Output {
     run(lsmctl(["convert", "-q", "--tag", "t"]).arg(src).arg(dst))
 }
@@ -176,16 +188,7 @@ fn convert(src: &Path, dst: &Path) -> std::process::Output {
 fn whiteouts_and_metadata_match_umoci_and_conversion_is_reproducible() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
-    let src = t.join("src");
-    whiteout_image(&src);
-
-    // The reference: umoci's own unpack of the source image.
-    let bundle = t.join("bundle");
-    ok(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:t", src.display()))
-        .arg(&bundle));
-    let reference = bundle.join("rootfs");
+    let (src, reference) = source_and_reference(t);
 
     let dst = t.join("dst");
     let o = convert(&src, &dst);
@@ -201,37 +204,11 @@ fn whiteouts_and_metadata_match_umoci_and_conversion_is_reproducible() {
     assert!(!Path::new("/etc/written").exists());
 
     let files = t.join("files");
-    std::fs::create_dir_all(&files).expect("mkdir");
-    let img = dst.join("lsm-image.json");
-    let name = format!("img={}", img.display());
-    let d = Lsmd::start(
-        &t.join("lsmd.sock"),
-        &[
-            OsStr::new("--config"),
-            OsStr::new(&name),
-            OsStr::new("--fuse"),
-            files.as_os_str(),
-        ],
-    );
+    let name = format!("img={}", dst.join("lsm-image.json").display());
+    let d = Lsmd::start_fuse(&t.join("lsmd.sock"), OsStr::new(&name), &files, &[]);
     {
         let m = Mounted::with(&files.join("img"), &t.join("mnt"), true);
-        ok(Command::new("diff")
-            .args([
-                "-r",
-                "--no-dereference",
-                "-x",
-                "lost+found",
-                "-x",
-                "fifo",
-                "-x",
-                "null",
-            ])
-            .arg(&reference)
-            .arg(&m.dir));
-        assert_eq!(metadata(&reference), metadata(&m.dir));
-        let x = xattrs(&reference);
-        assert!(x.iter().any(|b| b.contains("user.lsm")), "{x:?}");
-        assert_eq!(x, xattrs(&m.dir));
+        assert_same_tree(&reference, &m.dir, "user.lsm");
         // The whiteout cases, spelled out.
         assert!(!m.dir.join("gone.txt").exists());
         assert_eq!(
@@ -308,13 +285,7 @@ fn bad_layers_are_refused_and_leave_no_image() {
 fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
-    let src = t.join("src");
-    whiteout_image(&src);
-    let bundle = t.join("bundle");
-    ok(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:t", src.display()))
-        .arg(&bundle));
+    let (src, reference) = source_and_reference(t);
     let reg = lsm_e2e::registry::Registry::start(&t.join("registry"), None);
     let target = format!("{}/lsm/converted:t", reg.url);
 
@@ -341,20 +312,11 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
 
     // lsmd reads the pushed layers from the registry; the tree is umoci's.
     let files = t.join("files");
-    std::fs::create_dir_all(&files).expect("mkdir");
     let name = format!("img={}", t.join("dst/lsm-remote.json").display());
-    let d = Lsmd::start(
-        &t.join("lsmd.sock"),
-        &[
-            OsStr::new("--config"),
-            OsStr::new(&name),
-            OsStr::new("--fuse"),
-            files.as_os_str(),
-        ],
-    );
+    let d = Lsmd::start_fuse(&t.join("lsmd.sock"), OsStr::new(&name), &files, &[]);
     {
         let m = Mounted::with(&files.join("img"), &t.join("mnt"), true);
-        assert_eq!(metadata(&bundle.join("rootfs")), metadata(&m.dir));
+        assert_eq!(metadata(&reference), metadata(&m.dir));
     }
     d.terminate();
 }

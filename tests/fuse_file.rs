@@ -43,49 +43,13 @@ fn an_ext4_image_mounted_through_the_fuse_file_equals_its_tree_and_keeps_writes(
     let t = tmp.path();
     let tree = t.join("tree");
     make_tree(&tree);
-    let raw = t.join("fs.raw");
-    mkfs_ext4(&raw, 64, &tree);
-    ok(lsmctl(["import", "-q"])
-        .arg(&raw)
-        .arg("-o")
-        .arg(t.join("base.blob")));
-    let img = t.join("img.json");
-    ok(lsmctl(["create"])
-        .arg(&img)
-        .arg("--layer")
-        .arg(t.join("base.blob")));
+    let img = image_of_tree(t, &tree, 64, "img");
 
     let files = t.join("files");
-    std::fs::create_dir_all(&files).expect("mkdir");
-    let d = Lsmd::start(
-        &t.join("lsmd.sock"),
-        &[
-            OsStr::new("--config"),
-            img.as_os_str(),
-            OsStr::new("--fuse"),
-            files.as_os_str(),
-        ],
-    );
+    let d = Lsmd::start_fuse(&t.join("lsmd.sock"), img.as_os_str(), &files, &[]);
     {
         let m = Mounted::new(&files.join("img"), &t.join("mnt"));
-        // diff cannot compare special files; the metadata check below covers them.
-        ok(Command::new("diff")
-            .args([
-                "-r",
-                "--no-dereference",
-                "-x",
-                "lost+found",
-                "-x",
-                "fifo",
-                "-x",
-                "null",
-            ])
-            .arg(&tree)
-            .arg(&m.dir));
-        assert_eq!(metadata(&tree), metadata(&m.dir));
-        let x = xattrs(&tree);
-        assert!(x.iter().any(|b| b.contains("user.lsm")), "{x:?}");
-        assert_eq!(x, xattrs(&m.dir));
+        assert_same_tree(&tree, &m.dir, "user.lsm");
         // Writes through the mount, made durable by sync.
         std::fs::write(m.dir.join("new.txt"), "written through lsmd\n").expect("write");
         std::fs::remove_file(m.dir.join("big.bin")).expect("rm");
@@ -98,15 +62,11 @@ fn an_ext4_image_mounted_through_the_fuse_file_equals_its_tree_and_keeps_writes(
         .arg(&img)
         .arg("-o")
         .arg(t.join("c1.blob")));
-    let d = Lsmd::start(
+    let d = Lsmd::start_fuse(
         &t.join("lsmd.sock"),
-        &[
-            OsStr::new("--config"),
-            img.as_os_str(),
-            OsStr::new("--fuse"),
-            files.as_os_str(),
-            OsStr::new("--read-only"),
-        ],
+        img.as_os_str(),
+        &files,
+        &[OsStr::new("--read-only")],
     );
     {
         let m = Mounted::with(&files.join("img"), &t.join("mnt2"), true);
@@ -148,17 +108,7 @@ fn lsmctl_attach_list_detach_with_the_fuse_file() {
     let tree = t.join("tree");
     std::fs::create_dir_all(&tree).expect("mkdir");
     std::fs::write(tree.join("hello.txt"), "attached\n").expect("write");
-    let raw = t.join("fs.raw");
-    mkfs_ext4(&raw, 32, &tree);
-    ok(lsmctl(["import", "-q"])
-        .arg(&raw)
-        .arg("-o")
-        .arg(t.join("base.blob")));
-    let img = t.join("app.json");
-    ok(lsmctl(["create"])
-        .arg(&img)
-        .arg("--layer")
-        .arg(t.join("base.blob")));
+    let img = image_of_tree(t, &tree, 32, "app");
     let state = t.join("state");
     let files = t.join("files");
 

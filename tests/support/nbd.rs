@@ -51,6 +51,25 @@ impl Lsmd {
         panic!("lsmd did not listen on {}: {}", socket.display(), d.log());
     }
 
+    /// `lsmd serve --config <config> --fuse <files> <extra>`: the exports appear as files in
+    /// `files` (created); `config` may be `NAME=PATH`.
+    pub fn start_fuse(
+        socket: &Path,
+        config: &std::ffi::OsStr,
+        files: &Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> Lsmd {
+        std::fs::create_dir_all(files).expect("FUSE mountpoint");
+        let mut args = vec![
+            std::ffi::OsStr::new("--config"),
+            config,
+            std::ffi::OsStr::new("--fuse"),
+            files.as_os_str(),
+        ];
+        args.extend_from_slice(extra);
+        Lsmd::start(socket, &args)
+    }
+
     /// `nbd+unix` URI of the default export.
     pub fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())

@@ -109,3 +109,43 @@ pub fn xattrs(root: &Path) -> Vec<String> {
     blocks.sort();
     blocks
 }
+
+/// Asserts that the mounted tree `got` equals `want`: contents (`diff -r`; special files are
+/// left to the metadata check), modes, owners, sizes, symlink targets, device numbers,
+/// hard-link groups, and xattrs (of which `want` must hold at least `xattr_key`).
+pub fn assert_same_tree(want: &Path, got: &Path, xattr_key: &str) {
+    ok(Command::new("diff")
+        .args([
+            "-r",
+            "--no-dereference",
+            "-x",
+            "lost+found",
+            "-x",
+            "fifo",
+            "-x",
+            "null",
+        ])
+        .arg(want)
+        .arg(got));
+    assert_eq!(metadata(want), metadata(got));
+    let x = xattrs(want);
+    assert!(x.iter().any(|b| b.contains(xattr_key)), "{x:?}");
+    assert_eq!(x, xattrs(got));
+}
+
+/// An ext4 image of `tree` (`size_mib`) imported as `dir/base.blob`, with image config
+/// `dir/<name>.json` over it (and an upper layer); returns the config.
+pub fn image_of_tree(dir: &Path, tree: &Path, size_mib: u64, name: &str) -> PathBuf {
+    let raw = dir.join("fs.raw");
+    crate::mkfs_ext4(&raw, size_mib, tree);
+    ok(crate::lsmctl(["import", "-q"])
+        .arg(&raw)
+        .arg("-o")
+        .arg(dir.join("base.blob")));
+    let img = dir.join(format!("{name}.json"));
+    ok(crate::lsmctl(["create"])
+        .arg(&img)
+        .arg("--layer")
+        .arg(dir.join("base.blob")));
+    img
+}
