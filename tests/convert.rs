@@ -310,6 +310,31 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
         "{err}"
     );
 
+    // The source pushed with skopeo and converted straight from the registry: the same layers.
+    ok(Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:t", src.display()))
+        .arg(format!(
+            "docker://{}/lsm/source:t",
+            reg.url.trim_start_matches("http://")
+        )));
+    let o = run(lsmctl(["convert", "-q", "--insecure"])
+        .arg(format!("{}/lsm/source:t", reg.url))
+        .arg(t.join("dst3")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let layers = |d: &str| {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(t.join(d).join("lsm-image.json")).expect("config"),
+        )
+        .expect("json");
+        m["layers"].to_string()
+    };
+    assert_eq!(
+        layers("dst3"),
+        layers("dst"),
+        "converting from the registry changed the layers"
+    );
+
     // lsmd reads the pushed layers from the registry; the tree is umoci's.
     let files = t.join("files");
     let name = format!("img={}", t.join("dst/lsm-remote.json").display());

@@ -3,7 +3,7 @@
 //! order is applied to a root tree (whiteouts honoured, see `unpack`), the tree is made into an
 //! ext4 filesystem with `mkfs.ext4 -d` and imported as a layer holding only the blocks that
 //! differ from the layers below. The output is reproducible: UUID and hash seed derive from the
-//! source manifest digest, the filesystem time is fixed, every inode's change/creation/access
+//! base layer's diff ID, the filesystem time is fixed, every inode's change/creation/access
 //! time is set to its modification time (which comes from the layer), and directories a layer
 //! changes without naming keep their time. The result: an OCI manifest
 //! of lsm layers (each annotated with the source layer it came from and the format version),
@@ -11,7 +11,8 @@
 //!
 //! With `--push http(s)://registry/repository:tag`, the converted blobs the registry lacks are
 //! uploaded and the manifest tagged, and `lsm-remote.json` is written: an image config that
-//! reads the layers from that registry. First cut: the source is a local layout; one image per
+//! reads the layers from that registry. The source may be a registry image too (pulled into a
+//! temporary layout first). First cut: one image per
 //! run; no reuse database.
 
 mod push;
@@ -32,8 +33,9 @@ use crate::{parse_size, CliError, CliResult, LayerOpts};
 /// Arguments of `lsmctl convert`.
 #[derive(clap::Args)]
 pub struct ConvertArgs {
-    /// Source OCI image layout directory.
-    src: PathBuf,
+    /// Source image: an OCI image layout directory, or `http(s)://host[:port]/repository:tag`
+    /// in a registry (pulled first; same credentials options as --push).
+    src: String,
     /// Destination OCI image layout directory (created; must not hold an image yet).
     dst: PathBuf,
     /// Image in SRC by its tag (`org.opencontainers.image.ref.name`); default: its only image.
@@ -148,6 +150,19 @@ fn normalize_times(root: &Path, raw: &Path) -> CliResult {
     Ok(())
 }
 
+/// A `Write` that only hashes.
+struct HashingSink(Sha256);
+
+impl std::io::Write for HashingSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Writes `bytes` as a blob of layout `dst`; returns its descriptor fields (digest, size).
 fn put_blob(dst: &Path, bytes: &[u8]) -> CliResult<(String, u64)> {
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
@@ -157,16 +172,52 @@ fn put_blob(dst: &Path, bytes: &[u8]) -> CliResult<(String, u64)> {
 }
 
 pub fn convert(a: ConvertArgs) -> CliResult {
+    let creds = match (&a.username, &a.password) {
+        (Some(u), Some(pw)) => Some(lsmd::source::auth::Credentials {
+            username: u.clone(),
+            password: pw.clone(),
+        }),
+        _ => None,
+    };
+    if a.src.starts_with("http://") || a.src.starts_with("https://") {
+        let target = push::Target::parse(&a.src)?;
+        if target.base.starts_with("http://") && !a.insecure {
+            return Err(bad(format!("{}: plain HTTP needs --insecure", a.src)));
+        }
+        let tag = target.tag.clone();
+        let pulled = a.dst.with_extension("pull");
+        let _ = std::fs::remove_dir_all(&pulled);
+        if !a.quiet {
+            eprintln!("convert: pulling {}", a.src);
+        }
+        let r = push::Session::new(target, creds.clone())
+            .pull(&pulled)
+            .and_then(|_| {
+                let local = ConvertArgs {
+                    src: pulled.display().to_string(),
+                    tag: Some(tag),
+                    ..a
+                };
+                convert_layout(local, creds)
+            });
+        let _ = std::fs::remove_dir_all(&pulled);
+        return r;
+    }
+    convert_layout(a, creds)
+}
+
+fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>) -> CliResult {
+    let src = PathBuf::from(&a.src);
     let say = |m: String| {
         if !a.quiet {
             eprintln!("convert: {m}");
         }
     };
     // --- the source image -------------------------------------------------------------------
-    let index = read_json(&a.src.join("index.json"))?;
+    let index = read_json(&src.join("index.json"))?;
     let manifests = index["manifests"]
         .as_array()
-        .ok_or_else(|| bad(format!("{}/index.json lists no manifests", a.src.display())))?;
+        .ok_or_else(|| bad(format!("{}/index.json lists no manifests", src.display())))?;
     let chosen: Vec<&Value> = manifests
         .iter()
         .filter(|m| match &a.tag {
@@ -179,19 +230,19 @@ pub fn convert(a: ConvertArgs) -> CliResult {
         [] => {
             return Err(bad(format!(
                 "{}: no image tagged {:?}",
-                a.src.display(),
+                src.display(),
                 a.tag
             )))
         }
         _ => {
             return Err(bad(format!(
                 "{} holds several images: pick one with --tag",
-                a.src.display()
+                src.display()
             )))
         }
     };
     let manifest_digest = desc["digest"].as_str().unwrap_or_default().to_string();
-    let manifest_path = blob_path(&a.src, &manifest_digest)?;
+    let manifest_path = blob_path(&src, &manifest_digest)?;
     if sha256_file(&manifest_path)? != manifest_digest {
         return Err(bad(format!(
             "manifest {manifest_digest}: content does not match its digest"
@@ -214,18 +265,22 @@ pub fn convert(a: ConvertArgs) -> CliResult {
         })
         .collect();
 
-    // Every blob is checked before anything is written; the unpacked size sizes the disk.
+    // Every blob is checked before anything is written; the unpacked size sizes the disk; the
+    // uncompressed digests (diff IDs) name the content whatever its compression.
     let mut unpacked = 0u64;
+    let mut diff_ids = Vec::new();
     for (digest, media) in &layers {
-        let p = blob_path(&a.src, digest)?;
+        let p = blob_path(&src, digest)?;
         if sha256_file(&p)? != *digest {
             return Err(bad(format!(
                 "layer {digest}: content does not match its digest (corrupt or truncated)"
             )));
         }
         let mut r = layer_reader(&p, media).map_err(|e| bad(format!("layer {digest}: {e}")))?;
-        unpacked += std::io::copy(&mut r, &mut std::io::sink())
+        let mut h = HashingSink(Sha256::new());
+        unpacked += std::io::copy(&mut r, &mut h)
             .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
+        diff_ids.push(h.0.finalize());
     }
     let size = a
         .size
@@ -246,8 +301,10 @@ pub fn convert(a: ConvertArgs) -> CliResult {
     let root = work.join("root");
     std::fs::create_dir_all(&root)?;
     let result = (|| -> CliResult<Vec<Value>> {
-        // Deterministic filesystem identity: derived from what is converted.
-        let seed = Sha256::digest(manifest_digest.as_bytes());
+        // Deterministic filesystem identity: from the base layer's content (its diff ID), so
+        // the same base converts to the same filesystem whatever image or registry it came
+        // from, and however it was compressed.
+        let seed = Sha256::digest(diff_ids.first().map(|d| d.as_slice()).unwrap_or_default());
         let uuid = format!(
             "{}-{}-{}-{}-{}",
             hex::encode(&seed[0..4]),
@@ -259,7 +316,7 @@ pub fn convert(a: ConvertArgs) -> CliResult {
         let opts = writer_options(&a.opts, None)?;
         let mut out: Vec<Value> = Vec::new();
         for (i, (digest, media)) in layers.iter().enumerate() {
-            let p = blob_path(&a.src, digest)?;
+            let p = blob_path(&src, digest)?;
             unpack::apply_layer(&root, || layer_reader(&p, media))
                 .map_err(|e| bad(format!("layer {digest}: {e}")))?;
             let raw = work.join("fs.raw");
@@ -338,7 +395,7 @@ pub fn convert(a: ConvertArgs) -> CliResult {
     };
 
     // Config (the source's, unchanged), manifest, index, layout marker, lsm image config.
-    let config_bytes = std::fs::read(blob_path(&a.src, &config_digest)?)
+    let config_bytes = std::fs::read(blob_path(&src, &config_digest)?)
         .map_err(|e| bad(format!("config {config_digest}: {e}")))?;
     let (cfg_digest, cfg_size) = put_blob(&a.dst, &config_bytes)?;
     let manifest = json!({
@@ -391,13 +448,6 @@ pub fn convert(a: ConvertArgs) -> CliResult {
         if target.base.starts_with("http://") && !a.insecure {
             return Err(bad(format!("--push {p}: plain HTTP needs --insecure")));
         }
-        let creds = match (&a.username, &a.password) {
-            (Some(u), Some(pw)) => Some(lsmd::source::auth::Credentials {
-                username: u.clone(),
-                password: pw.clone(),
-            }),
-            _ => None,
-        };
         let remote = json!({
             "size": size,
             "layers": out_layers.iter().map(|l| json!({

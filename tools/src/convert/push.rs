@@ -1,6 +1,8 @@
-//! Pushing a converted image to a registry (OCI distribution API): every blob that the registry
-//! does not already have (HEAD first) is uploaded in one PUT, then the manifest is put under its
-//! tag. Registry auth — basic or bearer token from the `WWW-Authenticate` challenge — is lsmd's.
+//! Talking to a registry (OCI distribution API) for `convert`: pulling a source image into a
+//! local image layout (manifest by tag, following an index to linux/amd64, then config and
+//! layers), and pushing the converted one — every blob the registry does not already have (HEAD
+//! first) is uploaded in one PUT, then the manifest is put under its tag. Registry auth — basic
+//! or bearer token from the `WWW-Authenticate` challenge — is lsmd's.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use lsmd::source::auth::{Credentials, RegistryAuth};
 
 use crate::{CliError, CliResult};
 
-/// Where to push: `http(s)://host[:port]/repository:tag`.
+/// An image in a registry: `http(s)://host[:port]/repository:tag`.
 pub struct Target {
     pub base: String,
     pub repository: String,
@@ -142,6 +144,81 @@ impl Session {
         )?
         .ok_or_else(|| CliError(format!("PUT blob {digest}: 404")))?;
         Ok(true)
+    }
+
+    /// Downloads `what` (`manifests/<ref>` or `blobs/<digest>`) into `out`; returns its
+    /// Content-Type.
+    fn get(&self, what: &str, accept: &str, out: &Path) -> CliResult<String> {
+        let url = self.url(what);
+        let resp = self
+            .send(
+                &format!("GET {url}"),
+                |a| a.get(&url).set("Accept", accept),
+                None,
+                None,
+            )?
+            .ok_or_else(|| CliError(format!("GET {url}: not found")))?;
+        let kind = resp.content_type().to_string();
+        let mut f =
+            std::fs::File::create(out).map_err(|e| CliError(format!("{}: {e}", out.display())))?;
+        std::io::copy(&mut resp.into_reader(), &mut f)
+            .map_err(|e| CliError(format!("GET {url}: {e}")))?;
+        Ok(kind)
+    }
+
+    /// Pulls the tagged image into an OCI image layout at `dir` (tagged with the same tag);
+    /// digests are checked by the conversion that reads it.
+    pub fn pull(&self, dir: &Path) -> CliResult {
+        const MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
+        let tmp = dir.join("manifest.tmp");
+        let mut kind = self.get(&format!("manifests/{}", self.target.tag), MANIFESTS, &tmp)?;
+        let mut body: serde_json::Value = serde_json::from_slice(&std::fs::read(&tmp)?)?;
+        if body.get("manifests").is_some() {
+            // An index: the linux/amd64 image.
+            let pick = body["manifests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| {
+                    m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64"
+                })
+                .and_then(|m| m["digest"].as_str())
+                .ok_or_else(|| CliError("the image index has no linux/amd64 image".into()))?
+                .to_string();
+            kind = self.get(&format!("manifests/{pick}"), MANIFESTS, &tmp)?;
+            body = serde_json::from_slice(&std::fs::read(&tmp)?)?;
+        }
+        let bytes = std::fs::read(&tmp)?;
+        let digest = format!(
+            "sha256:{}",
+            hex::encode(sha2::Digest::finalize(sha2::Digest::chain_update(
+                sha2::Sha256::default(),
+                &bytes
+            )))
+        );
+        std::fs::rename(&tmp, blobs.join(&digest[7..]))?;
+        let wanted =
+            std::iter::once(&body["config"]).chain(body["layers"].as_array().into_iter().flatten());
+        for d in wanted {
+            let dg = d["digest"]
+                .as_str()
+                .ok_or_else(|| CliError("manifest entry without a digest".into()))?;
+            let hexpart = dg
+                .strip_prefix("sha256:")
+                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(|| CliError(format!("unsupported digest {dg:?}")))?;
+            self.get(&format!("blobs/{dg}"), "*/*", &blobs.join(hexpart))?;
+        }
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": kind.split(';').next().unwrap_or_default(),
+            "digest": digest, "size": bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": self.target.tag},
+        }]});
+        std::fs::write(dir.join("index.json"), index.to_string())?;
+        std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
+        Ok(())
     }
 
     /// Puts the manifest under the tag.
