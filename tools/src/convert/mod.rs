@@ -11,9 +11,9 @@
 //!
 //! With `--push http(s)://registry/repository:tag`, the converted blobs the registry lacks are
 //! uploaded and the manifest tagged, and `lsm-remote.json` is written: an image config that
-//! reads the layers from that registry. The source may be a registry image too (pulled into a
-//! temporary layout first). First cut: one image per
-//! run; no reuse database.
+//! reads the layers from that registry. The source may be a registry image too
+//! (`http(s)://registry/repository:tag`, pulled into a temporary layout first). First cut: one
+//! image per run; no reuse database.
 
 mod push;
 mod unpack;
