@@ -181,7 +181,9 @@ fn source_and_reference(t: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn convert(src: &Path, dst: &Path) -> std::process::Output {
-    run(lsmctl(["convert", "-q", "--tag", "t"]).arg(src).arg(dst))
+    run(lsmctl(["convert", "-q", "--no-reuse", "--tag", "t"])
+        .arg(src)
+        .arg(dst))
 }
 
 #[test]
@@ -290,11 +292,17 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     let target = format!("{}/lsm/converted:t", reg.url);
 
     let push = |dst: &Path| {
-        run(
-            lsmctl(["convert", "--tag", "t", "--insecure", "--push", &target])
-                .arg(&src)
-                .arg(dst),
-        )
+        run(lsmctl([
+            "convert",
+            "--no-reuse",
+            "--tag",
+            "t",
+            "--insecure",
+            "--push",
+            &target,
+        ])
+        .arg(&src)
+        .arg(dst))
     };
     let o = push(&t.join("dst"));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -318,7 +326,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
             "docker://{}/lsm/source:t",
             reg.url.trim_start_matches("http://")
         )));
-    let o = run(lsmctl(["convert", "-q", "--insecure"])
+    let o = run(lsmctl(["convert", "-q", "--no-reuse", "--insecure"])
         .arg(format!("{}/lsm/source:t", reg.url))
         .arg(t.join("dst3")));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -344,4 +352,63 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
         assert_eq!(metadata(&reference), metadata(&m.dir));
     }
     d.terminate();
+}
+
+#[test]
+fn a_shared_base_is_converted_once_across_a_batch_and_runs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let base = TarLayer::new()
+        .dir("etc")
+        .file("etc/os-release", "base\n")
+        .finish();
+    let a = TarLayer::new().file("a.txt", "image a").finish();
+    let b = TarLayer::new().file("b.txt", "image b").finish();
+    // The same base, compressed in one image and not in the other.
+    oci_layout(&t.join("srcA"), &[(base.clone(), true), (a, true)]);
+    oci_layout(&t.join("srcB"), &[(base, false), (b, false)]);
+    let list = t.join("list.txt");
+    let lines = |n: &str| {
+        format!(
+            "# two images sharing a base\n{} {} t\n{} {} t\n",
+            t.join("srcA").display(),
+            t.join(format!("dstA{n}")).display(),
+            t.join("srcB").display(),
+            t.join(format!("dstB{n}")).display()
+        )
+    };
+    std::fs::write(&list, lines("1")).expect("list");
+    let batch = || {
+        run(lsmctl(["convert", "--jobs", "1", "--batch"])
+            .arg(&list)
+            .arg("--db")
+            .arg(t.join("db")))
+    };
+    let o = batch();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("2 images (0 failed), layers 3 converted, 1 reused"),
+        "{err}"
+    );
+    let first = |d: &str| {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(t.join(d).join("lsm-image.json")).expect("config"),
+        )
+        .expect("json");
+        m["layers"][0]["digest"].to_string()
+    };
+    assert_eq!(
+        first("dstA1"),
+        first("dstB1"),
+        "the shared base was converted twice"
+    );
+    // Another run: everything comes from the database.
+    std::fs::write(&list, lines("2")).expect("list");
+    let o = batch();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("layers 0 converted, 4 reused"),
+        "{err}"
+    );
+    assert_eq!(first("dstA2"), first("dstA1"));
 }

@@ -31,13 +31,22 @@ use crate::build::{write_blob_atomically, writer_options};
 use crate::{parse_size, CliError, CliResult, LayerOpts};
 
 /// Arguments of `lsmctl convert`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct ConvertArgs {
     /// Source image: an OCI image layout directory, or `http(s)://host[:port]/repository:tag`
     /// in a registry (pulled first; same credentials options as --push).
-    src: String,
+    #[arg(required_unless_present = "batch")]
+    src: Option<String>,
     /// Destination OCI image layout directory (created; must not hold an image yet).
-    dst: PathBuf,
+    #[arg(required_unless_present = "batch")]
+    dst: Option<PathBuf>,
+    /// Convert many images: a file of `SRC DST [TAG]` lines (`#` comments); the other options
+    /// apply to each. Layers shared between images are converted once (see --db).
+    #[arg(long, conflicts_with_all = ["src", "dst", "push", "tag"])]
+    batch: Option<PathBuf>,
+    /// Images converted at once in a batch.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
     /// Image in SRC by its tag (`org.opencontainers.image.ref.name`); default: its only image.
     #[arg(long)]
     tag: Option<String>,
@@ -55,6 +64,14 @@ pub struct ConvertArgs {
     username: Option<String>,
     #[arg(long, requires = "username")]
     password: Option<String>,
+    /// Database of earlier conversions (default `$XDG_CACHE_HOME/lsm/convert`, else
+    /// `~/.cache/lsm/convert`): a layer whose source chain was converted before, with the same
+    /// disk size and chunk settings, is reused instead of converted again.
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Convert everything, ignoring (and not filling) the database.
+    #[arg(long)]
+    no_reuse: bool,
     #[command(flatten)]
     opts: LayerOpts,
     /// No progress lines.
@@ -150,6 +167,87 @@ fn normalize_times(root: &Path, raw: &Path) -> CliResult {
     Ok(())
 }
 
+/// What one conversion did.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Summary {
+    pub converted: usize,
+    pub reused: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// The key of a converted layer: its source chain (diff IDs of it and every layer under it),
+/// the disk size and the layer settings — what decides the converted bytes.
+fn chain_key(diff_ids: &[impl AsRef<[u8]>], size: u64, opts: &blockfmt::WriterOptions) -> String {
+    let mut h = Sha256::new();
+    h.update(b"lsm-convert-v1\0");
+    h.update(size.to_le_bytes());
+    h.update(format!("{:?}/{:?}", opts.chunk_size, opts.compression).as_bytes());
+    for d in diff_ids {
+        h.update(d.as_ref());
+    }
+    hex::encode(h.finalize())
+}
+
+fn default_db() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|c| c.join("lsm/convert"))
+}
+
+/// Converted layers by chain key: `chains/<key>.json` (the layer's descriptor) and the blob in
+/// `blobs/sha256/`. Written atomically; a missing or unreadable entry is a miss.
+struct ReuseDb {
+    dir: PathBuf,
+}
+
+impl ReuseDb {
+    fn lookup(&self, key: &str) -> Option<(Value, PathBuf)> {
+        let desc: Value = serde_json::from_slice(
+            &std::fs::read(self.dir.join("chains").join(format!("{key}.json"))).ok()?,
+        )
+        .ok()?;
+        let blob = blob_path(&self.dir, desc["digest"].as_str()?).ok()?;
+        blob.exists().then_some((desc, blob))
+    }
+
+    /// Remembers a converted layer (failures only cost a future conversion).
+    fn record(&self, key: &str, desc: &Value, blob: &Path) {
+        let r = (|| -> std::io::Result<()> {
+            let blobs = self.dir.join("blobs/sha256");
+            std::fs::create_dir_all(&blobs)?;
+            std::fs::create_dir_all(self.dir.join("chains"))?;
+            let name = blob
+                .file_name()
+                .ok_or_else(|| std::io::Error::other("blob name"))?;
+            link_or_copy(blob, &blobs.join(name)).map_err(|e| std::io::Error::other(e.0))?;
+            let tmp = self.dir.join("chains").join(format!(".{key}.tmp"));
+            std::fs::write(&tmp, serde_json::to_vec(desc)?)?;
+            std::fs::rename(&tmp, self.dir.join("chains").join(format!("{key}.json")))
+        })();
+        if let Err(e) = r {
+            eprintln!(
+                "convert: warning: cannot record a conversion in {}: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+/// Hard-links `from` to `to` (same filesystem), else copies it.
+fn link_or_copy(from: &Path, to: &Path) -> CliResult {
+    if to.exists() {
+        return Ok(());
+    }
+    if std::fs::hard_link(from, to).is_err() {
+        let tmp = to.with_extension("partial");
+        std::fs::copy(from, &tmp).map_err(|e| bad(format!("{}: {e}", from.display())))?;
+        std::fs::rename(&tmp, to).map_err(|e| bad(format!("{}: {e}", to.display())))?;
+    }
+    Ok(())
+}
+
 /// A `Write` that only hashes.
 struct HashingSink(Sha256);
 
@@ -172,6 +270,88 @@ fn put_blob(dst: &Path, bytes: &[u8]) -> CliResult<(String, u64)> {
 }
 
 pub fn convert(a: ConvertArgs) -> CliResult {
+    let Some(list) = a.batch.clone() else {
+        return convert_one(a).map(|_| ());
+    };
+    let text =
+        std::fs::read_to_string(&list).map_err(|e| bad(format!("{}: {e}", list.display())))?;
+    let mut jobs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (src, dst, tag) = match f.as_slice() {
+            [s, d] => (*s, *d, None),
+            [s, d, t] => (*s, *d, Some(t.to_string())),
+            _ => {
+                return Err(bad(format!(
+                    "{}:{}: want SRC DST [TAG]",
+                    list.display(),
+                    n + 1
+                )))
+            }
+        };
+        let mut one = a.clone();
+        one.batch = None;
+        one.src = Some(src.to_string());
+        one.dst = Some(PathBuf::from(dst));
+        one.tag = tag;
+        jobs.push(one);
+    }
+    let start = std::time::Instant::now();
+    let total = jobs.len();
+    let queue = std::sync::Mutex::new(jobs.into_iter().enumerate());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for _ in 0..a.jobs.clamp(1, total.max(1)) {
+            sc.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.next());
+                let Some((i, job)) = next else { return };
+                let name = job.src.clone().unwrap_or_default();
+                let r = convert_one(job);
+                if let Ok(mut v) = results.lock() {
+                    v.push((i, name, r));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_default();
+    results.sort_by_key(|r| r.0);
+    let mut sum = Summary::default();
+    let mut failed = 0;
+    for (_, name, r) in &results {
+        match r {
+            Ok(s) => {
+                sum.converted += s.converted;
+                sum.reused += s.reused;
+                sum.bytes_in += s.bytes_in;
+                sum.bytes_out += s.bytes_out;
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("convert: {name}: {}", e.0);
+            }
+        }
+    }
+    eprintln!(
+        "convert: {} images ({failed} failed), layers {} converted, {} reused; {} bytes in, {} bytes out; {:.1} s",
+        total,
+        sum.converted,
+        sum.reused,
+        sum.bytes_in,
+        sum.bytes_out,
+        start.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        return Err(bad(format!("{failed} of {total} conversions failed")));
+    }
+    Ok(())
+}
+
+fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
+    let src_arg = a.src.clone().unwrap_or_default();
     let creds = match (&a.username, &a.password) {
         (Some(u), Some(pw)) => Some(lsmd::source::auth::Credentials {
             username: u.clone(),
@@ -179,22 +359,22 @@ pub fn convert(a: ConvertArgs) -> CliResult {
         }),
         _ => None,
     };
-    if a.src.starts_with("http://") || a.src.starts_with("https://") {
-        let target = push::Target::parse(&a.src)?;
+    if src_arg.starts_with("http://") || src_arg.starts_with("https://") {
+        let target = push::Target::parse(&src_arg)?;
         if target.base.starts_with("http://") && !a.insecure {
-            return Err(bad(format!("{}: plain HTTP needs --insecure", a.src)));
+            return Err(bad(format!("{src_arg}: plain HTTP needs --insecure")));
         }
         let tag = target.tag.clone();
-        let pulled = a.dst.with_extension("pull");
+        let pulled = a.dst.clone().unwrap_or_default().with_extension("pull");
         let _ = std::fs::remove_dir_all(&pulled);
         if !a.quiet {
-            eprintln!("convert: pulling {}", a.src);
+            eprintln!("convert: pulling {src_arg}");
         }
         let r = push::Session::new(target, creds.clone())
             .pull(&pulled)
             .and_then(|_| {
                 let local = ConvertArgs {
-                    src: pulled.display().to_string(),
+                    src: Some(pulled.display().to_string()),
                     tag: Some(tag),
                     ..a
                 };
@@ -206,8 +386,12 @@ pub fn convert(a: ConvertArgs) -> CliResult {
     convert_layout(a, creds)
 }
 
-fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>) -> CliResult {
-    let src = PathBuf::from(&a.src);
+fn convert_layout(
+    a: ConvertArgs,
+    creds: Option<lsmd::source::auth::Credentials>,
+) -> CliResult<Summary> {
+    let src = PathBuf::from(a.src.clone().unwrap_or_default());
+    let dst = a.dst.clone().unwrap_or_default();
     let say = |m: String| {
         if !a.quiet {
             eprintln!("convert: {m}");
@@ -282,24 +466,40 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
             .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
         diff_ids.push(h.0.finalize());
     }
-    let size = a
-        .size
-        .unwrap_or(((2 * unpacked + (64 << 20)).div_ceil(1 << 20)) << 20);
+    // Default: a power-of-two size class (at least 256 MiB) with room for twice the content;
+    // images of one class can share converted layers. Holes cost nothing.
+    let size = a.size.unwrap_or_else(|| {
+        (2 * unpacked + (64 << 20))
+            .next_power_of_two()
+            .max(256 << 20)
+    });
     say(format!(
         "{} layers, {unpacked} bytes unpacked, disk {size} bytes",
         layers.len()
     ));
 
     // --- the destination -------------------------------------------------------------------
-    if a.dst.join("index.json").exists() {
-        return Err(bad(format!("{} already holds an image", a.dst.display())));
+    if dst.join("index.json").exists() {
+        return Err(bad(format!("{} already holds an image", dst.display())));
     }
-    std::fs::create_dir_all(a.dst.join("blobs/sha256"))
-        .map_err(|e| bad(format!("{}: {e}", a.dst.display())))?;
-    let work = a.dst.join(".convert-work");
+    std::fs::create_dir_all(dst.join("blobs/sha256"))
+        .map_err(|e| bad(format!("{}: {e}", dst.display())))?;
+    let work = dst.join(".convert-work");
     let _ = std::fs::remove_dir_all(&work);
     let root = work.join("root");
     std::fs::create_dir_all(&root)?;
+    let db = (!a.no_reuse)
+        .then(|| a.db.clone().or_else(default_db).map(|dir| ReuseDb { dir }))
+        .flatten();
+    let mut stats = Summary {
+        bytes_in: layers
+            .iter()
+            .filter_map(|(d, _)| blob_path(&src, d).ok())
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum(),
+        ..Summary::default()
+    };
     let result = (|| -> CliResult<Vec<Value>> {
         // Deterministic filesystem identity: from the base layer's content (its diff ID), so
         // the same base converts to the same filesystem whatever image or registry it came
@@ -319,6 +519,23 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
             let p = blob_path(&src, digest)?;
             unpack::apply_layer(&root, || layer_reader(&p, media))
                 .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+            let key = chain_key(&diff_ids[..=i], size, &opts);
+            if let Some(known) = db.as_ref().and_then(|d| d.lookup(&key)) {
+                let (ours, src_blob) = known;
+                let final_path = blob_path(&dst, ours["digest"].as_str().unwrap_or_default())?;
+                link_or_copy(&src_blob, &final_path)?;
+                say(format!(
+                    "layer {}/{}: {digest} → {} (reused)",
+                    i + 1,
+                    layers.len(),
+                    ours["digest"]
+                ));
+                stats.reused += 1;
+                let mut desc = ours;
+                desc["annotations"]["io.lsm.source-layer"] = digest.as_str().into();
+                out.push(desc);
+                continue;
+            }
             let raw = work.join("fs.raw");
             let _ = std::fs::remove_file(&raw);
             File::create(&raw)?.set_len(size)?;
@@ -342,7 +559,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
             let below = out
                 .iter()
                 .map(|v| {
-                    let bp = blob_path(&a.dst, v["digest"].as_str().unwrap_or_default())?;
+                    let bp = blob_path(&dst, v["digest"].as_str().unwrap_or_default())?;
                     let f = File::open(&bp).map_err(|e| bad(format!("{}: {e}", bp.display())))?;
                     Ok(Layer::open(bp.display().to_string(), Arc::new(f), None)?)
                 })
@@ -350,7 +567,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
             let base = (!below.is_empty())
                 .then(|| LayerStack::new(below, size, 64 << 20).and_then(|s| Image::new(s, None)))
                 .transpose()?;
-            let tmp = a.dst.join("blobs/sha256/.layer.partial");
+            let tmp = dst.join("blobs/sha256/.layer.partial");
             let rawf = File::open(&raw)?;
             let w = write_blob_atomically(&tmp, |o| {
                 blockfmt::commit::import_raw(
@@ -363,7 +580,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
                 )
             })?;
             let ours = format!("sha256:{}", hex::encode(w.digest));
-            let final_path = blob_path(&a.dst, &ours)?;
+            let final_path = blob_path(&dst, &ours)?;
             std::fs::rename(&tmp, &final_path)?;
             say(format!(
                 "layer {}/{}: {digest} → {ours} ({} bytes)",
@@ -371,7 +588,9 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
                 layers.len(),
                 w.size
             ));
-            out.push(json!({
+            stats.converted += 1;
+            stats.bytes_out += w.size;
+            let desc = json!({
                 "mediaType": blockfmt::LAYER_MEDIA_TYPE,
                 "digest": ours,
                 "size": w.size,
@@ -380,7 +599,11 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
                     "io.lsm.source-layer": digest,
                     "io.lsm.format-version": "1",
                 },
-            }));
+            });
+            if let Some(d) = &db {
+                d.record(&key, &desc, &final_path);
+            }
+            out.push(desc);
         }
         Ok(out)
     })();
@@ -389,7 +612,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
         Ok(l) => l,
         Err(e) => {
             // No partial image: drop the blobs written.
-            let _ = std::fs::remove_dir_all(a.dst.join("blobs"));
+            let _ = std::fs::remove_dir_all(dst.join("blobs"));
             return Err(e);
         }
     };
@@ -397,7 +620,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
     // Config (the source's, unchanged), manifest, index, layout marker, lsm image config.
     let config_bytes = std::fs::read(blob_path(&src, &config_digest)?)
         .map_err(|e| bad(format!("config {config_digest}: {e}")))?;
-    let (cfg_digest, cfg_size) = put_blob(&a.dst, &config_bytes)?;
+    let (cfg_digest, cfg_size) = put_blob(&dst, &config_bytes)?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -414,7 +637,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
         },
     });
     let mbytes = serde_json::to_vec_pretty(&manifest)?;
-    let (m_digest, m_size) = put_blob(&a.dst, &mbytes)?;
+    let (m_digest, m_size) = put_blob(&dst, &mbytes)?;
     let mut mdesc = json!({
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "digest": m_digest,
@@ -423,10 +646,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
     if let Some(t) = &a.tag {
         mdesc["annotations"] = json!({ "org.opencontainers.image.ref.name": t });
     }
-    std::fs::write(
-        a.dst.join("oci-layout"),
-        "{\"imageLayoutVersion\":\"1.0.0\"}",
-    )?;
+    std::fs::write(dst.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
     let image = json!({
         "size": size,
         "layers": manifest["layers"].as_array().into_iter().flatten().map(|l| json!({
@@ -436,11 +656,11 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
         })).collect::<Vec<_>>(),
     });
     std::fs::write(
-        a.dst.join("lsm-image.json"),
+        dst.join("lsm-image.json"),
         serde_json::to_vec_pretty(&image)?,
     )?;
     std::fs::write(
-        a.dst.join("index.json"),
+        dst.join("index.json"),
         serde_json::to_vec_pretty(&json!({ "schemaVersion": 2, "manifests": [mdesc] }))?,
     )?;
     if let Some(p) = &a.push {
@@ -467,7 +687,7 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
                 .map(|l| l["digest"].as_str().unwrap_or_default().to_string()),
         );
         for d in blobs {
-            if session.put_blob(&d, &blob_path(&a.dst, &d)?)? {
+            if session.put_blob(&d, &blob_path(&dst, &d)?)? {
                 sent += 1;
             } else {
                 had += 1;
@@ -475,13 +695,17 @@ fn convert_layout(a: ConvertArgs, creds: Option<lsmd::source::auth::Credentials>
         }
         session.put_manifest(&mbytes, "application/vnd.oci.image.manifest.v1+json")?;
         std::fs::write(
-            a.dst.join("lsm-remote.json"),
+            dst.join("lsm-remote.json"),
             serde_json::to_vec_pretty(&remote)?,
         )?;
         say(format!(
             "pushed to {p}: {sent} blobs uploaded, {had} already there"
         ));
     }
+    say(format!(
+        "{} layers converted, {} reused; {} bytes in, {} bytes out",
+        stats.converted, stats.reused, stats.bytes_in, stats.bytes_out
+    ));
     println!("{m_digest}");
-    Ok(())
+    Ok(stats)
 }
