@@ -342,10 +342,12 @@ fn main() -> ExitCode {
         let opts = lsmd::ublk::UblkOptions {
             queues: ublk_queues,
             depth: ublk_depth,
+            user_copy: true,
         };
         match lsmd::ublk::UblkDevice::start(name, image, &state, opts) {
             Ok(d) => {
-                tracing::info!(export = %name, device = %d.block_device(), "ublk device started");
+                let copy = if d.user_copy() { "user" } else { "buffers" };
+                tracing::info!(export = %name, device = %d.block_device(), copy, "ublk device started");
                 ublk_devices.push(d);
             }
             Err(e) => {

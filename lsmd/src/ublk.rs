@@ -3,7 +3,8 @@
 //! (`/dev/ublk-control`) takes ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV and DEL_DEV as
 //! `IORING_OP_URING_CMD`s on a 128-byte-SQE ring; the per-device char device (`/dev/ublkcN`)
 //! takes FETCH_REQ / COMMIT_AND_FETCH_REQ per tag, and its mmap'd descriptor array says what
-//! each fetched request is. Data moves through one page-aligned buffer per tag.
+//! each fetched request is. Data moves by user copy (pread/pwrite of the request's window on the
+//! char device) where the kernel offers it, else through one page-aligned buffer per tag.
 //!
 //! Each hardware queue (`--ublk-queues`, depth `--ublk-depth`) is served by its own thread,
 //! which completes its requests in order of arrival; the `Image` does the work. Devices are created with user recovery: if lsmd dies, the kernel holds the
@@ -48,6 +49,14 @@ const F_USER_RECOVERY: u64 = 1 << 3;
 /// With recovery: requests in flight when the server died are issued again to the next one.
 const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
 const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
+/// Request data moves by pread/pwrite on the char device instead of through buffers the driver
+/// maps: no pinned buffer per tag.
+const F_USER_COPY: u64 = 1 << 7;
+/// Where a request's data sits for user copy: `UBLKSRV_IO_BUF_OFFSET + (q_id << 41) + (tag <<
+/// 25)`.
+fn user_copy_pos(q_id: u16, tag: usize) -> u64 {
+    0x8000_0000 + ((q_id as u64) << 41) + ((tag as u64) << 25)
+}
 /// Device states (`ublksrv_ctrl_dev_info.state`) a restarted server can take over.
 const S_DEV_QUIESCED: u16 = 2;
 const S_DEV_FAIL_IO: u16 = 3;
@@ -72,6 +81,8 @@ const IO_BUF_BYTES: u32 = 512 * 1024;
 pub struct UblkOptions {
     pub queues: u16,
     pub depth: u16,
+    /// Move data with user copy (set when the kernel takes it; buffers otherwise).
+    pub user_copy: bool,
 }
 
 impl Default for UblkOptions {
@@ -79,6 +90,7 @@ impl Default for UblkOptions {
         UblkOptions {
             queues: 1,
             depth: 64,
+            user_copy: true,
         }
     }
 }
@@ -192,6 +204,7 @@ pub struct UblkDevice {
     dev_id: u32,
     ctrl: Control,
     queues: Vec<JoinHandle<()>>,
+    user_copy: bool,
 }
 
 impl UblkDevice {
@@ -233,13 +246,26 @@ impl UblkDevice {
         info[2..4].copy_from_slice(&opts.depth.to_le_bytes());
         info[8..12].copy_from_slice(&IO_BUF_BYTES.to_le_bytes());
         info[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // dev_id: any
-        let flags = F_CMD_IOCTL_ENCODE | F_USER_RECOVERY | F_USER_RECOVERY_REISSUE;
-        info[24..32].copy_from_slice(&flags.to_le_bytes());
-        ctrl.run(
-            "ADD_DEV",
-            CMD_ADD_DEV,
-            ctrl_cmd(u32::MAX, 64, info.as_mut_ptr() as u64, 0),
-        )?;
+        let base = F_CMD_IOCTL_ENCODE | F_USER_RECOVERY | F_USER_RECOVERY_REISSUE;
+        let mut opts = opts;
+        let template = info;
+        let mut added = Err(io::Error::other("not tried"));
+        // User copy where the kernel offers it, else buffers the driver maps.
+        for user_copy in [opts.user_copy, false] {
+            info = template;
+            let flags = base | if user_copy { F_USER_COPY } else { 0 };
+            info[24..32].copy_from_slice(&flags.to_le_bytes());
+            added = ctrl.run(
+                "ADD_DEV",
+                CMD_ADD_DEV,
+                ctrl_cmd(u32::MAX, 64, info.as_mut_ptr() as u64, 0),
+            );
+            if added.is_ok() {
+                opts.user_copy = user_copy;
+                break;
+            }
+        }
+        added?;
         let dev_id = u32::from_le_bytes([info[12], info[13], info[14], info[15]]);
 
         // struct ublk_params with the basic part only: 8 + 32 bytes.
@@ -286,6 +312,7 @@ impl UblkDevice {
             dev_id,
             ctrl,
             queues: Vec::new(),
+            user_copy: shape.user_copy,
         };
         if recovering {
             dev.ctrl.run(
@@ -315,7 +342,7 @@ impl UblkDevice {
                 ready_tx.clone(),
             );
             dev.queues.push(std::thread::spawn(move || {
-                if let Err(e) = serve_queue(&name, &image, &cdev, q, shape.depth, &ready) {
+                if let Err(e) = serve_queue(&name, &image, &cdev, q, shape, &ready) {
                     tracing::error!(export = %name, queue = q, error = %e, "ublk queue failed");
                     let _ = ready.send(Err(e));
                 }
@@ -337,6 +364,11 @@ impl UblkDevice {
         dev.ctrl
             .run(what, op, ctrl_cmd(dev_id, 0, 0, std::process::id() as u64))?;
         Ok(dev)
+    }
+
+    /// True when data moves by user copy (pread/pwrite on the char device).
+    pub fn user_copy(&self) -> bool {
+        self.user_copy
     }
 
     /// `/dev/ublkbN`.
@@ -380,6 +412,7 @@ fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
     Ok(waiting.then(|| UblkOptions {
         queues: u16::from_le_bytes([info[0], info[1]]),
         depth: u16::from_le_bytes([info[2], info[3]]),
+        user_copy: flags & F_USER_COPY != 0,
     }))
 }
 
@@ -399,16 +432,17 @@ fn errno_of(e: &blockfmt::Error) -> i32 {
     }
 }
 
-/// Serves queue `q_id` (of `depth` tags) until the device stops.
+/// Serves queue `q_id` until the device stops.
 fn serve_queue(
     name: &str,
     image: &Image,
     cdev: &File,
     q_id: u16,
-    depth: u16,
+    shape: UblkOptions,
     ready: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
-    let depth = depth as usize;
+    let depth = shape.depth as usize;
+    let user_copy = shape.user_copy;
     // Each queue's descriptors sit at a fixed stride (room for the largest depth); the driver
     // wants exactly the queue's own size, rounded to pages.
     let stride = (MAX_QUEUE_DEPTH * DESC_LEN).div_ceil(4096) * 4096;
@@ -418,12 +452,23 @@ fn serve_queue(
         Some((cdev, q_id as i64 * stride as i64)),
         libc::PROT_READ,
     )?;
+    // Buffers the driver copies through (a tag each), or with user copy one scratch buffer.
     let bufs = Mapping::map(
-        depth * IO_BUF_BYTES as usize,
+        if user_copy {
+            IO_BUF_BYTES as usize
+        } else {
+            depth * IO_BUF_BYTES as usize
+        },
         None,
         libc::PROT_READ | libc::PROT_WRITE,
     )?;
-    let buf_addr = |tag: usize| bufs.ptr as u64 + (tag * IO_BUF_BYTES as usize) as u64;
+    let buf_addr = |tag: usize| {
+        if user_copy {
+            0
+        } else {
+            bufs.ptr as u64 + (tag * IO_BUF_BYTES as usize) as u64
+        }
+    };
     let mut ring: IoUring = IoUring::new((depth * 2) as u32)?;
     let fd = types::Fd(cdev.as_raw_fd());
     let push = |ring: &mut IoUring, op: u32, tag: usize, result: i32| -> io::Result<()> {
@@ -467,14 +512,35 @@ fn serve_queue(
             let result = if len > IO_BUF_BYTES as usize {
                 -libc::EINVAL
             } else {
-                // SAFETY: this tag's buffer: `len` ≤ IO_BUF_BYTES bytes inside `bufs`, used by
-                // nobody else until we commit it.
-                let buf = unsafe {
-                    std::slice::from_raw_parts_mut(bufs.ptr.add(tag * IO_BUF_BYTES as usize), len)
+                let slot = if user_copy {
+                    0
+                } else {
+                    tag * IO_BUF_BYTES as usize
                 };
+                // SAFETY: `len` ≤ IO_BUF_BYTES bytes inside `bufs` (this tag's buffer, or the
+                // queue's scratch buffer with user copy), used by nobody else until we commit.
+                let buf = unsafe { std::slice::from_raw_parts_mut(bufs.ptr.add(slot), len) };
+                let pos = user_copy_pos(q_id, tag);
+                let copy_err =
+                    |e: io::Error| blockfmt::Error::Invalid(format!("ublk user copy: {e}"));
                 let r = match op {
-                    OP_READ => image.read(off, buf),
-                    OP_WRITE => image.write(off, buf),
+                    OP_READ => image.read(off, buf).and_then(|_| {
+                        if user_copy {
+                            std::os::unix::fs::FileExt::write_all_at(cdev, buf, pos)
+                                .map_err(copy_err)
+                        } else {
+                            Ok(())
+                        }
+                    }),
+                    OP_WRITE => {
+                        let got = if user_copy {
+                            std::os::unix::fs::FileExt::read_exact_at(cdev, buf, pos)
+                                .map_err(copy_err)
+                        } else {
+                            Ok(())
+                        };
+                        got.and_then(|_| image.write(off, buf))
+                    }
                     OP_FLUSH => image.flush(),
                     OP_DISCARD => image.trim(off, len as u64),
                     OP_WRITE_ZEROES => image.write_zeroes(off, len as u64),
