@@ -569,6 +569,11 @@ fn convert_layout(
                 .transpose()?;
             let tmp = dst.join("blobs/sha256/.layer.partial");
             let rawf = File::open(&raw)?;
+            let mut prog = crate::progress::Progress::new(
+                format!("convert: layer {}/{} import", i + 1, layers.len()),
+                size,
+                a.quiet,
+            );
             let w = write_blob_atomically(&tmp, |o| {
                 blockfmt::commit::import_raw(
                     BufReader::with_capacity(1 << 20, rawf),
@@ -576,7 +581,7 @@ fn convert_layout(
                     base.as_ref(),
                     o,
                     opts,
-                    |_| {},
+                    |d| prog.update(d),
                 )
             })?;
             let ours = format!("sha256:{}", hex::encode(w.digest));
