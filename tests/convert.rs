@@ -239,6 +239,7 @@ fn whiteouts_and_metadata_match_umoci_and_conversion_is_reproducible() {
 fn bad_layers_are_refused_and_leave_no_image() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
+    whiteout_image(&t.join("srcS"));
 
     // A path climbing out of the root.
     let evil = t.join("evil");
@@ -257,6 +258,31 @@ fn bad_layers_are_refused_and_leave_no_image() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("climbs out"), "{err}");
     assert!(!out.join("index.json").exists() && !t.join("escape.tx").exists());
+
+    // An image larger than the filesystem asked for.
+    let small = t.join("out-small");
+    let o = run(
+        lsmctl(["convert", "-q", "--no-reuse", "--tag", "t", "--size", "64K"])
+            .arg(t.join("srcS"))
+            .arg(&small),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("too small"), "{err}");
+    assert!(
+        !small.exists(),
+        "a failed conversion left {}",
+        small.display()
+    );
+
+    // A missing image.
+    let o = run(lsmctl(["convert", "-q", "--tag", "nope"])
+        .arg(t.join("srcS"))
+        .arg(t.join("x")));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no image tagged"),
+        "{err}"
+    );
 
     // A corrupt layer blob.
     let src = t.join("src");

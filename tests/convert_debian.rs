@@ -46,10 +46,18 @@ fn debian_minbase_and_python_images_convert_and_mount_like_umoci_unpacks_them() 
     )
     .expect("list");
     // One disk size for both, so the python image can reuse the converted base.
-    let o = run(lsmctl(["convert", "--insecure", "--size", "1G", "--jobs", "1", "--batch"])
-        .arg(&list)
-        .arg("--db")
-        .arg(t.join("db")));
+    let o = run(lsmctl([
+        "convert",
+        "--insecure",
+        "--size",
+        "1G",
+        "--jobs",
+        "1",
+        "--batch",
+    ])
+    .arg(&list)
+    .arg("--db")
+    .arg(t.join("db")));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.success() && err.contains("2 images (0 failed), layers 2 converted, 1 reused"),

@@ -482,6 +482,7 @@ fn convert_layout(
     if dst.join("index.json").exists() {
         return Err(bad(format!("{} already holds an image", dst.display())));
     }
+    let created = !dst.exists();
     std::fs::create_dir_all(dst.join("blobs/sha256"))
         .map_err(|e| bad(format!("{}: {e}", dst.display())))?;
     let work = dst.join(".convert-work");
@@ -616,8 +617,12 @@ fn convert_layout(
     let out_layers = match result {
         Ok(l) => l,
         Err(e) => {
-            // No partial image: drop the blobs written.
-            let _ = std::fs::remove_dir_all(dst.join("blobs"));
+            // No partial image: drop the blobs written (and the directory, if we made it).
+            let _ = std::fs::remove_dir_all(if created {
+                dst.clone()
+            } else {
+                dst.join("blobs")
+            });
             return Err(e);
         }
     };
