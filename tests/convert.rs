@@ -344,6 +344,18 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
         "{err}"
     );
 
+    // Straight to the registry (another tag of the same repository): the blobs are there.
+    let o = run(
+        lsmctl(["convert", "--no-reuse", "--insecure", "--tag", "t"])
+            .arg(&src)
+            .arg(format!("{}/lsm/converted:direct", reg.url)),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("0 blobs uploaded, 4 already there"),
+        "{err}"
+    );
+
     // The source pushed with skopeo and converted straight from the registry: the same layers.
     ok(Command::new("skopeo")
         .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])

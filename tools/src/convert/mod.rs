@@ -37,7 +37,8 @@ pub struct ConvertArgs {
     /// in a registry (pulled first; same credentials options as --push).
     #[arg(required_unless_present = "batch")]
     src: Option<String>,
-    /// Destination OCI image layout directory (created; must not hold an image yet).
+    /// Destination: an OCI image layout directory (created; must not hold an image yet), or
+    /// `http(s)://host[:port]/repository:tag` to push to (as --push, from a temporary layout).
     #[arg(required_unless_present = "batch")]
     dst: Option<PathBuf>,
     /// Convert many images: a file of `SRC DST [TAG]` lines (`#` comments); the other options
@@ -351,6 +352,28 @@ pub fn convert(a: ConvertArgs) -> CliResult {
 }
 
 fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
+    let dst_arg = a.dst.clone().unwrap_or_default();
+    let dst_str = dst_arg.to_string_lossy().into_owned();
+    if dst_str.starts_with("http://") || dst_str.starts_with("https://") {
+        if a.push.is_some() {
+            return Err(bad("give either a registry DST or --push, not both"));
+        }
+        let layout = std::env::temp_dir().join(format!(
+            "lsm-convert-{}-{}",
+            std::process::id(),
+            hex::encode(Sha256::digest(dst_str.as_bytes()))
+                .get(..12)
+                .unwrap_or_default()
+        ));
+        let _ = std::fs::remove_dir_all(&layout);
+        let r = convert_one(ConvertArgs {
+            dst: Some(layout.clone()),
+            push: Some(dst_str),
+            ..a
+        });
+        let _ = std::fs::remove_dir_all(&layout);
+        return r;
+    }
     let src_arg = a.src.clone().unwrap_or_default();
     let creds = match (&a.username, &a.password) {
         (Some(u), Some(pw)) => Some(lsmd::source::auth::Credentials {
