@@ -112,6 +112,16 @@ fn lsmctl_attach_list_detach_with_the_fuse_file() {
     let state = t.join("state");
     let files = t.join("files");
 
+    // Detach even if an assertion below fails, so no lsmd or mount outlives the test.
+    struct Detach<'a>(&'a Path);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            let _ = lsmctl(["detach", "app", "--state-dir"])
+                .arg(self.0)
+                .output();
+        }
+    }
+    let _detach = Detach(&state);
     let dev = ok(lsmctl(["attach"])
         .arg(&img)
         .arg("--fuse")

@@ -100,6 +100,19 @@ impl Lsmd {
 
 impl Drop for Lsmd {
     fn drop(&mut self) {
+        // A test that ends early (a failed assertion) still lets lsmd unmount its FUSE files
+        // and detach its devices: SIGTERM first, SIGKILL if it does not go within 5 s.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            for _ in 0..100 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
