@@ -28,5 +28,17 @@ pub enum Error {
     },
 }
 
+/// The errno a frontend reports for a failed image request: a range or argument the disk
+/// cannot take is EINVAL, a write to a read-only image EROFS, anything else (a layer that failed
+/// its checks, a source that gave up) EIO. Frontends whose protocol lacks one of these
+/// translate further (NBD has no EROFS).
+pub fn errno(e: &blockfmt::Error) -> i32 {
+    match e {
+        blockfmt::Error::OutOfRange { .. } | blockfmt::Error::Invalid(_) => libc::EINVAL,
+        blockfmt::Error::ReadOnly => libc::EROFS,
+        _ => libc::EIO,
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use blockfmt::Image;
+
+use crate::errno;
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
@@ -57,14 +59,6 @@ impl ExportFiles {
             blksize: 4096,
             flags: 0,
         })
-    }
-}
-
-fn errno(e: &blockfmt::Error) -> i32 {
-    match e {
-        blockfmt::Error::OutOfRange { .. } | blockfmt::Error::Invalid(_) => libc::EINVAL,
-        blockfmt::Error::ReadOnly => libc::EROFS,
-        _ => libc::EIO,
     }
 }
 

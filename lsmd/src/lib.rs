@@ -22,7 +22,7 @@ pub mod trace;
 pub mod ublk;
 
 pub use config::{HostServices, ImageConfig, ImageSpec, LayerConfig, RegistryConfig, SourceConfig};
-pub use error::{Error, Result};
+pub use error::{errno, Error, Result};
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {

@@ -424,14 +424,6 @@ impl Drop for UblkDevice {
     }
 }
 
-fn errno_of(e: &blockfmt::Error) -> i32 {
-    match e {
-        blockfmt::Error::OutOfRange { .. } | blockfmt::Error::Invalid(_) => libc::EINVAL,
-        blockfmt::Error::ReadOnly => libc::EROFS,
-        _ => libc::EIO,
-    }
-}
-
 /// Serves queue `q_id` until the device stops.
 fn serve_queue(
     name: &str,
@@ -550,7 +542,7 @@ fn serve_queue(
                     Ok(()) => len as i32,
                     Err(e) => {
                         tracing::warn!(export = %name, queue = q_id, op, offset = off, len, error = %e, "ublk request failed");
-                        -errno_of(&e)
+                        -crate::errno(&e)
                     }
                 }
             };

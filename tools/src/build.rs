@@ -190,7 +190,7 @@ fn layer_entry(
     ))
 }
 
-fn sha2_file(p: &Path) -> CliResult<[u8; 32]> {
+pub(crate) fn sha2_file(p: &Path) -> CliResult<[u8; 32]> {
     use sha2::{Digest, Sha256};
     let mut f = File::open(p).map_err(|e| CliError(format!("{}: {e}", p.display())))?;
     let mut h = Sha256::new();

@@ -49,12 +49,13 @@ fn poisoned() -> io::Error {
     io::Error::other("reply lock poisoned")
 }
 
+/// The NBD error for a failed request: the frontends' common errno, with a write past the end
+/// as ENOSPC (as the protocol asks) and EPERM for EROFS, which NBD does not have.
 fn errno(e: &blockfmt::Error, write: bool) -> u32 {
-    match e {
-        blockfmt::Error::OutOfRange { .. } if write => ENOSPC,
-        blockfmt::Error::OutOfRange { .. } | blockfmt::Error::Invalid(_) => EINVAL,
-        blockfmt::Error::ReadOnly => EPERM,
-        _ => EIO,
+    match (e, crate::errno(e)) {
+        (blockfmt::Error::OutOfRange { .. }, _) if write => ENOSPC,
+        (_, libc::EROFS) => EPERM,
+        (_, n) => n as u32,
     }
 }
 

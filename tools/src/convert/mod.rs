@@ -98,11 +98,12 @@ fn blob_path(layout: &Path, digest: &str) -> CliResult<PathBuf> {
     Ok(layout.join("blobs/sha256").join(hex))
 }
 
+/// `sha256:<hex>` of a file.
 fn sha256_file(p: &Path) -> CliResult<String> {
-    let mut f = File::open(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| bad(format!("{}: {e}", p.display())))?;
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(crate::build::sha2_file(p)?)
+    ))
 }
 
 /// A source layer's bytes, decompressed as its media type says.
