@@ -5,7 +5,6 @@
 //! kernel: the tree equals umoci's own unpack — contents, modes, owners, links, xattrs.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use lsm_e2e::nbd::*;
@@ -13,18 +12,9 @@ use lsm_e2e::registry::Registry;
 use lsm_e2e::tree::*;
 use lsm_e2e::*;
 
-/// The cached OCI layout with tags `base` and `py`.
-fn debian_images() -> PathBuf {
-    let cache = std::env::var_os("LSM_IMAGE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/lsm-images/debian-v1"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/debian-images.sh");
-    PathBuf::from(ok(Command::new("bash").arg(script).arg(cache)).trim())
-}
-
 #[test]
 fn debian_minbase_and_python_images_convert_and_mount_like_umoci_unpacks_them() {
-    let oci = debian_images();
+    let oci = debian_images("debian-v1");
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
     let reg = Registry::start(&t.join("registry"), None);

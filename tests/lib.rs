@@ -166,3 +166,15 @@ pub mod squid;
 
 #[path = "support/tree.rs"]
 pub mod tree;
+
+/// An OCI layout of real Debian images (tags `base` and `py`), built once by
+/// `support/debian-images.sh` and cached outside the clone (`$LSM_IMAGE_CACHE`, default
+/// `/var/cache/lsm-images`). Each `generation` is a separate build: two generations hold the
+/// same packages but, built at different times, share no layer digest.
+pub fn debian_images(generation: &str) -> PathBuf {
+    let root = std::env::var_os("LSM_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/lsm-images"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/debian-images.sh");
+    PathBuf::from(ok(Command::new("bash").arg(script).arg(root.join(generation))).trim())
+}

@@ -2,7 +2,9 @@
 //! feed a `LayerWriter` in logical order, so their output is deterministic.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 
+use crate::dictionary::Dictionary;
 use crate::error::{Error, Result};
 use crate::image::{Alloc, Image};
 use crate::upper::{UpperLayer, UpperTarget};
@@ -77,10 +79,13 @@ pub fn squash<W: Write>(
 /// Without `base`, the result is a bottom layer: zero granules become holes. With `base`, the
 /// result is a layer to stack on `base` holding only the 4 KiB granules whose content differs
 /// from `base` (changed-to-zero granules become zero extents), so `base` + layer reads as `src`.
+/// With `dict`, blocks a dictionary layer already stores are borrowed, not stored.
+#[allow(clippy::too_many_arguments)]
 pub fn import_raw<R: Read, W: Write>(
     mut src: R,
     size: u64,
     base: Option<&Image>,
+    dict: Option<Arc<Dictionary>>,
     out: W,
     mut opts: WriterOptions,
     mut progress: impl FnMut(u64),
@@ -99,6 +104,9 @@ pub fn import_raw<R: Read, W: Write>(
         ZeroPolicy::Hole
     };
     let mut w = LayerWriter::new(out, size, opts)?;
+    if let Some(d) = dict {
+        w.set_dictionary(d);
+    }
     let mut buf = vec![0u8; STEP as usize];
     let mut old = vec![0u8; STEP as usize];
     let mut off = 0u64;

@@ -9,6 +9,7 @@
 //! - [`upper`]: the writable, crash-safe `UpperLayer` (FORMAT.md §3).
 //! - [`image`]: `Image` = stack + optional upper layer.
 //! - [`commit`]: commit, squash and raw import.
+//! - [`dictionary`]: blocks of existing layers a new layer borrows (cross-image dedup).
 //! - [`store`]: the `ChunkStore` seam for a host-wide cache of fetched chunks.
 //!
 //! Pure: no network, no daemon, no kernel.
@@ -16,6 +17,7 @@
 pub mod cache;
 pub mod chunk;
 pub mod commit;
+pub mod dictionary;
 pub mod error;
 pub mod format;
 pub mod image;
@@ -27,6 +29,7 @@ pub mod upper;
 pub mod writer;
 
 pub use chunk::{Compression, Verify};
+pub use dictionary::Dictionary;
 pub use error::{Error, Result};
 pub use image::{Alloc, Image};
 pub use merged::MergedIndex;
@@ -40,3 +43,7 @@ pub use writer::{LayerWriter, WriterOptions, WrittenLayer, ZeroPolicy};
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.lsm.layer.v1";
 /// OCI annotation carrying the metadata digest of a layer.
 pub const META_DIGEST_ANNOTATION: &str = "io.lsm.layer.meta-digest";
+/// OCI annotation saying what a listed lsm blob is for; absent = a layer of the stack.
+pub const ROLE_ANNOTATION: &str = "io.lsm.layer.role";
+/// [`ROLE_ANNOTATION`] value of a blob that layers borrow chunks from but that is not stacked.
+pub const ROLE_DICTIONARY: &str = "dictionary";

@@ -5,14 +5,22 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use crate::chunk::{self, Compression};
+use crate::dictionary::{BlockRef, Dictionary};
 use crate::error::{Error, Result};
 use crate::format::{
-    check_chunk_size, sha256, Extent, ExtentKind, Header, Metadata, Trailer, HEADER_LEN, NO_CHUNK,
+    check_chunk_size, sha256, BlobRef, ChunkEntry, Extent, ExtentKind, Header, Metadata, Trailer,
+    HEADER_LEN, NO_CHUNK,
 };
+
+/// While writing, extents into borrowed chunks carry this bit plus the borrowed chunk's number;
+/// `finish` renumbers them after the layer's own chunks (own chunks are numbered as they are
+/// cut, so borrowed ones cannot take numbers before the layer ends).
+const BORROWED: u32 = 1 << 31;
 
 /// Granule in which runs of zero bytes are detected, aligned to logical offset 0.
 pub const ZERO_GRANULE: u64 = 4096;
@@ -66,6 +74,10 @@ pub struct WrittenLayer {
     pub data_bytes: u64,
     /// Bytes of stored chunk data.
     pub stored_bytes: u64,
+    /// Logical data bytes that point into dictionary blobs instead of being stored.
+    pub borrowed_bytes: u64,
+    /// The dictionary blobs the layer borrows from (its blob table).
+    pub blobs: Vec<BlobRef>,
 }
 
 struct HashingWriter<W: Write> {
@@ -98,6 +110,14 @@ pub struct LayerWriter<W: Write> {
     stored_bytes: u64,
     /// sha256 of each aligned 4 KiB block stored so far → (chunk, offset in chunk).
     seen: HashMap<[u8; 32], (u32, u32)>,
+    dict: Option<Arc<Dictionary>>,
+    /// Dictionary chunks borrowed so far, as this layer's chunk entries (blob = blob number).
+    borrowed: Vec<ChunkEntry>,
+    /// Dictionary chunk index → borrowed number.
+    borrowed_of: HashMap<u32, u32>,
+    /// Dictionary blob index → this layer's blob number.
+    blob_number_of: HashMap<u32, u32>,
+    borrowed_bytes: u64,
 }
 
 impl<W: Write> LayerWriter<W> {
@@ -124,6 +144,11 @@ impl<W: Write> LayerWriter<W> {
             data_bytes: 0,
             stored_bytes: 0,
             seen: HashMap::new(),
+            dict: None,
+            borrowed: Vec::new(),
+            borrowed_of: HashMap::new(),
+            blob_number_of: HashMap::new(),
+            borrowed_bytes: 0,
         };
         let h = Header {
             chunk_size: opts.chunk_size,
@@ -131,6 +156,14 @@ impl<W: Write> LayerWriter<W> {
         };
         w.out.put(&h.encode())?;
         Ok(w)
+    }
+
+    /// Lets aligned 4 KiB blocks that a dictionary layer already stores point into that
+    /// layer's blob instead of being stored (needs `dedup`; FORMAT.md §1.7).
+    pub fn set_dictionary(&mut self, dict: Arc<Dictionary>) {
+        if !dict.is_empty() {
+            self.dict = Some(dict);
+        }
     }
 
     fn check_range(&mut self, off: u64, len: u64) -> Result<()> {
@@ -211,6 +244,13 @@ impl<W: Write> LayerWriter<W> {
     /// Adds one aligned 4 KiB block, pointing at an earlier copy when there is one.
     fn push_block(&mut self, off: u64, block: &[u8]) -> Result<()> {
         let h = sha256(block);
+        if let Some(r) = self.dict.as_ref().and_then(|d| d.lookup(&h)) {
+            let chunk = self.borrow(r)?;
+            self.push_data_extent(off, block.len() as u32, chunk, r.offset);
+            self.data_bytes += block.len() as u64;
+            self.borrowed_bytes += block.len() as u64;
+            return Ok(());
+        }
         let Some(&(chunk, chunk_offset)) = self.seen.get(&h) else {
             self.push_data(off, block)?;
             // The block now sits at the end of the pending chunk, whose index is the next one.
@@ -247,6 +287,39 @@ impl<W: Write> LayerWriter<W> {
         }
     }
 
+    /// The (provisional) chunk number of a dictionary chunk, adding it and its blob to this
+    /// layer's tables on first use.
+    fn borrow(&mut self, r: BlockRef) -> Result<u32> {
+        if let Some(&n) = self.borrowed_of.get(&r.chunk) {
+            return Ok(BORROWED | n);
+        }
+        let dict = self
+            .dict
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("layer writer: borrowing without a dictionary".into()))?;
+        let e = *dict
+            .chunk(r)
+            .ok_or_else(|| Error::Invalid(format!("dictionary: no chunk {}", r.chunk)))?;
+        let blob = *dict
+            .blobs()
+            .get(e.blob as usize)
+            .ok_or_else(|| Error::Invalid(format!("dictionary: no blob {}", e.blob)))?;
+        let next_number = self.blob_number_of.len() as u32 + 1;
+        let number = *self.blob_number_of.entry(e.blob).or_insert(next_number);
+        if number == next_number {
+            self.meta.blobs.push(blob);
+        }
+        let n = self.borrowed.len() as u32;
+        if n >= BORROWED - 1 {
+            return Err(Error::Invalid(
+                "layer writer: too many borrowed chunks".into(),
+            ));
+        }
+        self.borrowed.push(ChunkEntry { blob: number, ..e });
+        self.borrowed_of.insert(r.chunk, n);
+        Ok(BORROWED | n)
+    }
+
     fn push_data(&mut self, off: u64, data: &[u8]) -> Result<()> {
         let cs = self.opts.chunk_size as u64;
         let mut pos = off;
@@ -272,6 +345,9 @@ impl<W: Write> LayerWriter<W> {
         if self.buf.is_empty() {
             return Ok(());
         }
+        if self.meta.chunks.len() as u64 >= BORROWED as u64 {
+            return Err(Error::Invalid("layer writer: too many chunks".into()));
+        }
         let (stored, mut entry) = chunk::encode(&self.buf, self.opts.compression)?;
         entry.offset = self.out.pos;
         self.out.put(&stored)?;
@@ -285,6 +361,13 @@ impl<W: Write> LayerWriter<W> {
     /// the inner writer (flushed).
     pub fn finish(mut self) -> Result<(WrittenLayer, W)> {
         self.flush_chunk()?;
+        let own = self.meta.chunks.len() as u32;
+        for x in &mut self.meta.extents {
+            if x.chunk != NO_CHUNK && x.chunk & BORROWED != 0 {
+                x.chunk = own + (x.chunk & !BORROWED);
+            }
+        }
+        self.meta.chunks.append(&mut self.borrowed);
         let meta = self.meta.encode();
         let meta_digest = sha256(&meta);
         let t = Trailer {
@@ -310,6 +393,8 @@ impl<W: Write> LayerWriter<W> {
             extents: self.meta.extents.len() as u64,
             data_bytes: self.data_bytes,
             stored_bytes: self.stored_bytes,
+            borrowed_bytes: self.borrowed_bytes,
+            blobs: self.meta.blobs.clone(),
         };
         Ok((written, self.out.inner))
     }

@@ -34,7 +34,16 @@ fn sample_disk(size: usize, seed: u64) -> Vec<u8> {
 }
 
 fn build(disk: &[u8], opts: WriterOptions) -> Vec<u8> {
-    let (_, out) = import_raw(disk, disk.len() as u64, None, Vec::new(), opts, |_| {}).unwrap();
+    let (_, out) = import_raw(
+        disk,
+        disk.len() as u64,
+        None,
+        None,
+        Vec::new(),
+        opts,
+        |_| {},
+    )
+    .unwrap();
     out
 }
 
@@ -107,6 +116,7 @@ fn a_stack_of_three_diff_layers_reads_as_the_last_version() {
             &next[..],
             size,
             Some(&base),
+            None,
             Vec::new(),
             WriterOptions::default(),
             |_| {},
@@ -271,6 +281,7 @@ fn read_sparse_agrees_with_read_and_map() {
             )
             .unwrap(),
         ),
+        None,
         Vec::new(),
         WriterOptions::default(),
         |_| {},
@@ -349,4 +360,98 @@ fn concurrent_misses_on_one_chunk_fetch_it_once() {
         assert_eq!(b, disk[at as usize..at as usize + 4096]);
     }
     assert_eq!(src.reads.load(Ordering::SeqCst) - before, 1);
+}
+
+/// Cross-image dedup: a disk holding the same 4 KiB blocks as a dictionary layer, moved by whole
+/// blocks and with a few changes, borrows them; it reads back exactly with the dictionary blob
+/// attached, and without it fails naming that blob, never returning other bytes.
+#[test]
+fn dictionary_blocks_are_borrowed_across_blobs() {
+    let a = sample_disk(4 << 20, 11);
+    // B: A moved up by 3 blocks (as when one file earlier in the filesystem grows), plus new data.
+    let mut b = vec![0u8; a.len()];
+    b[3 * 4096..].copy_from_slice(&a[..a.len() - 3 * 4096]);
+    b[1_000_000..1_050_000].fill(0x5a);
+    let blob_a = build(&a, WriterOptions::default());
+    let layer_a = Layer::open("a", Arc::new(blob_a.clone()), None).unwrap();
+    let id_a = blockfmt::format::BlobRef {
+        sha256: blockfmt::format::sha256(&blob_a),
+        size: blob_a.len() as u64,
+    };
+    let mut dict = blockfmt::Dictionary::new();
+    dict.add_layer(&layer_a, id_a, |_| {}).unwrap();
+    assert!(dict.block_count() > 0);
+    let (w, blob_b) = import_raw(
+        &b[..],
+        b.len() as u64,
+        None,
+        Some(Arc::new(dict)),
+        Vec::new(),
+        WriterOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(w.blobs, vec![id_a]);
+    let plain = build(&b, WriterOptions::default());
+    assert!(
+        blob_b.len() * 10 < plain.len(),
+        "with the dictionary {} bytes, without {}",
+        blob_b.len(),
+        plain.len()
+    );
+    assert!(w.borrowed_bytes > 0);
+
+    // With the dictionary blob attached: exact, and every chunk (own and borrowed) verifies.
+    let mut lb = Layer::open("b", Arc::new(blob_b.clone()), None).unwrap();
+    lb.attach_blob(1, Arc::new(blob_a.clone())).unwrap();
+    lb.verify_all(None).unwrap();
+    let s = LayerStack::new(vec![lb], b.len() as u64, 1 << 20).unwrap();
+    assert_eq!(read_all(&s).unwrap(), b);
+
+    // Without it: an error that names the missing blob.
+    let lb = Layer::open("b", Arc::new(blob_b.clone()), None).unwrap();
+    let s = LayerStack::new(vec![lb], b.len() as u64, 1 << 20).unwrap();
+    let e = read_all(&s).unwrap_err().to_string();
+    assert!(
+        e.contains(&blockfmt::format::oci_digest(&id_a.sha256)),
+        "{e}"
+    );
+
+    // A different blob attached in its place (same size, other bytes) fails its checks.
+    let mut wrong = blob_a.clone();
+    let mid = wrong.len() / 2;
+    wrong[mid] ^= 0xff;
+    let mut lb = Layer::open("b", Arc::new(blob_b), None).unwrap();
+    lb.attach_blob(1, Arc::new(wrong)).unwrap();
+    assert!(lb.verify_all(None).is_err());
+}
+
+/// Building with a dictionary is deterministic: same inputs, same bytes.
+#[test]
+fn dictionary_output_is_deterministic() {
+    let a = sample_disk(2 << 20, 12);
+    let mut b = a.clone();
+    b[100_000..140_000].fill(1);
+    let blob_a = build(&a, WriterOptions::default());
+    let layer_a = Layer::open("a", Arc::new(blob_a.clone()), None).unwrap();
+    let id = blockfmt::format::BlobRef {
+        sha256: blockfmt::format::sha256(&blob_a),
+        size: blob_a.len() as u64,
+    };
+    let run = || {
+        let mut d = blockfmt::Dictionary::new();
+        d.add_layer(&layer_a, id, |_| {}).unwrap();
+        import_raw(
+            &b[..],
+            b.len() as u64,
+            None,
+            Some(Arc::new(d)),
+            Vec::new(),
+            WriterOptions::default(),
+            |_| {},
+        )
+        .unwrap()
+        .1
+    };
+    assert_eq!(run(), run());
 }

@@ -172,6 +172,10 @@ impl DiskCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Bytes of the entry file for `k`, if held.
+    pub fn entry_bytes(&self, k: &ChunkKey) -> Option<u64> {
+        self.index.lock().entries.get(k).map(|e| e.0)
+    }
     /// The size bound.
     pub fn limit(&self) -> u64 {
         self.limit

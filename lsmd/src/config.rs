@@ -223,6 +223,10 @@ pub struct ImageConfig {
     /// Bound of the in-memory decoded-chunk cache, bytes.
     #[serde(default = "default_cache")]
     pub cache_bytes: usize,
+    /// Blobs the layers borrow chunks from (their blob tables: cross-image dedup, FORMAT.md
+    /// §1.7), found by digest. Not stacked: only the chunks the layers name are read from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dictionary: Vec<LayerConfig>,
 }
 
 impl ImageConfig {
@@ -235,6 +239,7 @@ impl ImageConfig {
             chunk_size: default_chunk_size(),
             compression_level: default_level(),
             cache_bytes: default_cache(),
+            dictionary: Vec::new(),
         }
     }
 
@@ -260,33 +265,13 @@ impl ImageConfig {
         if !(0..=22).contains(&self.compression_level) {
             return Err("field `compression_level`: must be 0 (none) or 1..=22".into());
         }
-        for (i, l) in self.layers.iter().enumerate() {
-            match &l.source {
-                SourceConfig::Registry(r) => {
-                    r.check()
-                        .map_err(|e| format!("field `layers[{i}].source.registry`: {e}"))?;
-                    if l.digest.is_none() {
-                        return Err(format!(
-                            "field `layers[{i}].digest`: a registry layer needs its blob digest"
-                        ));
-                    }
-                }
-                SourceConfig::Http(h) => {
-                    check_urls(std::iter::once(&h.url).chain(&h.mirrors), h.insecure)
-                        .map_err(|e| format!("field `layers[{i}].source.http`: {e}"))?;
-                }
-                SourceConfig::Nas(n) if n.read_timeout_ms == 0 => {
-                    return Err(format!(
-                        "field `layers[{i}].source.nas.read_timeout_ms`: must be > 0"
-                    ));
-                }
-                _ => {}
-            }
-            for (name, d) in [("digest", &l.digest), ("meta_digest", &l.meta_digest)] {
-                if let Some(d) = d {
-                    parse_oci_digest(d).map_err(|e| format!("field `layers[{i}].{name}`: {e}"))?;
-                }
-            }
+        let layers = self.layers.iter().map(|l| ("layers", l));
+        let dict = self.dictionary.iter().map(|l| ("dictionary", l));
+        let mut n = std::collections::HashMap::new();
+        for (field, l) in layers.chain(dict) {
+            let i = n.entry(field).or_insert(0usize);
+            check_layer(field, *i, l, field == "dictionary")?;
+            *i += 1;
         }
         Ok(())
     }
@@ -331,6 +316,48 @@ impl ImageConfig {
     }
 }
 
+/// Checks one entry of `layers` or `dictionary` (`field`), naming `field[i]` in errors. A
+/// dictionary entry is found by its digest, so it must have one.
+fn check_layer(
+    field: &str,
+    i: usize,
+    l: &LayerConfig,
+    needs_digest: bool,
+) -> std::result::Result<(), String> {
+    if needs_digest && l.digest.is_none() {
+        return Err(format!(
+            "field `{field}[{i}].digest`: a dictionary blob needs its digest"
+        ));
+    }
+    match &l.source {
+        SourceConfig::Registry(r) => {
+            r.check()
+                .map_err(|e| format!("field `{field}[{i}].source.registry`: {e}"))?;
+            if l.digest.is_none() {
+                return Err(format!(
+                    "field `{field}[{i}].digest`: a registry layer needs its blob digest"
+                ));
+            }
+        }
+        SourceConfig::Http(h) => {
+            check_urls(std::iter::once(&h.url).chain(&h.mirrors), h.insecure)
+                .map_err(|e| format!("field `{field}[{i}].source.http`: {e}"))?;
+        }
+        SourceConfig::Nas(n) if n.read_timeout_ms == 0 => {
+            return Err(format!(
+                "field `{field}[{i}].source.nas.read_timeout_ms`: must be > 0"
+            ));
+        }
+        _ => {}
+    }
+    for (name, d) in [("digest", &l.digest), ("meta_digest", &l.meta_digest)] {
+        if let Some(d) = d {
+            parse_oci_digest(d).map_err(|e| format!("field `{field}[{i}].{name}`: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// An image config together with where it lives (relative paths resolve against its folder).
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
@@ -367,19 +394,25 @@ impl ImageSpec {
 
     /// What layer `i` is called in logs and errors: its path, or its digest and repository.
     pub fn layer_name(&self, i: usize) -> String {
-        match self.config.layers.get(i).map(|l| (&l.source, &l.digest)) {
-            Some((SourceConfig::Local(_) | SourceConfig::Nas(_), _)) => self
-                .layer_path(i)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            Some((SourceConfig::Http(h), _)) => h.url.clone(),
-            Some((SourceConfig::Registry(r), d)) => format!(
+        match self.config.layers.get(i) {
+            Some(l) => self.source_name(l),
+            None => format!("layer {i}"),
+        }
+    }
+
+    /// What a layer or dictionary blob is called in logs and errors.
+    pub fn source_name(&self, l: &LayerConfig) -> String {
+        match &l.source {
+            SourceConfig::Local(p) | SourceConfig::Nas(NasConfig { path: p, .. }) => {
+                self.resolve(p).display().to_string()
+            }
+            SourceConfig::Http(h) => h.url.clone(),
+            SourceConfig::Registry(r) => format!(
                 "{} in {}/{}",
-                d.as_deref().unwrap_or("?"),
+                l.digest.as_deref().unwrap_or("?"),
                 r.url,
                 r.repository
             ),
-            None => format!("layer {i}"),
         }
     }
 
@@ -393,7 +426,9 @@ impl ImageSpec {
         self.open_layer_on(i, &HostServices::default())
     }
 
-    /// [`Self::open_layer`] with the host's cache and source settings.
+    /// [`Self::open_layer`] with the host's cache and source settings. The blobs the layer
+    /// borrows chunks from are opened too, from the config's `dictionary` (or its layers), by
+    /// digest; each must have the size the layer's blob table says.
     pub fn open_layer_on(&self, i: usize, host: &HostServices) -> Result<Layer> {
         let Some(l) = self.config.layers.get(i) else {
             return Err(Error::Config {
@@ -407,14 +442,97 @@ impl ImageSpec {
             path: PathBuf::from(&name),
             source,
         };
-        let io_err = |e: std::io::Error| {
-            wrap(blockfmt::Error::Io {
-                layer: name.clone(),
-                offset: 0,
-                source: e,
-            })
+        let src = self.open_source(l, &name, host).map_err(wrap)?;
+        let meta = match &l.meta_digest {
+            Some(d) => Some(parse_oci_digest(d).map_err(|detail| Error::Config {
+                path: self.path.clone(),
+                detail,
+            })?),
+            None => None,
         };
-        let src: Arc<dyn blockfmt::ReadAt> = match &l.source {
+        let mut layer = Layer::open(name.clone(), src, meta).map_err(wrap)?;
+        let borrowed = layer.metadata().blobs.clone();
+        for (k, b) in borrowed.iter().enumerate() {
+            let digest = blockfmt::format::oci_digest(&b.sha256);
+            let entry = self
+                .config
+                .dictionary
+                .iter()
+                .chain(&self.config.layers)
+                .find(|d| d.digest.as_deref() == Some(digest.as_str()))
+                .ok_or_else(|| Error::Config {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "layer {i} ({name}) borrows chunks from blob {digest}, which the \
+                         config's `dictionary` does not list"
+                    ),
+                })?;
+            let dname = self.source_name(entry);
+            let dsrc = self.open_source(entry, &dname, host).map_err(wrap)?;
+            let size = dsrc.size().map_err(|e| {
+                wrap(blockfmt::Error::Io {
+                    layer: format!("dictionary blob {dname}"),
+                    offset: 0,
+                    source: e,
+                })
+            })?;
+            if size != b.size {
+                return Err(wrap(blockfmt::Error::Invalid(format!(
+                    "dictionary blob {dname} is {size} bytes; the layer's blob table says {}",
+                    b.size
+                ))));
+            }
+            layer.attach_blob(k as u32 + 1, dsrc).map_err(wrap)?;
+        }
+        Ok(match &host.cache {
+            Some(c) => layer.with_store(c.clone()),
+            None => layer,
+        })
+    }
+
+    /// Opens dictionary blob `k` as a layer (to verify or inspect it; reading goes through the
+    /// layers that borrow from it).
+    pub fn open_dictionary(&self, k: usize) -> Result<Layer> {
+        let Some(d) = self.config.dictionary.get(k) else {
+            return Err(Error::Config {
+                path: self.path.clone(),
+                detail: format!("no dictionary blob {k}"),
+            });
+        };
+        let name = self.source_name(d);
+        let wrap = |source| Error::Layer {
+            index: k,
+            path: PathBuf::from(&name),
+            source,
+        };
+        let src = self
+            .open_source(d, &name, &HostServices::default())
+            .map_err(wrap)?;
+        let meta = d
+            .meta_digest
+            .as_deref()
+            .map(parse_oci_digest)
+            .transpose()
+            .map_err(|detail| Error::Config {
+                path: self.path.clone(),
+                detail,
+            })?;
+        Layer::open(name.clone(), src, meta).map_err(wrap)
+    }
+
+    /// Opens where a layer's or dictionary blob's bytes come from (`name` is for errors).
+    fn open_source(
+        &self,
+        l: &LayerConfig,
+        name: &str,
+        host: &HostServices,
+    ) -> std::result::Result<Arc<dyn blockfmt::ReadAt>, blockfmt::Error> {
+        let io_err = |e: std::io::Error| blockfmt::Error::Io {
+            layer: name.to_string(),
+            offset: 0,
+            source: e,
+        };
+        Ok(match &l.source {
             SourceConfig::Local(p) => {
                 Arc::new(std::fs::File::open(self.resolve(p)).map_err(io_err)?)
             }
@@ -450,7 +568,7 @@ impl ImageSpec {
                     .collect();
                 Arc::new(
                     HttpBlob::urls(
-                        name.clone(),
+                        name.to_string(),
                         &urls,
                         h.size,
                         host.retry,
@@ -468,18 +586,6 @@ impl ImageSpec {
                 )
                 .map_err(io_err)?,
             ),
-        };
-        let meta = match &l.meta_digest {
-            Some(d) => Some(parse_oci_digest(d).map_err(|detail| Error::Config {
-                path: self.path.clone(),
-                detail,
-            })?),
-            None => None,
-        };
-        let layer = Layer::open(name.clone(), src, meta).map_err(wrap)?;
-        Ok(match &host.cache {
-            Some(c) => layer.with_store(c.clone()),
-            None => layer,
         })
     }
 
@@ -546,6 +652,10 @@ mod tests {
                 "layers[0].digest",
             ),
             (r#"{"size": "#, "EOF"),
+            (
+                r#"{"size": 1, "dictionary": [{"source": {"local": "x"}}]}"#,
+                "dictionary[0].digest",
+            ),
             (
                 r#"{"size": 1, "layers": [{"source": {"registry": {"url": "http://r", "repository": "a"}}, "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]}"#,
                 "insecure",

@@ -213,22 +213,44 @@ pub fn spawn(listener: TcpListener, host: HostServices, exports: Exports) {
     });
 }
 
-/// Exports, upper-layer sizes and cache use, for `lsmctl status`.
+/// Host-cache bytes holding chunks of `image`'s layers (each content counted once per image):
+/// what this image alone would keep in a cache of its own.
+fn image_cache_bytes(cache: &crate::cache::DiskCache, image: &blockfmt::Image) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    image
+        .lower()
+        .layers()
+        .iter()
+        .flat_map(|l| l.metadata().chunks.iter())
+        .map(blockfmt::ChunkKey::of)
+        .filter(|k| seen.insert(*k))
+        .filter_map(|k| cache.entry_bytes(&k))
+        .sum()
+}
+
+/// Exports, upper-layer sizes and cache use, for `lsmctl status`. `logical_bytes` adds up each
+/// export's cached chunks as if each had a cache of its own; `bytes` is what the shared,
+/// content-keyed cache holds: the difference is what cross-image dedup saves on this host.
 pub fn status_json(host: &HostServices, exports: &Exports) -> String {
+    let mut logical = 0;
     let ex: Vec<serde_json::Value> = exports
         .images()
         .map(|(name, image)| {
+            let cached = host.cache.as_ref().map(|c| image_cache_bytes(c, image));
+            logical += cached.unwrap_or(0);
             serde_json::json!({
                 "name": name,
                 "size": image.size(),
                 "read_only": image.read_only(),
                 "layers": image.lower().layers().len(),
                 "upper_data_bytes": image.upper().map(|u| u.data_file_len()),
+                "cache_bytes": cached,
             })
         })
         .collect();
     let cache = host.cache.as_ref().map(|c| {
         serde_json::json!({
+            "logical_bytes": logical,
             "bytes": c.bytes(),
             "limit": c.limit(),
             "entries": c.len(),

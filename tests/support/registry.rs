@@ -121,6 +121,16 @@ impl Registry {
         digest
     }
 
+    /// The link that makes blob `digest` part of repository `repo` (remove it and the registry
+    /// answers 404 for that blob in that repository).
+    pub fn repo_link(&self, repo: &str, digest: &str) -> PathBuf {
+        self.dir
+            .join("data/docker/registry/v2/repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
     /// The file the registry keeps a blob's bytes in (to damage it on purpose).
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");

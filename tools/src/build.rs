@@ -281,6 +281,7 @@ pub fn import(a: ImportArgs) -> CliResult {
             BufReader::with_capacity(1 << 20, raw),
             size,
             base_img.as_ref(),
+            None,
             out,
             opts,
             |d| prog.update(d),

@@ -1,7 +1,7 @@
 //! Read-only subcommands: inspect and verify. Both accept layer blobs or an image config.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use blockfmt::format::{oci_digest, parse_oci_digest, Codec, ExtentKind};
@@ -35,52 +35,60 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-/// A layer to look at: where it is, and the digests a config expects of it.
+/// A layer to look at: what it is called, how to open it, the whole-blob digest a config
+/// expects of it.
 struct Target {
-    path: PathBuf,
+    name: String,
+    open: Box<dyn Fn() -> CliResult<Layer>>,
     digest: Option<[u8; 32]>,
-    meta_digest: Option<[u8; 32]>,
 }
 
+/// Blobs given as files, or every layer and dictionary blob of image configs, opened through
+/// the config (any source; borrowed blobs attached, so their chunks are checked too).
 fn targets(paths: &[PathBuf]) -> CliResult<Vec<Target>> {
     let mut out = Vec::new();
+    let parse = |d: &Option<String>| {
+        d.as_deref()
+            .map(parse_oci_digest)
+            .transpose()
+            .map_err(CliError)
+    };
     for p in paths {
         if p.extension().is_some_and(|e| e == "json") {
-            let spec = ImageSpec::load(p)?;
+            let spec = Arc::new(ImageSpec::load(p)?);
             for (i, l) in spec.config.layers.iter().enumerate() {
-                let parse = |d: &Option<String>| {
-                    d.as_deref()
-                        .map(parse_oci_digest)
-                        .transpose()
-                        .map_err(CliError)
-                };
+                let s = spec.clone();
                 out.push(Target {
-                    path: spec.layer_path(i).unwrap_or_default(),
+                    name: spec.layer_name(i),
+                    open: Box::new(move || Ok(s.open_layer(i)?)),
                     digest: parse(&l.digest)?,
-                    meta_digest: parse(&l.meta_digest)?,
+                });
+            }
+            for (k, d) in spec.config.dictionary.iter().enumerate() {
+                let s = spec.clone();
+                out.push(Target {
+                    name: format!("dictionary {}", spec.source_name(d)),
+                    open: Box::new(move || Ok(s.open_dictionary(k)?)),
+                    digest: parse(&d.digest)?,
                 });
             }
         } else {
+            let path = p.clone();
             out.push(Target {
-                path: p.clone(),
+                name: p.display().to_string(),
+                open: Box::new(move || {
+                    let f = File::open(&path)
+                        .map_err(|e| CliError(format!("{}: {e}", path.display())))?;
+                    Ok(Layer::open(path.display().to_string(), Arc::new(f), None)?)
+                }),
                 digest: None,
-                meta_digest: None,
             });
         }
     }
     Ok(out)
 }
 
-fn open(t: &Target) -> CliResult<Layer> {
-    let f = File::open(&t.path).map_err(|e| CliError(format!("{}: {e}", t.path.display())))?;
-    Ok(Layer::open(
-        t.path.display().to_string(),
-        Arc::new(f),
-        t.meta_digest,
-    )?)
-}
-
-fn summary(path: &Path, l: &Layer, with_extents: bool) -> serde_json::Value {
+fn summary(name: &str, l: &Layer, with_extents: bool) -> serde_json::Value {
     let m = l.metadata();
     let t = l.trailer();
     let data_bytes: u64 = m
@@ -104,7 +112,7 @@ fn summary(path: &Path, l: &Layer, with_extents: bool) -> serde_json::Value {
         n += 1;
     }
     let mut v = json!({
-        "path": path.display().to_string(),
+        "path": name,
         "format_version": blockfmt::format::VERSION,
         "blob_size": l.blob_size(),
         "logical_size": t.logical_size,
@@ -139,8 +147,8 @@ fn summary(path: &Path, l: &Layer, with_extents: bool) -> serde_json::Value {
 pub fn inspect(a: InspectArgs) -> CliResult {
     let mut all = Vec::new();
     for t in targets(&a.paths)? {
-        let l = open(&t)?;
-        all.push(summary(&t.path, &l, a.extents));
+        let l = (t.open)()?;
+        all.push(summary(&t.name, &l, a.extents));
     }
     if a.json {
         println!(
@@ -186,13 +194,13 @@ pub fn verify(a: VerifyArgs) -> CliResult {
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for t in targets(&a.paths)? {
-        let r = open(&t).and_then(|l| l.verify_all(t.digest).map_err(CliError::from));
+        let r = (t.open)().and_then(|l| l.verify_all(t.digest).map_err(CliError::from));
         match &r {
-            Ok(()) if !a.json => println!("ok      {}", t.path.display()),
-            Err(CliError(e)) if !a.json => println!("FAILED  {}: {e}", t.path.display()),
+            Ok(()) if !a.json => println!("ok      {}", t.name),
+            Err(CliError(e)) if !a.json => println!("FAILED  {}: {e}", t.name),
             _ => {}
         }
-        report.push(json!({"path": t.path.display().to_string(), "ok": r.is_ok(), "error": r.as_ref().err().map(|e| e.0.clone())}));
+        report.push(json!({"path": t.name, "ok": r.is_ok(), "error": r.as_ref().err().map(|e| e.0.clone())}));
         if let Err(CliError(e)) = r {
             failures.push(e);
         }

@@ -21,7 +21,7 @@ struct Cli {
 }
 
 /// Layer writing options shared by the commands that write layers.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, Default)]
 pub struct LayerOpts {
     /// Chunk window in bytes (power of two, 4K..4M; suffixes K, M). Default: the image config's,
     /// else 128K.
@@ -66,6 +66,9 @@ enum Cmd {
     /// layout: each source layer applied (whiteouts honoured) to a tree, made into ext4
     /// deterministically, and stored as the blocks that differ from the layers below.
     Convert(convert::ConvertArgs),
+    /// What image B shares with image A, in 4 KiB blocks and whole chunks: what converting B
+    /// with `--dict A` would borrow instead of storing (B may be an unconverted OCI image).
+    DedupReport(convert::report::ReportArgs),
     /// Attach an image as a block device (--nbd /dev/nbdN or --ublk) or a FUSE file (--fuse
     /// DIR): starts a detached lsmd for it and prints the device.
     Attach(attach::AttachArgs),
@@ -161,7 +164,7 @@ fn status(a: StatusArgs) -> CliResult {
     let v: serde_json::Value = serde_json::from_str(&text)?;
     for e in v["exports"].as_array().into_iter().flatten() {
         println!(
-            "export {:<16} {:>14} bytes  {} layers  {}  upper data {} bytes",
+            "export {:<16} {:>14} bytes  {} layers  {}  upper data {} bytes  cached {} bytes",
             e["name"].as_str().unwrap_or("?"),
             e["size"],
             e["layers"],
@@ -170,14 +173,30 @@ fn status(a: StatusArgs) -> CliResult {
             } else {
                 "writable "
             },
-            e["upper_data_bytes"].as_u64().unwrap_or(0)
+            e["upper_data_bytes"].as_u64().unwrap_or(0),
+            e["cache_bytes"].as_u64().unwrap_or(0)
         );
     }
     match v.get("cache").filter(|c| !c.is_null()) {
-        Some(c) => println!(
-            "cache  {} of {} bytes, {} chunks, {} hits, {} misses",
-            c["bytes"], c["limit"], c["entries"], c["hits"], c["misses"]
-        ),
+        Some(c) => {
+            println!(
+                "cache  {} of {} bytes, {} chunks, {} hits, {} misses",
+                c["bytes"], c["limit"], c["entries"], c["hits"], c["misses"]
+            );
+            let (phys, logical) = (
+                c["bytes"].as_u64().unwrap_or(0),
+                c["logical_bytes"].as_u64().unwrap_or(0),
+            );
+            println!(
+                "cache  physical {phys} bytes, logical {logical} bytes (each export's cached chunks \
+                 counted as if it had its own cache){}",
+                if phys > 0 && logical > phys {
+                    format!("; shared chunks save {:.1} %", 100.0 * (1.0 - phys as f64 / logical as f64))
+                } else {
+                    String::new()
+                }
+            );
+        }
         None => println!("cache  none (lsmd runs without --cache-dir)"),
     }
     println!(
@@ -222,6 +241,7 @@ fn main() -> ExitCode {
         Cmd::Trace(c) => trace(c),
         Cmd::Attach(a) => attach::attach(a),
         Cmd::Convert(a) => convert::convert(a),
+        Cmd::DedupReport(a) => convert::report::dedup_report(a),
         Cmd::Detach(a) => attach::detach(a),
         Cmd::List(a) => attach::list(a),
     };

@@ -15,7 +15,9 @@
 //! (`http(s)://registry/repository:tag`, pulled into a temporary layout first). First cut: one
 //! image per run; no reuse database.
 
+pub mod dict;
 mod push;
+pub mod report;
 mod unpack;
 
 use std::fs::File;
@@ -73,11 +75,20 @@ pub struct ConvertArgs {
     /// Convert everything, ignoring (and not filling) the database.
     #[arg(long)]
     no_reuse: bool,
+    /// Borrow blocks from an already converted image instead of storing them again (repeat for
+    /// several): a converted image layout `DIR` (or `DIR:TAG`) or
+    /// `http(s)://host[:port]/repository:tag`. The new manifest lists every blob it borrows
+    /// from, so registries keep them and clients fetch them. See `lsmctl dedup-report`.
+    #[arg(long = "dict", value_name = "REF")]
+    dict: Vec<String>,
     #[command(flatten)]
     opts: LayerOpts,
     /// No progress lines.
     #[arg(short, long)]
     quiet: bool,
+    /// Print the converted manifest's digest on stdout (not when converting for a report).
+    #[arg(skip = true)]
+    print_digest: bool,
 }
 
 fn bad(what: impl std::fmt::Display) -> CliError {
@@ -122,13 +133,23 @@ fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>>
     })
 }
 
+/// UUID every converted filesystem is made with, and its directory hash seed. ext4 seeds every
+/// metadata checksum (inodes, directory blocks, bitmaps, extent blocks) with the UUID it was
+/// made with, and orders large directories by the hash seed, so one constant for both makes the
+/// same files give the same metadata blocks in any image — which cross-image dedup needs
+/// (FORMAT.md §1.7). `metadata_csum_seed` keeps that seed when the filesystem then gets its own
+/// UUID (derived from its base layer) in the superblock.
+const FS_SEED: &str = "6c736d2d-6673-4d00-8000-000000000001";
+
 /// Makes the filesystem's times a function of the image: `mkfs.ext4 -d` copies each file's
 /// change and access times (when the unpack wrote and mkfs read it); set change, creation and
 /// access times to the modification
 /// time the layer gave it, and the root's to a constant, with one `debugfs` pass.
-fn normalize_times(root: &Path, raw: &Path) -> CliResult {
-    let mut cmds =
-        String::from("sif / ctime @1\nsif / crtime @1\nsif / mtime @1\nsif / atime @1\n");
+/// The same pass gives the filesystem its own UUID (see [`FS_SEED`]).
+fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
+    let mut cmds = format!(
+        "ssv uuid {uuid}\nsif / ctime @1\nsif / crtime @1\nsif / mtime @1\nsif / atime @1\n"
+    );
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
@@ -158,6 +179,7 @@ fn normalize_times(root: &Path, raw: &Path) -> CliResult {
         .arg("-f")
         .arg(&f)
         .arg(raw)
+        .env("E2FSPROGS_FAKE_TIME", "1")
         .output()
         .map_err(|e| bad(format!("debugfs: {e}")))?;
     if !o.status.success() {
@@ -167,6 +189,16 @@ fn normalize_times(root: &Path, raw: &Path) -> CliResult {
         )));
     }
     Ok(())
+}
+
+/// Where blob `digest` is during a conversion: a layer converted already, or a dictionary blob.
+fn path_of(dst: &Path, out: &[Value], dict: &[dict::DictBlob], digest: &str) -> Option<PathBuf> {
+    if out.iter().any(|l| l["digest"].as_str() == Some(digest)) {
+        return blob_path(dst, digest).ok();
+    }
+    dict.iter()
+        .find(|b| b.digest == digest)
+        .map(|b| b.path.clone())
 }
 
 /// What one conversion did.
@@ -180,11 +212,21 @@ pub struct Summary {
 
 /// The key of a converted layer: its source chain (diff IDs of it and every layer under it),
 /// the disk size and the layer settings — what decides the converted bytes.
-fn chain_key(diff_ids: &[impl AsRef<[u8]>], size: u64, opts: &blockfmt::WriterOptions) -> String {
+fn chain_key(
+    diff_ids: &[impl AsRef<[u8]>],
+    size: u64,
+    opts: &blockfmt::WriterOptions,
+    dict: &[String],
+) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v1\0");
+    h.update(b"lsm-convert-v3\0");
     h.update(size.to_le_bytes());
     h.update(format!("{:?}/{:?}", opts.chunk_size, opts.compression).as_bytes());
+    // A dictionary changes what is stored (not what is read): its blobs are part of the key.
+    for d in dict {
+        h.update(b"dict\0");
+        h.update(d.as_bytes());
+    }
     for d in diff_ids {
         h.update(d.as_ref());
     }
@@ -513,6 +555,23 @@ fn convert_layout(
     let _ = std::fs::remove_dir_all(&work);
     let root = work.join("root");
     std::fs::create_dir_all(&root)?;
+    let dict_dir = dst.join(".convert-dict");
+    let dict = if a.dict.is_empty() {
+        None
+    } else {
+        let loaded = dict::load(&a.dict, &dict_dir, creds.as_ref(), a.insecure, &say);
+        if loaded.is_err() && created {
+            let _ = std::fs::remove_dir_all(&dst);
+        }
+        Some(loaded?)
+    };
+    // Every layer borrows what the dictionary images or the layers below it already store:
+    // `running` starts as the --dict images and grows by each layer converted.
+    let (mut running, dict_blobs) = match dict {
+        Some(d) => (d.dict, d.blobs),
+        None => (blockfmt::Dictionary::new(), Vec::new()),
+    };
+    let dict_digests: Vec<String> = dict_blobs.iter().map(|b| b.digest.clone()).collect();
     let db = (!a.no_reuse)
         .then(|| a.db.clone().or_else(default_db).map(|dir| ReuseDb { dir }))
         .flatten();
@@ -525,7 +584,7 @@ fn convert_layout(
             .sum(),
         ..Summary::default()
     };
-    let result = (|| -> CliResult<Vec<Value>> {
+    let result = (|| -> CliResult<(Vec<Value>, Vec<dict::DictBlob>)> {
         // Deterministic filesystem identity: from the base layer's content (its diff ID), so
         // the same base converts to the same filesystem whatever image or registry it came
         // from, and however it was compressed.
@@ -540,11 +599,12 @@ fn convert_layout(
         );
         let opts = writer_options(&a.opts, None)?;
         let mut out: Vec<Value> = Vec::new();
+        let mut in_dict = 0;
         for (i, (digest, media)) in layers.iter().enumerate() {
             let p = blob_path(&src, digest)?;
             unpack::apply_layer(&root, || layer_reader(&p, media))
                 .map_err(|e| bad(format!("layer {digest}: {e}")))?;
-            let key = chain_key(&diff_ids[..=i], size, &opts);
+            let key = chain_key(&diff_ids[..=i], size, &opts, &dict_digests);
             if let Some(known) = db.as_ref().and_then(|d| d.lookup(&key)) {
                 let (ours, src_blob) = known;
                 let final_path = blob_path(&dst, ours["digest"].as_str().unwrap_or_default())?;
@@ -565,8 +625,18 @@ fn convert_layout(
             let _ = std::fs::remove_file(&raw);
             File::create(&raw)?.set_len(size)?;
             let o = std::process::Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-b", "4096", "-U", &uuid, "-E"])
-                .arg(format!("hash_seed={uuid},lazy_itable_init=0,nodiscard"))
+                .args([
+                    "-q",
+                    "-F",
+                    "-b",
+                    "4096",
+                    "-U",
+                    FS_SEED,
+                    "-O",
+                    "metadata_csum_seed",
+                ])
+                .arg("-E")
+                .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
                 .arg("-d")
                 .arg(&root)
                 .arg(&raw)
@@ -579,14 +649,16 @@ fn convert_layout(
                     String::from_utf8_lossy(&o.stderr).trim()
                 )));
             }
-            normalize_times(&root, &raw)?;
+            normalize_times(&root, &raw, &uuid)?;
             // The layers converted so far: the new one stores only what differs from them.
             let below = out
                 .iter()
                 .map(|v| {
                     let bp = blob_path(&dst, v["digest"].as_str().unwrap_or_default())?;
                     let f = File::open(&bp).map_err(|e| bad(format!("{}: {e}", bp.display())))?;
-                    Ok(Layer::open(bp.display().to_string(), Arc::new(f), None)?)
+                    let mut l = Layer::open(bp.display().to_string(), Arc::new(f), None)?;
+                    dict::attach_borrowed(&mut l, |d| path_of(&dst, &out, &dict_blobs, d))?;
+                    Ok(l)
                 })
                 .collect::<CliResult<Vec<Layer>>>()?;
             let base = (!below.is_empty())
@@ -599,24 +671,50 @@ fn convert_layout(
                 size,
                 a.quiet,
             );
+            // The layers below join the dictionary (each once, and only when a layer is
+            // actually converted: reused ones need none).
+            for l in &out[in_dict..] {
+                let d = l["digest"].as_str().unwrap_or_default();
+                let (layer, id) = dict::open_checked(&dict::DictBlob {
+                    digest: d.to_string(),
+                    size: l["size"].as_u64().unwrap_or_default(),
+                    meta_digest: None,
+                    path: blob_path(&dst, d)?,
+                    from: None,
+                })?;
+                running.add_layer(&layer, id, |_| {})?;
+            }
+            in_dict = out.len();
+            let shared = Arc::new(std::mem::take(&mut running));
             let w = write_blob_atomically(&tmp, |o| {
                 blockfmt::commit::import_raw(
                     BufReader::with_capacity(1 << 20, rawf),
                     size,
                     base.as_ref(),
+                    Some(shared.clone()),
                     o,
                     opts,
                     |d| prog.update(d),
                 )
             })?;
+            running = Arc::try_unwrap(shared)
+                .map_err(|_| bad("internal error: the dictionary is still in use"))?;
             let ours = format!("sha256:{}", hex::encode(w.digest));
             let final_path = blob_path(&dst, &ours)?;
             std::fs::rename(&tmp, &final_path)?;
             say(format!(
-                "layer {}/{}: {digest} → {ours} ({} bytes)",
+                "layer {}/{}: {digest} → {ours} ({} bytes{})",
                 i + 1,
                 layers.len(),
-                w.size
+                w.size,
+                if w.borrowed_bytes > 0 {
+                    format!(
+                        "; {} of {} data bytes borrowed from the dictionary",
+                        w.borrowed_bytes, w.data_bytes
+                    )
+                } else {
+                    String::new()
+                }
             ));
             stats.converted += 1;
             stats.bytes_out += w.size;
@@ -635,10 +733,38 @@ fn convert_layout(
             }
             out.push(desc);
         }
-        Ok(out)
+        // The dictionary blobs the new layers borrow from, in first-use order: copied into the
+        // layout and listed in the manifest, so registries keep them and clients find them.
+        // (Blobs of this image's own layers are listed as layers already.)
+        let mut borrowed: Vec<dict::DictBlob> = Vec::new();
+        for l in &out {
+            let p = blob_path(&dst, l["digest"].as_str().unwrap_or_default())?;
+            let f = File::open(&p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+            let layer = Layer::open(p.display().to_string(), Arc::new(f), None)?;
+            for b in &layer.metadata().blobs {
+                let dg = blockfmt::format::oci_digest(&b.sha256);
+                if borrowed.iter().any(|x| x.digest == dg)
+                    || out
+                        .iter()
+                        .any(|o| o["digest"].as_str() == Some(dg.as_str()))
+                {
+                    continue;
+                }
+                let from = dict_blobs.iter().find(|x| x.digest == dg).ok_or_else(|| {
+                    bad(format!(
+                        "layer {} borrows from blob {dg}, which no --dict image holds",
+                        l["digest"]
+                    ))
+                })?;
+                link_or_copy(&from.path, &blob_path(&dst, &dg)?)?;
+                borrowed.push(from.clone());
+            }
+        }
+        Ok((out, borrowed))
     })();
     let _ = std::fs::remove_dir_all(&work);
-    let out_layers = match result {
+    let _ = std::fs::remove_dir_all(&dict_dir);
+    let (out_layers, borrowed) = match result {
         Ok(l) => l,
         Err(e) => {
             // No partial image: drop the blobs written (and the directory, if we made it).
@@ -663,7 +789,21 @@ fn convert_layout(
             "digest": cfg_digest,
             "size": cfg_size,
         },
-        "layers": out_layers,
+        "layers": out_layers.iter().cloned().chain(borrowed.iter().map(|b| {
+            let mut d = json!({
+                "mediaType": blockfmt::LAYER_MEDIA_TYPE,
+                "digest": b.digest,
+                "size": b.size,
+                "annotations": {
+                    blockfmt::ROLE_ANNOTATION: blockfmt::ROLE_DICTIONARY,
+                    "io.lsm.format-version": "1",
+                },
+            });
+            if let Some(m) = &b.meta_digest {
+                d["annotations"][blockfmt::META_DIGEST_ANNOTATION] = m.as_str().into();
+            }
+            d
+        })).collect::<Vec<_>>(),
         "annotations": {
             "io.lsm.format-version": "1",
             "io.lsm.disk-size": size.to_string(),
@@ -681,14 +821,22 @@ fn convert_layout(
         mdesc["annotations"] = json!({ "org.opencontainers.image.ref.name": t });
     }
     std::fs::write(dst.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
-    let image = json!({
+    let local =
+        |digest: &str| json!({ "local": blob_path(Path::new(""), digest).unwrap_or_default() });
+    let mut image = json!({
         "size": size,
-        "layers": manifest["layers"].as_array().into_iter().flatten().map(|l| json!({
-            "source": { "local": blob_path(Path::new(""), l["digest"].as_str().unwrap_or_default()).unwrap_or_default() },
+        "layers": out_layers.iter().map(|l| json!({
+            "source": local(l["digest"].as_str().unwrap_or_default()),
             "digest": l["digest"],
             "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
         })).collect::<Vec<_>>(),
     });
+    if !borrowed.is_empty() {
+        image["dictionary"] = borrowed
+            .iter()
+            .map(|b| json!({ "source": local(&b.digest), "digest": b.digest, "meta_digest": b.meta_digest }))
+            .collect();
+    }
     std::fs::write(
         dst.join("lsm-image.json"),
         serde_json::to_vec_pretty(&image)?,
@@ -702,7 +850,7 @@ fn convert_layout(
         if target.base.starts_with("http://") && !a.insecure {
             return Err(bad(format!("--push {p}: plain HTTP needs --insecure")));
         }
-        let remote = json!({
+        let mut remote = json!({
             "size": size,
             "layers": out_layers.iter().map(|l| json!({
                 "source": { "registry": {
@@ -713,6 +861,23 @@ fn convert_layout(
                 "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
             })).collect::<Vec<_>>(),
         });
+        if !borrowed.is_empty() {
+            // No size: opening the image asks the registry for each (HEAD), so a dictionary
+            // blob missing from the repository fails at attach, naming it, not at some read.
+            remote["dictionary"] = borrowed
+                .iter()
+                .map(|b| {
+                    json!({
+                        "source": { "registry": {
+                            "url": target.base, "repository": target.repository,
+                            "insecure": a.insecure,
+                        } },
+                        "digest": b.digest,
+                        "meta_digest": b.meta_digest,
+                    })
+                })
+                .collect();
+        }
         let session = push::Session::new(target, creds);
         let (mut sent, mut had) = (0, 0);
         let blobs = std::iter::once(cfg_digest.clone()).chain(
@@ -720,11 +885,25 @@ fn convert_layout(
                 .iter()
                 .map(|l| l["digest"].as_str().unwrap_or_default().to_string()),
         );
+        let mut mounted = 0;
         for d in blobs {
             if session.put_blob(&d, &blob_path(&dst, &d)?)? {
                 sent += 1;
             } else {
                 had += 1;
+            }
+        }
+        for b in &borrowed {
+            // Another repository of the same registry has it: mount instead of uploading.
+            let from = b
+                .from
+                .as_ref()
+                .filter(|(base, _)| *base == session.base())
+                .map(|(_, repo)| repo.as_str());
+            match session.put_blob_from(&b.digest, &blob_path(&dst, &b.digest)?, from)? {
+                push::Put::Uploaded => sent += 1,
+                push::Put::Mounted => mounted += 1,
+                push::Put::Present => had += 1,
             }
         }
         session.put_manifest(&mbytes, "application/vnd.oci.image.manifest.v1+json")?;
@@ -733,13 +912,20 @@ fn convert_layout(
             serde_json::to_vec_pretty(&remote)?,
         )?;
         say(format!(
-            "pushed to {p}: {sent} blobs uploaded, {had} already there"
+            "pushed to {p}: {sent} blobs uploaded, {had} already there{}",
+            if mounted > 0 {
+                format!(", {mounted} mounted from another repository")
+            } else {
+                String::new()
+            }
         ));
     }
     say(format!(
         "{} layers converted, {} reused; {} bytes in, {} bytes out",
         stats.converted, stats.reused, stats.bytes_in, stats.bytes_out
     ));
-    println!("{m_digest}");
+    if a.print_digest {
+        println!("{m_digest}");
+    }
     Ok(stats)
 }

@@ -48,6 +48,17 @@ impl Target {
     }
 }
 
+/// What putting a blob took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The repository had it.
+    Present,
+    /// Mounted from another repository of the registry.
+    Mounted,
+    /// Uploaded.
+    Uploaded,
+}
+
 /// An authenticated session with one registry repository.
 pub struct Session {
     agent: ureq::Agent,
@@ -107,14 +118,33 @@ impl Session {
         format!("{}/v2/{}/{tail}", self.target.base, self.target.repository)
     }
 
+    /// The registry's base URL.
+    pub fn base(&self) -> &str {
+        &self.target.base
+    }
+
     /// Uploads blob `digest` from `file` unless the registry has it; true if uploaded.
     pub fn put_blob(&self, digest: &str, file: &Path) -> CliResult<bool> {
+        Ok(self.put_blob_from(digest, file, None)? == Put::Uploaded)
+    }
+
+    /// [`Self::put_blob`], first asking the registry to mount the blob from repository `from`
+    /// of the same registry (OCI distribution cross-repository mount), which costs no upload.
+    pub fn put_blob_from(&self, digest: &str, file: &Path, from: Option<&str>) -> CliResult<Put> {
         let head = self.url(&format!("blobs/{digest}"));
         if self
             .send(&format!("HEAD {head}"), |a| a.head(&head), None, None)?
             .is_some()
         {
-            return Ok(false);
+            return Ok(Put::Present);
+        }
+        if let Some(repo) = from {
+            let url = self.url(&format!("blobs/uploads/?mount={digest}&from={repo}"));
+            let r = self.send(&format!("POST {url}"), |a| a.post(&url), None, Some(&[]))?;
+            if r.is_some_and(|r| r.status() == 201) {
+                return Ok(Put::Mounted);
+            }
+            // 202: the registry started an upload instead; a new one below is as good.
         }
         let start = self.url("blobs/uploads/");
         let resp = self
@@ -143,7 +173,7 @@ impl Session {
             None,
         )?
         .ok_or_else(|| CliError(format!("PUT blob {digest}: 404")))?;
-        Ok(true)
+        Ok(Put::Uploaded)
     }
 
     /// Downloads `what` (`manifests/<ref>` or `blobs/<digest>`) into `out`; returns its

@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# The startup benchmark: time from nothing on the node to a finished command inside the image,
+# lsm (lazy, and with a recorded startup trace) against a full OCI pull + unpack, with the
+# registry behind a shaped link. One command from a clean clone (root; installs what it needs):
+#
+#   bash benches/startup/run.sh            # RUNS=5 PROFILES="unlimited 1gbit 100mbit" IMAGES="base py fat"
+#
+# What it does:
+#  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
+#     minbase), `py` (+ python3), `fat` (+ python3-numpy, python3-scipy);
+#  2. starts docker-registry inside a network namespace, reached from the host through a veth
+#     pair; the namespace's side is shaped with `tc tbf` and a delaying proxy
+#     (delay_proxy.py: this kernel has no netem) adds the round-trip time:
+#       unlimited — no shaping, no delay;  1gbit — 1 Gbit/s, 1 ms RTT;  100mbit — 100 Mbit/s, 5 ms RTT;
+#  3. pushes the OCI images there with skopeo, converts them from there with `lsmctl convert
+#     --push`, and records a startup trace per image (one untimed lsm run + `lsmctl trace record`);
+#  4. for each profile, image and run, from a cold node (empty dirs and cache, page cache dropped):
+#       oci   — skopeo copy (every layer) + tar -x of each layer in order + chroot COMMAND
+#       lazy  — lsmd --fuse with an empty cache, losetup, mount -o ro, chroot COMMAND
+#       trace — the same, lsmd prefetching the recorded trace
+#     timing each from start to the command's exit and counting the bytes the host received
+#     on the veth (TCP/IP headers included);
+#  5. writes results/startup-runs.csv (every run), results/startup.csv and results/startup.md
+#     (medians, lsm/OCI ratios, bytes fetched and fraction of the image) and results/startup.png.
+# Everything it makes — namespace, veth, mounts, loop devices, processes — is removed on exit,
+# also on Ctrl-C or an error.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+RUNS=${RUNS:-5}
+PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
+IMAGES=${IMAGES:-"base py fat"}
+OUT=${OUT:-$here/results}
+WORK=${WORK:-/var/tmp/lsm-startup}
+NS=lsmbench
+VH=lsmb0 # host side of the veth pair
+VN=lsmb1 # namespace side
+HOST_IP=10.231.0.1
+NS_IP=10.231.0.2
+REG=$NS_IP:5001 # the delaying proxy in front of the registry (127.0.0.1:5000 in the namespace)
+
+[ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, mounts, drop_caches)" >&2; exit 1; }
+
+command_for() {
+  case $1 in
+    base) echo "/usr/bin/dpkg-query -W coreutils" ;;
+    py) echo "/usr/bin/python3 -c 'import json, sqlite3, email.parser, http.client'" ;;
+    fat) echo "/usr/bin/python3 -c 'import numpy, scipy.linalg; numpy.linalg.inv(numpy.eye(4))'" ;;
+  esac
+}
+
+# --- cleanup, whatever happens ---------------------------------------------------------------
+cleanup() {
+  set +e
+  for m in $(grep -o " $WORK/[^ ]*" /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null; done
+  losetup -a 2>/dev/null | grep "$WORK" | cut -d: -f1 | while read -r l; do losetup -d "$l"; done
+  if [ -d "$WORK/pids" ]; then
+    for p in "$WORK"/pids/*; do [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null; done
+    sleep 0.5
+    for p in "$WORK"/pids/*; do [ -f "$p" ] && kill -9 "$(cat "$p")" 2>/dev/null; rm -f "$p"; done
+  fi
+  for m in $(grep -o " $WORK/[^ ]*" /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null; done
+  if ip netns list 2>/dev/null | grep -qw "$NS"; then
+    for p in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+    ip netns del "$NS"
+  fi
+  ip link del "$VH" 2>/dev/null
+  return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+cleanup
+
+# --- dependencies, binaries, images ----------------------------------------------------------
+bash "$repo/tests/install-deps.sh"
+need=()
+command -v gnuplot >/dev/null || need+=(gnuplot-nox)
+command -v ip >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+(cd "$repo" && cargo build --release --bins -q)
+LSMD=$repo/target/release/lsmd
+LSMCTL=$repo/target/release/lsmctl
+echo "startup: building/finding the Debian images (cached in /var/cache/lsm-images)"
+OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
+
+rm -rf "$WORK" && mkdir -p "$WORK/pids" "$OUT"
+
+# --- the registry in its namespace -----------------------------------------------------------
+ip netns add "$NS"
+ip link add "$VH" type veth peer name "$VN"
+ip link set "$VN" netns "$NS"
+ip addr add "$HOST_IP/24" dev "$VH"
+ip link set "$VH" up
+ip netns exec "$NS" ip addr add "$NS_IP/24" dev "$VN"
+ip netns exec "$NS" ip link set "$VN" up
+ip netns exec "$NS" ip link set lo up
+cat >"$WORK/registry.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $WORK/registry
+http:
+  addr: 127.0.0.1:5000
+EOF
+ip netns exec "$NS" docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+echo $! >"$WORK/pids/registry"
+
+start_proxy() { # ONE_WAY_DELAY_MS
+  if [ -f "$WORK/pids/proxy" ]; then
+    kill "$(cat "$WORK/pids/proxy")" 2>/dev/null || true
+    rm -f "$WORK/pids/proxy"
+    sleep 0.3
+  fi
+  ip netns exec "$NS" python3 "$here/delay_proxy.py" "$NS_IP:5001" 127.0.0.1:5000 "$1" \
+    >"$WORK/proxy.log" 2>&1 &
+  echo $! >"$WORK/pids/proxy"
+  for _ in $(seq 100); do
+    curl -fs "http://$REG/v2/" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "the registry or the proxy did not come up: $(cat "$WORK/registry.log" "$WORK/proxy.log")" >&2
+  return 1
+}
+
+shape() { # PROFILE: tbf on the namespace's egress (registry → host) and the host's (requests)
+  local rate="" rtt_ms=0
+  case $1 in
+    unlimited) ;;
+    1gbit) rate=1gbit rtt_ms=1 ;;
+    100mbit) rate=100mbit rtt_ms=5 ;;
+    *) echo "unknown profile $1" >&2; return 1 ;;
+  esac
+  ip netns exec "$NS" tc qdisc del dev "$VN" root 2>/dev/null || true
+  tc qdisc del dev "$VH" root 2>/dev/null || true
+  if [ -n "$rate" ]; then
+    local burst=$([ "$rate" = 1gbit ] && echo 256kb || echo 64kb)
+    ip netns exec "$NS" tc qdisc add dev "$VN" root tbf rate "$rate" burst "$burst" latency 20ms
+    tc qdisc add dev "$VH" root tbf rate "$rate" burst "$burst" latency 20ms
+  fi
+  start_proxy "$(python3 -c "print($rtt_ms / 2)")"
+}
+
+shape unlimited
+
+# --- push, convert, record traces --------------------------------------------------------------
+declare -A OCI_BYTES LSM_BYTES
+for img in $IMAGES; do
+  echo "startup: pushing $img (OCI) and converting it"
+  skopeo copy -q --insecure-policy --dest-tls-verify=false "oci:$OCI:$img" "docker://$REG/debian/$img:1"
+  "$LSMCTL" convert -q --insecure --no-reuse "http://$REG/debian/$img:1" "$WORK/lsm-$img" \
+    --push "http://$REG/lsm/$img:1" >/dev/null
+  OCI_BYTES[$img]=$(python3 - "$OCI" "$img" <<'EOF'
+import json, sys
+oci, tag = sys.argv[1], sys.argv[2]
+idx = json.load(open(f"{oci}/index.json"))
+m = next(x for x in idx["manifests"] if x["annotations"]["org.opencontainers.image.ref.name"] == tag)
+man = json.load(open(f"{oci}/blobs/sha256/{m['digest'][7:]}"))
+print(sum(l["size"] for l in man["layers"]))
+EOF
+)
+  LSM_BYTES[$img]=$(python3 -c "import json,sys; print(sum(l['source']['registry']['size'] for l in json.load(open(sys.argv[1]))['layers']))" "$WORK/lsm-$img/lsm-remote.json")
+  mkdir -p "$WORK/traced"
+  cp "$WORK/lsm-$img/lsm-remote.json" "$WORK/traced/$img.json"
+  echo "startup: $img: OCI ${OCI_BYTES[$img]} bytes, lsm ${LSM_BYTES[$img]} bytes"
+done
+
+rx() { cat "/sys/class/net/$VH/statistics/rx_bytes"; }
+
+# One lsm start: lsmd with an empty cache, FUSE file, loop, mount, COMMAND. Leaves the
+# teardown to lsm_stop. Args: IMAGE CONFIG RUN_DIR PREFETCH
+lsm_start() {
+  local img=$1 cfg=$2 d=$3 prefetch=$4
+  mkdir -p "$d/files" "$d/mnt"
+  "$LSMD" serve --config "$img=$cfg" --fuse "$d/files" --cache-dir "$d/cache" \
+    --prefetch "$prefetch" --socket "$d/sock" --metrics "127.0.0.1:9899" >"$d/lsmd.log" 2>&1 &
+  echo $! >"$WORK/pids/lsmd"
+  for _ in $(seq 2000); do
+    [ -e "$d/files/$img" ] && break
+    kill -0 "$(cat "$WORK/pids/lsmd")" 2>/dev/null || { cat "$d/lsmd.log" >&2; return 1; }
+    sleep 0.005
+  done
+  local loop
+  loop=$(losetup -r -f --show "$d/files/$img")
+  echo "$loop" >"$d/loop"
+  mount -o ro,noload "$loop" "$d/mnt"
+}
+lsm_stop() {
+  local d=$1
+  umount "$d/mnt" 2>/dev/null || umount -l "$d/mnt"
+  losetup -d "$(cat "$d/loop")"
+  kill "$(cat "$WORK/pids/lsmd")" 2>/dev/null || true
+  while kill -0 "$(cat "$WORK/pids/lsmd")" 2>/dev/null; do sleep 0.05; done
+  rm -f "$WORK/pids/lsmd"
+}
+
+for img in $IMAGES; do
+  echo "startup: recording the startup trace of $img"
+  d=$WORK/run/record-$img
+  lsm_start "$img" "$WORK/traced/$img.json" "$d" none
+  chroot "$d/mnt" sh -c "$(command_for "$img")" >/dev/null
+  "$LSMCTL" trace record "$WORK/traced/$img.json" --export "$img" --metrics 127.0.0.1:9899 >/dev/null
+  lsm_stop "$d"
+  rm -rf "$d"
+done
+
+# --- the runs ------------------------------------------------------------------------------------
+runs=$OUT/startup-runs.csv
+echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes" >"$runs"
+cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+now() { date +%s.%N; }
+
+for profile in $PROFILES; do
+  shape "$profile"
+  # What the link gives: one 32 MiB range of a converted blob, timed.
+  probe_img=$(echo "$IMAGES" | awk '{print $NF}')
+  big=$(python3 -c "import json,sys; l=max(json.load(open(sys.argv[1]))['layers'], key=lambda l: l['source']['registry']['size']); print(l['digest'])" "$WORK/lsm-$probe_img/lsm-remote.json")
+  rate=$(curl -s -o /dev/null -r 0-33554431 -w '%{speed_download}' "http://$REG/v2/lsm/$probe_img/blobs/$big")
+  echo "startup: profile $profile: link measured at $(python3 -c "print(round($rate * 8 / 1e6))") Mbit/s"
+  for img in $IMAGES; do
+    cmd=$(command_for "$img")
+    for r in $(seq "$RUNS"); do
+      for mode in oci lazy trace; do
+        d=$WORK/run/$profile-$img-$mode-$r
+        rm -rf "$d" && mkdir -p "$d"
+        cold
+        b0=$(rx)
+        t0=$(now)
+        case $mode in
+          oci)
+            skopeo copy -q --insecure-policy --src-tls-verify=false \
+              "docker://$REG/debian/$img:1" "oci:$d/oci:$img"
+            mkdir -p "$d/rootfs"
+            python3 - "$d/oci" "$img" <<'EOF' | while read -r layer; do tar -xzf "$layer" -C "$d/rootfs" --numeric-owner; done
+import json, sys
+oci, tag = sys.argv[1], sys.argv[2]
+idx = json.load(open(f"{oci}/index.json"))
+m = next(x for x in idx["manifests"] if x["annotations"]["org.opencontainers.image.ref.name"] == tag)
+man = json.load(open(f"{oci}/blobs/sha256/{m['digest'][7:]}"))
+for l in man["layers"]:
+    print(f"{oci}/blobs/sha256/{l['digest'][7:]}")
+EOF
+            chroot "$d/rootfs" sh -c "$cmd" >/dev/null
+            ;;
+          lazy)
+            lsm_start "$img" "$WORK/lsm-$img/lsm-remote.json" "$d" none
+            chroot "$d/mnt" sh -c "$cmd" >/dev/null
+            ;;
+          trace)
+            lsm_start "$img" "$WORK/traced/$img.json" "$d" trace
+            chroot "$d/mnt" sh -c "$cmd" >/dev/null
+            ;;
+        esac
+        t1=$(now)
+        b1=$(rx)
+        [ "$mode" = oci ] || lsm_stop "$d"
+        rm -rf "$d"
+        secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
+        echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]}" >>"$runs"
+        echo "startup: $profile $img $mode run $r: ${secs} s, $((b1 - b0)) bytes"
+      done
+    done
+  done
+done
+
+python3 "$here/summarize.py" "$runs" "$OUT"

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Medians of benches/startup/run.sh's runs: a table (printed, and startup.md), startup.csv, and
+a bar chart startup.png (gnuplot).
+
+Usage: summarize.py RUNS_CSV OUT_DIR
+"""
+import csv
+import os
+import statistics
+import subprocess
+import sys
+
+runs_csv, out = sys.argv[1], sys.argv[2]
+rows = list(csv.DictReader(open(runs_csv)))
+profiles = list(dict.fromkeys(r["profile"] for r in rows))
+images = list(dict.fromkeys(r["image"] for r in rows))
+MODES = ["oci", "lazy", "trace"]
+
+
+def med(profile, image, mode, field):
+    v = [float(r[field]) for r in rows if (r["profile"], r["image"], r["mode"]) == (profile, image, mode)]
+    return statistics.median(v) if v else None
+
+
+summary = []
+for p in profiles:
+    for i in images:
+        one = next(r for r in rows if r["profile"] == p and r["image"] == i)
+        s = {"profile": p, "image": i, "oci_image_bytes": int(one["oci_image_bytes"]),
+             "lsm_image_bytes": int(one["lsm_image_bytes"]),
+             "runs": sum(1 for r in rows if (r["profile"], r["image"], r["mode"]) == (p, i, "oci"))}
+        for m in MODES:
+            s[f"{m}_s"] = med(p, i, m, "seconds")
+            s[f"{m}_bytes"] = med(p, i, m, "bytes_fetched")
+        for m in ("lazy", "trace"):
+            s[f"{m}_time_ratio"] = s[f"{m}_s"] / s["oci_s"] if s[f"{m}_s"] and s["oci_s"] else None
+            s[f"{m}_bytes_of_oci_image"] = s[f"{m}_bytes"] / s["oci_image_bytes"] if s[f"{m}_bytes"] is not None else None
+            s[f"{m}_bytes_of_lsm_image"] = s[f"{m}_bytes"] / s["lsm_image_bytes"] if s[f"{m}_bytes"] is not None else None
+        summary.append(s)
+
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "startup.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(summary[0].keys()))
+    w.writeheader()
+    for s in summary:
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in s.items()})
+
+
+def mb(b):
+    return f"{b / 1e6:.1f}"
+
+
+lines = [
+    "| profile | image | runs | OCI pull+unpack+run s | lsm lazy s | lsm + trace s | lazy / OCI | trace / OCI | OCI MB fetched | lazy MB fetched (of OCI image) | trace MB fetched (of OCI image) |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+]
+for s in summary:
+    lines.append(
+        f"| {s['profile']} | {s['image']} | {s['runs']} | {s['oci_s']:.2f} | {s['lazy_s']:.2f} | {s['trace_s']:.2f} "
+        f"| **{s['lazy_time_ratio']:.2f}** | **{s['trace_time_ratio']:.2f}** | {mb(s['oci_bytes'])} "
+        f"| {mb(s['lazy_bytes'])} ({100 * s['lazy_bytes_of_oci_image']:.1f} %) "
+        f"| {mb(s['trace_bytes'])} ({100 * s['trace_bytes_of_oci_image']:.1f} %) |"
+    )
+table = "\n".join(lines)
+sizes = ", ".join(
+    f"{s['image']}: OCI {mb(s['oci_image_bytes'])} MB, lsm {mb(s['lsm_image_bytes'])} MB"
+    for s in summary if s["profile"] == profiles[0]
+)
+with open(os.path.join(out, "startup.md"), "w") as f:
+    f.write(table + "\n\nImage sizes (compressed layers): " + sizes + "\n")
+print(table)
+print("\nImage sizes (compressed layers): " + sizes)
+
+# Chart: grouped bars of median seconds per (profile, image).
+dat = os.path.join(out, "startup.dat")
+with open(dat, "w") as f:
+    f.write("label OCI lazy trace\n")
+    for s in summary:
+        f.write(f"{s['profile']}/{s['image']} {s['oci_s']:.3f} {s['lazy_s']:.3f} {s['trace_s']:.3f}\n")
+png = os.path.join(out, "startup.png")
+gp = f"""
+set terminal png size 1100,500
+set output '{png}'
+set title 'Time to a finished command in the image (median of runs; lower is better)'
+set ylabel 'seconds'
+set style data histogram
+set style histogram cluster gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set xtics rotate by -30
+set key top left
+set grid ytics
+plot '{dat}' using 2:xtic(1) title 'OCI pull + unpack + run', '' using 3 title 'lsm lazy', '' using 4 title 'lsm + startup trace'
+"""
+try:
+    subprocess.run(["gnuplot"], input=gp.encode(), check=True)
+    print(f"\nwrote {png}, {os.path.join(out, 'startup.csv')}, {os.path.join(out, 'startup.md')}")
+except (OSError, subprocess.CalledProcessError) as e:
+    print(f"\nno chart ({e}); wrote the CSV and the table")

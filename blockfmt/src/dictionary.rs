@@ -1,0 +1,123 @@
+//! A chunk dictionary: the 4 KiB blocks of existing layers, by content, so that a new layer
+//! borrows a block some other blob already stores instead of storing it again (cross-image
+//! dedup, FORMAT.md §1.7). The new layer names the borrowed blob in its blob table and points
+//! an extent into that blob's chunk; nothing else about reading changes.
+//!
+//! Matching is by block, not by whole chunk: ext4 places a file's blocks at 4 KiB boundaries,
+//! but one file of different size shifts every later file of its block group, so two rebuilt
+//! images share most blocks and few whole chunk windows (measured in FORMAT.md §1.7). A block is
+//! identified by the sha256 of its 4 KiB, the same identity in-layer dedup uses.
+
+use std::collections::HashMap;
+
+use crate::error::Result;
+use crate::format::{sha256, BlobRef, ChunkEntry};
+use crate::reader::Layer;
+use crate::writer::ZERO_GRANULE;
+
+/// Where a dictionary block lives: a chunk of a dictionary blob and the block's offset in the
+/// chunk's decoded bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRef {
+    /// Index into [`Dictionary::chunks`].
+    pub chunk: u32,
+    /// Offset of the block in the chunk's decoded bytes.
+    pub offset: u32,
+}
+
+/// Blocks of dictionary layers by content. Invariant: every entry of `chunks` has its `blob`
+/// field set to an index into `blobs` (not a blob number), and every block named in `blocks`
+/// lies inside its chunk's decoded bytes and hashes to its key.
+#[derive(Debug, Default)]
+pub struct Dictionary {
+    blobs: Vec<BlobRef>,
+    chunks: Vec<ChunkEntry>,
+    blocks: HashMap<[u8; 32], BlockRef>,
+    decoded_bytes: u64,
+}
+
+impl Dictionary {
+    /// An empty dictionary (matches nothing).
+    pub fn new() -> Dictionary {
+        Dictionary::default()
+    }
+
+    /// Adds the chunks a layer stores itself (blob 0; chunks it borrows are left out: add the
+    /// blob that holds them instead). `blob` is the layer's identity (digest and size), what a
+    /// borrowing layer's blob table will name. Decodes and checks every chunk, so this reads the
+    /// whole blob; `progress` gets the chunks done so far.
+    pub fn add_layer(
+        &mut self,
+        layer: &Layer,
+        blob: BlobRef,
+        mut progress: impl FnMut(u64),
+    ) -> Result<()> {
+        if self.blobs.contains(&blob) {
+            return Ok(());
+        }
+        let blob_index = self.blobs.len() as u32;
+        self.blobs.push(blob);
+        for (i, e) in layer.metadata().chunks.iter().enumerate() {
+            progress(i as u64);
+            if e.blob != 0 {
+                continue;
+            }
+            let data = layer.read_chunk(i as u32)?;
+            self.decoded_bytes += data.len() as u64;
+            let chunk = self.chunks.len() as u32;
+            let mut any = false;
+            let g = ZERO_GRANULE as usize;
+            for (k, block) in data.chunks_exact(g).enumerate() {
+                if crate::writer::is_zero(block) {
+                    continue;
+                }
+                let r = BlockRef {
+                    chunk,
+                    offset: (k * g) as u32,
+                };
+                // The first copy wins: lookups stay deterministic for a given dictionary order.
+                self.blocks.entry(sha256(block)).or_insert_with(|| {
+                    any = true;
+                    r
+                });
+            }
+            if any {
+                self.chunks.push(ChunkEntry {
+                    blob: blob_index,
+                    ..*e
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The block with this content, if a dictionary layer stores one.
+    pub fn lookup(&self, block_sha256: &[u8; 32]) -> Option<BlockRef> {
+        self.blocks.get(block_sha256).copied()
+    }
+
+    /// The dictionary chunk a [`BlockRef`] names (its `blob` is an index into [`Self::blobs`]).
+    pub fn chunk(&self, r: BlockRef) -> Option<&ChunkEntry> {
+        self.chunks.get(r.chunk as usize)
+    }
+
+    /// The dictionary's blobs, in the order they were added.
+    pub fn blobs(&self) -> &[BlobRef] {
+        &self.blobs
+    }
+
+    /// Distinct non-zero 4 KiB blocks known.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Decoded bytes of the chunks read.
+    pub fn decoded_bytes(&self) -> u64 {
+        self.decoded_bytes
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}

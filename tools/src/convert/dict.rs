@@ -1,0 +1,200 @@
+//! `--dict REF`: already converted images whose blocks a new conversion borrows instead of
+//! storing (FORMAT.md §1.7). A REF is a converted OCI image layout (`DIR`, or `DIR:TAG` when
+//! it holds several images) or `http(s)://registry/repository:tag` (pulled first). Every lsm
+//! blob its manifest lists — its layers and its own dictionary blobs — joins the dictionary,
+//! each checked against its digest before use, since the new layers will name it by digest.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blockfmt::format::{parse_oci_digest, BlobRef};
+use blockfmt::{Dictionary, Layer};
+use serde_json::Value;
+
+use super::{bad, blob_path, push, read_json, sha256_file};
+use crate::{CliError, CliResult};
+
+/// One lsm blob of a dictionary image: what a converted manifest lists for it and where it is.
+#[derive(Debug, Clone)]
+pub struct DictBlob {
+    pub digest: String,
+    pub size: u64,
+    pub meta_digest: Option<String>,
+    pub path: PathBuf,
+    /// `base/repository` it was pulled from, when it came from a registry (for cross-repository
+    /// mounts when pushing).
+    pub from: Option<(String, String)>,
+}
+
+/// The dictionary images, loaded.
+pub struct DictImages {
+    pub dict: Dictionary,
+    pub blobs: Vec<DictBlob>,
+}
+
+/// The manifest of the image `tag` (or the only image) in layout `dir`.
+pub fn layout_manifest(dir: &Path, tag: Option<&str>) -> CliResult<Value> {
+    let index = read_json(&dir.join("index.json"))?;
+    let all = index["manifests"].as_array().cloned().unwrap_or_default();
+    let chosen: Vec<&Value> = all
+        .iter()
+        .filter(|m| {
+            tag.is_none_or(|t| {
+                m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t)
+            })
+        })
+        .collect();
+    let desc = match chosen.as_slice() {
+        [one] => *one,
+        [] => return Err(bad(format!("{}: no image tagged {tag:?}", dir.display()))),
+        _ => {
+            return Err(bad(format!(
+                "{} holds several images: name one as DIR:TAG",
+                dir.display()
+            )))
+        }
+    };
+    let d = desc["digest"].as_str().unwrap_or_default();
+    let p = blob_path(dir, d)?;
+    if sha256_file(&p)? != d {
+        return Err(bad(format!(
+            "manifest {d}: content does not match its digest"
+        )));
+    }
+    read_json(&p)
+}
+
+/// The lsm blobs a converted manifest lists (layers and dictionary blobs, in manifest order).
+pub fn lsm_blobs(dir: &Path, manifest: &Value) -> CliResult<Vec<DictBlob>> {
+    let mut out = Vec::new();
+    for l in manifest["layers"].as_array().into_iter().flatten() {
+        if l["mediaType"].as_str() != Some(blockfmt::LAYER_MEDIA_TYPE) {
+            continue;
+        }
+        let digest = l["digest"].as_str().unwrap_or_default().to_string();
+        out.push(DictBlob {
+            path: blob_path(dir, &digest)?,
+            size: l["size"].as_u64().unwrap_or_default(),
+            meta_digest: l["annotations"][blockfmt::META_DIGEST_ANNOTATION]
+                .as_str()
+                .map(str::to_string),
+            digest,
+            from: None,
+        });
+    }
+    if out.is_empty() {
+        return Err(bad(format!(
+            "{}: the image has no lsm layers (convert it first)",
+            dir.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Splits `DIR:TAG` when `DIR` is a directory and the whole string is not.
+pub fn split_layout_ref(r: &str) -> (PathBuf, Option<String>) {
+    if Path::new(r).is_dir() {
+        return (PathBuf::from(r), None);
+    }
+    match r.rsplit_once(':') {
+        Some((d, t)) if Path::new(d).is_dir() => (PathBuf::from(d), Some(t.to_string())),
+        _ => (PathBuf::from(r), None),
+    }
+}
+
+/// The lsm blobs of image `r` (layout or registry; registry images are pulled under `work`).
+pub fn image_blobs(
+    r: &str,
+    work: &Path,
+    creds: Option<&lsmd::source::auth::Credentials>,
+    insecure: bool,
+) -> CliResult<Vec<DictBlob>> {
+    if r.starts_with("http://") || r.starts_with("https://") {
+        let target = push::Target::parse(r)?;
+        if target.base.starts_with("http://") && !insecure {
+            return Err(bad(format!("{r}: plain HTTP needs --insecure")));
+        }
+        let from = (target.base.clone(), target.repository.clone());
+        let dir = work.join(format!(
+            "dict-{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(r.as_bytes()))
+                .get(..12)
+                .unwrap_or_default()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        push::Session::new(target, creds.cloned()).pull(&dir)?;
+        let m = layout_manifest(&dir, None)?;
+        let mut blobs = lsm_blobs(&dir, &m)?;
+        for b in &mut blobs {
+            b.from = Some(from.clone());
+        }
+        return Ok(blobs);
+    }
+    let (dir, tag) = split_layout_ref(r);
+    let m = layout_manifest(&dir, tag.as_deref())?;
+    lsm_blobs(&dir, &m)
+}
+
+/// Opens a dictionary blob after checking it is what its digest says.
+pub fn open_checked(b: &DictBlob) -> CliResult<(Layer, BlobRef)> {
+    if sha256_file(&b.path)? != b.digest {
+        return Err(bad(format!(
+            "dictionary blob {}: content does not match its digest",
+            b.digest
+        )));
+    }
+    let size = std::fs::metadata(&b.path)
+        .map_err(|e| bad(format!("{}: {e}", b.path.display())))?
+        .len();
+    let sha256 = parse_oci_digest(&b.digest).map_err(CliError)?;
+    let meta = b
+        .meta_digest
+        .as_deref()
+        .map(parse_oci_digest)
+        .transpose()
+        .map_err(CliError)?;
+    let f = std::fs::File::open(&b.path).map_err(|e| bad(format!("{}: {e}", b.path.display())))?;
+    let layer = Layer::open(b.digest.clone(), Arc::new(f), meta)?;
+    Ok((layer, BlobRef { sha256, size }))
+}
+
+/// Loads every `--dict` image into one dictionary (first image, first layer wins a tie).
+pub fn load(
+    refs: &[String],
+    work: &Path,
+    creds: Option<&lsmd::source::auth::Credentials>,
+    insecure: bool,
+    mut say: impl FnMut(String),
+) -> CliResult<DictImages> {
+    let mut dict = Dictionary::new();
+    let mut blobs: Vec<DictBlob> = Vec::new();
+    for r in refs {
+        for b in image_blobs(r, work, creds, insecure)? {
+            if blobs.iter().any(|x| x.digest == b.digest) {
+                continue;
+            }
+            let (layer, id) = open_checked(&b)?;
+            dict.add_layer(&layer, id, |_| {})?;
+            blobs.push(b);
+        }
+        say(format!(
+            "dictionary {r}: {} blobs, {} distinct 4 KiB blocks so far",
+            blobs.len(),
+            dict.block_count()
+        ));
+    }
+    Ok(DictImages { dict, blobs })
+}
+
+/// Supplies a layer with the blobs its blob table names, found by `path_of(digest)` (those it
+/// does not find stay missing: reading their chunks fails naming them).
+pub fn attach_borrowed(layer: &mut Layer, path_of: impl Fn(&str) -> Option<PathBuf>) -> CliResult {
+    let wanted = layer.metadata().blobs.clone();
+    for (k, b) in wanted.iter().enumerate() {
+        if let Some(p) = path_of(&blockfmt::format::oci_digest(&b.sha256)) {
+            let f = std::fs::File::open(&p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+            layer.attach_blob(k as u32 + 1, Arc::new(f))?;
+        }
+    }
+    Ok(())
+}
