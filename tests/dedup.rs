@@ -67,19 +67,51 @@ fn rebuilt_debian_images_share_blocks_through_a_dictionary() {
     let t = tmp.path();
 
     // The OCI forms share nothing.
-    let (m1, m2) = (manifest(&first, Some("py")), manifest(&second, Some("py")));
-    let (d1, d2) = (layer_digests(&m1), layer_digests(&m2));
-    assert!(d1.iter().all(|d| !d2.contains(d)), "{d1:?} {d2:?}");
+    for tag in ["base", "py"] {
+        let (m1, m2) = (manifest(&first, Some(tag)), manifest(&second, Some(tag)));
+        let (d1, d2) = (layer_digests(&m1), layer_digests(&m2));
+        assert!(d1.iter().all(|d| !d2.contains(d)), "{d1:?} {d2:?}");
+    }
 
     let reg = Registry::start(&t.join("registry"), None);
     let host = reg.url.trim_start_matches("http://").to_string();
-    for (oci, n) in [(&first, 1), (&second, 2)] {
-        ok(Command::new("skopeo")
-            .args(["copy", "-q", "--insecure-policy", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:py", oci.display()))
-            .arg(format!("docker://{host}/debian/py:{n}")));
+    for tag in ["base", "py"] {
+        for (oci, n) in [(&first, 1), (&second, 2)] {
+            ok(Command::new("skopeo")
+                .args(["copy", "-q", "--insecure-policy", "--dest-tls-verify=false"])
+                .arg(format!("oci:{}:{tag}", oci.display()))
+                .arg(format!("docker://{host}/debian/{tag}:{n}")));
+        }
     }
     let src = |n: u32| format!("{}/debian/py:{n}", reg.url);
+
+    // The base image alone: the rebuild, with the first build as dictionary, stores ≤ 2 %.
+    for (n, extra) in [(1, None), (2, Some(format!("{}/lsm/base:1", reg.url)))] {
+        let mut c = lsmctl(["convert", "--insecure", "--no-reuse", "-q"]);
+        c.arg(format!("{}/debian/base:{n}", reg.url))
+            .arg(t.join(format!("base{n}")))
+            .args(["--push", &format!("{}/lsm/base:{n}", reg.url)]);
+        if let Some(d) = extra {
+            c.args(["--dict", &d]);
+        }
+        let o = run(&mut c);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let own_bytes = |m: &Value| -> u64 {
+        m["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .filter(|l| l["annotations"]["io.lsm.layer.role"] != "dictionary")
+            .map(|l| l["size"].as_u64().expect("size"))
+            .sum()
+    };
+    let (b1, b2) = (
+        own_bytes(&manifest(&t.join("base1"), None)),
+        own_bytes(&manifest(&t.join("base2"), None)),
+    );
+    eprintln!("base: first {b1} blob bytes, rebuild {b2} new blob bytes");
+    assert!(b2 * 50 <= b1, "{b2} vs {b1}");
 
     // The first build, converted and pushed as usual.
     let a = t.join("a");

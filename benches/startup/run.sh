@@ -76,6 +76,7 @@ bash "$repo/tests/install-deps.sh"
 need=()
 command -v gnuplot >/dev/null || need+=(gnuplot-nox)
 command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -188,13 +189,20 @@ lsm_start() {
   echo "$loop" >"$d/loop"
   mount -o ro,noload "$loop" "$d/mnt"
 }
-lsm_stop() {
-  local d=$1
+lsm_stop() { # RUN_DIR IMAGE
+  local d=$1 img=$2
   umount "$d/mnt" 2>/dev/null || umount -l "$d/mnt"
   losetup -d "$(cat "$d/loop")"
+  # The loop device lets go of the FUSE file asynchronously; lsmd can only unmount its FUSE
+  # directory once it has.
+  for _ in $(seq 200); do
+    losetup -j "$d/files/$img" 2>/dev/null | grep -q . || break
+    sleep 0.02
+  done
   kill "$(cat "$WORK/pids/lsmd")" 2>/dev/null || true
   while kill -0 "$(cat "$WORK/pids/lsmd")" 2>/dev/null; do sleep 0.05; done
   rm -f "$WORK/pids/lsmd"
+  if mountpoint -q "$d/files"; then umount -l "$d/files"; fi
 }
 
 for img in $IMAGES; do
@@ -203,7 +211,7 @@ for img in $IMAGES; do
   lsm_start "$img" "$WORK/traced/$img.json" "$d" none
   chroot "$d/mnt" sh -c "$(command_for "$img")" >/dev/null
   "$LSMCTL" trace record "$WORK/traced/$img.json" --export "$img" --metrics 127.0.0.1:9899 >/dev/null
-  lsm_stop "$d"
+  lsm_stop "$d" "$img"
   rm -rf "$d"
 done
 
@@ -256,7 +264,10 @@ EOF
         esac
         t1=$(now)
         b1=$(rx)
-        [ "$mode" = oci ] || lsm_stop "$d"
+        if [ "$mode" != oci ]; then
+          lsm_stop "$d" "$img"
+          mkdir -p "$WORK/logs" && cp "$d/lsmd.log" "$WORK/logs/$profile-$img-$mode-$r.log"
+        fi
         rm -rf "$d"
         secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
         echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]}" >>"$runs"

@@ -74,7 +74,6 @@ print("\nImage sizes (compressed layers): " + sizes)
 # Chart: grouped bars of median seconds per (profile, image).
 dat = os.path.join(out, "startup.dat")
 with open(dat, "w") as f:
-    f.write("label OCI lazy trace\n")
     for s in summary:
         f.write(f"{s['profile']}/{s['image']} {s['oci_s']:.3f} {s['lazy_s']:.3f} {s['trace_s']:.3f}\n")
 png = os.path.join(out, "startup.png")
@@ -87,7 +86,9 @@ set style data histogram
 set style histogram cluster gap 1
 set style fill solid 0.8 border -1
 set boxwidth 0.9
-set xtics rotate by -30
+set xtics rotate by -25 offset -1,0
+set xrange [-0.6:*]
+set bmargin 6
 set key top left
 set grid ytics
 plot '{dat}' using 2:xtic(1) title 'OCI pull + unpack + run', '' using 3 title 'lsm lazy', '' using 4 title 'lsm + startup trace'
