@@ -121,3 +121,73 @@ impl Dictionary {
         self.blocks.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commit::import_raw;
+    use crate::format::oci_digest;
+    use crate::{LayerStack, WriterOptions};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    /// A disk made of 4 KiB blocks drawn from a small alphabet (so blocks repeat within and
+    /// across disks), zero blocks included.
+    fn disk(blocks: &[u8]) -> Vec<u8> {
+        let mut d = Vec::with_capacity(blocks.len() * 4096);
+        for &b in blocks {
+            let mut block = vec![0u8; 4096];
+            if b != 0 {
+                for (i, x) in block.iter_mut().enumerate() {
+                    *x = (i as u8).wrapping_mul(b).wrapping_add(b);
+                }
+            }
+            d.extend_from_slice(&block);
+        }
+        d
+    }
+
+    fn blob(d: &[u8], dict: Option<Arc<Dictionary>>, opts: WriterOptions) -> Vec<u8> {
+        import_raw(d, d.len() as u64, None, dict, Vec::new(), opts, |_| {})
+            .expect("import")
+            .1
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever the two disks and chunk size: a layer written with the other as its
+        /// dictionary reads back exactly (with the dictionary blob attached), borrows only what
+        /// the dictionary has, and names the dictionary blob when it is missing.
+        #[test]
+        fn borrowing_layers_read_back_exactly(
+            a in proptest::collection::vec(0u8..12, 1..80),
+            b in proptest::collection::vec(0u8..16, 1..80),
+            chunk_kib in prop_oneof![Just(4u32), Just(16), Just(64)],
+        ) {
+            let opts = WriterOptions { chunk_size: chunk_kib * 1024, ..Default::default() };
+            let (da, db) = (disk(&a), disk(&b));
+            let ba = blob(&da, None, opts);
+            let la = Layer::open("a", Arc::new(ba.clone()), None).expect("open a");
+            let id = BlobRef { sha256: sha256(&ba), size: ba.len() as u64 };
+            let mut dict = Dictionary::new();
+            dict.add_layer(&la, id, |_| {}).expect("dict");
+            let bb = blob(&db, Some(Arc::new(dict)), opts);
+            let mut lb = Layer::open("b", Arc::new(bb.clone()), None).expect("open b");
+            let borrows = lb.metadata().chunks.iter().any(|c| c.blob != 0);
+            prop_assert!(!borrows || lb.metadata().blobs == vec![id]);
+            lb.attach_blob(1, Arc::new(ba)).ok();
+            lb.verify_all(None).expect("verify");
+            let s = LayerStack::new(vec![lb], db.len() as u64, 1 << 20).expect("stack");
+            let mut got = vec![0u8; db.len()];
+            s.read(0, &mut got).expect("read");
+            prop_assert_eq!(got, db.clone());
+            if borrows {
+                let lb = Layer::open("b", Arc::new(bb), None).expect("open b");
+                let s = LayerStack::new(vec![lb], db.len() as u64, 1 << 20).expect("stack");
+                let mut got = vec![0u8; db.len()];
+                let e = s.read(0, &mut got).expect_err("missing blob").to_string();
+                prop_assert!(e.contains(&oci_digest(&id.sha256)), "{}", e);
+            }
+        }
+    }
+}
