@@ -4,6 +4,7 @@
 # registry behind a shaped link. One command from a clean clone (root; installs what it needs):
 #
 #   bash benches/startup/run.sh            # RUNS=5 PROFILES="unlimited 1gbit 100mbit" IMAGES="base py fat"
+#   LOOP_DIO=1 bash benches/startup/run.sh # the loop device with --direct-io=on (several reads in flight)
 #
 # What it does:
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
@@ -50,7 +51,7 @@ command_for() {
 }
 
 # --- cleanup, whatever happens ---------------------------------------------------------------
-cleanup() {
+cleanup() ( # a subshell: its `set +e` must not leak into the script
   set +e
   for m in $(grep -o " $WORK/[^ ]*" /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null; done
   losetup -a 2>/dev/null | grep "$WORK" | cut -d: -f1 | while read -r l; do losetup -d "$l"; done
@@ -65,8 +66,8 @@ cleanup() {
     ip netns del "$NS"
   fi
   ip link del "$VH" 2>/dev/null
-  return 0
-}
+  exit 0
+)
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 cleanup
@@ -185,7 +186,7 @@ lsm_start() {
     sleep 0.005
   done
   local loop
-  loop=$(losetup -r -f --show "$d/files/$img")
+  loop=$(losetup -r -f --show ${LOOP_DIO:+--direct-io=on} "$d/files/$img")
   echo "$loop" >"$d/loop"
   mount -o ro,noload "$loop" "$d/mnt"
 }

@@ -4,8 +4,10 @@
 //! direct I/O, so the kernel keeps no second copy of the disk's pages and what a reader sees is
 //! always the image itself.
 //!
-//! The session runs on one thread: FUSE requests are served one at a time (enough for mounts
-//! and tests; the NBD and ublk frontends are the fast paths).
+//! The session runs on one thread; reads, which may wait on a remote fetch, are handed to a
+//! small pool and replied from there, so the kernel's concurrent reads (readahead, a loop
+//! device with `--direct-io=on`: asynchronous direct I/O is enabled) fetch in parallel.
+//! Everything else is served in order on the session thread.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -15,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use blockfmt::Image;
 
 use crate::errno;
+use crate::pool::WorkerPool;
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
@@ -23,10 +26,17 @@ use fuser::{
 const ROOT: u64 = 1;
 const TTL: Duration = Duration::from_secs(1);
 
+/// `FUSE_ASYNC_DIO` (FUSE protocol 7.15+; fuser does not export it): asynchronous direct I/O.
+const FUSE_ASYNC_DIO: u32 = 1 << 15;
+
+/// Reads served at once.
+const READ_THREADS: usize = 8;
+
 /// The exported files: inode `2 + i` is `files[i]`.
 struct ExportFiles {
     files: Vec<(String, Arc<Image>)>,
     started: SystemTime,
+    reads: WorkerPool,
 }
 
 impl ExportFiles {
@@ -63,6 +73,16 @@ impl ExportFiles {
 }
 
 impl Filesystem for ExportFiles {
+    fn init(
+        &mut self,
+        _req: &Request<'_>,
+        config: &mut fuser::KernelConfig,
+    ) -> Result<(), libc::c_int> {
+        // Let the kernel keep several direct reads in flight (a kernel without it still works).
+        let _ = config.add_capabilities(FUSE_ASYNC_DIO);
+        Ok(())
+    }
+
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let found = (parent == ROOT)
             .then(|| self.files.iter().position(|(n, _)| OsStr::new(n) == name))
@@ -130,16 +150,19 @@ impl Filesystem for ExportFiles {
         let Some((name, img)) = self.file(ino) else {
             return reply.error(libc::ENOENT);
         };
-        let off = offset.max(0) as u64;
-        let len = (size as u64).min(img.size().saturating_sub(off)) as usize;
-        let mut buf = vec![0u8; len];
-        match img.read(off, &mut buf) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => {
-                tracing::warn!(export = %name, offset = off, len, error = %e, "FUSE read failed");
-                reply.error(errno(&e))
+        let (name, img) = (name.clone(), img.clone());
+        self.reads.submit(move || {
+            let off = offset.max(0) as u64;
+            let len = (size as u64).min(img.size().saturating_sub(off)) as usize;
+            let mut buf = vec![0u8; len];
+            match img.read(off, &mut buf) {
+                Ok(()) => reply.data(&buf),
+                Err(e) => {
+                    tracing::warn!(export = %name, offset = off, len, error = %e, "FUSE read failed");
+                    reply.error(errno(&e))
+                }
             }
-        }
+        });
     }
 
     fn write(
@@ -240,6 +263,7 @@ pub fn mount(dir: &Path, exports: Vec<(String, Arc<Image>)>) -> std::io::Result<
     let fs = ExportFiles {
         files: exports,
         started: SystemTime::now(),
+        reads: WorkerPool::new(READ_THREADS),
     };
     let session = fuser::spawn_mount2(fs, dir, &options)?;
     Ok(FuseMount { _session: session })
