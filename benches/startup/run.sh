@@ -21,6 +21,7 @@
 #       trace — the same, lsmd prefetching the recorded trace
 #     timing each from start to the command's exit and counting the bytes the host received
 #     on the veth (TCP/IP headers included);
+#     (lsmd's log and /metrics of each lsm run are kept in $WORK/logs);
 #  5. writes results/startup-runs.csv (every run), results/startup.csv and results/startup.md
 #     (medians, lsm/OCI ratios, bytes fetched and fraction of the image) and results/startup.png.
 # Everything it makes — namespace, veth, mounts, loop devices, processes — is removed on exit,
@@ -266,8 +267,10 @@ EOF
         t1=$(now)
         b1=$(rx)
         if [ "$mode" != oci ]; then
+          mkdir -p "$WORK/logs"
+          curl -s http://127.0.0.1:9899/metrics >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
           lsm_stop "$d" "$img"
-          mkdir -p "$WORK/logs" && cp "$d/lsmd.log" "$WORK/logs/$profile-$img-$mode-$r.log"
+          cp "$d/lsmd.log" "$WORK/logs/$profile-$img-$mode-$r.log"
         fi
         rm -rf "$d"
         secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
