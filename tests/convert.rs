@@ -277,16 +277,23 @@ fn bad_layers_are_refused_and_leave_no_image() {
     // Bad dictionaries: an OCI image that was never converted, a path that is no image, and
     // a converted image whose blob was damaged. Each is refused by name, leaving nothing.
     let dict_out = t.join("out-dict");
-    let o = run(lsmctl(["convert", "-q", "--no-reuse", "--tag", "t", "--dict"])
-        .arg(t.join("srcS"))
-        .arg(t.join("srcS"))
-        .arg(&dict_out));
+    let o = run(
+        lsmctl(["convert", "-q", "--no-reuse", "--tag", "t", "--dict"])
+            .arg(t.join("srcS"))
+            .arg(t.join("srcS"))
+            .arg(&dict_out),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("no lsm layers"), "{err}");
-    let o = run(lsmctl(["convert", "-q", "--no-reuse", "--tag", "t", "--dict"])
-        .arg(t.join("nowhere"))
-        .arg(t.join("srcS"))
-        .arg(&dict_out));
+    assert!(
+        !o.status.success() && err.contains("no lsm layers"),
+        "{err}"
+    );
+    let o = run(
+        lsmctl(["convert", "-q", "--no-reuse", "--tag", "t", "--dict"])
+            .arg(t.join("nowhere"))
+            .arg(t.join("srcS"))
+            .arg(&dict_out),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("nowhere"), "{err}");
     let good = t.join("converted");
@@ -299,16 +306,22 @@ fn bad_layers_are_refused_and_leave_no_image() {
     bytes[100] ^= 1;
     std::fs::remove_file(&lsm_blob).expect("unlink"); // (a hard link into the reuse database)
     std::fs::write(&lsm_blob, &bytes).expect("damage");
-    let o = run(lsmctl(["convert", "-q", "--no-reuse", "--tag", "t", "--dict"])
-        .arg(&good)
-        .arg(t.join("srcS"))
-        .arg(&dict_out));
+    let o = run(
+        lsmctl(["convert", "-q", "--no-reuse", "--tag", "t", "--dict"])
+            .arg(&good)
+            .arg(t.join("srcS"))
+            .arg(&dict_out),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("does not match its digest"),
         "{err}"
     );
-    assert!(!dict_out.exists(), "a failed conversion left {}", dict_out.display());
+    assert!(
+        !dict_out.exists(),
+        "a failed conversion left {}",
+        dict_out.display()
+    );
 
     // A missing image.
     let o = run(lsmctl(["convert", "-q", "--tag", "nope"])

@@ -80,6 +80,7 @@ impl Image {
     /// Reads `buf.len()` bytes at `off`.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
+        self.prefetch_lower(off, len);
         self.walk(off, len, Some(buf), false, &mut |_, _, _| {})
             .map(|_| ())
     }
@@ -97,8 +98,20 @@ impl Image {
     ) -> Result<Option<Vec<(u64, u64, Alloc)>>> {
         let mut out = Vec::new();
         let len = buf.len() as u64;
+        if !cached_only {
+            self.prefetch_lower(off, len);
+        }
         let done = self.walk(off, len, Some(buf), cached_only, &mut merge_into(&mut out))?;
         Ok(done.then_some(out))
+    }
+
+    /// A read longer than one granule may need several cold chunks: load them in parallel
+    /// first (a range the upper layer covers may load a chunk it did not need; cheap next to
+    /// a round trip per chunk).
+    fn prefetch_lower(&self, off: u64, len: u64) {
+        if len > crate::writer::ZERO_GRANULE && self.lower.check_range(off, len).is_ok() {
+            self.lower.load_range(off, len);
+        }
     }
 
     /// The one walk behind reads and maps: upper pieces, then lower segments under the gaps;

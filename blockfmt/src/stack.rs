@@ -39,6 +39,9 @@ impl InFlight {
     }
 }
 
+/// Chunks one read loads at once (see [`LayerStack::load_range`]).
+const PARALLEL_LOADS: usize = 16;
+
 /// Layers (bottom first) composed into one readable disk.
 pub struct LayerStack {
     layers: Vec<Layer>,
@@ -129,6 +132,34 @@ impl LayerStack {
             }
         }
         self.load_chunk(layer, chunk)
+    }
+
+    /// Loads the chunks of `[off, off + len)` that the decoded-chunk cache lacks all at once,
+    /// each as [`Self::chunk`] would: a read spanning several cold chunks then waits for the
+    /// slowest fetch, not for the sum of them (a remote source pays one round trip per fetch).
+    /// Failures are left for the read that follows to meet and report.
+    pub fn load_range(&self, off: u64, len: u64) {
+        let mut missing: Vec<(u16, u32)> = Vec::new();
+        for seg in self.index.segments(off, len) {
+            if let Target::Data { layer, chunk, .. } = seg.target {
+                if !missing.contains(&(layer, chunk)) && self.cache.get(&(layer, chunk)).is_none() {
+                    missing.push((layer, chunk));
+                }
+            }
+        }
+        if missing.len() < 2 {
+            return;
+        }
+        for batch in missing.chunks(PARALLEL_LOADS) {
+            std::thread::scope(|sc| {
+                for &(layer, chunk) in &batch[1..] {
+                    sc.spawn(move || {
+                        let _ = self.chunk(layer, chunk);
+                    });
+                }
+                let _ = self.chunk(batch[0].0, batch[0].1);
+            });
+        }
     }
 
     /// Chunks that readers needed from the decoded-chunk cache's misses, in the order first
