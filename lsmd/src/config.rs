@@ -442,15 +442,7 @@ impl ImageSpec {
             path: PathBuf::from(&name),
             source,
         };
-        let src = self.open_source(l, &name, host).map_err(wrap)?;
-        let meta = match &l.meta_digest {
-            Some(d) => Some(parse_oci_digest(d).map_err(|detail| Error::Config {
-                path: self.path.clone(),
-                detail,
-            })?),
-            None => None,
-        };
-        let mut layer = Layer::open(name.clone(), src, meta).map_err(wrap)?;
+        let mut layer = self.open_entry(i, l, &name, host)?;
         let borrowed = layer.metadata().blobs.clone();
         for (k, b) in borrowed.iter().enumerate() {
             let digest = blockfmt::format::oci_digest(&b.sha256);
@@ -499,16 +491,25 @@ impl ImageSpec {
                 detail: format!("no dictionary blob {k}"),
             });
         };
-        let name = self.source_name(d);
+        self.open_entry(k, d, &self.source_name(d), &HostServices::default())
+    }
+
+    /// Opens a layer or dictionary blob as a layer (entry `index` of its list, `name` for
+    /// errors), checking its metadata digest if the config gives one.
+    fn open_entry(
+        &self,
+        index: usize,
+        l: &LayerConfig,
+        name: &str,
+        host: &HostServices,
+    ) -> Result<Layer> {
         let wrap = |source| Error::Layer {
-            index: k,
-            path: PathBuf::from(&name),
+            index,
+            path: PathBuf::from(name),
             source,
         };
-        let src = self
-            .open_source(d, &name, &HostServices::default())
-            .map_err(wrap)?;
-        let meta = d
+        let src = self.open_source(l, name, host).map_err(wrap)?;
+        let meta = l
             .meta_digest
             .as_deref()
             .map(parse_oci_digest)
@@ -517,7 +518,7 @@ impl ImageSpec {
                 path: self.path.clone(),
                 detail,
             })?;
-        Layer::open(name.clone(), src, meta).map_err(wrap)
+        Layer::open(name, src, meta).map_err(wrap)
     }
 
     /// Opens where a layer's or dictionary blob's bytes come from (`name` is for errors).
