@@ -45,12 +45,32 @@ pub enum Error {
     /// A caller passed an argument that cannot be honoured.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The upper layer refuses writes and flushes: an earlier sync (or a write it could not
+    /// undo) failed, so the kernel may have dropped bytes that were acknowledged. Sticky until
+    /// the layer is reopened and recovered; never retried into silence.
+    #[error("{layer}: {detail}; refusing writes and flushes until it is reopened and recovered")]
+    Failed { layer: String, detail: String },
+    /// Another process holds the upper layer open for writing (one writer per upper layer).
+    #[error("{layer}: in use by {holder}")]
+    Locked { layer: String, holder: String },
 }
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// True when the error is the filesystem running out of space or quota (ENOSPC, EDQUOT):
+    /// the request failed but nothing was lost, and it may succeed once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc_enospc::ENOSPC) | Some(libc_enospc::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(layer: impl Into<String>, offset: u64, source: io::Error) -> Self {
         Error::Io {
             layer: layer.into(),
@@ -72,4 +92,10 @@ impl Error {
             detail: detail.into(),
         }
     }
+}
+
+/// The two errno values `is_no_space` looks for (Linux numbering; blockfmt has no libc).
+mod libc_enospc {
+    pub const ENOSPC: i32 = 28;
+    pub const EDQUOT: i32 = 122;
 }
