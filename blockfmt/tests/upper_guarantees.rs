@@ -155,7 +155,7 @@ fn compaction_bounds_the_files_by_the_live_data() {
     let up = UpperLayer::create(dir, SIZE).expect("create");
     up.set_compaction(CompactionPolicy {
         ratio_percent: 150,
-        min_waste: 256 << 10,
+        min_waste: 1 << 20,
     });
     let mut model = vec![0u8; SIZE as usize];
     let mut rng = StdRng::seed_from_u64(7);

@@ -27,11 +27,15 @@ use crate::error::{Error, Result};
 
 /// Largest range one record of the compacted log describes (records carry a u32 length).
 const MAX_RECORD: u64 = 1 << 30;
+/// Compaction never runs for less waste than this.
+const MIN_WASTE_FLOOR: u64 = 1 << 20;
 /// Bytes copied per `pread`/`pwrite`.
 const COPY_PIECE: usize = 1 << 20;
 
 /// When to compact: once the files exceed `ratio_percent` of what the live ranges need *and*
-/// waste at least `min_waste` bytes (so small layers are not rewritten over and over).
+/// waste at least `min_waste` bytes — or half the live size when that is less (so a small layer
+/// is bounded too), but never less than 1 MiB (so a few hot blocks rewritten and flushed over
+/// and over do not cost a compaction, three syncs, every few writes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompactionPolicy {
     /// Files (data + log) may reach this percentage of the live size before compaction.
@@ -60,8 +64,10 @@ impl CompactionPolicy {
 
     /// True when files of `total` bytes for `live` live bytes should be compacted.
     pub fn due(&self, total: u64, live: u64) -> bool {
-        let limit = (live as u128 * self.ratio_percent as u128 / 100) as u64;
-        total > limit && total - live >= self.min_waste
+        let limit =
+            u64::try_from(live as u128 * self.ratio_percent as u128 / 100).unwrap_or(u64::MAX);
+        let floor = self.min_waste.min(live / 2).max(MIN_WASTE_FLOOR);
+        total > limit && total - live >= floor
     }
 }
 
