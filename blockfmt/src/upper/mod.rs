@@ -98,13 +98,25 @@ pub(crate) struct Files {
 
 /// Syncs one of the layer's files. The failpoints (`--features failpoints`) stand for the
 /// one fault a test cannot cause for real: a failing `fdatasync`.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 pub(crate) fn sync_data(f: &File, which: &str) -> io::Result<()> {
-    if which.starts_with(DATA_FILE) {
-        fail::fail_point!("upper-sync-data", |_| Err(io::Error::from_raw_os_error(5)));
-    } else {
-        fail::fail_point!("upper-sync-log", |_| Err(io::Error::from_raw_os_error(5)));
-    }
+    fail::fail_point!(
+        if which.starts_with(DATA_FILE) {
+            "upper-sync-data"
+        } else {
+            "upper-sync-log"
+        },
+        |_| Err(io::Error::from_raw_os_error(5))
+    );
     f.sync_data()
+}
+
+/// Writes `buf` at `at` in one of the layer's files; the failpoint `point` stands for a write
+/// failing with ENOSPC at an exact record.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn pwrite(f: &File, buf: &[u8], at: u64, point: &str) -> io::Result<()> {
+    fail::fail_point!(point, |_| Err(io::Error::from_raw_os_error(28)));
+    f.write_all_at(buf, at)
 }
 
 /// Makes renames and creations in `dir` durable.
@@ -413,11 +425,7 @@ impl UpperLayer {
             return Ok(());
         }
         let at = st.log_len - st.pending.len() as u64;
-        let res = (|| {
-            fail::fail_point!("upper-log-write", |_| Err(io::Error::from_raw_os_error(28)));
-            st.files.log.write_all_at(&st.pending, at)
-        })();
-        if let Err(e) = res {
+        if let Err(e) = pwrite(&st.files.log, &st.pending, at, "upper-log-write") {
             let e = Error::io(format!("{}/{LOG_FILE}", name(&self.dir)), at, e);
             return Err(self.fail_unless_no_space(st, e));
         }
@@ -455,12 +463,7 @@ impl UpperLayer {
             .flatten()
             .filter(|&at| at >= st.sealed_len);
         let at = in_place.unwrap_or_else(|| st.data_len.next_multiple_of(align));
-        let res = (|| {
-            fail::fail_point!("upper-data-write", |_| Err(io::Error::from_raw_os_error(
-                28
-            )));
-            st.files.data.write_all_at(data, at)
-        })();
+        let res = pwrite(&st.files.data, data, at, "upper-data-write");
         if let Err(e) = res {
             let e = Error::io(format!("{}/{DATA_FILE}", name(&self.dir)), at, e);
             // Appended bytes past the end are garbage no record names (the next write
