@@ -62,6 +62,10 @@ pub struct ConvertArgs {
     /// Allow pushing over plain HTTP (loopback test registries).
     #[arg(long)]
     insecure: bool,
+    /// PEM file of the CA certificates trusted for HTTPS registries (SRC, --push, --dict),
+    /// instead of the system's; written as `ca_file` into the pushed image's lsm config.
+    #[arg(long, value_name = "PEM")]
+    registry_ca: Option<PathBuf>,
     /// Registry user (else a docker-style config.json, else anonymous).
     #[arg(long, requires = "password")]
     username: Option<String>,
@@ -436,8 +440,8 @@ fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
         if !a.quiet {
             eprintln!("convert: pulling {src_arg}");
         }
-        let r = push::Session::new(target, creds.clone())
-            .pull(&pulled)
+        let r = push::Session::new(target, creds.clone(), a.registry_ca.as_deref())
+            .and_then(|s| s.pull(&pulled))
             .and_then(|_| {
                 let local = ConvertArgs {
                     src: Some(pulled.display().to_string()),
@@ -559,7 +563,14 @@ fn convert_layout(
     let dict = if a.dict.is_empty() {
         None
     } else {
-        let loaded = dict::load(&a.dict, &dict_dir, creds.as_ref(), a.insecure, &say);
+        let loaded = dict::load(
+            &a.dict,
+            &dict_dir,
+            creds.as_ref(),
+            a.insecure,
+            a.registry_ca.as_deref(),
+            &say,
+        );
         if loaded.is_err() && created {
             let _ = std::fs::remove_dir_all(&dst);
         }
@@ -851,13 +862,28 @@ fn convert_layout(
         if target.base.starts_with("http://") && !a.insecure {
             return Err(bad(format!("--push {p}: plain HTTP needs --insecure")));
         }
+        let ca_file = a
+            .registry_ca
+            .as_deref()
+            .map(std::fs::canonicalize)
+            .transpose()
+            .map_err(|e| bad(format!("--registry-ca: {e}")))?;
+        let registry_source = |size: Option<&serde_json::Value>| {
+            let mut r = json!({
+                "url": target.base, "repository": target.repository, "insecure": a.insecure,
+            });
+            if let Some(s) = size {
+                r["size"] = s.clone();
+            }
+            if let Some(ca) = &ca_file {
+                r["ca_file"] = ca.display().to_string().into();
+            }
+            json!({ "registry": r })
+        };
         let mut remote = json!({
             "size": size,
             "layers": out_layers.iter().map(|l| json!({
-                "source": { "registry": {
-                    "url": target.base, "repository": target.repository,
-                    "insecure": a.insecure, "size": l["size"],
-                } },
+                "source": registry_source(Some(&l["size"])),
                 "digest": l["digest"],
                 "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
             })).collect::<Vec<_>>(),
@@ -869,17 +895,14 @@ fn convert_layout(
                 .iter()
                 .map(|b| {
                     json!({
-                        "source": { "registry": {
-                            "url": target.base, "repository": target.repository,
-                            "insecure": a.insecure,
-                        } },
+                        "source": registry_source(None),
                         "digest": b.digest,
                         "meta_digest": b.meta_digest,
                     })
                 })
                 .collect();
         }
-        let session = push::Session::new(target, creds);
+        let session = push::Session::new(target, creds, a.registry_ca.as_deref())?;
         let (mut sent, mut had) = (0, 0);
         let blobs = std::iter::once(cfg_digest.clone()).chain(
             out_layers
