@@ -161,6 +161,9 @@ pub mod registry;
 #[path = "support/faultproxy.rs"]
 pub mod faultproxy;
 
+#[path = "support/hostile.rs"]
+pub mod hostile;
+
 #[path = "support/squid.rs"]
 pub mod squid;
 

@@ -500,10 +500,15 @@ impl HttpBlob {
                 None => jitter(backoff),
             };
             if start.elapsed() + wait > self.policy.give_up_after {
+                let others: Vec<&str> = out_for_good.iter().flatten().map(String::as_str).collect();
+                let others = match others.is_empty() {
+                    true => String::new(),
+                    false => format!(" (and for good: {})", others.join("; ")),
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "blob {}: giving up after {:?}: {last}",
+                        "blob {}: giving up after {:?}: {last}{others}",
                         self.name,
                         start.elapsed()
                     ),
