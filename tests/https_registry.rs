@@ -163,6 +163,9 @@ fn oci_layout(dir: &Path) {
     let mut tar = tar::Builder::new(Vec::new());
     for (name, body) in [("etc/hostname", "lsm\n"), ("srv/data", "tls test data\n")] {
         let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_mode(0o644);
         h.set_size(body.len() as u64);
         h.set_mtime(1_700_000_000);
