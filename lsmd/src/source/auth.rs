@@ -366,6 +366,30 @@ mod tests {
     }
 
     #[test]
+    fn credentials_never_go_in_clear_to_a_remote_host() {
+        let creds = Some(Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        });
+        let remote = RegistryAuth::new(creds.clone(), "http://10.1.2.3:5000", &[]);
+        let e = remote
+            .challenged(Some(r#"Basic realm="r""#))
+            .expect_err("Basic over plain HTTP to a remote host");
+        assert!(e.contains("plain HTTP"), "{e}");
+        for ok in [
+            "https://10.1.2.3:5000",
+            "http://127.0.0.1:5000",
+            "http://localhost",
+        ] {
+            let a = RegistryAuth::new(creds.clone(), ok, &[]);
+            assert!(a.challenged(Some(r#"Basic realm="r""#)).is_ok(), "{ok}");
+        }
+        assert!(cleartext_to_remote("http://10.0.0.1/token"));
+        assert!(!cleartext_to_remote("https://10.0.0.1/token"));
+        assert!(!cleartext_to_remote("http://127.0.0.2:9/token"));
+    }
+
+    #[test]
     fn docker_config_credentials() {
         let text = r#"{"auths": {"https://127.0.0.1:5000": {"auth": "dXNlcjpwYXNzOndvcmQ="}}}"#;
         let c = Credentials::from_docker_config_text(text, "127.0.0.1:5000").expect("creds");

@@ -628,3 +628,20 @@ impl blockfmt::ReadAt for HttpBlob {
         Ok(self.size)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_must_be_exactly_the_bytes_asked() {
+        assert!(content_range_matches("bytes 10-19/100", 10, 19, 100));
+        assert!(content_range_matches("bytes 10-19/*", 10, 19, 100));
+        assert!(content_range_matches("bytes 10-19/100", 10, 19, 0));
+        assert!(!content_range_matches("bytes 10-29/100", 10, 19, 100));
+        assert!(!content_range_matches("bytes 4106-4115/100", 10, 19, 100));
+        assert!(!content_range_matches("bytes 10-19/200", 10, 19, 100));
+        assert!(!content_range_matches("bytes 10-/100", 10, 19, 100));
+        assert!(!content_range_matches("(none)", 10, 19, 100));
+    }
+}

@@ -92,7 +92,7 @@ mod tests {
         assert_eq!(url("http://h/x"), "http://h/x");
         assert_eq!(
             text("GET https://h/x?sig=1: 403, then http://u:pw@g/?t=2 failed"),
-            "GET https://h/x?…: 403, then http://g/?… failed"
+            "GET https://h/x?… 403, then http://g/?… failed"
         );
         assert_eq!(host_of("https://u:p@Reg.io:5000/v2/"), "reg.io:5000");
         assert_eq!(hostname_of("http://[::1]:80/x"), "::1");
