@@ -141,6 +141,12 @@ fn remote_layers_without_meta_digest_are_refused_unless_allowed() {
         "{err}"
     );
 
+    // `lsmd serve --help` says what it refuses and why.
+    let help = ok(Command::new(bin("lsmd")).args(["serve", "--help"]));
+    assert!(
+        help.contains("without `meta_digest`") && help.contains("--allow-unverified"),
+        "{help}"
+    );
     // lsmd serve refuses to start, saying why; --allow-unverified serves it with a warning.
     let bare = f.dir.join("bare0.json");
     let o = run(Command::new(bin("lsmd"))
