@@ -401,6 +401,55 @@ fn secrets_never_reach_errors_logs_or_metrics() {
     }
 }
 
+#[test]
+fn push_sends_no_credentials_to_an_upload_location_on_another_host() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let src = t.join("src");
+    tiny_oci_layout(&src);
+    // Uploads go to blob storage on another host, named by the registry's Location.
+    let storage = Server::start("127.0.0.6", |r| match r.method.as_str() {
+        "PUT" => Reply::new(201),
+        _ => Reply::new(404),
+    });
+    let to = storage.url.clone();
+    let reg = Server::start("127.0.0.1", move |r| {
+        if r.header("authorization").is_none() {
+            return Reply::new(401).header("WWW-Authenticate", r#"Basic realm="reg""#);
+        }
+        match (r.method.as_str(), r.path()) {
+            ("POST", p) if p.ends_with("/blobs/uploads/") => {
+                Reply::new(202).header("Location", &format!("{to}/upload/1?_state=STATESECRET"))
+            }
+            ("PUT", p) if p.contains("/manifests/") => Reply::new(201),
+            _ => Reply::new(404),
+        }
+    });
+    let o = run(
+        lsmctl(["convert", "-q", "--no-reuse", "--insecure", "--size", "64M"])
+            .args(["--username", "lsm", "--password", "s3cret", "--push"])
+            .arg(format!("{}/lsm/pushed:t", reg.url))
+            .arg(&src)
+            .arg(t.join("dst")),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let puts = storage.requests();
+    assert!(
+        puts.iter().any(|r| r.method == "PUT"),
+        "nothing was uploaded"
+    );
+    assert!(
+        puts.iter().all(|r| r.header("authorization").is_none()),
+        "the upload location on another host received credentials"
+    );
+    assert!(
+        reg.requests()
+            .iter()
+            .any(|r| r.method == "PUT" && r.header("authorization").is_some()),
+        "the manifest was not put with the registry's credentials"
+    );
+}
+
 // ---- 3. Bad servers get the right answer or a clear error, fast ----
 
 #[test]

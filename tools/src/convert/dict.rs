@@ -108,7 +108,7 @@ pub fn image_blobs(
     work: &Path,
     creds: Option<&lsmd::source::auth::Credentials>,
     insecure: bool,
-    ca_file: Option<&Path>,
+    client: &push::Client,
 ) -> CliResult<Vec<DictBlob>> {
     if r.starts_with("http://") || r.starts_with("https://") {
         let target = push::Target::parse(r)?;
@@ -123,7 +123,7 @@ pub fn image_blobs(
                 .unwrap_or_default()
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        push::Session::new(target, creds.cloned(), ca_file)?.pull(&dir)?;
+        push::Session::new(target, creds.cloned(), client)?.pull(&dir)?;
         let m = layout_manifest(&dir, None)?;
         let mut blobs = lsm_blobs(&dir, &m)?;
         for b in &mut blobs {
@@ -170,13 +170,13 @@ pub fn load(
     work: &Path,
     creds: Option<&lsmd::source::auth::Credentials>,
     insecure: bool,
-    ca_file: Option<&Path>,
+    client: &push::Client,
     mut say: impl FnMut(String),
 ) -> CliResult<DictImages> {
     let mut dict = Dictionary::new();
     let mut blobs: Vec<DictBlob> = Vec::new();
     for r in refs {
-        for mut b in image_blobs(r, work, creds, insecure, ca_file)? {
+        for mut b in image_blobs(r, work, creds, insecure, client)? {
             if blobs.iter().any(|x| x.digest == b.digest) {
                 continue;
             }

@@ -66,6 +66,11 @@ pub struct ConvertArgs {
     /// instead of the system's; written as `ca_file` into the pushed image's lsm config.
     #[arg(long, value_name = "PEM")]
     registry_ca: Option<PathBuf>,
+    /// A token server (`host[:port]`, a Bearer challenge's realm) other than the registry that
+    /// may receive the credentials, e.g. `auth.docker.io` (repeat for more). Others are asked
+    /// for an anonymous token.
+    #[arg(long = "token-host", value_name = "HOST")]
+    token_hosts: Vec<String>,
     /// Registry user (else a docker-style config.json, else anonymous).
     #[arg(long, requires = "password")]
     username: Option<String>,
@@ -93,6 +98,16 @@ pub struct ConvertArgs {
     /// Print the converted manifest's digest on stdout (not when converting for a report).
     #[arg(skip = true)]
     print_digest: bool,
+}
+
+impl ConvertArgs {
+    /// How to talk to registries.
+    fn client(&self) -> push::Client {
+        push::Client {
+            ca_file: self.registry_ca.clone(),
+            token_hosts: self.token_hosts.clone(),
+        }
+    }
 }
 
 fn bad(what: impl std::fmt::Display) -> CliError {
@@ -440,7 +455,7 @@ fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
         if !a.quiet {
             eprintln!("convert: pulling {src_arg}");
         }
-        let r = push::Session::new(target, creds.clone(), a.registry_ca.as_deref())
+        let r = push::Session::new(target, creds.clone(), &a.client())
             .and_then(|s| s.pull(&pulled))
             .and_then(|_| {
                 let local = ConvertArgs {
@@ -568,7 +583,7 @@ fn convert_layout(
             &dict_dir,
             creds.as_ref(),
             a.insecure,
-            a.registry_ca.as_deref(),
+            &a.client(),
             &say,
         );
         if loaded.is_err() && created {
@@ -878,6 +893,9 @@ fn convert_layout(
             if let Some(ca) = &ca_file {
                 r["ca_file"] = ca.display().to_string().into();
             }
+            if !a.token_hosts.is_empty() {
+                r["token_hosts"] = a.token_hosts.clone().into();
+            }
             json!({ "registry": r })
         };
         let mut remote = json!({
@@ -902,7 +920,7 @@ fn convert_layout(
                 })
                 .collect();
         }
-        let session = push::Session::new(target, creds, a.registry_ca.as_deref())?;
+        let session = push::Session::new(target, creds, &a.client())?;
         let (mut sent, mut had) = (0, 0);
         let blobs = std::iter::once(cfg_digest.clone()).chain(
             out_layers

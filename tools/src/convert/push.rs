@@ -63,6 +63,16 @@ pub enum Put {
     Uploaded,
 }
 
+/// How sessions talk to registries (`convert --registry-ca`, `--token-host`).
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    /// PEM CA certificates trusted for HTTPS instead of the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Hosts (`host[:port]`) of token servers, besides the registry's own, that may receive
+    /// the credentials (a Bearer challenge's realm).
+    pub token_hosts: Vec<String>,
+}
+
 /// An authenticated session with one registry repository.
 pub struct Session {
     agent: ureq::Agent,
@@ -71,23 +81,18 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session with `target`, trusting the CA certificates in `ca_file` (PEM) for HTTPS
-    /// instead of the system's, if given.
-    pub fn new(
-        target: Target,
-        creds: Option<Credentials>,
-        ca_file: Option<&Path>,
-    ) -> CliResult<Session> {
+    /// A session with `target`, set up as `client` says.
+    pub fn new(target: Target, creds: Option<Credentials>, client: &Client) -> CliResult<Session> {
         let creds = creds.or_else(|| Credentials::from_docker_config(target.host()));
         let mut agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(600));
-        if let Some(tls) =
-            lsmd::source::tls::client_config(ca_file).map_err(|e| CliError(e.to_string()))?
+        if let Some(tls) = lsmd::source::tls::client_config(client.ca_file.as_deref())
+            .map_err(|e| CliError(e.to_string()))?
         {
             agent = agent.tls_config(tls);
         }
         Ok(Session {
             agent: agent.build(),
-            auth: Arc::new(RegistryAuth::new(creds, &target.base, &[])),
+            auth: Arc::new(RegistryAuth::new(creds, &target.base, &client.token_hosts)),
             target,
         })
     }
