@@ -194,6 +194,17 @@ impl RegistryAuth {
         Ok(())
     }
 
+    /// Whether a token realm may receive the credentials; `Err(why not)` otherwise.
+    fn may_send_credentials_to(&self, realm: &str) -> Result<(), &'static str> {
+        if !self.credential_hosts.contains(&redact::host_of(realm)) {
+            return Err("is on another host than the registry, its mirrors and `token_hosts`");
+        }
+        if cleartext_to_remote(realm) {
+            return Err("is plain HTTP to a host that is not loopback");
+        }
+        Ok(())
+    }
+
     fn fetch_token(
         &self,
         agent: &ureq::Agent,
@@ -206,13 +217,11 @@ impl RegistryAuth {
         }
         let shown = redact::url(realm);
         if let Some(c) = &self.creds {
-            let host = redact::host_of(realm);
-            if !self.credential_hosts.contains(&host) {
-                tracing::warn!(realm = %shown, "token realm is on another host than the registry and its mirrors: asking it for an anonymous token (list the host in `token_hosts` to send it the credentials)");
-            } else if cleartext_to_remote(realm) {
-                tracing::warn!(realm = %shown, "token realm is plain HTTP to a host that is not loopback: asking it for an anonymous token, credentials withheld");
-            } else {
-                req = req.set("Authorization", &c.basic());
+            match self.may_send_credentials_to(realm) {
+                Ok(()) => req = req.set("Authorization", &c.basic()),
+                Err(why) => {
+                    tracing::warn!(realm = %shown, "token realm {why}: asking it for an anonymous token, credentials withheld")
+                }
             }
         }
         let resp = req
@@ -384,6 +393,24 @@ mod tests {
             let a = RegistryAuth::new(creds.clone(), ok, &[]);
             assert!(a.challenged(Some(r#"Basic realm="r""#)).is_ok(), "{ok}");
         }
+        // Token realms: only on the registry's host or a listed one, never in clear to a
+        // remote host.
+        let reg = RegistryAuth::new(creds, "https://reg.example:5000", &["auth.example".into()]);
+        assert!(reg
+            .may_send_credentials_to("https://reg.example:5000/token")
+            .is_ok());
+        assert!(reg
+            .may_send_credentials_to("https://auth.example/token")
+            .is_ok());
+        assert!(reg
+            .may_send_credentials_to("http://auth.example/token")
+            .is_err());
+        assert!(reg
+            .may_send_credentials_to("https://evil.example/token")
+            .is_err());
+        assert!(reg
+            .may_send_credentials_to("https://reg.example:5001/token")
+            .is_err());
         assert!(cleartext_to_remote("http://10.0.0.1/token"));
         assert!(!cleartext_to_remote("https://10.0.0.1/token"));
         assert!(!cleartext_to_remote("http://127.0.0.2:9/token"));
