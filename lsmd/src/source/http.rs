@@ -432,6 +432,29 @@ impl HttpBlob {
         Ok(())
     }
 
+    /// Goes back to the first (preferred) mirror once a fail-over is [`RETURN_AFTER`] old.
+    fn return_to_first_after_a_while(&self) {
+        let mut f = self.failed_over_at.lock();
+        if f.is_some_and(|t| t.elapsed() > RETURN_AFTER) {
+            *f = None;
+            self.current.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// One attempt of `op` at `ep`, counted in the stats.
+    fn attempt<T>(
+        &self,
+        ep: &Endpoint,
+        op: &mut impl FnMut(&Self, &Endpoint) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let t0 = Instant::now();
+        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
+        let r = op(self, ep);
+        self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.stats.observe_latency(t0.elapsed());
+        r
+    }
+
     /// Runs `op` against the mirrors, from `start_at` (else the current one), failing over and
     /// backing off until it succeeds or the deadline passes. A mirror that fails for good is
     /// not asked again for this call; when none is left, the call fails at once.
@@ -443,13 +466,7 @@ impl HttpBlob {
         let start = Instant::now();
         let mut backoff = self.policy.first_backoff;
         let n = self.endpoints.len();
-        {
-            let mut f = self.failed_over_at.lock();
-            if f.is_some_and(|t| t.elapsed() > RETURN_AFTER) {
-                *f = None;
-                self.current.store(0, Ordering::Relaxed);
-            }
-        }
+        self.return_to_first_after_a_while();
         let mut out_for_good: Vec<Option<String>> = vec![None; n];
         let current = self.current.load(Ordering::Relaxed) % n;
         let first = start_at.unwrap_or(current) % n;
@@ -460,12 +477,7 @@ impl HttpBlob {
                 if out_for_good[i].is_some() {
                     continue;
                 }
-                let t0 = Instant::now();
-                self.stats.inflight.fetch_add(1, Ordering::Relaxed);
-                let r = op(self, &self.endpoints[i]);
-                self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
-                self.stats.observe_latency(t0.elapsed());
-                match r {
+                match self.attempt(&self.endpoints[i], &mut op) {
                     Ok(v) => {
                         if i != current {
                             tracing::warn!(blob = %self.name, mirror = %self.endpoints[i].shown, "failed over to another mirror");
