@@ -1,8 +1,9 @@
 //! The registry paths over HTTPS: a real `docker-registry` serving TLS with a certificate of a
 //! test CA made here with openssl, trusted by lsm only through `ca_file` / `--registry-ca` (never
 //! the system store). Lazy reads with basic auth, a mirror taking over, the P2P agent falling
-//! back to the registry, and `lsmctl convert --push`; a certificate lsm was not told to trust is
-//! a clear error at once, not a minute of retries.
+//! back to the registry (and carrying HTTPS through a CONNECT tunnel), and `lsmctl convert
+//! --push`; a certificate lsm was not told to trust is a clear error at once, not a minute of
+//! retries.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -134,12 +135,20 @@ fn a_mirror_and_the_p2p_fallback_work_over_https() {
     assert!(d.log().contains("failed over"), "{}", d.log());
     d.terminate();
 
-    // A P2P agent that is down: lsmd says so and reads from the registry over HTTPS.
+    // Through a P2P agent's proxy (squid): HTTPS is tunnelled (CONNECT), the disk reads right.
+    let mut squid = lsm_e2e::squid::Squid::start(&t.join("squid"));
     let mut p2p =
         json!({ "url": mirror.url, "repository": REPO, "ca_file": cas.display().to_string() });
-    p2p["p2p"] =
-        json!({ "proxy": format!("http://127.0.0.1:{}", free_port()), "piece_size": 1048576 });
+    p2p["p2p"] = json!({ "proxy": squid.url, "piece_size": 1048576 });
     let c = remote(t, "p2p.json", &raw, &digest, &meta, p2p);
+    let d = serve(t, "p.sock", &c, &[]);
+    copy_matches(&d, t, &raw);
+    d.terminate();
+    let log = squid.access_log();
+    assert!(log.contains("CONNECT"), "the agent carried nothing:\n{log}");
+
+    // The agent is down: lsmd says so and reads from the registry over HTTPS.
+    squid.stop();
     let d = serve(t, "b.sock", &c, &[]);
     copy_matches(&d, t, &raw);
     assert!(
