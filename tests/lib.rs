@@ -152,6 +152,51 @@ pub fn zstd3_of_nonzero_blocks(img: &Path) -> u64 {
     out.stdout.len() as u64
 }
 
+/// A one-layer OCI image layout (an uncompressed tar with a few files) tagged `t`.
+pub fn tiny_oci_layout(dir: &Path) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let put = |b: &[u8]| {
+        let d = hex::encode(sha2::Sha256::digest(b));
+        std::fs::write(blobs.join(&d), b).expect("blob");
+        format!("sha256:{d}")
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, body) in [("etc/hostname", "lsm\n"), ("srv/data", "tls test data\n")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mode(0o644);
+        h.set_size(body.len() as u64);
+        h.set_mtime(1_700_000_000);
+        tar.append_data(&mut h, name, body.as_bytes()).expect("tar");
+    }
+    let layer = tar.into_inner().expect("tar");
+    let diff = put(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [diff] },
+    })
+    .to_string();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": put(config.as_bytes()), "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                     "digest": diff, "size": layer.len() }],
+    })
+    .to_string();
+    let index = serde_json::json!({ "schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": put(manifest.as_bytes()), "size": manifest.len(),
+        "annotations": { "org.opencontainers.image.ref.name": "t" },
+    }] });
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+}
+
 #[path = "support/nbd.rs"]
 pub mod nbd;
 
@@ -160,6 +205,9 @@ pub mod registry;
 
 #[path = "support/faultproxy.rs"]
 pub mod faultproxy;
+
+#[path = "support/hostile.rs"]
+pub mod hostile;
 
 #[path = "support/squid.rs"]
 pub mod squid;

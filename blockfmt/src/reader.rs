@@ -22,6 +22,13 @@ pub trait ReadAt: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Total size in bytes.
     fn size(&self) -> io::Result<u64>;
+    /// Fills `buf` from `offset` again because the bytes read before failed their check: from
+    /// another copy if the source has one (a mirror, the origin behind a peer-to-peer agent),
+    /// forgetting whatever it kept of the bad bytes. `None`: nowhere else to ask (a local
+    /// file), so the check's failure stands.
+    fn read_again_at(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
+        None
+    }
 }
 
 impl ReadAt for File {
@@ -198,31 +205,59 @@ impl Layer {
 
     /// The stored (still encoded, unchecked) bytes of a chunk: what a cache or a fetch moves.
     pub fn read_stored(&self, chunk: u32) -> Result<Vec<u8>> {
-        let e = self.chunk_entry(chunk)?;
-        let src = if e.blob == 0 {
-            &self.src
-        } else {
-            let i = e.blob as usize - 1;
-            match self.borrowed.get(i).and_then(|s| s.as_ref()) {
-                Some(s) => s,
-                None => {
-                    return Err(Error::MissingBlob {
-                        layer: self.name.clone(),
-                        chunk,
-                        blob_digest: self
-                            .meta
-                            .blobs
-                            .get(i)
-                            .map(|b| oci_digest(&b.sha256))
-                            .unwrap_or_default(),
-                    })
-                }
-            }
-        };
+        let (e, src) = self.chunk_source(chunk)?;
         let mut buf = vec![0u8; e.stored_len as usize];
         src.read_exact_at(&mut buf, e.offset)
             .map_err(|err| Error::io(&self.name, e.offset, err))?;
         Ok(buf)
+    }
+
+    /// A chunk's entry and the source holding its bytes.
+    fn chunk_source(&self, chunk: u32) -> Result<(&ChunkEntry, &Arc<dyn ReadAt>)> {
+        let e = self.chunk_entry(chunk)?;
+        if e.blob == 0 {
+            return Ok((e, &self.src));
+        }
+        let i = e.blob as usize - 1;
+        match self.borrowed.get(i).and_then(|s| s.as_ref()) {
+            Some(s) => Ok((e, s)),
+            None => Err(Error::MissingBlob {
+                layer: self.name.clone(),
+                chunk,
+                blob_digest: self
+                    .meta
+                    .blobs
+                    .get(i)
+                    .map(|b| oci_digest(&b.sha256))
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Reads and decodes a chunk from its source; bytes that fail the check are asked for once
+    /// more ([`ReadAt::read_again_at`]: another copy, if the source has one) before the check's
+    /// failure is returned. Returns the stored bytes with the decoded ones.
+    fn fetch_checked(&self, chunk: u32) -> Result<(Vec<u8>, Vec<u8>)> {
+        let (e, src) = self.chunk_source(chunk)?;
+        let decode = |stored: &[u8]| chunk::decode(e, stored, chunk, &self.name, self.verify);
+        let stored = self.read_stored(chunk)?;
+        let err = match decode(&stored) {
+            Ok(d) => return Ok((stored, d)),
+            Err(err) => err,
+        };
+        let mut again = vec![0u8; e.stored_len as usize];
+        match src.read_again_at(&mut again, e.offset) {
+            None => Err(err),
+            Some(Err(io)) => {
+                tracing::warn!(layer = %self.name, chunk, error = %io, "fetching a chunk that failed its check again failed");
+                Err(err)
+            }
+            Some(Ok(())) => {
+                let d = decode(&again)?;
+                tracing::warn!(layer = %self.name, chunk, error = %err, "chunk failed its check; the copy fetched again passed");
+                Ok((again, d))
+            }
+        }
     }
 
     /// Reads, decodes and checks a chunk. Never returns bytes that failed a check. With a
@@ -230,9 +265,8 @@ impl Layer {
     /// fetched from the source is kept once it has passed.
     pub fn read_chunk(&self, chunk: u32) -> Result<Vec<u8>> {
         let e = self.chunk_entry(chunk)?;
-        let decode = |stored: &[u8]| chunk::decode(e, stored, chunk, &self.name, self.verify);
         let Some(store) = &self.store else {
-            return decode(&self.read_stored(chunk)?);
+            return Ok(self.fetch_checked(chunk)?.1);
         };
         let key = ChunkKey::of(e);
         if let Some(kept) = store.get(&key) {
@@ -245,8 +279,7 @@ impl Layer {
                 }
             }
         }
-        let stored = self.read_stored(chunk)?;
-        let decoded = decode(&stored)?;
+        let (stored, decoded) = self.fetch_checked(chunk)?;
         store.put(&key, &stored);
         Ok(decoded)
     }

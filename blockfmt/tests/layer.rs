@@ -455,3 +455,54 @@ fn dictionary_output_is_deterministic() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn a_chunk_failing_its_check_is_read_again_once_where_the_source_has_another_copy() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Serves flipped bytes below the metadata; `read_again_at` serves the good copy when
+    /// `other_copy`, and counts how often it was asked.
+    struct Flaky {
+        good: Vec<u8>,
+        meta_offset: u64,
+        other_copy: bool,
+        again: AtomicUsize,
+    }
+    impl blockfmt::ReadAt for Flaky {
+        fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            self.good.read_exact_at(buf, off)?;
+            if off < self.meta_offset && !buf.is_empty() {
+                buf[buf.len() / 2] ^= 0x40;
+            }
+            Ok(())
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            Ok(self.good.len() as u64)
+        }
+        fn read_again_at(&self, buf: &mut [u8], off: u64) -> Option<std::io::Result<()>> {
+            self.again.fetch_add(1, Ordering::SeqCst);
+            self.other_copy.then(|| self.good.read_exact_at(buf, off))
+        }
+    }
+    let disk = sample_disk(1 << 20, 9);
+    let blob = build(&disk, WriterOptions::default());
+    let meta_offset = Layer::open("probe", Arc::new(blob.clone()), None)
+        .unwrap()
+        .trailer()
+        .meta_offset;
+    for other_copy in [true, false] {
+        let src = Arc::new(Flaky {
+            good: blob.clone(),
+            meta_offset,
+            other_copy,
+            again: AtomicUsize::new(0),
+        });
+        let l = Layer::open("flaky", src.clone(), None).unwrap();
+        let n = l.metadata().chunks.len();
+        for c in 0..n as u32 {
+            let r = l.read_chunk(c);
+            assert_eq!(r.is_ok(), other_copy, "chunk {c}: {:?}", r.err());
+        }
+        // Asked once per chunk, never more.
+        assert_eq!(src.again.load(Ordering::SeqCst), n);
+    }
+}

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::cache::DiskCache;
 use crate::error::{Error, Result};
 use crate::source::auth::{AuthCache, Credentials};
-use crate::source::http::{HttpBlob, Mirror, P2pAgent, RetryPolicy};
+use crate::source::http::{ClientOptions, HttpBlob, Mirror, P2pAgent, RetryPolicy};
 use crate::source::nas::NasFile;
+use crate::source::tls;
 use crate::source::SourceStats;
 
 /// Where a layer blob's bytes come from.
@@ -44,6 +45,10 @@ pub struct HttpConfig {
     /// Blob size in bytes, if known (saves a HEAD request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// PEM file of the CA certificates trusted for these URLs (instead of the system's; relative
+    /// paths: to the config file). `lsmd serve --registry-ca` gives one for every source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_nas_timeout_ms() -> u64 {
@@ -69,9 +74,19 @@ pub struct RegistryConfig {
     pub url: String,
     /// Repository, e.g. `library/app`.
     pub repository: String,
-    /// Base URLs of mirrors holding the same blobs, tried in order when `url` fails.
+    /// Mirrors holding the same blobs, tried in order when `url` fails: base URLs, or
+    /// `{"url", "username", "password"}` objects. The registry's credentials are never sent to a
+    /// mirror: a mirror gets its own, or those a docker `config.json` gives for its host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mirrors: Vec<String>,
+    pub mirrors: Vec<MirrorConfig>,
+    /// Hosts (`host[:port]`) of token servers, other than the registry and its mirrors, that
+    /// may receive the credentials when a Bearer challenge names them as its realm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_hosts: Vec<String>,
+    /// PEM file of the CA certificates trusted for the registry, its mirrors and token servers
+    /// (instead of the system's; relative paths: to the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Allow plain HTTP.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
@@ -86,6 +101,33 @@ pub struct RegistryConfig {
     /// A P2P agent to fetch through first (its HTTP proxy); the registry is the fallback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p2p: Option<P2pConfig>,
+}
+
+/// A registry mirror: its base URL, with credentials of its own if it needs them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MirrorConfig {
+    Url(String),
+    WithCredentials(MirrorCredentials),
+}
+
+/// A mirror with its own credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorCredentials {
+    pub url: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl MirrorConfig {
+    /// The mirror's base URL.
+    pub fn url(&self) -> &String {
+        match self {
+            MirrorConfig::Url(u)
+            | MirrorConfig::WithCredentials(MirrorCredentials { url: u, .. }) => u,
+        }
+    }
 }
 
 fn default_piece_size() -> u64 {
@@ -122,7 +164,7 @@ fn check_urls<'a>(
 impl RegistryConfig {
     fn check(&self) -> std::result::Result<(), String> {
         check_urls(
-            std::iter::once(&self.url).chain(&self.mirrors),
+            std::iter::once(&self.url).chain(self.mirrors.iter().map(MirrorConfig::url)),
             self.insecure,
         )?;
         if self.repository.is_empty() {
@@ -139,29 +181,41 @@ impl RegistryConfig {
         Ok(())
     }
 
-    /// The registry and its mirrors, each with the credentials that apply to it.
+    /// The registry and its mirrors, each with the credentials that apply to it: the
+    /// registry's own (else a docker `config.json`'s for its host) for the registry; for a
+    /// mirror, its own (else `config.json`'s for the mirror's host) — never the registry's.
     pub fn mirrors(&self) -> Vec<Mirror> {
-        std::iter::once(&self.url)
-            .chain(&self.mirrors)
-            .map(|base| {
-                let host = base
-                    .trim_start_matches("https://")
-                    .trim_start_matches("http://")
-                    .split('/')
-                    .next()
-                    .unwrap_or_default();
-                let credentials = match (&self.username, &self.password) {
-                    (Some(u), Some(p)) => Some(Credentials {
-                        username: u.clone(),
-                        password: p.clone(),
-                    }),
-                    _ => Credentials::from_docker_config(host),
-                };
-                Mirror {
-                    base: base.clone(),
-                    credentials,
+        let registry = Mirror {
+            base: self.url.clone(),
+            credentials: match (&self.username, &self.password) {
+                (Some(u), Some(p)) => Some(Credentials {
+                    username: u.clone(),
+                    password: p.clone(),
+                }),
+                _ => Credentials::from_docker_config(&crate::source::redact::host_of(&self.url)),
+            },
+        };
+        let mirrors = self.mirrors.iter().map(|m| Mirror {
+            base: m.url().clone(),
+            credentials: match m {
+                MirrorConfig::WithCredentials(c) => Some(Credentials {
+                    username: c.username.clone(),
+                    password: c.password.clone(),
+                }),
+                MirrorConfig::Url(u) => {
+                    Credentials::from_docker_config(&crate::source::redact::host_of(u))
                 }
-            })
+            },
+        });
+        std::iter::once(registry).chain(mirrors).collect()
+    }
+
+    /// Hosts trusted with this registry's credentials: its own, its mirrors', `token_hosts`.
+    pub fn credential_hosts(&self) -> Vec<String> {
+        std::iter::once(&self.url)
+            .chain(self.mirrors.iter().map(MirrorConfig::url))
+            .map(|u| crate::source::redact::host_of(u))
+            .chain(self.token_hosts.iter().cloned())
             .collect()
     }
 }
@@ -177,6 +231,12 @@ pub struct HostServices {
     pub retry: RetryPolicy,
     /// Registry auth state (tokens) shared by all layers of a repository.
     pub registry_auth: AuthCache,
+    /// Open remote layers that have no `meta_digest` (`lsmd serve --allow-unverified`), with a
+    /// warning at every open. Off: such a layer is refused.
+    pub allow_unverified: bool,
+    /// CA certificates (PEM) trusted for HTTPS sources that name no `ca_file` of their own
+    /// (`lsmd serve --registry-ca`); without either, the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One layer of the stack.
@@ -187,7 +247,9 @@ pub struct LayerConfig {
     /// OCI digest of the whole blob (`sha256:…`), checked by `lsmctl verify`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
-    /// Metadata digest (`sha256:…`), checked at every open.
+    /// Metadata digest (`sha256:…`), checked at every open. Required of every remote layer
+    /// and dictionary blob (registry, http, nas): it is what ties the bytes fetched to the
+    /// manifest (FORMAT.md §4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_digest: Option<String>,
 }
@@ -406,11 +468,11 @@ impl ImageSpec {
             SourceConfig::Local(p) | SourceConfig::Nas(NasConfig { path: p, .. }) => {
                 self.resolve(p).display().to_string()
             }
-            SourceConfig::Http(h) => h.url.clone(),
+            SourceConfig::Http(h) => crate::source::redact::url(&h.url),
             SourceConfig::Registry(r) => format!(
                 "{} in {}/{}",
                 l.digest.as_deref().unwrap_or("?"),
-                r.url,
+                crate::source::redact::url(&r.url),
                 r.repository
             ),
         }
@@ -442,7 +504,7 @@ impl ImageSpec {
             path: PathBuf::from(&name),
             source,
         };
-        let mut layer = self.open_entry(i, l, &name, host)?;
+        let mut layer = self.open_entry("layers", i, l, &name, host)?;
         let borrowed = layer.metadata().blobs.clone();
         for (k, b) in borrowed.iter().enumerate() {
             let digest = blockfmt::format::oci_digest(&b.sha256);
@@ -460,6 +522,23 @@ impl ImageSpec {
                     ),
                 })?;
             let dname = self.source_name(entry);
+            let (field, index) = match self
+                .config
+                .dictionary
+                .iter()
+                .position(|d| std::ptr::eq(d, entry))
+            {
+                Some(k) => ("dictionary", k),
+                None => (
+                    "layers",
+                    self.config
+                        .layers
+                        .iter()
+                        .position(|d| std::ptr::eq(d, entry))
+                        .unwrap_or(0),
+                ),
+            };
+            self.check_anchored(field, index, entry, &dname, host)?;
             let dsrc = self.open_source(entry, &dname, host).map_err(wrap)?;
             let size = dsrc.size().map_err(|e| {
                 wrap(blockfmt::Error::Io {
@@ -491,13 +570,21 @@ impl ImageSpec {
                 detail: format!("no dictionary blob {k}"),
             });
         };
-        self.open_entry(k, d, &self.source_name(d), &HostServices::default())
+        self.open_entry(
+            "dictionary",
+            k,
+            d,
+            &self.source_name(d),
+            &HostServices::default(),
+        )
     }
 
-    /// Opens a layer or dictionary blob as a layer (entry `index` of its list, `name` for
-    /// errors), checking its metadata digest if the config gives one.
+    /// Opens a layer or dictionary blob as a layer (entry `index` of list `field`, `name` for
+    /// errors), checking its metadata digest (required of a remote blob: see
+    /// [`Self::check_anchored`]).
     fn open_entry(
         &self,
+        field: &str,
         index: usize,
         l: &LayerConfig,
         name: &str,
@@ -508,6 +595,7 @@ impl ImageSpec {
             path: PathBuf::from(name),
             source,
         };
+        self.check_anchored(field, index, l, name, host)?;
         let src = self.open_source(l, name, host).map_err(wrap)?;
         let meta = l
             .meta_digest
@@ -519,6 +607,41 @@ impl ImageSpec {
                 detail,
             })?;
         Layer::open(name, src, meta).map_err(wrap)
+    }
+
+    /// Refuses a remote blob (registry, http, nas) without `meta_digest`: nothing would tie
+    /// the bytes a server sends to the manifest — the layer's own metadata, which every chunk
+    /// is checked against, would come from that server too. `--allow-unverified` lets it open,
+    /// with a warning every time.
+    fn check_anchored(
+        &self,
+        field: &str,
+        index: usize,
+        l: &LayerConfig,
+        name: &str,
+        host: &HostServices,
+    ) -> Result<()> {
+        if l.meta_digest.is_some() || matches!(l.source, SourceConfig::Local(_)) {
+            return Ok(());
+        }
+        if host.allow_unverified {
+            tracing::warn!(layer = %name, "{field}[{index}] is a remote blob without meta_digest: its bytes are NOT verified against the manifest (--allow-unverified)");
+            return Ok(());
+        }
+        Err(Error::Config {
+            path: self.path.clone(),
+            detail: format!(
+                "field `{field}[{index}].meta_digest`: remote blob {name} has none, so nothing \
+                 ties its bytes to the manifest; refusing it (write it with `lsmctl convert` or \
+                 `lsmctl create`, or serve with --allow-unverified)"
+            ),
+        })
+    }
+
+    /// The CA file a source trusts: its own (relative to the config), else the host's.
+    fn ca_file(&self, own: Option<&PathBuf>, host: &HostServices) -> Option<PathBuf> {
+        own.map(|p| self.resolve(p))
+            .or_else(|| host.ca_file.clone())
     }
 
     /// Opens where a layer's or dictionary blob's bytes come from (`name` is for errors).
@@ -538,6 +661,11 @@ impl ImageSpec {
                 Arc::new(std::fs::File::open(self.resolve(p)).map_err(io_err)?)
             }
             SourceConfig::Registry(r) => {
+                let client = ClientOptions {
+                    tls: tls::client_config(self.ca_file(r.ca_file.as_ref(), host).as_deref())
+                        .map_err(io_err)?,
+                    credential_hosts: r.credential_hosts(),
+                };
                 let blob = HttpBlob::registry(
                     &r.mirrors(),
                     &r.repository,
@@ -546,6 +674,7 @@ impl ImageSpec {
                     host.retry,
                     host.registry_stats.clone(),
                     &host.registry_auth,
+                    &client,
                 )
                 .map_err(io_err)?;
                 Arc::new(match &r.p2p {
@@ -567,6 +696,11 @@ impl ImageSpec {
                         credentials: None,
                     })
                     .collect();
+                let client = ClientOptions {
+                    tls: tls::client_config(self.ca_file(h.ca_file.as_ref(), host).as_deref())
+                        .map_err(io_err)?,
+                    credential_hosts: Vec::new(),
+                };
                 Arc::new(
                     HttpBlob::urls(
                         name.to_string(),
@@ -574,6 +708,7 @@ impl ImageSpec {
                         h.size,
                         host.retry,
                         host.http_stats.clone(),
+                        &client,
                     )
                     .map_err(io_err)?,
                 )

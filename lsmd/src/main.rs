@@ -22,6 +22,14 @@ struct Cli {
 enum Cmd {
     /// Serve images over NBD on a Unix socket and/or TCP until SIGTERM or SIGINT, which flush
     /// every upper layer before exiting.
+    ///
+    /// Refused at start, with an error naming the layer: a remote layer or dictionary blob
+    /// (registry, http, nas; a P2P agent fronts a registry) without `meta_digest` in the config,
+    /// because nothing would tie the bytes a server sends to the image's manifest (see
+    /// --allow-unverified); a `meta_digest` that does not match. Registry credentials are sent
+    /// only to the registry and to token servers on its host, a mirror's or a `token_hosts` entry,
+    /// never over plain http:// to a host that is not loopback; a mirror gets only credentials
+    /// given for it. Errors, logs and metrics never show a URL's query string or userinfo.
     Serve {
         /// Image config to serve as export `NAME` (`NAME=PATH`), or as the default export (a
         /// bare PATH, named after the file). Repeat for several exports.
@@ -87,6 +95,15 @@ enum Cmd {
         /// devices (and their mounts) instead of creating new ones.
         #[arg(long, default_value = "/run/lsm")]
         state_dir: PathBuf,
+        /// Serve remote layers that have no `meta_digest` anyway: their bytes are then tied to
+        /// nothing but what the server says. Logs a warning at every open. For testing only.
+        #[arg(long)]
+        allow_unverified: bool,
+        /// PEM file of the CA certificates trusted for HTTPS registries and URLs whose config
+        /// names no `ca_file` (instead of the system's roots). A server whose certificate does
+        /// not verify fails the read at once, saying so.
+        #[arg(long, value_name = "PEM")]
+        registry_ca: Option<PathBuf>,
     },
 }
 
@@ -208,6 +225,8 @@ fn main() -> ExitCode {
         ublk_queues,
         ublk_depth,
         state_dir,
+        allow_unverified,
+        registry_ca,
     } = Cli::parse().cmd;
     if socket.is_none()
         && tcp.is_none()
@@ -221,7 +240,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let mut host = HostServices::default();
+    let mut host = HostServices {
+        allow_unverified,
+        ca_file: registry_ca,
+        ..HostServices::default()
+    };
+    if host.allow_unverified {
+        tracing::warn!(
+            "--allow-unverified: remote layers without meta_digest will be served unverified"
+        );
+    }
     if let Some(dir) = &cache_dir {
         match DiskCache::open(dir, cache_limit) {
             Ok(c) => {

@@ -1,5 +1,7 @@
 //! A real OCI registry for the tests: Debian's `docker-registry` (CNCF distribution) on
-//! 127.0.0.1, optionally behind htpasswd basic auth, with blobs pushed by plain HTTP uploads.
+//! 127.0.0.1, optionally behind htpasswd basic auth, optionally over HTTPS with a certificate of
+//! a test CA made here with openssl (trusted by lsm through `ca_file` / `--registry-ca`, never
+//! through the system store), with blobs pushed by plain uploads.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,17 +20,93 @@ pub struct Registry {
     pub url: String,
     /// Basic-auth user and password, if enabled.
     pub auth: Option<(String, String)>,
+    /// The test CA's certificate (PEM) when serving HTTPS.
+    pub ca: Option<PathBuf>,
+}
+
+/// Makes a test CA under `dir` and a server certificate it signs for 127.0.0.1 and localhost;
+/// returns (CA certificate, server certificate, server key), all PEM.
+pub fn make_test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("ca dir");
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (crt, key, csr) = (
+        dir.join("server.pem"),
+        dir.join("server.key"),
+        dir.join("server.csr"),
+    );
+    ok(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=lsm-test-ca"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca));
+    ok(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    ok(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&crt));
+    (ca, crt, key)
 }
 
 impl Registry {
     /// Starts a registry storing under `dir`; with `auth`, htpasswd basic auth for that user.
     pub fn start(dir: &Path, auth: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(dir, auth, false)
+    }
+
+    /// [`Self::start`] over HTTPS, with a certificate of a fresh test CA (see [`Self::ca`]).
+    pub fn start_tls(dir: &Path, auth: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(dir, auth, true)
+    }
+
+    fn start_with(dir: &Path, auth: Option<(&str, &str)>, tls: bool) -> Registry {
         std::fs::create_dir_all(dir).expect("registry dir");
         let port = free_port();
         let mut yml = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.join("data").display()
         );
+        let ca = tls.then(|| {
+            let (ca, crt, key) = make_test_ca(&dir.join("tls"));
+            yml += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                crt.display(),
+                key.display()
+            );
+            ca
+        });
         if let Some((u, p)) = auth {
             let line = ok(Command::new("htpasswd").args(["-Bbn", u, p]));
             std::fs::write(dir.join("htpasswd"), line.trim()).expect("htpasswd");
@@ -41,8 +119,9 @@ impl Registry {
         let mut r = Registry {
             child: None,
             dir: dir.to_path_buf(),
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" }),
             auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            ca,
         };
         r.resume();
         r
@@ -67,10 +146,11 @@ impl Registry {
             .spawn()
             .expect("docker-registry (apt install docker-registry)");
         self.child = Some(child);
+        let agent = self.agent();
         for _ in 0..200 {
-            if ureq::get(&format!("{}/v2/", self.url)).call().is_ok()
+            if agent.get(&format!("{}/v2/", self.url)).call().is_ok()
                 || matches!(
-                    ureq::get(&format!("{}/v2/", self.url)).call(),
+                    agent.get(&format!("{}/v2/", self.url)).call(),
                     Err(ureq::Error::Status(401, _))
                 )
             {
@@ -82,6 +162,17 @@ impl Registry {
             "registry did not start: {:?}",
             std::fs::read_to_string(self.dir.join("registry.log"))
         );
+    }
+
+    /// An HTTP client that trusts this registry (its test CA, when it speaks HTTPS).
+    pub fn agent(&self) -> ureq::Agent {
+        let mut b = ureq::AgentBuilder::new();
+        if let Some(tls) =
+            lsmd::source::tls::client_config(self.ca.as_deref()).expect("test CA loads")
+        {
+            b = b.tls_config(tls);
+        }
+        b.build()
     }
 
     fn authed(&self, r: ureq::Request) -> ureq::Request {
@@ -100,11 +191,9 @@ impl Registry {
     /// Uploads `data` as a blob of `repo`; returns its digest.
     pub fn push_blob(&self, repo: &str, data: &[u8]) -> String {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+        let agent = self.agent();
         let r = self
-            .authed(ureq::post(&format!(
-                "{}/v2/{repo}/blobs/uploads/",
-                self.url
-            )))
+            .authed(agent.post(&format!("{}/v2/{repo}/blobs/uploads/", self.url)))
             .call()
             .expect("start upload");
         let loc = r.header("location").expect("upload location").to_string();
@@ -114,7 +203,7 @@ impl Registry {
             loc
         };
         let sep = if loc.contains('?') { '&' } else { '?' };
-        self.authed(ureq::put(&format!("{loc}{sep}digest={digest}")))
+        self.authed(agent.put(&format!("{loc}{sep}digest={digest}")))
             .set("Content-Type", "application/octet-stream")
             .send_bytes(data)
             .expect("finish upload");

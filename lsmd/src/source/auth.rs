@@ -1,13 +1,21 @@
 //! Registry authentication (the distribution token spec): a request answered 401 carries a
 //! `WWW-Authenticate` challenge; `Basic` means send the credentials, `Bearer realm=…,service=…,
 //! scope=…` means fetch a token from `realm` (with the credentials, if any) and send that. Tokens
-//! are kept until they expire (`expires_in`, default 60 s) or the registry refuses them.
+//! are kept until they expire (`expires_in`, default 60 s, at most a day) or the registry
+//! refuses them.
+//!
+//! Credentials go only where they belong: Basic credentials are sent to the registry itself, and
+//! to a token realm only on the registry's host, a mirror's or a configured `token_hosts` entry
+//! (a challenge can name any URL as its realm); never over plain `http://` to a host that is not
+//! loopback. A realm that may not have them is asked for an anonymous token.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+use super::redact;
 
 /// Username and password for a registry.
 #[derive(Clone, PartialEq, Eq)]
@@ -112,15 +120,31 @@ struct Token {
 /// Authorization state for one registry: credentials, the last challenge, a cached token.
 pub struct RegistryAuth {
     creds: Option<Credentials>,
+    /// The registry's base URL (where Basic credentials go), empty if unknown.
+    base: String,
+    /// Hosts (`host[:port]`) a token realm may be on to receive the credentials.
+    credential_hosts: Vec<String>,
     state: Mutex<(Option<Challenge>, Option<Token>)>,
     /// Tokens fetched so far (the tests watch refreshes).
     pub tokens_fetched: std::sync::atomic::AtomicU64,
 }
 
 impl RegistryAuth {
-    pub fn new(creds: Option<Credentials>) -> RegistryAuth {
+    /// Auth for the server at `base`: credentials go to it and, when a Bearer challenge names a
+    /// realm on one of `credential_hosts` (or `base`'s host), to that realm.
+    pub fn new(
+        creds: Option<Credentials>,
+        base: &str,
+        credential_hosts: &[String],
+    ) -> RegistryAuth {
+        let mut hosts = credential_hosts.to_vec();
+        if !base.is_empty() {
+            hosts.push(redact::host_of(base));
+        }
         RegistryAuth {
             creds,
+            base: base.to_string(),
+            credential_hosts: hosts,
             state: Mutex::new((None, None)),
             tokens_fetched: Default::default(),
         }
@@ -138,6 +162,7 @@ impl RegistryAuth {
         };
         match challenge {
             None => Ok(None),
+            // (`challenged` accepted Basic only with credentials it may send here)
             Some(Challenge::Basic) => Ok(self.creds.as_ref().map(Credentials::basic)),
             Some(Challenge::Bearer { realm, params }) => match fresh {
                 Some(h) => Ok(Some(h)),
@@ -146,18 +171,38 @@ impl RegistryAuth {
         }
     }
 
-    /// Records a 401's challenge and drops the cached token; `false` if it cannot be met.
-    pub fn challenged(&self, www_authenticate: Option<&str>) -> bool {
+    /// Records a 401's challenge and drops the cached token; `Err(why)` if it cannot be met.
+    pub fn challenged(&self, www_authenticate: Option<&str>) -> Result<(), String> {
         let Some(c) = www_authenticate.and_then(parse_challenge) else {
-            return false;
+            return Err("no challenge this client can answer".into());
         };
-        let mut st = self.state.lock();
-        if c == Challenge::Basic && self.creds.is_none() {
-            return false;
+        if c == Challenge::Basic {
+            match &self.creds {
+                None => return Err("no usable credentials".into()),
+                Some(_) if cleartext_to_remote(&self.base) => {
+                    return Err(format!(
+                        "credentials are never sent over plain HTTP to {}, which is not loopback",
+                        redact::url(&self.base)
+                    ))
+                }
+                Some(_) => {}
+            }
         }
+        let mut st = self.state.lock();
         st.0 = Some(c);
         st.1 = None;
-        true
+        Ok(())
+    }
+
+    /// Whether a token realm may receive the credentials; `Err(why not)` otherwise.
+    fn may_send_credentials_to(&self, realm: &str) -> Result<(), &'static str> {
+        if !self.credential_hosts.contains(&redact::host_of(realm)) {
+            return Err("is on another host than the registry, its mirrors and `token_hosts`");
+        }
+        if cleartext_to_remote(realm) {
+            return Err("is plain HTTP to a host that is not loopback");
+        }
+        Ok(())
     }
 
     fn fetch_token(
@@ -170,31 +215,32 @@ impl RegistryAuth {
         for (k, v) in params {
             req = req.query(k, v);
         }
+        let shown = redact::url(realm);
         if let Some(c) = &self.creds {
-            req = req.set("Authorization", &c.basic());
+            match self.may_send_credentials_to(realm) {
+                Ok(()) => req = req.set("Authorization", &c.basic()),
+                Err(why) => {
+                    tracing::warn!(realm = %shown, "token realm {why}: asking it for an anonymous token, credentials withheld")
+                }
+            }
         }
         let resp = req
             .call()
-            .map_err(|e| format!("token request to {realm}: {e}"))?;
+            .map_err(|e| format!("token request to {shown}: {}", redact::text(&e.to_string())))?;
         let mut text = String::new();
         resp.into_reader()
             .take(1 << 20)
             .read_to_string(&mut text)
-            .map_err(|e| format!("token response from {realm}: {e}"))?;
-        let body: HashMap<String, serde_json::Value> =
-            serde_json::from_str(&text).map_err(|e| format!("token response from {realm}: {e}"))?;
+            .map_err(|e| format!("token response from {shown}: {e}"))?;
+        let body: HashMap<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| format!("token response from {shown}: not JSON ({e})"))?;
         let value = ["token", "access_token"]
             .iter()
             .find_map(|k| body.get(*k).and_then(|v| v.as_str()))
-            .ok_or_else(|| format!("token response from {realm} has no token"))?
+            .ok_or_else(|| format!("token response from {shown} has no token"))?
             .to_string();
-        let ttl = body
-            .get("expires_in")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(60)
-            .max(1);
         // Renew a little early, so a token never expires between check and use.
-        let life = Duration::from_secs(ttl).saturating_sub(Duration::from_millis(500));
+        let life = token_life(body.get("expires_in")).saturating_sub(Duration::from_millis(500));
         self.tokens_fetched
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.state.lock().1 = Some(Token {
@@ -205,18 +251,43 @@ impl RegistryAuth {
     }
 }
 
+/// How long a token lives, from its `expires_in` (seconds, any JSON number): 60 s when absent,
+/// not a positive finite number, or not a number; at most a day.
+fn token_life(expires_in: Option<&serde_json::Value>) -> Duration {
+    const MAX: f64 = 86_400.0;
+    match expires_in.and_then(|v| v.as_f64()) {
+        Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s.clamp(1.0, MAX)),
+        _ => Duration::from_secs(60),
+    }
+}
+
+/// True when `url` is plain `http://` to a host that is not loopback: credentials would cross a
+/// network in clear text.
+fn cleartext_to_remote(url: &str) -> bool {
+    url.starts_with("http://") && !redact::is_loopback(url)
+}
+
 /// Auth state shared by every blob of one registry repository (tokens are scoped to it), so a
 /// token fetched for one layer serves the others. Cloning shares it.
 #[derive(Clone, Default)]
 pub struct AuthCache(std::sync::Arc<Mutex<HashMap<String, std::sync::Arc<RegistryAuth>>>>);
 
 impl AuthCache {
-    /// The state for `key` (registry base URL + repository), made with `creds` the first time.
-    pub fn get(&self, key: &str, creds: Option<Credentials>) -> std::sync::Arc<RegistryAuth> {
+    /// The state for `repository` at `base` (a registry's base URL), made with `creds` and
+    /// `credential_hosts` the first time.
+    pub fn get(
+        &self,
+        base: &str,
+        repository: &str,
+        creds: Option<Credentials>,
+        credential_hosts: &[String],
+    ) -> std::sync::Arc<RegistryAuth> {
         self.0
             .lock()
-            .entry(key.to_string())
-            .or_insert_with(|| std::sync::Arc::new(RegistryAuth::new(creds)))
+            .entry(format!("{base}/{repository}"))
+            .or_insert_with(|| {
+                std::sync::Arc::new(RegistryAuth::new(creds, base, credential_hosts))
+            })
             .clone()
     }
 }
@@ -283,6 +354,66 @@ mod tests {
             })
         );
         assert_eq!(parse_challenge("Negotiate abc"), None);
+    }
+
+    #[test]
+    fn token_lifetimes_are_bounded() {
+        let life = |v: serde_json::Value| token_life(Some(&v));
+        assert_eq!(life(serde_json::json!(300)), Duration::from_secs(300));
+        assert_eq!(life(serde_json::json!(1e30)), Duration::from_secs(86_400));
+        assert_eq!(
+            life(serde_json::json!(u64::MAX)),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(life(serde_json::json!(-5)), Duration::from_secs(60));
+        assert_eq!(life(serde_json::json!("10")), Duration::from_secs(60));
+        assert_eq!(token_life(None), Duration::from_secs(60));
+        // (NaN is not JSON; a serde_json Number cannot hold it.)
+        assert!(Instant::now()
+            .checked_add(life(serde_json::json!(1e300)))
+            .is_some());
+    }
+
+    #[test]
+    fn credentials_never_go_in_clear_to_a_remote_host() {
+        let creds = Some(Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        });
+        let remote = RegistryAuth::new(creds.clone(), "http://10.1.2.3:5000", &[]);
+        let e = remote
+            .challenged(Some(r#"Basic realm="r""#))
+            .expect_err("Basic over plain HTTP to a remote host");
+        assert!(e.contains("plain HTTP"), "{e}");
+        for ok in [
+            "https://10.1.2.3:5000",
+            "http://127.0.0.1:5000",
+            "http://localhost",
+        ] {
+            let a = RegistryAuth::new(creds.clone(), ok, &[]);
+            assert!(a.challenged(Some(r#"Basic realm="r""#)).is_ok(), "{ok}");
+        }
+        // Token realms: only on the registry's host or a listed one, never in clear to a
+        // remote host.
+        let reg = RegistryAuth::new(creds, "https://reg.example:5000", &["auth.example".into()]);
+        assert!(reg
+            .may_send_credentials_to("https://reg.example:5000/token")
+            .is_ok());
+        assert!(reg
+            .may_send_credentials_to("https://auth.example/token")
+            .is_ok());
+        assert!(reg
+            .may_send_credentials_to("http://auth.example/token")
+            .is_err());
+        assert!(reg
+            .may_send_credentials_to("https://evil.example/token")
+            .is_err());
+        assert!(reg
+            .may_send_credentials_to("https://reg.example:5001/token")
+            .is_err());
+        assert!(cleartext_to_remote("http://10.0.0.1/token"));
+        assert!(!cleartext_to_remote("https://10.0.0.1/token"));
+        assert!(!cleartext_to_remote("http://127.0.0.2:9/token"));
     }
 
     #[test]

@@ -2,8 +2,24 @@
 //! (`GET /v2/<name>/blobs/<digest>`, with registry auth — anonymous, basic, bearer token — and
 //! redirects to blob storage, credentials not forwarded off the registry) or from any URL that
 //! honours Range (object storage). Mirrors tried in order, retries with backoff and jitter
-//! until a deadline, per-request timeouts, an optional P2P agent in front. Every byte it returns is checked by the layer above
-//! (chunk crc32c + sha256): a source never has to be trusted.
+//! until a deadline, per-request timeouts, an optional P2P agent in front. Every byte it returns
+//! is checked by the layer above (chunk crc32c + sha256): a source never has to be trusted.
+//!
+//! A server that answers wrongly is dropped for that read, and the next mirror asked, at once:
+//! a reply for another range than asked (206 with a `Content-Range` that does not match), the
+//! whole blob for a ranged request (200: only a read from offset 0 takes the start of such a
+//! stream; any other fails naming the server instead of downloading the blob's prefix), 403 and
+//! 404 (a mirror that lacks the blob), a 401 sent by a redirect target (not the registry's
+//! challenge), a TLS certificate that does not verify. Only trouble that may pass (5xx, 429,
+//! connection errors, short bodies) is retried with back-off until the deadline, honouring a
+//! `Retry-After` of at most [`MAX_RETRY_AFTER`]. Bytes that fail the layer's check are fetched
+//! once more from the next source ([`blockfmt::ReadAt::read_again_at`]).
+//!
+//! Errors and logs name servers by [`redact::url`]: no query string (presigned URLs), no
+//! userinfo, no tokens.
+//!
+//! Concurrency: one `HttpBlob` serves concurrent reads; the mirror in use and the P2P pieces
+//! are behind short locks never held across a request.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +27,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::auth::{AuthCache, Credentials, RegistryAuth};
-use super::SourceStats;
+use super::{redact, tls, SourceStats};
+
+/// The longest `Retry-After` honoured; a server asking for more is waited on this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How the HTTP client of a source is set up.
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// Trust roots for HTTPS (`None`: the system's).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Hosts, besides each endpoint's own, a token realm may be on to get the credentials.
+    pub credential_hosts: Vec<String>,
+}
 
 /// How hard a source tries before a read fails.
 #[derive(Debug, Clone, Copy)]
@@ -70,15 +98,29 @@ struct P2pPath {
 
 /// Why one attempt failed.
 enum Failure {
-    /// Worth another try (5xx, 429, connection trouble, short body).
-    Transient(String),
-    /// Trying again will not help (404, 403, bad auth, bad request).
+    /// Worth another try (5xx, 429, connection trouble, short body), after the server's
+    /// `Retry-After` if it gave one.
+    Transient(String, Option<Duration>),
+    /// This server will not give the right answer for this read (404, 403, bad auth, a reply
+    /// for other bytes, a bad certificate): the next mirror is asked at once.
     Fatal(String),
 }
 
 struct Endpoint {
     url: String,
+    /// `url` as errors and logs show it (see [`redact::url`]).
+    shown: String,
     auth: Arc<RegistryAuth>,
+}
+
+impl Endpoint {
+    fn new(url: String, auth: Arc<RegistryAuth>) -> Endpoint {
+        Endpoint {
+            shown: redact::url(&url),
+            url,
+            auth,
+        }
+    }
 }
 
 /// A blob in a registry (and its mirrors); implements `blockfmt::ReadAt`.
@@ -94,6 +136,8 @@ pub struct HttpBlob {
     policy: RetryPolicy,
     stats: Arc<SourceStats>,
     p2p: Option<P2pPath>,
+    /// Trust roots of the P2P path too (it tunnels HTTPS through the agent).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// How long a failed-over source stays on a later mirror before trying the first again.
@@ -112,24 +156,23 @@ impl HttpBlob {
         policy: RetryPolicy,
         stats: Arc<SourceStats>,
         auths: &AuthCache,
+        client: &ClientOptions,
     ) -> io::Result<HttpBlob> {
         let endpoints = mirrors
             .iter()
             .map(|m| {
                 let base = m.base.trim_end_matches('/');
-                Endpoint {
-                    url: format!("{base}/v2/{repository}/blobs/{digest}"),
-                    auth: auths.get(&format!("{base}/{repository}"), m.credentials.clone()),
-                }
+                let auth = auths.get(
+                    base,
+                    repository,
+                    m.credentials.clone(),
+                    &client.credential_hosts,
+                );
+                Endpoint::new(format!("{base}/v2/{repository}/blobs/{digest}"), auth)
             })
             .collect();
-        HttpBlob::open(
-            format!("{digest} ({repository})"),
-            endpoints,
-            size,
-            policy,
-            stats,
-        )
+        let name = format!("{digest} ({repository})");
+        HttpBlob::open(name, endpoints, size, policy, stats, client)
     }
 
     /// A blob at each of `urls` (whole URLs, first preferred), called `name` in errors.
@@ -139,15 +182,17 @@ impl HttpBlob {
         size: Option<u64>,
         policy: RetryPolicy,
         stats: Arc<SourceStats>,
+        client: &ClientOptions,
     ) -> io::Result<HttpBlob> {
         let endpoints = urls
             .iter()
-            .map(|m| Endpoint {
-                url: m.base.clone(),
-                auth: Arc::new(RegistryAuth::new(m.credentials.clone())),
+            .map(|m| {
+                let auth =
+                    RegistryAuth::new(m.credentials.clone(), &m.base, &client.credential_hosts);
+                Endpoint::new(m.base.clone(), Arc::new(auth))
             })
             .collect();
-        HttpBlob::open(name, endpoints, size, policy, stats)
+        HttpBlob::open(name, endpoints, size, policy, stats, client)
     }
 
     fn open(
@@ -156,28 +201,32 @@ impl HttpBlob {
         size: Option<u64>,
         policy: RetryPolicy,
         stats: Arc<SourceStats>,
+        client: &ClientOptions,
     ) -> io::Result<HttpBlob> {
         if endpoints.is_empty() {
             return Err(io::Error::other(format!("{name}: no URL to fetch from")));
         }
-        let agent = ureq::AgentBuilder::new()
+        let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5).min(policy.request_timeout))
             .timeout(policy.request_timeout)
-            .max_idle_connections_per_host(16)
-            .build();
+            .max_idle_connections_per_host(16);
+        if let Some(t) = &client.tls {
+            builder = builder.tls_config(t.clone());
+        }
         let mut blob = HttpBlob {
             name,
             endpoints,
-            agent,
+            agent: builder.build(),
             size: size.unwrap_or(0),
             current: AtomicUsize::new(0),
             failed_over_at: parking_lot::Mutex::new(None),
             policy,
             stats,
             p2p: None,
+            tls: client.tls.clone(),
         };
         if size.is_none() {
-            blob.size = blob.with_retries(|b, ep| b.head(ep))?;
+            blob.size = blob.with_retries(None, |b, ep| b.head(ep))?;
         }
         Ok(blob)
     }
@@ -187,18 +236,55 @@ impl HttpBlob {
     pub fn via_p2p(mut self, cfg: P2pAgent) -> io::Result<HttpBlob> {
         let proxy = ureq::Proxy::new(&cfg.proxy)
             .map_err(|e| io::Error::other(format!("P2P agent {}: {e}", cfg.proxy)))?;
-        let agent = ureq::AgentBuilder::new()
+        let mut builder = ureq::AgentBuilder::new()
             .proxy(proxy)
             .timeout_connect(Duration::from_secs(2))
-            .timeout(self.policy.request_timeout)
-            .build();
+            .timeout(self.policy.request_timeout);
+        if let Some(t) = &self.tls {
+            builder = builder.tls_config(t.clone());
+        }
         self.p2p = Some(P2pPath {
-            agent,
+            agent: builder.build(),
             cfg,
             pieces: parking_lot::Mutex::new(Vec::new()),
             down_since: parking_lot::Mutex::new(None),
         });
         Ok(self)
+    }
+
+    /// Forgets the pieces the agent sent for `off..off + len` (they failed a check).
+    fn drop_pieces(p: &P2pPath, off: u64, len: u64) {
+        let ps = p.cfg.piece_size.max(4096);
+        let (first, last) = (off / ps, (off + len.max(1) - 1) / ps);
+        p.pieces.lock().retain(|(i, _)| *i < first || *i > last);
+    }
+
+    /// One piece through the agent (kept, or fetched and kept); `None` when the agent failed.
+    fn p2p_piece(&self, p: &P2pPath, piece: u64, ps: u64) -> Option<Arc<Vec<u8>>> {
+        let kept = p.pieces.lock();
+        if let Some((_, b)) = kept.iter().find(|(i, _)| *i == piece) {
+            return Some(b.clone());
+        }
+        drop(kept);
+        let start = piece * ps;
+        let mut b = vec![0u8; ps.min(self.size - start) as usize];
+        let ep = &self.endpoints[0];
+        let t0 = Instant::now();
+        let r = self.get_with(&p.agent, ep, &mut b, start);
+        self.stats.observe_latency(t0.elapsed());
+        if let Err(Failure::Transient(e, _) | Failure::Fatal(e)) = r {
+            tracing::warn!(blob = %self.name, agent = %p.cfg.proxy, error = %e, "P2P agent failed; falling back to the registry");
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            *p.down_since.lock() = Some(Instant::now());
+            return None;
+        }
+        let b = Arc::new(b);
+        let mut kept = p.pieces.lock();
+        kept.push((piece, b.clone()));
+        if kept.len() > PIECES_KEPT {
+            kept.remove(0);
+        }
+        Some(b)
     }
 
     /// Reads through the agent by whole pieces; `None` when the agent is (or just went) down.
@@ -213,42 +299,13 @@ impl HttpBlob {
         let (first, last) = (off / ps, (off + buf.len() as u64 - 1) / ps);
         let mut done = 0usize;
         for piece in first..=last {
-            let cached = p
-                .pieces
-                .lock()
-                .iter()
-                .find(|(i, _)| *i == piece)
-                .map(|(_, b)| b.clone());
-            let bytes = match cached {
-                Some(b) => b,
-                None => {
-                    let start = piece * ps;
-                    let mut b = vec![0u8; ps.min(self.size - start) as usize];
-                    let ep = &self.endpoints[0];
-                    let t0 = Instant::now();
-                    let r = self.get_with(&p.agent, ep, &mut b, start);
-                    self.stats.observe_latency(t0.elapsed());
-                    if let Err(Failure::Transient(e) | Failure::Fatal(e)) = r {
-                        tracing::warn!(blob = %self.name, agent = %p.cfg.proxy, error = %e, "P2P agent failed; falling back to the registry");
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        *p.down_since.lock() = Some(Instant::now());
-                        return None;
-                    }
-                    let b = Arc::new(b);
-                    let mut kept = p.pieces.lock();
-                    kept.push((piece, b.clone()));
-                    if kept.len() > PIECES_KEPT {
-                        kept.remove(0);
-                    }
-                    b
-                }
-            };
+            let bytes = self.p2p_piece(p, piece, ps)?;
             let from = (off + done as u64 - piece * ps) as usize;
-            let n = (bytes.len() - from).min(buf.len() - done);
+            let n = (bytes.len().saturating_sub(from)).min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&bytes[from..from + n]);
             done += n;
         }
-        Some(())
+        (done == buf.len()).then_some(())
     }
 
     fn request(
@@ -266,32 +323,43 @@ impl HttpBlob {
             match ep.auth.header(&self.agent) {
                 Ok(Some(h)) => req = req.set("Authorization", &h),
                 Ok(None) => {}
-                Err(e) => return Err(Failure::Transient(e)),
+                Err(e) => return Err(Failure::Transient(format!("{}: {e}", ep.shown), None)),
             }
             match req.call() {
                 Ok(r) => return Ok(r),
+                Err(ureq::Error::Status(401, r))
+                    if redact::host_of(r.get_url()) != redact::host_of(&ep.url) =>
+                {
+                    return Err(Failure::Fatal(format!(
+                        "{}: 401 from the redirect target {} (not the registry's challenge: \
+                         no credentials are sent there)",
+                        ep.shown,
+                        redact::url(r.get_url())
+                    )))
+                }
                 Err(ureq::Error::Status(401, r)) if attempt == 0 => {
-                    if !ep.auth.challenged(r.header("www-authenticate")) {
+                    if let Err(why) = ep.auth.challenged(r.header("www-authenticate")) {
                         return Err(Failure::Fatal(format!(
-                            "{}: 401 unauthorized (no usable credentials)",
-                            ep.url
+                            "{}: 401 unauthorized ({why})",
+                            ep.shown
                         )));
                     }
                 }
-                Err(ureq::Error::Status(code, _)) if code == 429 || code >= 500 => {
-                    return Err(Failure::Transient(format!("{}: HTTP {code}", ep.url)))
+                Err(ureq::Error::Status(code, r)) if code == 429 || code >= 500 => {
+                    return Err(Failure::Transient(
+                        format!("{}: HTTP {code}", ep.shown),
+                        retry_after(&r),
+                    ))
                 }
                 Err(ureq::Error::Status(code, _)) => {
-                    return Err(Failure::Fatal(format!("{}: HTTP {code}", ep.url)))
+                    return Err(Failure::Fatal(format!("{}: HTTP {code}", ep.shown)))
                 }
-                Err(ureq::Error::Transport(t)) => {
-                    return Err(Failure::Transient(format!("{}: {t}", ep.url)))
-                }
+                Err(ureq::Error::Transport(t)) => return Err(transport_failure(ep, &t)),
             }
         }
         Err(Failure::Fatal(format!(
             "{}: 401 unauthorized after authenticating",
-            ep.url
+            ep.shown
         )))
     }
 
@@ -299,13 +367,14 @@ impl HttpBlob {
         let r = self.request(&self.agent, ep, "HEAD", None)?;
         r.header("content-length")
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| Failure::Fatal(format!("{}: no Content-Length in HEAD reply", ep.url)))
+            .ok_or_else(|| Failure::Fatal(format!("{}: no Content-Length in HEAD reply", ep.shown)))
     }
 
     fn get(&self, ep: &Endpoint, buf: &mut [u8], off: u64) -> Result<(), Failure> {
         self.get_with(&self.agent, ep, buf, off)
     }
 
+    /// Fills `buf` from `off` with one ranged GET; a reply for other bytes is refused at once.
     fn get_with(
         &self,
         agent: &ureq::Agent,
@@ -314,74 +383,104 @@ impl HttpBlob {
         off: u64,
     ) -> Result<(), Failure> {
         let len = buf.len() as u64;
+        let end = off + len - 1;
         let r = self.request(agent, ep, "GET", Some((off, len)))?;
-        let status = r.status();
-        let ranged_right = r
-            .header("content-range")
-            .is_some_and(|v| v.trim().starts_with(&format!("bytes {off}-")));
-        let mut body = r.into_reader();
-        match status {
-            206 if ranged_right => {}
+        match r.status() {
             206 => {
+                let got = r.header("content-range").unwrap_or("(none)");
+                if !content_range_matches(got, off, end, self.size) {
+                    return Err(Failure::Fatal(format!(
+                        "{}: asked for bytes {off}-{end}, got a 206 with Content-Range {got:?}",
+                        ep.shown
+                    )));
+                }
+            }
+            // A server that ignores Range sends the whole blob: its start is what a read from
+            // offset 0 wants; for any other, refuse rather than download the prefix.
+            200 if off == 0 => {}
+            200 => {
                 return Err(Failure::Fatal(format!(
-                    "{}: 206 reply for another range than bytes {off}-",
-                    ep.url
+                    "{}: ignores Range (answered bytes {off}-{end} with 200 and the whole blob)",
+                    ep.shown
                 )))
             }
-            200 => {
-                // A server that ignores Range sends the whole blob: skip to the offset.
-                io::copy(&mut (&mut body).take(off), &mut io::sink())
-                    .map_err(|e| Failure::Transient(format!("{}: body: {e}", ep.url)))?;
-            }
-            s => return Err(Failure::Fatal(format!("{}: unexpected HTTP {s}", ep.url))),
+            s => return Err(Failure::Fatal(format!("{}: unexpected HTTP {s}", ep.shown))),
         }
+        let mut body = r.into_reader().take(len);
         let mut got = 0;
         while got < buf.len() {
             match body.read(&mut buf[got..]) {
                 Ok(0) => {
-                    return Err(Failure::Transient(format!(
-                        "{}: body ended after {got} of {len} bytes at offset {off}",
-                        ep.url
-                    )))
+                    return Err(Failure::Transient(
+                        format!(
+                            "{}: body ended after {got} of {len} bytes at offset {off}",
+                            ep.shown
+                        ),
+                        None,
+                    ))
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Failure::Transient(format!("{}: body: {e}", ep.url))),
+                Err(e) => {
+                    return Err(Failure::Transient(
+                        format!("{}: body: {}", ep.shown, redact::text(&e.to_string())),
+                        None,
+                    ))
+                }
             }
         }
         Ok(())
     }
 
-    /// Runs `op` against the current mirror, failing over and backing off until it succeeds,
-    /// fails for good, or the deadline passes.
+    /// Goes back to the first (preferred) mirror once a fail-over is [`RETURN_AFTER`] old.
+    fn return_to_first_after_a_while(&self) {
+        let mut f = self.failed_over_at.lock();
+        if f.is_some_and(|t| t.elapsed() > RETURN_AFTER) {
+            *f = None;
+            self.current.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// One attempt of `op` at `ep`, counted in the stats.
+    fn attempt<T>(
+        &self,
+        ep: &Endpoint,
+        op: &mut impl FnMut(&Self, &Endpoint) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let t0 = Instant::now();
+        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
+        let r = op(self, ep);
+        self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.stats.observe_latency(t0.elapsed());
+        r
+    }
+
+    /// Runs `op` against the mirrors, from `start_at` (else the current one), failing over and
+    /// backing off until it succeeds or the deadline passes. A mirror that fails for good is
+    /// not asked again for this call; when none is left, the call fails at once.
     fn with_retries<T>(
         &self,
+        start_at: Option<usize>,
         mut op: impl FnMut(&Self, &Endpoint) -> Result<T, Failure>,
     ) -> io::Result<T> {
         let start = Instant::now();
         let mut backoff = self.policy.first_backoff;
         let n = self.endpoints.len();
-        {
-            let mut f = self.failed_over_at.lock();
-            if f.is_some_and(|t| t.elapsed() > RETURN_AFTER) {
-                *f = None;
-                self.current.store(0, Ordering::Relaxed);
-            }
-        }
+        self.return_to_first_after_a_while();
+        let mut out_for_good: Vec<Option<String>> = vec![None; n];
+        let current = self.current.load(Ordering::Relaxed) % n;
+        let first = start_at.unwrap_or(current) % n;
         loop {
-            let mut last = String::new();
-            let first = self.current.load(Ordering::Relaxed) % n;
+            let (mut last, mut wait_asked) = (String::new(), None);
             for k in 0..n {
                 let i = (first + k) % n;
-                let t0 = Instant::now();
-                self.stats.inflight.fetch_add(1, Ordering::Relaxed);
-                let r = op(self, &self.endpoints[i]);
-                self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
-                self.stats.observe_latency(t0.elapsed());
-                match r {
+                if out_for_good[i].is_some() {
+                    continue;
+                }
+                match self.attempt(&self.endpoints[i], &mut op) {
                     Ok(v) => {
-                        if i != first {
-                            tracing::warn!(blob = %self.name, mirror = %self.endpoints[i].url, "failed over to another mirror");
+                        if i != current {
+                            tracing::warn!(blob = %self.name, mirror = %self.endpoints[i].shown, "failed over to another mirror");
                             self.current.store(i, Ordering::Relaxed);
                             *self.failed_over_at.lock() = Some(Instant::now());
                         }
@@ -389,28 +488,96 @@ impl HttpBlob {
                     }
                     Err(Failure::Fatal(e)) => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        return Err(io::Error::other(format!("blob {}: {e}", self.name)));
+                        tracing::warn!(blob = %self.name, error = %e, "source failed for this read; asking the next one");
+                        out_for_good[i] = Some(e);
                     }
-                    Err(Failure::Transient(e)) => {
+                    Err(Failure::Transient(e, asked)) => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(blob = %self.name, error = %e, "fetch failed; will retry");
                         last = e;
+                        wait_asked = wait_asked.max(asked);
                     }
                 }
             }
-            if start.elapsed() + backoff > self.policy.give_up_after {
+            if out_for_good.iter().all(Option::is_some) {
+                let why: Vec<String> = out_for_good.into_iter().flatten().collect();
+                return Err(io::Error::other(format!(
+                    "blob {}: {}",
+                    self.name,
+                    why.join("; ")
+                )));
+            }
+            let wait = match wait_asked {
+                Some(asked) => asked.min(MAX_RETRY_AFTER),
+                None => jitter(backoff),
+            };
+            if start.elapsed() + wait > self.policy.give_up_after {
+                let others: Vec<&str> = out_for_good.iter().flatten().map(String::as_str).collect();
+                let others = match others.is_empty() {
+                    true => String::new(),
+                    false => format!(" (and for good: {})", others.join("; ")),
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "blob {}: giving up after {:?}: {last}",
+                        "blob {}: giving up after {:?}: {last}{others}",
                         self.name,
                         start.elapsed()
                     ),
                 ));
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(jitter(backoff));
+            std::thread::sleep(wait);
             backoff = (backoff * 2).min(self.policy.max_backoff);
+        }
+    }
+}
+
+/// The wait a 429/503 asks for (`Retry-After: <seconds>`; an HTTP date is not honoured).
+fn retry_after(r: &ureq::Response) -> Option<Duration> {
+    r.header("retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER.as_secs())))
+}
+
+/// A transport error as a failure: a TLS failure (a certificate that does not verify) will not
+/// pass by retrying; connection trouble may.
+fn transport_failure(ep: &Endpoint, t: &ureq::Transport) -> Failure {
+    let text = redact::text(&t.to_string());
+    match tls::tls_failure(t) {
+        Some(why) => Failure::Fatal(format!(
+            "{}: TLS: {why} (is the server's CA in the source's `ca_file` or lsmd's \
+             --registry-ca?)",
+            ep.shown
+        )),
+        None => Failure::Transient(format!("{}: {text}", ep.shown), None),
+    }
+}
+
+/// True if `header` (`bytes a-b/total`) is exactly bytes `off..=end` of a blob of `size` bytes
+/// (`size` 0: not known yet).
+fn content_range_matches(header: &str, off: u64, end: u64, size: u64) -> bool {
+    let Some(v) = header.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((range, total)) = v.split_once('/') else {
+        return false;
+    };
+    let Some((a, b)) = range.split_once('-') else {
+        return false;
+    };
+    let total_ok = total.trim() == "*" || size == 0 || total.trim().parse() == Ok(size);
+    a.trim().parse() == Ok(off) && b.trim().parse() == Ok(end) && total_ok
+}
+
+impl HttpBlob {
+    fn check_bounds(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("blob {}: read past its {} bytes", self.name, self.size),
+            )),
         }
     }
 }
@@ -426,19 +593,14 @@ impl blockfmt::ReadAt for HttpBlob {
         if buf.is_empty() {
             return Ok(());
         }
-        if offset + buf.len() as u64 > self.size {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("blob {}: read past its {} bytes", self.name, self.size),
-            ));
-        }
+        self.check_bounds(buf, offset)?;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let via_agent = self
             .p2p
             .as_ref()
             .and_then(|p| self.read_via_p2p(p, buf, offset));
         if via_agent.is_none() {
-            self.with_retries(|b, ep| b.get(ep, buf, offset))?;
+            self.with_retries(None, |b, ep| b.get(ep, buf, offset))?;
         }
         self.stats
             .bytes
@@ -446,7 +608,52 @@ impl blockfmt::ReadAt for HttpBlob {
         Ok(())
     }
 
+    /// Bytes that failed their check, once more from the next source: the registry behind the
+    /// P2P agent (the agent's pieces of them dropped), else the next mirror (the same server
+    /// when there is no other).
+    fn read_again_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if buf.is_empty() {
+            return Some(Ok(()));
+        }
+        if let Err(e) = self.check_bounds(buf, offset) {
+            return Some(Err(e));
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let next = match &self.p2p {
+            Some(p) => {
+                HttpBlob::drop_pieces(p, offset, buf.len() as u64);
+                self.current.load(Ordering::Relaxed)
+            }
+            None => self.current.load(Ordering::Relaxed) + 1,
+        };
+        tracing::warn!(blob = %self.name, offset, len = buf.len(), "bytes failed their check; fetching them again from the next source");
+        let r = self.with_retries(Some(next), |b, ep| b.get(ep, buf, offset));
+        if r.is_ok() {
+            self.stats
+                .bytes
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        Some(r)
+    }
+
     fn size(&self) -> io::Result<u64> {
         Ok(self.size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_must_be_exactly_the_bytes_asked() {
+        assert!(content_range_matches("bytes 10-19/100", 10, 19, 100));
+        assert!(content_range_matches("bytes 10-19/*", 10, 19, 100));
+        assert!(content_range_matches("bytes 10-19/100", 10, 19, 0));
+        assert!(!content_range_matches("bytes 10-29/100", 10, 19, 100));
+        assert!(!content_range_matches("bytes 4106-4115/100", 10, 19, 100));
+        assert!(!content_range_matches("bytes 10-19/200", 10, 19, 100));
+        assert!(!content_range_matches("bytes 10-/100", 10, 19, 100));
+        assert!(!content_range_matches("(none)", 10, 19, 100));
     }
 }

@@ -9,6 +9,8 @@
 pub mod auth;
 pub mod http;
 pub mod nas;
+pub mod redact;
+pub mod tls;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;

@@ -108,6 +108,7 @@ pub fn image_blobs(
     work: &Path,
     creds: Option<&lsmd::source::auth::Credentials>,
     insecure: bool,
+    client: &push::Client,
 ) -> CliResult<Vec<DictBlob>> {
     if r.starts_with("http://") || r.starts_with("https://") {
         let target = push::Target::parse(r)?;
@@ -122,7 +123,7 @@ pub fn image_blobs(
                 .unwrap_or_default()
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        push::Session::new(target, creds.cloned()).pull(&dir)?;
+        push::Session::new(target, creds.cloned(), client)?.pull(&dir)?;
         let m = layout_manifest(&dir, None)?;
         let mut blobs = lsm_blobs(&dir, &m)?;
         for b in &mut blobs {
@@ -169,16 +170,22 @@ pub fn load(
     work: &Path,
     creds: Option<&lsmd::source::auth::Credentials>,
     insecure: bool,
+    client: &push::Client,
     mut say: impl FnMut(String),
 ) -> CliResult<DictImages> {
     let mut dict = Dictionary::new();
     let mut blobs: Vec<DictBlob> = Vec::new();
     for r in refs {
-        for b in image_blobs(r, work, creds, insecure)? {
+        for mut b in image_blobs(r, work, creds, insecure, client)? {
             if blobs.iter().any(|x| x.digest == b.digest) {
                 continue;
             }
             let (layer, id) = open_checked(&b)?;
+            // Its whole-blob digest was just checked, so its metadata digest can be taken from
+            // it: every config written from this conversion anchors the blob (FORMAT.md §4).
+            if b.meta_digest.is_none() {
+                b.meta_digest = Some(blockfmt::format::oci_digest(&layer.trailer().meta_sha256));
+            }
             dict.add_layer(&layer, id, |_| {})?;
             blobs.push(b);
         }

@@ -62,6 +62,15 @@ pub struct ConvertArgs {
     /// Allow pushing over plain HTTP (loopback test registries).
     #[arg(long)]
     insecure: bool,
+    /// PEM file of the CA certificates trusted for HTTPS registries (SRC, --push, --dict),
+    /// instead of the system's; written as `ca_file` into the pushed image's lsm config.
+    #[arg(long, value_name = "PEM")]
+    registry_ca: Option<PathBuf>,
+    /// A token server (`host[:port]`, a Bearer challenge's realm) other than the registry that
+    /// may receive the credentials, e.g. `auth.docker.io` (repeat for more). Others are asked
+    /// for an anonymous token.
+    #[arg(long = "token-host", value_name = "HOST")]
+    token_hosts: Vec<String>,
     /// Registry user (else a docker-style config.json, else anonymous).
     #[arg(long, requires = "password")]
     username: Option<String>,
@@ -89,6 +98,16 @@ pub struct ConvertArgs {
     /// Print the converted manifest's digest on stdout (not when converting for a report).
     #[arg(skip = true)]
     print_digest: bool,
+}
+
+impl ConvertArgs {
+    /// How to talk to registries.
+    fn client(&self) -> push::Client {
+        push::Client {
+            ca_file: self.registry_ca.clone(),
+            token_hosts: self.token_hosts.clone(),
+        }
+    }
 }
 
 fn bad(what: impl std::fmt::Display) -> CliError {
@@ -436,8 +455,8 @@ fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
         if !a.quiet {
             eprintln!("convert: pulling {src_arg}");
         }
-        let r = push::Session::new(target, creds.clone())
-            .pull(&pulled)
+        let r = push::Session::new(target, creds.clone(), &a.client())
+            .and_then(|s| s.pull(&pulled))
             .and_then(|_| {
                 let local = ConvertArgs {
                     src: Some(pulled.display().to_string()),
@@ -559,7 +578,14 @@ fn convert_layout(
     let dict = if a.dict.is_empty() {
         None
     } else {
-        let loaded = dict::load(&a.dict, &dict_dir, creds.as_ref(), a.insecure, &say);
+        let loaded = dict::load(
+            &a.dict,
+            &dict_dir,
+            creds.as_ref(),
+            a.insecure,
+            &a.client(),
+            &say,
+        );
         if loaded.is_err() && created {
             let _ = std::fs::remove_dir_all(&dst);
         }
@@ -851,13 +877,31 @@ fn convert_layout(
         if target.base.starts_with("http://") && !a.insecure {
             return Err(bad(format!("--push {p}: plain HTTP needs --insecure")));
         }
+        let ca_file = a
+            .registry_ca
+            .as_deref()
+            .map(std::fs::canonicalize)
+            .transpose()
+            .map_err(|e| bad(format!("--registry-ca: {e}")))?;
+        let registry_source = |size: Option<&serde_json::Value>| {
+            let mut r = json!({
+                "url": target.base, "repository": target.repository, "insecure": a.insecure,
+            });
+            if let Some(s) = size {
+                r["size"] = s.clone();
+            }
+            if let Some(ca) = &ca_file {
+                r["ca_file"] = ca.display().to_string().into();
+            }
+            if !a.token_hosts.is_empty() {
+                r["token_hosts"] = a.token_hosts.clone().into();
+            }
+            json!({ "registry": r })
+        };
         let mut remote = json!({
             "size": size,
             "layers": out_layers.iter().map(|l| json!({
-                "source": { "registry": {
-                    "url": target.base, "repository": target.repository,
-                    "insecure": a.insecure, "size": l["size"],
-                } },
+                "source": registry_source(Some(&l["size"])),
                 "digest": l["digest"],
                 "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
             })).collect::<Vec<_>>(),
@@ -869,17 +913,14 @@ fn convert_layout(
                 .iter()
                 .map(|b| {
                     json!({
-                        "source": { "registry": {
-                            "url": target.base, "repository": target.repository,
-                            "insecure": a.insecure,
-                        } },
+                        "source": registry_source(None),
                         "digest": b.digest,
                         "meta_digest": b.meta_digest,
                     })
                 })
                 .collect();
         }
-        let session = push::Session::new(target, creds);
+        let session = push::Session::new(target, creds, &a.client())?;
         let (mut sent, mut had) = (0, 0);
         let blobs = std::iter::once(cfg_digest.clone()).chain(
             out_layers

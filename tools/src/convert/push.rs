@@ -2,12 +2,16 @@
 //! local image layout (manifest by tag, following an index to linux/amd64, then config and
 //! layers), and pushing the converted one — every blob the registry does not already have (HEAD
 //! first) is uploaded in one PUT, then the manifest is put under its tag. Registry auth — basic
-//! or bearer token from the `WWW-Authenticate` challenge — is lsmd's.
+//! or bearer token from the `WWW-Authenticate` challenge — is lsmd's, and so is its rule that
+//! credentials go only to the registry: an upload `Location` on another host (blob storage) gets
+//! no `Authorization`, and a 401 from there is not taken for the registry's challenge. Errors
+//! never show a URL's query string (upload state, signatures).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use lsmd::source::auth::{Credentials, RegistryAuth};
+use lsmd::source::redact;
 
 use crate::{CliError, CliResult};
 
@@ -59,6 +63,16 @@ pub enum Put {
     Uploaded,
 }
 
+/// How sessions talk to registries (`convert --registry-ca`, `--token-host`).
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    /// PEM CA certificates trusted for HTTPS instead of the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Hosts (`host[:port]`) of token servers, besides the registry's own, that may receive
+    /// the credentials (a Bearer challenge's realm).
+    pub token_hosts: Vec<String>,
+}
+
 /// An authenticated session with one registry repository.
 pub struct Session {
     agent: ureq::Agent,
@@ -67,18 +81,24 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(target: Target, creds: Option<Credentials>) -> Session {
+    /// A session with `target`, set up as `client` says.
+    pub fn new(target: Target, creds: Option<Credentials>, client: &Client) -> CliResult<Session> {
         let creds = creds.or_else(|| Credentials::from_docker_config(target.host()));
-        Session {
-            agent: ureq::AgentBuilder::new()
-                .timeout(std::time::Duration::from_secs(600))
-                .build(),
-            auth: Arc::new(RegistryAuth::new(creds)),
-            target,
+        let mut agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(600));
+        if let Some(tls) = lsmd::source::tls::client_config(client.ca_file.as_deref())
+            .map_err(|e| CliError(e.to_string()))?
+        {
+            agent = agent.tls_config(tls);
         }
+        Ok(Session {
+            agent: agent.build(),
+            auth: Arc::new(RegistryAuth::new(creds, &target.base, &client.token_hosts)),
+            target,
+        })
     }
 
     /// Sends a request built by `make`, meeting one auth challenge; `Ok(None)` for a 404.
+    /// Only a request to the registry's own host carries `Authorization`.
     fn send(
         &self,
         what: &str,
@@ -86,10 +106,14 @@ impl Session {
         body: Option<&dyn Fn() -> std::io::Result<std::fs::File>>,
         bytes: Option<&[u8]>,
     ) -> CliResult<Option<ureq::Response>> {
+        let what = redact::text(what);
         for attempt in 0..2 {
             let mut req = make(&self.agent);
-            if let Some(h) = self.auth.header(&self.agent).map_err(CliError)? {
-                req = req.set("Authorization", &h);
+            let ours = redact::host_of(req.url()) == redact::host_of(&self.target.base);
+            if ours {
+                if let Some(h) = self.auth.header(&self.agent).map_err(CliError)? {
+                    req = req.set("Authorization", &h);
+                }
             }
             let r = match (body, bytes) {
                 (Some(open), _) => req.send(open().map_err(|e| CliError(format!("{what}: {e}")))?),
@@ -99,14 +123,27 @@ impl Session {
             match r {
                 Ok(resp) => return Ok(Some(resp)),
                 Err(ureq::Error::Status(404, _)) => return Ok(None),
+                Err(ureq::Error::Status(401, resp))
+                    if !ours
+                        || redact::host_of(resp.get_url())
+                            != redact::host_of(&self.target.base) =>
+                {
+                    return Err(CliError(format!(
+                        "{what}: 401 from {}, which is not the registry (credentials are not sent there)",
+                        redact::url(resp.get_url())
+                    )));
+                }
                 Err(ureq::Error::Status(401, resp)) if attempt == 0 => {
-                    if !self.auth.challenged(resp.header("www-authenticate")) {
-                        return Err(CliError(format!(
-                            "{what}: 401 unauthorized (give credentials)"
-                        )));
+                    if let Err(why) = self.auth.challenged(resp.header("www-authenticate")) {
+                        return Err(CliError(format!("{what}: 401 unauthorized ({why})")));
                     }
                 }
-                Err(e) => return Err(CliError(format!("{what}: {e}"))),
+                Err(e) => {
+                    return Err(CliError(format!(
+                        "{what}: {}",
+                        redact::text(&e.to_string())
+                    )))
+                }
             }
         }
         Err(CliError(format!(

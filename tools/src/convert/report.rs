@@ -120,8 +120,8 @@ pub fn dedup_report(r: ReportArgs) -> CliResult {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = (|| -> CliResult {
-        let a = image_blobs(&r.a, &work.join("a"), None, r.insecure)?;
-        let b = match image_blobs(&r.b, &work.join("b"), None, r.insecure) {
+        let a = image_blobs(&r.a, &work.join("a"), None, r.insecure, &Default::default())?;
+        let b = match image_blobs(&r.b, &work.join("b"), None, r.insecure, &Default::default()) {
             Ok(b) => b,
             Err(e) if e.0.contains("has no lsm layers") => {
                 // Not converted yet: convert it as `lsmctl convert` would, without a dictionary.
@@ -196,6 +196,8 @@ impl ConvertArgs {
             size: None,
             push: None,
             insecure,
+            registry_ca: None,
+            token_hosts: Vec::new(),
             username: None,
             password: None,
             db: None,
