@@ -68,8 +68,14 @@ fn user_copy_pos(q_id: u16, tag: usize) -> u64 {
     0x8000_0000 + ((q_id as u64) << 41) + ((tag as u64) << 25)
 }
 /// Device states (`ublksrv_ctrl_dev_info.state`) a restarted server can take over.
+const S_DEV_LIVE: u16 = 1;
 const S_DEV_QUIESCED: u16 = 2;
 const S_DEV_FAIL_IO: u16 = 3;
+/// How long a restarted lsmd waits for the kernel to finish with its killed predecessor: for a
+/// moment after that process is reaped its device is still LIVE (queues being cancelled) and its
+/// char device still open (START_USER_RECOVERY says EBUSY). A supervisor restarting lsmd at
+/// once must get the takeover, not a second device.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const PARAM_TYPE_BASIC: u32 = 1;
 const ATTR_READ_ONLY: u32 = 1;
 /// The device has a volatile write cache: the kernel sends FLUSH for fsync and sync.
@@ -245,7 +251,7 @@ impl UblkDevice {
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
         if let Some(id) = previous {
-            match recoverable(&mut ctrl, id) {
+            match wait_recoverable(&mut ctrl, id) {
                 Ok(Some(shape)) => {
                     let dev = UblkDevice::serve(export, ctrl, id, shape, true)?;
                     tracing::info!(export = %name, device = %dev.block_device(), "took over the ublk device after a restart");
@@ -335,11 +341,18 @@ impl UblkDevice {
             user_copy: shape.user_copy,
         };
         if recovering {
-            dev.ctrl.run(
+            let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
+            while let Err(e) = dev.ctrl.run(
                 "START_USER_RECOVERY",
                 CMD_START_USER_RECOVERY,
                 ctrl_cmd(dev_id, 0, 0, 0),
-            )?;
+            ) {
+                // EBUSY: the dead server's char device is not released yet.
+                if e.kind() != io::ErrorKind::ResourceBusy || std::time::Instant::now() > deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
         let cdev_path = format!("/dev/ublkc{dev_id}");
         let mut cdev = None;
@@ -412,8 +425,21 @@ impl UblkDevice {
     }
 }
 
-/// The shape of device `id` when it exists, has user recovery, and waits for a server.
-fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
+/// [`recoverable`], waiting (up to [`TAKEOVER_WAIT`]) while a device with user recovery is
+/// still LIVE: its server may have just been killed and the kernel not yet quiesced it.
+fn wait_recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
+    let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
+    loop {
+        let (state, shape) = recoverable(ctrl, id)?;
+        if shape.is_some() || state != S_DEV_LIVE || std::time::Instant::now() > deadline {
+            return Ok(shape);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Device `id`'s state, and its shape when it has user recovery and waits for a server.
+fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<(u16, Option<UblkOptions>)> {
     let mut info = [0u8; 64];
     ctrl.run(
         "GET_DEV_INFO",
@@ -422,13 +448,14 @@ fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
     )?;
     let state = u16::from_le_bytes([info[4], info[5]]);
     let flags = u64::from_le_bytes(info[24..32].try_into().unwrap_or_default());
-    let waiting =
-        flags & F_USER_RECOVERY != 0 && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO);
-    Ok(waiting.then(|| UblkOptions {
+    let recovery = flags & F_USER_RECOVERY != 0;
+    let waiting = recovery && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO);
+    let shape = waiting.then(|| UblkOptions {
         queues: u16::from_le_bytes([info[0], info[1]]),
         depth: u16::from_le_bytes([info[2], info[3]]),
         user_copy: flags & F_USER_COPY != 0,
-    }))
+    });
+    Ok((if recovery { state } else { 0 }, shape))
 }
 
 impl Drop for UblkDevice {
