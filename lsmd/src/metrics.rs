@@ -1,5 +1,6 @@
 //! The metrics endpoint: `GET /metrics` in the Prometheus text format (bytes fetched per source,
-//! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes),
+//! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes,
+//! per-export flushes by frontend, ENOSPC refusals and whether the upper layer has failed),
 //! `GET /status` as JSON for `lsmctl status`, and `GET /trace?export=NAME` (the chunks that
 //! export's readers needed so far, FORMAT.md §6) for `lsmctl trace record`. Plain HTTP/1.1 on a loopback address; one short
 //! request per connection.
