@@ -42,11 +42,12 @@ pub fn commit_upper<W: Write>(
     opts.zeros = ZeroPolicy::Extent;
     let mut w = LayerWriter::new(out, upper.logical_size(), opts)?;
     let mut buf = Vec::new();
-    for (start, len, t) in upper.ranges() {
+    let view = upper.ranges();
+    for &(start, len, t) in &view.pieces {
         match t {
             UpperTarget::Data { file_offset } => {
                 copy_range(&mut w, &mut buf, start, len, |off, b| {
-                    upper.read_data(file_offset + (off - start), b)
+                    view.read_data(file_offset + (off - start), b)
                 })?
             }
             UpperTarget::Zero | UpperTarget::Trimmed => w.write_zeroes(start, len)?,

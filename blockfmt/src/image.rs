@@ -148,14 +148,15 @@ impl Image {
         let Some(up) = &self.upper else {
             return lower(off, len, buf, push);
         };
-        for (s, l, t) in up.pieces(off, len) {
+        let view = up.pieces(off, len);
+        for &(s, l, t) in &view.pieces {
             let dst = buf
                 .as_deref_mut()
                 .map(|b| &mut b[(s - off) as usize..(s - off + l) as usize]);
             match t {
                 Some(UpperTarget::Data { file_offset }) => {
                     if let Some(dst) = dst {
-                        up.read_data(file_offset, dst)?;
+                        view.read_data(file_offset, dst)?;
                     }
                     push(s, l, Alloc::Data);
                 }

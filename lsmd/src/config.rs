@@ -618,8 +618,9 @@ impl ImageSpec {
         let stack = self.open_stack_on(host)?;
         // Read-only still shows what an existing upper layer holds; it only refuses writes.
         let upper = match self.upper_dir() {
-            Some(dir) if writable || dir.join(blockfmt::upper::LOG_FILE).exists() => {
-                Some(UpperLayer::open(&dir, self.config.size)?.0)
+            Some(dir) if writable => Some(UpperLayer::open(&dir, self.config.size)?.0),
+            Some(dir) if dir.join(blockfmt::upper::LOG_FILE).exists() => {
+                Some(UpperLayer::open_read_only(&dir, self.config.size)?.0)
             }
             _ => None,
         };

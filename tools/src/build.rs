@@ -260,7 +260,7 @@ pub fn import(a: ImportArgs) -> CliResult {
         .map_err(|e| CliError(format!("{}: {e}", a.raw.display())))?
         .len();
     let base = a.base.as_deref().map(ImageSpec::load).transpose()?;
-    let base_img = base.as_ref().map(|s| s.open_image(true)).transpose()?;
+    let base_img = base.as_ref().map(|s| s.open_image(false)).transpose()?;
     let add_to = a.add_to.as_deref().map(ImageSpec::load).transpose()?;
     if let Some(s) = &add_to {
         if s.config.size != size {
@@ -372,7 +372,7 @@ pub fn write(a: WriteArgs) -> CliResult {
 
 pub fn export(a: ExportArgs) -> CliResult {
     let spec = ImageSpec::load(&a.image)?;
-    let img = spec.open_image(true)?;
+    let img = spec.open_image(false)?;
     let out = File::create(&a.out).map_err(|e| CliError(format!("{}: {e}", a.out.display())))?;
     let io = |e: std::io::Error| CliError(format!("{}: {e}", a.out.display()));
     out.set_len(img.size()).map_err(io)?;

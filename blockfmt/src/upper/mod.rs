@@ -2,18 +2,43 @@
 //! checksummed index log in one directory. Writes are acknowledged once in the page cache and
 //! durable after `flush`; reopening after a crash keeps exactly a prefix of the acknowledged
 //! operations that includes every flushed one.
+//!
+//! Failure contract (README "Guarantees"):
+//! - A write that fails leaves the layer exactly as before it (its record is not queued, its
+//!   bytes are past the end), so ENOSPC is an ordinary error and writes succeed again once space
+//!   is freed. Log space for the next records is reserved (`fallocate`) before a write touches
+//!   the data file, so a write cannot land its bytes and then fail to log them.
+//! - A failed sync (`fdatasync` of either file), or a failure that leaves bytes on disk the log
+//!   does not describe, is sticky: every later write and flush returns [`Error::Failed`] until
+//!   the layer is reopened and recovered. The kernel may have dropped the dirty pages a failed
+//!   sync was writing, so a retry that "succeeds" would write a flush mark over lost data.
+//! - One writer: opening for writing takes an exclusive `flock` (see `lock.rs`); read-only opens
+//!   change nothing on disk.
+//! - The files are bounded by the live data: compaction (see `compact.rs`) rewrites them when
+//!   the waste passes the [`CompactionPolicy`].
+//!
+//! Concurrency: all methods take `&self`. Writers append under the state's write lock; readers
+//! take a snapshot (map pieces plus the files they point into) under the read lock and read
+//! without it; syncs run without the lock.
 
+mod compact;
+mod lock;
 mod log;
 mod rangemap;
+mod recover;
 
+pub use compact::CompactionPolicy;
+pub use lock::LOCK_FILE;
 pub use log::{
     data_alignment, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN, UPPER_VERSION,
 };
 pub use rangemap::{RangeMap, UpperTarget};
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
@@ -24,6 +49,10 @@ use log::{DATA_MAGIC, LOG_MAGIC};
 pub const DATA_FILE: &str = "data";
 /// See [`DATA_FILE`].
 pub const LOG_FILE: &str = "index.log";
+/// The next generation's data file while a compaction writes it.
+pub const COMPACT_DATA_FILE: &str = "data.compact";
+/// The next generation's log while a compaction writes it.
+pub const COMPACT_LOG_FILE: &str = "index.log.compact";
 
 /// What recovery found when an upper layer was opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,16 +65,73 @@ pub struct Recovery {
     pub data_bytes_dropped: u64,
 }
 
+/// Sizes and state, for metrics and status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpperStats {
+    /// Bytes in the data file.
+    pub data_file_bytes: u64,
+    /// Bytes in the index log.
+    pub log_bytes: u64,
+    /// Disk bytes whose latest write is data in the data file.
+    pub live_bytes: u64,
+    /// Compactions since open.
+    pub compactions: u64,
+    /// Why the layer refuses writes and flushes, if it does.
+    pub failed: Option<String>,
+}
+
 /// Log records kept in memory before one `pwrite` takes them all. Unflushed records may be lost
 /// in a crash anyway; the buffer only ever drops a suffix of them, so recovery still finds a
 /// prefix of the acknowledged operations.
 const PENDING_RECORDS: usize = 64;
 
+/// Log space reserved ahead of the records, so appending one never runs out of space.
+const LOG_RESERVE: u64 = 256 * 1024;
+
+/// One generation of the layer's two files (compaction replaces both).
+pub(crate) struct Files {
+    data: File,
+    log: File,
+    /// Alignment of each write's bytes in `data` (format version 2: 4096; 1: none).
+    align: u64,
+}
+
+/// Syncs one of the layer's files. The failpoints (`--features failpoints`) stand for the
+/// one fault a test cannot cause for real: a failing `fdatasync`.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+pub(crate) fn sync_data(f: &File, which: &str) -> io::Result<()> {
+    fail::fail_point!(
+        if which.starts_with(DATA_FILE) {
+            "upper-sync-data"
+        } else {
+            "upper-sync-log"
+        },
+        |_| Err(io::Error::from_raw_os_error(5))
+    );
+    f.sync_data()
+}
+
+/// Writes `buf` at `at` in one of the layer's files; the failpoint `point` stands for a write
+/// failing with ENOSPC at an exact record.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn pwrite(f: &File, buf: &[u8], at: u64, point: &str) -> io::Result<()> {
+    fail::fail_point!(point, |_| Err(io::Error::from_raw_os_error(28)));
+    f.write_all_at(buf, at)
+}
+
+/// Makes renames and creations in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 struct State {
+    files: Arc<Files>,
     map: RangeMap,
     seq: u64,
     /// Where the next record goes in the log (pending records included).
     log_len: u64,
+    /// Log bytes allocated (reserved); `u64::MAX` where the filesystem cannot reserve.
+    log_reserved: u64,
     /// Encoded records not yet written; they belong at `log_len - pending.len()`.
     pending: Vec<u8>,
     /// End of the last appended write's bytes in `data`.
@@ -58,19 +144,32 @@ struct State {
     last_op: u64,
     /// Records up to this `seq` are durable.
     durable_seq: u64,
+    /// Bumped by each compaction (a flush that began before one has nothing left to do).
+    generation: u64,
+    compactions: u64,
+    /// Files may grow to this size before the next compaction check.
+    next_compaction_check: u64,
+    /// Set once a failure may have lost acknowledged bytes: sticky until reopened.
+    failed: Option<String>,
 }
 
 impl State {
-    fn new(map: RangeMap, seq: u64, log_len: u64, data_len: u64) -> State {
+    fn new(files: Files, map: RangeMap, seq: u64, log_len: u64, data_len: u64) -> State {
         State {
+            files: Arc::new(files),
             map,
             seq,
             log_len,
+            log_reserved: 0,
             pending: Vec::with_capacity(PENDING_RECORDS * RECORD_LEN),
             data_len,
             sealed_len: data_len,
             last_op: seq,
             durable_seq: seq,
+            generation: 0,
+            compactions: 0,
+            next_compaction_check: 0,
+            failed: None,
         }
     }
 }
@@ -78,12 +177,10 @@ impl State {
 /// The writable upper layer; see the module docs. All methods take `&self` and are thread-safe.
 pub struct UpperLayer {
     dir: PathBuf,
-    data: File,
-    log: File,
     logical_size: u64,
-    /// Alignment of each write's bytes in `data` (format version 2: 4096; 1: none).
-    align: u64,
-    /// Writers append under the write lock; readers only snapshot the map under the read lock.
+    /// Held while open for writing; `None` for a read-only open.
+    lock: Option<lock::WriterLock>,
+    policy: RwLock<CompactionPolicy>,
     state: RwLock<State>,
 }
 
@@ -99,20 +196,53 @@ fn name(dir: &Path) -> String {
     format!("upper layer {}", dir.display())
 }
 
+/// Bytes the files of a compacted layer with this map would take.
+fn live_size(map: &RangeMap) -> u64 {
+    map.data_bytes() + (map.len() as u64 + 1) * RECORD_LEN as u64 + 2 * FILE_HEADER_LEN as u64
+}
+
+/// What a read sees of the upper layer: the pieces of a range (or every range) and the data
+/// file they point into, which stays valid even if a compaction replaces the layer's files.
+pub struct UpperView<T> {
+    /// `(disk offset, length, what is there)`, in order.
+    pub pieces: Vec<(u64, u64, T)>,
+    files: Arc<Files>,
+    name: String,
+}
+
+impl<T> UpperView<T> {
+    /// Reads bytes a piece points at (`UpperTarget::Data`'s `file_offset`).
+    pub fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.files
+            .data
+            .read_exact_at(buf, file_offset)
+            .map_err(|e| Error::io(format!("{}/{DATA_FILE}", self.name), file_offset, e))
+    }
+}
+
 impl UpperLayer {
-    /// Opens the upper layer in `dir`, creating an empty one if the directory holds none.
-    /// An existing layer must belong to a disk of `logical_size` bytes.
+    /// Opens the upper layer in `dir` for writing, creating an empty one if the directory holds
+    /// none. An existing layer must belong to a disk of `logical_size` bytes. Fails with
+    /// [`Error::Locked`] while another process has it open for writing.
     pub fn open(dir: &Path, logical_size: u64) -> Result<(UpperLayer, Recovery)> {
         if !dir.join(LOG_FILE).exists() && !dir.join(DATA_FILE).exists() {
             return Ok((UpperLayer::create(dir, logical_size)?, Recovery::default()));
         }
-        UpperLayer::recover(dir, logical_size)
+        let lock = lock::WriterLock::acquire(dir, &name(dir))?;
+        UpperLayer::recover(dir, logical_size, Some(lock))
+    }
+
+    /// Opens an existing upper layer to read it; changes nothing on disk (a torn tail is
+    /// skipped, not cut) and takes no lock, so it works beside a writer (as a snapshot).
+    pub fn open_read_only(dir: &Path, logical_size: u64) -> Result<(UpperLayer, Recovery)> {
+        UpperLayer::recover(dir, logical_size, None)
     }
 
     /// Creates an empty upper layer; fails if one exists there.
     pub fn create(dir: &Path, logical_size: u64) -> Result<UpperLayer> {
         let n = name(dir);
         std::fs::create_dir_all(dir).map_err(|e| Error::io(&n, 0, e))?;
+        let lock = lock::WriterLock::acquire(dir, &n)?;
         let pair_id: [u8; 16] = rand::random();
         let open_new = |f: &str| {
             OpenOptions::new()
@@ -129,188 +259,48 @@ impl UpperLayer {
                 .and_then(|_| f.sync_all())
                 .map_err(|e| Error::io(format!("{n}/{which}"), 0, e))
         };
-        put(
-            &data,
-            &FileHeader {
-                version: UPPER_VERSION,
-                pair_id,
-                logical_size: 0,
-            }
-            .encode(DATA_MAGIC),
-            DATA_FILE,
-        )?;
-        put(
-            &log,
-            &FileHeader {
-                version: UPPER_VERSION,
-                pair_id,
-                logical_size,
-            }
-            .encode(LOG_MAGIC),
-            LOG_FILE,
-        )?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(&n, 0, e))?;
-        Ok(UpperLayer {
-            dir: dir.to_path_buf(),
+        let header = |logical_size| FileHeader {
+            version: UPPER_VERSION,
+            pair_id,
+            logical_size,
+        };
+        put(&data, &header(0).encode(DATA_MAGIC), DATA_FILE)?;
+        put(&log, &header(logical_size).encode(LOG_MAGIC), LOG_FILE)?;
+        sync_dir(dir).map_err(|e| Error::io(&n, 0, e))?;
+        let files = Files {
             data,
             log,
-            logical_size,
             align: data_alignment(UPPER_VERSION),
-            state: RwLock::new(State::new(
-                RangeMap::default(),
-                0,
-                FILE_HEADER_LEN as u64,
-                FILE_HEADER_LEN as u64,
-            )),
+        };
+        let hdr = FILE_HEADER_LEN as u64;
+        Ok(UpperLayer {
+            dir: dir.to_path_buf(),
+            logical_size,
+            lock: Some(lock),
+            policy: RwLock::new(CompactionPolicy::default()),
+            state: RwLock::new(State::new(files, RangeMap::default(), 0, hdr, hdr)),
         })
     }
 
-    fn recover(dir: &Path, logical_size: u64) -> Result<(UpperLayer, Recovery)> {
-        let n = name(dir);
-        let open = |f: &str| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dir.join(f))
-                .map_err(|e| Error::io(format!("{n}/{f}"), 0, e))
-        };
-        let data = open(DATA_FILE)?;
-        let log = open(LOG_FILE)?;
-        let log_bytes = std::fs::read(dir.join(LOG_FILE))
-            .map_err(|e| Error::io(format!("{n}/{LOG_FILE}"), 0, e))?;
-        let data_file_len = data
-            .metadata()
-            .map_err(|e| Error::io(format!("{n}/{DATA_FILE}"), 0, e))?
-            .len();
-        let mut dh = [0u8; FILE_HEADER_LEN];
-        data.read_exact_at(&mut dh, 0)
-            .map_err(|e| Error::corrupt(&n, "data file header", 0, e.to_string()))?;
-        let dh = FileHeader::decode(&dh, DATA_MAGIC)
-            .map_err(|e| Error::corrupt(&n, "data file header", 0, e))?;
-        let lh = FileHeader::decode(&log_bytes, LOG_MAGIC)
-            .map_err(|e| Error::corrupt(&n, "index log header", 0, e))?;
-        if dh.pair_id != lh.pair_id || dh.version != lh.version {
-            return Err(Error::corrupt(
-                &n,
-                "data file header",
-                16,
-                "data file and index log belong to different upper layers",
-            ));
-        }
-        if lh.logical_size != logical_size {
-            return Err(Error::Invalid(format!(
-                "{n}: belongs to a disk of {} bytes, not {logical_size}",
-                lh.logical_size
-            )));
-        }
-        let align = data_alignment(lh.version);
-        // Scan: take records while each is well-formed and continues the sequence.
-        let mut recs: Vec<Record> = Vec::new();
-        let mut last_flush = 0usize; // records[..last_flush] are covered by a flush mark
-        let mut data_end = FILE_HEADER_LEN as u64;
-        let mut pos = FILE_HEADER_LEN;
-        while let Some(r) = log_bytes
-            .get(pos..pos + RECORD_LEN)
-            .and_then(Record::decode)
-        {
-            let in_disk = r
-                .offset
-                .checked_add(r.len as u64)
-                .is_some_and(|e| e <= logical_size);
-            let ok = r.seq == recs.len() as u64 + 1
-                && match r.kind {
-                    // Version 2 marks name the last record they cover (`offset`), never one
-                    // after the mark. Version 1 marks cover all before them.
-                    RecordKind::FlushMark => lh.version < 2 || r.offset <= recs.len() as u64,
-                    RecordKind::Write => {
-                        let end = r.data_offset + r.len as u64;
-                        let appended = r.data_offset == data_end.next_multiple_of(align)
-                            && end <= data_file_len;
-                        // Version 2: a rewrite in place of bytes already appended.
-                        let in_place = lh.version >= 2
-                            && r.data_offset >= FILE_HEADER_LEN as u64
-                            && end <= data_end;
-                        in_disk && (appended || in_place)
-                    }
-                    _ => in_disk,
-                };
-            if !ok {
-                break;
-            }
-            if r.kind == RecordKind::Write {
-                data_end = data_end.max(r.data_offset + r.len as u64);
-            }
-            if r.kind == RecordKind::FlushMark {
-                // Concurrent flushes may write their marks out of order: the highest wins.
-                last_flush = if lh.version < 2 {
-                    recs.len()
-                } else {
-                    last_flush.max(r.offset as usize)
-                };
-            }
-            recs.push(r);
-            pos += RECORD_LEN;
-        }
-        // Records after the last flush mark may have data that never reached the disk.
-        let mut keep = recs.len();
-        for (i, r) in recs.iter().enumerate().skip(last_flush) {
-            if r.kind == RecordKind::Write {
-                let mut buf = vec![0u8; r.len as usize];
-                let good = data.read_exact_at(&mut buf, r.data_offset).is_ok()
-                    && crc32c::crc32c(&buf) == r.data_crc32c;
-                if !good {
-                    keep = i;
-                    break;
-                }
-            }
-        }
-        recs.truncate(keep);
-        let data_len = recs
-            .iter()
-            .filter(|r| r.kind == RecordKind::Write)
-            .map(|r| r.data_offset + r.len as u64)
-            .max()
-            .unwrap_or(FILE_HEADER_LEN as u64);
-        let log_len = (FILE_HEADER_LEN + recs.len() * RECORD_LEN) as u64;
-        let rec = Recovery {
-            replayed: recs
-                .iter()
-                .filter(|r| r.kind != RecordKind::FlushMark)
-                .count() as u64,
-            log_bytes_dropped: log_bytes.len() as u64 - log_len,
-            data_bytes_dropped: data_file_len.saturating_sub(data_len),
-        };
-        if rec.log_bytes_dropped > 0 || rec.data_bytes_dropped > 0 {
-            log.set_len(log_len)
-                .and_then(|_| log.sync_all())
-                .map_err(|e| Error::io(format!("{n}/{LOG_FILE}"), log_len, e))?;
-            data.set_len(data_len)
-                .and_then(|_| data.sync_all())
-                .map_err(|e| Error::io(format!("{n}/{DATA_FILE}"), data_len, e))?;
-        }
-        let mut map = RangeMap::default();
-        for r in &recs {
-            let t = match r.kind {
-                RecordKind::Write => UpperTarget::Data {
-                    file_offset: r.data_offset,
-                },
-                RecordKind::WriteZeroes => UpperTarget::Zero,
-                RecordKind::Trim => UpperTarget::Trimmed,
-                RecordKind::FlushMark => continue,
-            };
-            map.insert(r.offset, r.len as u64, t);
-        }
+    fn recover(
+        dir: &Path,
+        logical_size: u64,
+        lock: Option<lock::WriterLock>,
+    ) -> Result<(UpperLayer, Recovery)> {
+        let r = recover::recover(dir, logical_size, lock.is_some())?;
+        let mut st = State::new(r.files, r.map, r.seq, r.log_len, r.data_len);
+        // The recovered tail was not synced by this process: only what a flush mark covers is
+        // durable, so the first flush syncs the rest.
+        st.durable_seq = r.flushed;
+        st.last_op = r.last_op;
         let up = UpperLayer {
             dir: dir.to_path_buf(),
-            data,
-            log,
             logical_size,
-            align,
-            state: RwLock::new(State::new(map, recs.len() as u64, log_len, data_len)),
+            lock,
+            policy: RwLock::new(CompactionPolicy::default()),
+            state: RwLock::new(st),
         };
-        Ok((up, rec))
+        Ok((up, r.report))
     }
 
     /// The directory holding the layer.
@@ -320,6 +310,16 @@ impl UpperLayer {
     /// Disk size.
     pub fn logical_size(&self) -> u64 {
         self.logical_size
+    }
+    /// True when opened with [`Self::open_read_only`].
+    pub fn read_only(&self) -> bool {
+        self.lock.is_none()
+    }
+
+    /// Sets when compaction runs (default: [`CompactionPolicy::default`]).
+    pub fn set_compaction(&self, policy: CompactionPolicy) {
+        *self.policy.write() = policy;
+        self.state.write().next_compaction_check = 0;
     }
 
     fn check(&self, off: u64, len: u64) -> Result<()> {
@@ -333,30 +333,102 @@ impl UpperLayer {
         }
     }
 
-    /// Queues a record; writes the queue out when it is full.
+    /// Refuses changes to a read-only or failed layer.
+    fn usable(&self, st: &State) -> Result<()> {
+        if self.lock.is_none() {
+            return Err(Error::ReadOnly);
+        }
+        match &st.failed {
+            Some(why) => Err(Error::Failed {
+                layer: name(&self.dir),
+                detail: why.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the layer refuse every later write and flush (see the module docs); returns the
+    /// error to report now.
+    fn fail(&self, st: &mut State, e: Error) -> Error {
+        if st.failed.is_none() {
+            tracing::error!(layer = %self.dir.display(), error = %e,
+                "upper layer failed: refusing writes and flushes until reopened");
+            st.failed = Some(e.to_string());
+        }
+        e
+    }
+
+    /// Fails the layer unless `e` is running out of space (which loses nothing).
+    fn fail_unless_no_space(&self, st: &mut State, e: Error) -> Error {
+        if e.is_no_space() {
+            e
+        } else {
+            self.fail(st, e)
+        }
+    }
+
+    /// Reserves log space for `records` more records (plus a flush mark) past the queue.
+    fn reserve_log(&self, st: &mut State, records: u64) -> Result<()> {
+        let need = st.log_len + (records + 1) * RECORD_LEN as u64;
+        if need <= st.log_reserved {
+            return Ok(());
+        }
+        let to = need.next_multiple_of(LOG_RESERVE);
+        let from = st.log_len;
+        match rustix::fs::fallocate(
+            &st.files.log,
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            from,
+            to - from,
+        ) {
+            Ok(()) => st.log_reserved = to,
+            // The filesystem cannot reserve: appends may then fail, and are undone.
+            Err(rustix::io::Errno::OPNOTSUPP) => st.log_reserved = u64::MAX,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("{}/{LOG_FILE}", name(&self.dir)),
+                    from,
+                    e.into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a record; writes the queue out when it is full. On error the record is not
+    /// queued (earlier queued records stay: they are acknowledged and still correct).
     fn append(&self, st: &mut State, mut r: Record) -> Result<()> {
         r.seq = st.seq + 1;
         st.pending.extend_from_slice(&r.encode());
         st.seq += 1;
+        let prev_last_op = st.last_op;
         if r.kind != RecordKind::FlushMark {
             st.last_op = st.seq;
         }
         st.log_len += RECORD_LEN as u64;
         if st.pending.len() >= PENDING_RECORDS * RECORD_LEN {
-            self.write_pending(st)?;
+            if let Err(e) = self.write_pending(st) {
+                st.pending.truncate(st.pending.len() - RECORD_LEN);
+                st.seq -= 1;
+                st.log_len -= RECORD_LEN as u64;
+                st.last_op = prev_last_op;
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Writes queued records to the log (not synced). On error they stay queued.
+    /// Writes queued records to the log (not synced). On error they stay queued; any error but
+    /// running out of space fails the layer.
     fn write_pending(&self, st: &mut State) -> Result<()> {
         if st.pending.is_empty() {
             return Ok(());
         }
         let at = st.log_len - st.pending.len() as u64;
-        self.log
-            .write_all_at(&st.pending, at)
-            .map_err(|e| Error::io(format!("{}/{LOG_FILE}", name(&self.dir)), at, e))?;
+        if let Err(e) = pwrite(&st.files.log, &st.pending, at, "upper-log-write") {
+            let e = Error::io(format!("{}/{LOG_FILE}", name(&self.dir)), at, e);
+            return Err(self.fail_unless_no_space(st, e));
+        }
         st.pending.clear();
         Ok(())
     }
@@ -366,30 +438,41 @@ impl UpperLayer {
     /// they go idle.
     pub fn settle(&self) -> Result<()> {
         let mut st = self.state.write();
+        if st.failed.is_some() {
+            return self.usable(&st);
+        }
         self.write_pending(&mut st)
     }
 
-    /// Appends a write of `data` at `off`.
+    /// Appends a write of `data` at `off`. On error the layer is as before the call (or, if
+    /// bytes it cannot undo reached the disk, failed — see the module docs).
     pub fn write(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check(off, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
         }
         let mut st = self.state.write();
-        let prev = st.data_len;
+        self.usable(&st)?;
+        self.reserve_log(&mut st, 1)?;
         let len = data.len() as u64;
+        let align = st.files.align;
         // Bytes no flush has claimed, covering exactly this range: rewrite them in place. A crash
         // then fails the older record's data check and recovery stops there: still a prefix.
-        let in_place = (self.align > 1)
+        let in_place = (align > 1)
             .then(|| st.map.data_at(off, len))
             .flatten()
             .filter(|&at| at >= st.sealed_len);
-        let at = in_place.unwrap_or_else(|| prev.next_multiple_of(self.align));
-        self.data
-            .write_all_at(data, at)
-            .map_err(|e| Error::io(format!("{}/{DATA_FILE}", name(&self.dir)), at, e))?;
-        if in_place.is_none() {
-            st.data_len = at + len;
+        let at = in_place.unwrap_or_else(|| st.data_len.next_multiple_of(align));
+        let res = pwrite(&st.files.data, data, at, "upper-data-write");
+        if let Err(e) = res {
+            let e = Error::io(format!("{}/{DATA_FILE}", name(&self.dir)), at, e);
+            // Appended bytes past the end are garbage no record names (the next write
+            // overwrites them); bytes rewritten in place belong to a logged record.
+            return Err(if in_place.is_some() {
+                self.fail(&mut st, e)
+            } else {
+                self.fail_unless_no_space(&mut st, e)
+            });
         }
         let r = Record {
             kind: RecordKind::Write,
@@ -400,13 +483,18 @@ impl UpperLayer {
             data_offset: at,
         };
         if let Err(e) = self.append(&mut st, r) {
-            st.data_len = prev; // the bytes are garbage past the end; the next write overwrites them
-            return Err(e);
+            return Err(if in_place.is_some() {
+                self.fail(&mut st, e)
+            } else {
+                e
+            });
         }
         if in_place.is_none() {
+            st.data_len = at + len;
             st.map
                 .insert(off, len, UpperTarget::Data { file_offset: at });
         }
+        self.maybe_compact(&mut st);
         Ok(())
     }
 
@@ -417,111 +505,197 @@ impl UpperLayer {
             return Ok(());
         }
         let mut st = self.state.write();
-        let kind = if trim {
-            RecordKind::Trim
+        self.usable(&st)?;
+        self.reserve_log(&mut st, 1)?;
+        let (kind, target) = if trim {
+            (RecordKind::Trim, UpperTarget::Trimmed)
         } else {
-            RecordKind::WriteZeroes
+            (RecordKind::WriteZeroes, UpperTarget::Zero)
         };
-        self.append(
-            &mut st,
-            Record {
-                kind,
-                seq: 0,
-                offset: off,
-                len: len as u32,
-                data_crc32c: 0,
-                data_offset: 0,
-            },
-        )?;
-        st.map.insert(
-            off,
-            len,
-            if trim {
-                UpperTarget::Trimmed
-            } else {
-                UpperTarget::Zero
-            },
-        );
+        let r = Record {
+            kind,
+            seq: 0,
+            offset: off,
+            len: len as u32,
+            data_crc32c: 0,
+            data_offset: 0,
+        };
+        self.append(&mut st, r)?;
+        st.map.insert(off, len, target);
+        self.maybe_compact(&mut st);
         Ok(())
     }
 
     /// Makes every operation acknowledged before the call durable: `fdatasync(data)`, a flush
     /// mark naming the last record covered, `fdatasync(index.log)`. The syncs run without the
     /// lock, so reads and writes go on meanwhile; writes that land during them are not claimed
-    /// by this mark (the next flush covers them).
+    /// by this mark (the next flush covers them). A failed sync fails the layer (sticky).
     pub fn flush(&self) -> Result<()> {
         let n = name(&self.dir);
-        let covered = {
+        let (covered, files, generation) = {
             let mut st = self.state.write();
+            if self.lock.is_none() {
+                return Ok(());
+            }
+            self.usable(&st)?;
             if st.durable_seq >= st.last_op {
                 return Ok(());
             }
+            self.reserve_log(&mut st, 0)?;
             self.write_pending(&mut st)?;
             st.sealed_len = st.data_len;
-            st.seq
+            (st.seq, st.files.clone(), st.generation)
         };
-        self.data
-            .sync_data()
-            .map_err(|e| Error::io(format!("{n}/{DATA_FILE}"), 0, e))?;
+        let synced = sync_data(&files.data, DATA_FILE);
         {
             let mut st = self.state.write();
+            if let Err(e) = synced {
+                let e = Error::io(format!("{n}/{DATA_FILE}"), 0, e);
+                return Err(self.fail(&mut st, e));
+            }
+            // Another flush may have failed meanwhile: never write a mark over lost data.
+            self.usable(&st)?;
+            if st.generation != generation {
+                // A compaction synced everything this flush covers.
+                return Ok(());
+            }
+            self.reserve_log(&mut st, 0)?;
             self.append(
                 &mut st,
                 Record {
                     kind: RecordKind::FlushMark,
                     seq: 0,
                     // Version 1 marks cover every record before them: only when none came in.
-                    offset: if self.align > 1 { covered } else { 0 },
+                    offset: if files.align > 1 { covered } else { 0 },
                     len: 0,
                     data_crc32c: 0,
                     data_offset: 0,
                 },
             )?;
-            if self.align == 1 && st.last_op > covered {
+            if files.align == 1 && st.last_op > covered {
                 // A version 1 mark would also claim the records that arrived during the sync.
-                self.data
-                    .sync_data()
-                    .map_err(|e| Error::io(format!("{n}/{DATA_FILE}"), 0, e))?;
+                if let Err(e) = sync_data(&files.data, DATA_FILE) {
+                    let e = Error::io(format!("{n}/{DATA_FILE}"), 0, e);
+                    return Err(self.fail(&mut st, e));
+                }
             }
             self.write_pending(&mut st)?;
         }
-        self.log
-            .sync_data()
-            .map_err(|e| Error::io(format!("{n}/{LOG_FILE}"), 0, e))?;
+        let synced = sync_data(&files.log, LOG_FILE);
         let mut st = self.state.write();
-        st.durable_seq = st.durable_seq.max(covered);
+        if let Err(e) = synced {
+            let e = Error::io(format!("{n}/{LOG_FILE}"), 0, e);
+            return Err(self.fail(&mut st, e));
+        }
+        if st.generation == generation {
+            st.durable_seq = st.durable_seq.max(covered);
+        }
+        self.maybe_compact(&mut st);
         Ok(())
     }
 
-    /// Pieces of `[off, off + len)`: `None` where the upper layer has nothing (lower shows).
-    pub fn pieces(&self, off: u64, len: u64) -> Vec<(u64, u64, Option<UpperTarget>)> {
-        self.state.read().map.pieces(off, len)
+    /// Rewrites the files to hold only the live ranges now, whatever the policy says (see
+    /// `compact.rs`); everything acknowledged before is durable when it returns.
+    pub fn compact(&self) -> Result<()> {
+        let mut st = self.state.write();
+        self.usable(&st)?;
+        let total = st.data_len + st.log_len;
+        self.run_compaction(&mut st, total)
     }
 
-    /// Reads bytes the map points at. Data is never overwritten in place, so a piece obtained
-    /// from `pieces` stays valid even if a later write covers the same range.
-    pub fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.data
-            .read_exact_at(buf, file_offset)
-            .map_err(|e| Error::io(format!("{}/{DATA_FILE}", name(&self.dir)), file_offset, e))
+    /// Compacts when the policy says the files waste too much. A failure before the switch is
+    /// logged and tried again after more growth; one during it fails the layer.
+    fn maybe_compact(&self, st: &mut State) {
+        let total = st.data_len + st.log_len;
+        if total < st.next_compaction_check || st.failed.is_some() {
+            return;
+        }
+        let policy = *self.policy.read();
+        let live = live_size(&st.map);
+        if !policy.due(total, live) {
+            // Nothing to do until the files grow by a step (live size changes slowly).
+            st.next_compaction_check = total + (policy.min_waste / 8).clamp(4096, 8 << 20);
+            return;
+        }
+        if let Err(e) = self.run_compaction(st, total) {
+            if st.failed.is_none() {
+                tracing::warn!(layer = %self.dir.display(), error = %e,
+                    "upper layer compaction failed; the layer is unchanged");
+                st.next_compaction_check = total + policy.min_waste.max(1 << 20);
+            }
+        }
+    }
+
+    fn run_compaction(&self, st: &mut State, total: u64) -> Result<()> {
+        match compact::compact(&self.dir, self.logical_size, &st.files, &st.map) {
+            Ok(c) => {
+                st.files = Arc::new(c.files);
+                st.map = c.map;
+                st.seq = c.seq;
+                st.log_len = c.log_len;
+                st.log_reserved = 0;
+                st.pending.clear();
+                st.data_len = c.data_len;
+                st.sealed_len = c.data_len;
+                st.durable_seq = c.seq;
+                st.last_op = c.seq.saturating_sub(1);
+                st.generation += 1;
+                st.compactions += 1;
+                st.next_compaction_check = 0;
+                tracing::info!(layer = %self.dir.display(), from = total,
+                    to = c.data_len + c.log_len, "upper layer compacted");
+                Ok(())
+            }
+            Err(compact::CompactError::Before(e)) => Err(e),
+            Err(compact::CompactError::During(e)) => Err(self.fail(st, e)),
+        }
+    }
+
+    /// Pieces of `[off, off + len)`: `None` where the upper layer has nothing (lower shows).
+    pub fn pieces(&self, off: u64, len: u64) -> UpperView<Option<UpperTarget>> {
+        let st = self.state.read();
+        UpperView {
+            pieces: st.map.pieces(off, len),
+            files: st.files.clone(),
+            name: name(&self.dir),
+        }
     }
 
     /// A snapshot of every range, in order.
-    pub fn ranges(&self) -> Vec<(u64, u64, UpperTarget)> {
-        self.state.read().map.iter().collect()
+    pub fn ranges(&self) -> UpperView<UpperTarget> {
+        let st = self.state.read();
+        UpperView {
+            pieces: st.map.iter().collect(),
+            files: st.files.clone(),
+            name: name(&self.dir),
+        }
     }
 
-    /// Bytes in the data file (including overwritten data, until commit).
+    /// Bytes in the data file (including overwritten data, until compaction or commit).
     pub fn data_file_len(&self) -> u64 {
         self.state.read().data_len
+    }
+
+    /// Sizes and state, for metrics.
+    pub fn stats(&self) -> UpperStats {
+        let st = self.state.read();
+        UpperStats {
+            data_file_bytes: st.data_len,
+            log_bytes: st.log_len,
+            live_bytes: st.map.data_bytes(),
+            compactions: st.compactions,
+            failed: st.failed.clone(),
+        }
     }
 }
 
 impl Drop for UpperLayer {
     fn drop(&mut self) {
         // Queued records reach the kernel on a clean close, as they would on `settle`.
-        if let Err(e) = self.settle() {
-            tracing::warn!(error = %e, "upper layer closed with unwritten log records");
+        if self.lock.is_some() {
+            if let Err(e) = self.settle() {
+                tracing::warn!(error = %e, "upper layer closed with unwritten log records");
+            }
         }
     }
 }
@@ -595,11 +769,11 @@ mod tests {
             (100_000, 512, 0xcc),
         ] {
             got.resize(len, 0);
-            let p = up.pieces(off, len as u64);
-            let Some(UpperTarget::Data { file_offset }) = p[0].2 else {
-                panic!("no data at {off}: {p:?}");
+            let v = up.pieces(off, len as u64);
+            let Some(UpperTarget::Data { file_offset }) = v.pieces[0].2 else {
+                panic!("no data at {off}: {:?}", v.pieces);
             };
-            up.read_data(file_offset, &mut got).expect("read");
+            v.read_data(file_offset, &mut got).expect("read");
             assert!(got.iter().all(|&x| x == want), "at {off}");
         }
         // The new write went right after the old bytes: version 1 layout kept.
@@ -645,6 +819,7 @@ mod tests {
         up.write(4096, &[2; 4096]).expect("write");
         let offs: Vec<u64> = up
             .ranges()
+            .pieces
             .into_iter()
             .filter_map(|(_, _, t)| match t {
                 UpperTarget::Data { file_offset } => Some(file_offset),

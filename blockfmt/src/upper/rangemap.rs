@@ -30,6 +30,8 @@ impl UpperTarget {
 #[derive(Debug, Clone, Default)]
 pub struct RangeMap {
     map: BTreeMap<u64, (u64, UpperTarget)>,
+    /// Bytes of the disk that map to data (what compaction must keep).
+    data_bytes: u64,
 }
 
 impl RangeMap {
@@ -48,9 +50,16 @@ impl RangeMap {
             return;
         }
         let end = start + len;
+        let is_data = |t: UpperTarget| matches!(t, UpperTarget::Data { .. });
+        if is_data(t) {
+            self.data_bytes += len;
+        }
         if let Some((&ps, &(pl, pt))) = self.map.range(..start).next_back() {
             let pe = ps + pl;
             if pe > start {
+                if is_data(pt) {
+                    self.data_bytes -= pe.min(end) - start;
+                }
                 self.map.insert(ps, (start - ps, pt));
                 if pe > end {
                     self.map.insert(end, (pe - end, pt.advance(end - ps)));
@@ -60,6 +69,9 @@ impl RangeMap {
         let inside: Vec<u64> = self.map.range(start..end).map(|(&k, _)| k).collect();
         for k in inside {
             if let Some((l, t0)) = self.map.remove(&k) {
+                if is_data(t0) {
+                    self.data_bytes -= (k + l).min(end) - k;
+                }
                 if k + l > end {
                     self.map.insert(end, (k + l - end, t0.advance(end - k)));
                 }
@@ -119,6 +131,11 @@ impl RangeMap {
         self.map.iter().map(|(&s, &(l, t))| (s, l, t))
     }
 
+    /// Bytes of the disk whose latest write is data in the data file (live data).
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
+    }
+
     /// Number of ranges.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -165,6 +182,8 @@ mod tests {
                 pos += l;
             }
             prop_assert_eq!(pos, 400);
+            let live = model.iter().filter(|b| matches!(b, Some((0, _)))).count() as u64;
+            prop_assert_eq!(m.data_bytes(), live);
         }
     }
 }
