@@ -123,13 +123,12 @@ fn export_metrics(m: &mut String, exports: &Exports) {
     }
     let name = "lsm_upper_failed";
     let _ = writeln!(m, "# HELP {name} 1 when the upper layer refuses writes and flushes after a failed sync (until lsmd restarts and recovers it).\n# TYPE {name} gauge");
-    for e in exports.all().filter(|e| !e.image.read_only()) {
-        let _ = writeln!(
-            m,
-            "{name}{{export=\"{}\"}} {}",
-            e.name,
-            e.stats.failed() as u8
-        );
+    for e in exports.all() {
+        let Some(upper) = e.image.upper().filter(|_| !e.image.read_only()) else {
+            continue;
+        };
+        let failed = e.stats.failed() || upper.stats().failed.is_some();
+        let _ = writeln!(m, "{name}{{export=\"{}\"}} {}", e.name, failed as u8);
     }
 }
 
