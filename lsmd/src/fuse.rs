@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use blockfmt::Image;
-
 use crate::errno;
+use crate::metrics::Frontend;
+use crate::nbd::Export;
 use crate::pool::WorkerPool;
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
@@ -34,13 +34,13 @@ const READ_THREADS: usize = 8;
 
 /// The exported files: inode `2 + i` is `files[i]`.
 struct ExportFiles {
-    files: Vec<(String, Arc<Image>)>,
+    files: Vec<Arc<Export>>,
     started: SystemTime,
     reads: WorkerPool,
 }
 
 impl ExportFiles {
-    fn file(&self, ino: u64) -> Option<&(String, Arc<Image>)> {
+    fn file(&self, ino: u64) -> Option<&Arc<Export>> {
         ino.checked_sub(2).and_then(|i| self.files.get(i as usize))
     }
 
@@ -48,7 +48,7 @@ impl ExportFiles {
         let (kind, perm, size) = if ino == ROOT {
             (FileType::Directory, 0o755, 0)
         } else {
-            let (_, img) = self.file(ino)?;
+            let img = &self.file(ino)?.image;
             let perm = if img.read_only() { 0o444 } else { 0o644 };
             (FileType::RegularFile, perm, img.size())
         };
@@ -85,7 +85,7 @@ impl Filesystem for ExportFiles {
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let found = (parent == ROOT)
-            .then(|| self.files.iter().position(|(n, _)| OsStr::new(n) == name))
+            .then(|| self.files.iter().position(|e| OsStr::new(&e.name) == name))
             .flatten();
         match found.and_then(|i| self.attr(i as u64 + 2)) {
             Some(a) => reply.entry(&TTL, &a, 0),
@@ -127,10 +127,10 @@ impl Filesystem for ExportFiles {
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        let Some((_, img)) = self.file(ino) else {
+        let Some(export) = self.file(ino) else {
             return reply.error(libc::ENOENT);
         };
-        if img.read_only() && flags & libc::O_ACCMODE != libc::O_RDONLY {
+        if export.image.read_only() && flags & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(libc::EROFS);
         }
         reply.opened(0, fuser::consts::FOPEN_DIRECT_IO);
@@ -147,18 +147,19 @@ impl Filesystem for ExportFiles {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
-        let Some((name, img)) = self.file(ino) else {
+        let Some(export) = self.file(ino).cloned() else {
             return reply.error(libc::ENOENT);
         };
-        let (name, img) = (name.clone(), img.clone());
         self.reads.submit(move || {
+            let img = &export.image;
             let off = offset.max(0) as u64;
             let len = (size as u64).min(img.size().saturating_sub(off)) as usize;
             let mut buf = vec![0u8; len];
             match img.read(off, &mut buf) {
                 Ok(()) => reply.data(&buf),
                 Err(e) => {
-                    tracing::warn!(export = %name, offset = off, len, error = %e, "FUSE read failed");
+                    export.failed_request(&e);
+                    tracing::warn!(export = %export.name, offset = off, len, error = %e, "FUSE read failed");
                     reply.error(errno(&e))
                 }
             }
@@ -177,17 +178,18 @@ impl Filesystem for ExportFiles {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        let Some((name, img)) = self.file(ino) else {
+        let Some(export) = self.file(ino) else {
             return reply.error(libc::ENOENT);
         };
         let off = offset.max(0) as u64;
-        if off + data.len() as u64 > img.size() {
+        if off + data.len() as u64 > export.image.size() {
             return reply.error(libc::ENOSPC);
         }
-        match img.write(off, data) {
+        match export.image.write(off, data) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => {
-                tracing::warn!(export = %name, offset = off, len = data.len(), error = %e, "FUSE write failed");
+                export.failed_request(&e);
+                tracing::warn!(export = %export.name, offset = off, len = data.len(), error = %e, "FUSE write failed");
                 reply.error(errno(&e))
             }
         }
@@ -206,12 +208,16 @@ impl Filesystem for ExportFiles {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some((_, img)) = self.file(ino) else {
+        let Some(export) = self.file(ino) else {
             return reply.error(libc::ENOENT);
         };
-        match img.flush() {
+        match export.flush(Frontend::Fuse) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => {
+                export.failed_request(&e);
+                tracing::warn!(export = %export.name, error = %e, "FUSE fsync failed");
+                reply.error(errno(&e))
+            }
         }
     }
 
@@ -230,8 +236,8 @@ impl Filesystem for ExportFiles {
             (ROOT, FileType::Directory, "."),
             (ROOT, FileType::Directory, ".."),
         ];
-        for (i, (name, _)) in self.files.iter().enumerate() {
-            entries.push((i as u64 + 2, FileType::RegularFile, name));
+        for (i, e) in self.files.iter().enumerate() {
+            entries.push((i as u64 + 2, FileType::RegularFile, &e.name));
         }
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
             if reply.add(ino, i as i64 + 1, kind, name) {
@@ -247,9 +253,9 @@ pub struct FuseMount {
     _session: fuser::BackgroundSession,
 }
 
-/// Mounts `exports` (name, image) as files in `dir`.
-pub fn mount(dir: &Path, exports: Vec<(String, Arc<Image>)>) -> std::io::Result<FuseMount> {
-    let writable = exports.iter().any(|(_, i)| !i.read_only());
+/// Mounts `exports` as files (named after them) in `dir`.
+pub fn mount(dir: &Path, exports: Vec<Arc<Export>>) -> std::io::Result<FuseMount> {
+    let writable = exports.iter().any(|e| !e.image.read_only());
     let mut options = vec![
         MountOption::FSName("lsmd".into()),
         MountOption::Subtype("lsm".into()),

@@ -139,7 +139,7 @@ fn open_exports(
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         let image = Arc::new(image);
         start_prefetch(&name, &path, &image, prefetch);
-        list.push(Export { name, image });
+        list.push(Export::new(name, image));
     }
     Ok(Exports::new(list))
 }
@@ -318,10 +318,7 @@ fn main() -> ExitCode {
     }
     let fuse_mount = match &fuse {
         Some(dir) => {
-            let files = exports
-                .images_shared()
-                .map(|(n, i)| (n.to_string(), i))
-                .collect();
+            let files = exports.all().cloned().collect();
             match lsmd::fuse::mount(dir, files) {
                 Ok(m) => {
                     tracing::info!(fuse = %dir.display(), "exports mounted as files");
@@ -362,7 +359,7 @@ fn main() -> ExitCode {
     }
     let mut ublk_devices = Vec::new();
     for name in &ublk {
-        let Some((_, image)) = exports.images_shared().find(|(n, _)| n == name) else {
+        let Some(export) = exports.all().find(|e| &e.name == name).cloned() else {
             eprintln!("lsmd: error: --ublk {name}: no such export");
             return ExitCode::FAILURE;
         };
@@ -372,7 +369,7 @@ fn main() -> ExitCode {
             depth: ublk_depth,
             user_copy: true,
         };
-        match lsmd::ublk::UblkDevice::start(name, image, &state, opts) {
+        match lsmd::ublk::UblkDevice::start(export, &state, opts) {
             Ok(d) => {
                 let copy = if d.user_copy() { "user" } else { "buffers" };
                 tracing::info!(export = %name, device = %d.block_device(), copy, "ublk device started");

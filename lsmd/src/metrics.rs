@@ -1,5 +1,6 @@
 //! The metrics endpoint: `GET /metrics` in the Prometheus text format (bytes fetched per source,
-//! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes),
+//! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes,
+//! per-export flushes by frontend, ENOSPC refusals and whether the upper layer has failed),
 //! `GET /status` as JSON for `lsmctl status`, and `GET /trace?export=NAME` (the chunks that
 //! export's readers needed so far, FORMAT.md §6) for `lsmctl trace record`. Plain HTTP/1.1 on a loopback address; one short
 //! request per connection.
@@ -7,12 +8,129 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::config::HostServices;
 use crate::nbd::Exports;
 use crate::source::{SourceStats, LATENCY_BUCKETS};
 use crate::trace::Trace;
+
+/// Which way a request reached an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend {
+    /// An NBD connection: a client such as qemu, or the kernel's nbd device.
+    Nbd,
+    /// A ublk device.
+    Ublk,
+    /// A FUSE file.
+    Fuse,
+    /// lsmd itself, flushing every upper layer before it exits.
+    Shutdown,
+}
+
+impl Frontend {
+    const ALL: [Frontend; 4] = [
+        Frontend::Nbd,
+        Frontend::Ublk,
+        Frontend::Fuse,
+        Frontend::Shutdown,
+    ];
+
+    /// The `frontend` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Frontend::Nbd => "nbd",
+            Frontend::Ublk => "ublk",
+            Frontend::Fuse => "fuse",
+            Frontend::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Per-export counters the frontends keep: flushes (by frontend), requests refused for lack of
+/// space, and whether the upper layer has failed. Lock-free: bumped from any serving thread.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    flushes: [AtomicU64; 4],
+    flush_errors: [AtomicU64; 4],
+    no_space: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl ExportStats {
+    pub(crate) fn count_flush(&self, via: Frontend, ok: bool) {
+        let i = via as usize;
+        self.flushes[i].fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.flush_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn count_no_space(&self) {
+        self.no_space.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks the upper layer failed; true the first time.
+    pub(crate) fn mark_failed(&self) -> bool {
+        !self.failed.swap(true, Ordering::Relaxed)
+    }
+
+    /// FLUSH requests served through `via` (failed ones included).
+    pub fn flushes(&self, via: Frontend) -> u64 {
+        self.flushes[via as usize].load(Ordering::Relaxed)
+    }
+
+    /// True once a request saw the upper layer's sticky failure.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// The per-export families: flushes and flush errors by frontend, ENOSPC refusals, and the
+/// upper layer's failed state.
+fn export_metrics(m: &mut String, exports: &Exports) {
+    type Get = fn(&ExportStats, usize) -> u64;
+    let by_frontend: [(&str, &str, Get); 2] = [
+        (
+            "lsm_flush_total",
+            "FLUSH requests (and flushes after FUA writes) served, by frontend.",
+            |s, i| s.flushes[i].load(Ordering::Relaxed),
+        ),
+        (
+            "lsm_flush_errors_total",
+            "FLUSH requests that failed, by frontend.",
+            |s, i| s.flush_errors[i].load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, get) in by_frontend {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} counter");
+        for e in exports.all() {
+            for f in Frontend::ALL {
+                let (export, frontend) = (&e.name, f.label());
+                let v = get(&e.stats, f as usize);
+                let _ = writeln!(
+                    m,
+                    "{name}{{export=\"{export}\",frontend=\"{frontend}\"}} {v}"
+                );
+            }
+        }
+    }
+    let name = "lsm_no_space_errors_total";
+    let _ = writeln!(m, "# HELP {name} Requests refused with ENOSPC: the filesystem under the upper layer is full (or over quota).\n# TYPE {name} counter");
+    for e in exports.all() {
+        let v = e.stats.no_space.load(Ordering::Relaxed);
+        let _ = writeln!(m, "{name}{{export=\"{}\"}} {v}", e.name);
+    }
+    let name = "lsm_upper_failed";
+    let _ = writeln!(m, "# HELP {name} 1 when the upper layer refuses writes and flushes after a failed sync (until lsmd restarts and recovers it).\n# TYPE {name} gauge");
+    for e in exports.all() {
+        let Some(upper) = e.image.upper().filter(|_| !e.image.read_only()) else {
+            continue;
+        };
+        let failed = e.stats.failed() || upper.stats().failed.is_some();
+        let _ = writeln!(m, "{name}{{export=\"{}\"}} {}", e.name, failed as u8);
+    }
+}
 
 /// Renders every metric.
 pub fn render(host: &HostServices, exports: &Exports) -> String {
@@ -90,6 +208,7 @@ pub fn render(host: &HostServices, exports: &Exports) -> String {
             let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
     }
+    export_metrics(&mut m, exports);
     let _ = writeln!(m, "# HELP lsm_upper_data_bytes Bytes in each export's upper-layer data file.\n# TYPE lsm_upper_data_bytes gauge");
     for (name, image) in exports.images() {
         if let Some(u) = image.upper() {
@@ -299,5 +418,39 @@ mod tests {
             }
         }
         assert!(declared.contains("lsm_source_bytes_total"));
+        assert!(declared.contains("lsm_flush_total"));
+        assert!(declared.contains("lsm_upper_failed"));
+    }
+
+    /// A flush is counted under its frontend; a sticky failure raises the gauge, once.
+    #[test]
+    fn flushes_and_failures_are_exported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let upper =
+            blockfmt::UpperLayer::create(&dir.path().join("upper"), 1 << 20).expect("upper layer");
+        let lower = blockfmt::LayerStack::new(Vec::new(), 1 << 20, 0).expect("stack");
+        let image = blockfmt::Image::new(lower, Some(upper)).expect("image");
+        let export = crate::nbd::Export::new("disk".into(), std::sync::Arc::new(image));
+        export.flush(Frontend::Ublk).expect("flush");
+        let failed = blockfmt::Error::Failed {
+            layer: "upper".into(),
+            detail: "fdatasync failed".into(),
+        };
+        export.failed_request(&failed);
+        assert!(!export.stats.mark_failed(), "marked failed once");
+        let exports = Exports::new(vec![export]);
+        let text = render(&HostServices::default(), &exports);
+        assert!(
+            text.contains("lsm_flush_total{export=\"disk\",frontend=\"ublk\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lsm_flush_total{export=\"disk\",frontend=\"nbd\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lsm_upper_failed{export=\"disk\"} 1"),
+            "{text}"
+        );
     }
 }

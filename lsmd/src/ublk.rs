@@ -7,7 +7,16 @@
 //! char device) where the kernel offers it, else through one page-aligned buffer per tag.
 //!
 //! Each hardware queue (`--ublk-queues`, depth `--ublk-depth`) is served by its own thread,
-//! which completes its requests in order of arrival; the `Image` does the work. Devices are created with user recovery: if lsmd dies, the kernel holds the
+//! which completes its requests in order of arrival; the `Image` does the work.
+//!
+//! Writable devices declare a volatile write cache with FUA (`UBLK_ATTR_VOLATILE_CACHE |
+//! UBLK_ATTR_FUA`): a completed WRITE is in the upper layer's log but not yet synced, so the
+//! kernel must send FLUSH (fsync, sync, journal commits) and FUA writes, which lsmd serves
+//! like NBD's — FLUSH syncs the upper layer, a FUA write is written then synced before it
+//! completes. Without the attribute the kernel would take the device for write-through and
+//! an fsync on a filesystem over it would return before anything was synced.
+//!
+//! Devices are created with user recovery: if lsmd dies, the kernel holds the
 //! device's I/O (a mounted filesystem just waits), and the next lsmd started for the same
 //! export takes the device over (START/END_USER_RECOVERY) — requests that were in flight are
 //! issued again. The device id is remembered in a state file for that.
@@ -19,7 +28,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use blockfmt::Image;
+use crate::metrics::Frontend;
+use crate::nbd::Export;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 const CTRL_DEV: &str = "/dev/ublk-control";
@@ -58,10 +68,22 @@ fn user_copy_pos(q_id: u16, tag: usize) -> u64 {
     0x8000_0000 + ((q_id as u64) << 41) + ((tag as u64) << 25)
 }
 /// Device states (`ublksrv_ctrl_dev_info.state`) a restarted server can take over.
+const S_DEV_LIVE: u16 = 1;
 const S_DEV_QUIESCED: u16 = 2;
 const S_DEV_FAIL_IO: u16 = 3;
+/// How long a restarted lsmd waits for the kernel to finish with its killed predecessor: for a
+/// moment after that process is reaped its device is still LIVE (queues being cancelled) and its
+/// char device still open (START_USER_RECOVERY says EBUSY). A supervisor restarting lsmd at
+/// once must get the takeover, not a second device.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const PARAM_TYPE_BASIC: u32 = 1;
 const ATTR_READ_ONLY: u32 = 1;
+/// The device has a volatile write cache: the kernel sends FLUSH for fsync and sync.
+const ATTR_VOLATILE_CACHE: u32 = 1 << 2;
+/// The device honours FUA on writes (`UBLK_IO_F_FUA` in the descriptor).
+const ATTR_FUA: u32 = 1 << 3;
+/// `ublksrv_io_desc.op_flags`: the operation in the low byte, flags above it.
+const IO_F_FUA: u32 = 1 << 13;
 
 const OP_READ: u8 = 0;
 const OP_WRITE: u8 = 1;
@@ -208,15 +230,16 @@ pub struct UblkDevice {
 }
 
 impl UblkDevice {
-    /// Serves `image` as a ublk device: takes over the device recorded in `state` if it is
+    /// Serves `export` as a ublk device: takes over the device recorded in `state` if it is
     /// waiting for a server (after lsmd died), else creates `/dev/ublkbN` and records its id in
-    /// `state`. `name` appears in logs.
+    /// `state`.
     pub fn start(
-        name: &str,
-        image: Arc<Image>,
+        export: Arc<Export>,
         state: &std::path::Path,
         opts: UblkOptions,
     ) -> io::Result<UblkDevice> {
+        let name = export.name.clone();
+        let image = &export.image;
         if opts.queues == 0 || opts.depth == 0 || opts.depth as usize > MAX_QUEUE_DEPTH {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -228,9 +251,9 @@ impl UblkDevice {
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
         if let Some(id) = previous {
-            match recoverable(&mut ctrl, id) {
+            match wait_recoverable(&mut ctrl, id) {
                 Ok(Some(shape)) => {
-                    let dev = UblkDevice::serve(name, image, ctrl, id, shape, true)?;
+                    let dev = UblkDevice::serve(export, ctrl, id, shape, true)?;
                     tracing::info!(export = %name, device = %dev.block_device(), "took over the ublk device after a restart");
                     return Ok(dev);
                 }
@@ -272,7 +295,11 @@ impl UblkDevice {
         let mut params = [0u8; 40];
         params[0..4].copy_from_slice(&40u32.to_le_bytes());
         params[4..8].copy_from_slice(&PARAM_TYPE_BASIC.to_le_bytes());
-        let attrs = if image.read_only() { ATTR_READ_ONLY } else { 0 };
+        let attrs = if image.read_only() {
+            ATTR_READ_ONLY
+        } else {
+            ATTR_VOLATILE_CACHE | ATTR_FUA
+        };
         params[8..12].copy_from_slice(&attrs.to_le_bytes());
         params[12] = 9; // logical block 512
         params[13] = 12; // physical block 4096
@@ -288,7 +315,7 @@ impl UblkDevice {
             let _ = ctrl.run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(dev_id, 0, 0, 0));
             return Err(e);
         }
-        let dev = UblkDevice::serve(name, image, ctrl, dev_id, opts, false)?;
+        let dev = UblkDevice::serve(export.clone(), ctrl, dev_id, opts, false)?;
         if let Some(dir) = state.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -301,8 +328,7 @@ impl UblkDevice {
     /// Opens the char device, starts a thread per queue, then START_DEV (or
     /// END_USER_RECOVERY).
     fn serve(
-        name: &str,
-        image: Arc<Image>,
+        export: Arc<Export>,
         ctrl: Control,
         dev_id: u32,
         shape: UblkOptions,
@@ -315,11 +341,18 @@ impl UblkDevice {
             user_copy: shape.user_copy,
         };
         if recovering {
-            dev.ctrl.run(
+            let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
+            while let Err(e) = dev.ctrl.run(
                 "START_USER_RECOVERY",
                 CMD_START_USER_RECOVERY,
                 ctrl_cmd(dev_id, 0, 0, 0),
-            )?;
+            ) {
+                // EBUSY: the dead server's char device is not released yet.
+                if e.kind() != io::ErrorKind::ResourceBusy || std::time::Instant::now() > deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
         let cdev_path = format!("/dev/ublkc{dev_id}");
         let mut cdev = None;
@@ -335,15 +368,10 @@ impl UblkDevice {
         let cdev = cdev.ok_or_else(|| io::Error::other(format!("{cdev_path} did not appear")))?;
         let (ready_tx, ready_rx) = mpsc::channel();
         for q in 0..shape.queues {
-            let (name, image, cdev, ready) = (
-                name.to_string(),
-                image.clone(),
-                cdev.clone(),
-                ready_tx.clone(),
-            );
+            let (export, cdev, ready) = (export.clone(), cdev.clone(), ready_tx.clone());
             dev.queues.push(std::thread::spawn(move || {
-                if let Err(e) = serve_queue(&name, &image, &cdev, q, shape, &ready) {
-                    tracing::error!(export = %name, queue = q, error = %e, "ublk queue failed");
+                if let Err(e) = serve_queue(&export, &cdev, q, shape, &ready) {
+                    tracing::error!(export = %export.name, queue = q, error = %e, "ublk queue failed");
                     let _ = ready.send(Err(e));
                 }
             }));
@@ -397,8 +425,21 @@ impl UblkDevice {
     }
 }
 
-/// The shape of device `id` when it exists, has user recovery, and waits for a server.
-fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
+/// [`recoverable`], waiting (up to [`TAKEOVER_WAIT`]) while a device with user recovery is
+/// still LIVE: its server may have just been killed and the kernel not yet quiesced it.
+fn wait_recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
+    let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
+    loop {
+        let (state, shape) = recoverable(ctrl, id)?;
+        if shape.is_some() || state != S_DEV_LIVE || std::time::Instant::now() > deadline {
+            return Ok(shape);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Device `id`'s state, and its shape when it has user recovery and waits for a server.
+fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<(u16, Option<UblkOptions>)> {
     let mut info = [0u8; 64];
     ctrl.run(
         "GET_DEV_INFO",
@@ -407,13 +448,14 @@ fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOptions>> {
     )?;
     let state = u16::from_le_bytes([info[4], info[5]]);
     let flags = u64::from_le_bytes(info[24..32].try_into().unwrap_or_default());
-    let waiting =
-        flags & F_USER_RECOVERY != 0 && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO);
-    Ok(waiting.then(|| UblkOptions {
+    let recovery = flags & F_USER_RECOVERY != 0;
+    let waiting = recovery && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO);
+    let shape = waiting.then(|| UblkOptions {
         queues: u16::from_le_bytes([info[0], info[1]]),
         depth: u16::from_le_bytes([info[2], info[3]]),
         user_copy: flags & F_USER_COPY != 0,
-    }))
+    });
+    Ok((if recovery { state } else { 0 }, shape))
 }
 
 impl Drop for UblkDevice {
@@ -426,13 +468,13 @@ impl Drop for UblkDevice {
 
 /// Serves queue `q_id` until the device stops.
 fn serve_queue(
-    name: &str,
-    image: &Image,
+    export: &Export,
     cdev: &File,
     q_id: u16,
     shape: UblkOptions,
     ready: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
+    let (name, image) = (&export.name, &export.image);
     let depth = shape.depth as usize;
     let user_copy = shape.user_copy;
     // Each queue's descriptors sit at a fixed stride (room for the largest depth); the driver
@@ -497,7 +539,9 @@ fn serve_queue(
             // SAFETY: the driver wrote descriptor `tag` before completing its fetch, and the
             // mapping holds `depth` descriptors.
             let d = unsafe { std::slice::from_raw_parts(descs.ptr.add(tag * DESC_LEN), DESC_LEN) };
-            let op = d[0];
+            let op_flags = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            let op = (op_flags & 0xff) as u8;
+            let fua = op_flags & IO_F_FUA != 0;
             let sectors = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as u64;
             let start = u64::from_le_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]);
             let (off, len) = (start << 9, (sectors << 9) as usize);
@@ -531,9 +575,14 @@ fn serve_queue(
                         } else {
                             Ok(())
                         };
+                        // FUA: the write is synced before it completes.
                         got.and_then(|_| image.write(off, buf))
+                            .and_then(|_| match fua {
+                                true => export.flush(Frontend::Ublk),
+                                false => Ok(()),
+                            })
                     }
-                    OP_FLUSH => image.flush(),
+                    OP_FLUSH => export.flush(Frontend::Ublk),
                     OP_DISCARD => image.trim(off, len as u64),
                     OP_WRITE_ZEROES => image.write_zeroes(off, len as u64),
                     _ => Err(blockfmt::Error::Invalid(format!("ublk op {op}"))),
@@ -541,6 +590,7 @@ fn serve_queue(
                 match r {
                     Ok(()) => len as i32,
                     Err(e) => {
+                        export.failed_request(&e);
                         tracing::warn!(export = %name, queue = q_id, op, offset = off, len, error = %e, "ublk request failed");
                         -crate::errno(&e)
                     }
@@ -551,6 +601,7 @@ fn serve_queue(
         // Before the kernel hears of these completions, the upper layer's queued records reach
         // the kernel too: a restarted lsmd (recovery) then sees every write it acknowledged.
         if let Err(e) = image.settle() {
+            export.failed_request(&e);
             tracing::warn!(export = %name, error = %e, "upper layer log write failed");
         }
     }

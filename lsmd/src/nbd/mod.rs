@@ -26,12 +26,47 @@ use std::time::Duration;
 
 use blockfmt::Image;
 
+use crate::metrics::{ExportStats, Frontend};
 use crate::pool::WorkerPool;
 
-/// One named export.
+/// One named export, shared by every frontend that serves it (NBD connections, a kernel nbd
+/// device, a ublk device, a FUSE file).
 pub struct Export {
     pub name: String,
     pub image: Arc<Image>,
+    /// Flushes and failures seen by the frontends, for `/metrics`.
+    pub stats: ExportStats,
+}
+
+impl Export {
+    pub fn new(name: String, image: Arc<Image>) -> Export {
+        Export {
+            name,
+            image,
+            stats: ExportStats::default(),
+        }
+    }
+
+    /// A FLUSH (or the flush after a FUA write) asked for through `via`: syncs the image and
+    /// counts it. Every frontend flushes through here, so `/metrics` shows which ones reach lsmd.
+    /// The caller reports an error to its client and to [`Export::failed_request`].
+    pub fn flush(&self, via: Frontend) -> blockfmt::Result<()> {
+        let r = self.image.flush();
+        self.stats.count_flush(via, r.is_ok());
+        r
+    }
+
+    /// Notes a request that failed with `e`: an upper layer out of space is counted, and one
+    /// that refuses writes after a failed sync ([`blockfmt::Error::Failed`], sticky until the
+    /// layer is reopened) is logged at error level (once) and raises `lsm_upper_failed`.
+    pub fn failed_request(&self, e: &blockfmt::Error) {
+        if e.is_no_space() {
+            self.stats.count_no_space();
+        }
+        if matches!(e, blockfmt::Error::Failed { .. }) && self.stats.mark_failed() {
+            tracing::error!(export = %self.name, error = %e, "the upper layer failed: every write and flush of this export fails (EIO) until lsmd is restarted and the layer recovered");
+        }
+    }
 }
 
 /// The set of exports a server offers; the first is the default (empty name).
@@ -72,6 +107,11 @@ impl Exports {
             .map(|e| (e.name.as_str(), e.image.as_ref()))
     }
 
+    /// Every export, in name order.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.by_name.values()
+    }
+
     /// Every export's name and a shared handle to its image, in name order.
     pub fn images_shared(&self) -> impl Iterator<Item = (&str, Arc<Image>)> {
         self.by_name
@@ -83,7 +123,11 @@ impl Exports {
     pub fn flush_all(&self) -> Vec<(String, blockfmt::Error)> {
         self.by_name
             .values()
-            .filter_map(|e| e.image.flush().err().map(|err| (e.name.clone(), err)))
+            .filter_map(|e| {
+                let err = e.flush(Frontend::Shutdown).err()?;
+                e.failed_request(&err);
+                Some((e.name.clone(), err))
+            })
             .collect()
     }
 }

@@ -106,6 +106,7 @@ impl<W: Write + Send + 'static> Conn<W> {
             )),
             Ok(()) => w.write_all(&simple_reply(0, req.cookie)),
             Err(e) => {
+                self.export.failed_request(&e);
                 tracing::warn!(export = %self.export.name, offset = req.offset, len = req.len, error = %e, "request failed");
                 let write = req.kind != CMD_READ && req.kind != CMD_BLOCK_STATUS;
                 self.error(w, req.cookie, errno(&e, write), &e.to_string())
@@ -248,7 +249,7 @@ impl<W: Write + Send + 'static> Conn<W> {
     /// A flush (for FLUSH, or after a FUA request) on the pool, then the reply.
     fn defer_flush(self: &Arc<Self>, pool: &WorkerPool, req: Request) -> io::Result<()> {
         self.defer(pool, move |c| {
-            let r = c.image().flush();
+            let r = c.export.flush(crate::metrics::Frontend::Nbd);
             c.send_now(|w| c.done(w, &req, r))
         })
     }
@@ -357,6 +358,7 @@ pub(super) fn serve<R: Read, W: Write + Send + 'static>(
             // the kernel (so a restarted lsmd sees every acknowledged write), then send the
             // replies collected so far.
             if let Err(e) = conn.image().settle() {
+                conn.export.failed_request(&e);
                 tracing::warn!(export = %conn.export.name, error = %e, "upper layer log write failed");
             }
             conn.out()?.flush()?;
