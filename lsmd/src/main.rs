@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lsmd::cache::DiskCache;
-use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Server};
+use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Limits, Server};
 use lsmd::pool::WorkerPool;
 use lsmd::{parse_size, HostServices, ImageSpec};
 
@@ -44,6 +46,24 @@ enum Cmd {
         /// the cross-CPU wake-up (tens of µs on VMs) on back-to-back requests. 0 disables.
         #[arg(long, default_value_t = 50)]
         busy_poll_us: u64,
+        /// Most NBD client connections (Unix socket and TCP together) served at once; more are
+        /// closed at accept, so no client can exhaust threads or memory. Each connection holds
+        /// at most ~33 MiB (buffers and one request payload).
+        #[arg(long, default_value_t = 256)]
+        max_connections: usize,
+        /// Seconds a client has from connecting to choosing an export; one that sends nothing
+        /// (or haggles forever) is dropped. 0 disables.
+        #[arg(long, default_value_t = 30)]
+        handshake_timeout: u64,
+        /// Seconds one write of a reply may make no progress before the connection is dropped:
+        /// a client that stops reading its replies never holds a shared worker or a lock for
+        /// longer. 0 disables (not advised).
+        #[arg(long, default_value_t = 30)]
+        write_timeout: u64,
+        /// Seconds a client may send no request while none of its requests is in flight before
+        /// it is dropped. 0 (the default) keeps idle clients: a mounted disk may be idle for days.
+        #[arg(long, default_value_t = 0)]
+        idle_timeout: u64,
         /// Directory of the host cache of fetched chunks, shared by every image (and every
         /// lsmd) on the host; survives restarts. Without it remote chunks are fetched on every
         /// decoded-chunk cache miss.
@@ -159,18 +179,62 @@ fn start_prefetch(name: &str, config: &std::path::Path, image: &Arc<blockfmt::Im
     });
 }
 
-/// Accepts connections on a thread of its own and serves each on a thread of its own.
+/// Connections being served, against `--max-connections`.
+struct ConnectionSlots {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One taken slot; given back when the connection's thread ends, however it ends.
+struct Slot(Arc<ConnectionSlots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionSlots {
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+/// Accepts connections on a thread of its own and serves each on a thread of its own, while
+/// fewer than the cap are open; a connection over the cap is closed at once.
 fn spawn_accept_loop<S: Duplex>(
     mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
     server: Server,
+    slots: Arc<ConnectionSlots>,
 ) {
     std::thread::spawn(move || loop {
         match accept() {
             Ok(s) => {
+                let Some(slot) = slots.take() else {
+                    tracing::warn!(
+                        max = slots.max,
+                        "connection refused: --max-connections reached"
+                    );
+                    continue;
+                };
                 let server = server.clone();
                 std::thread::spawn(move || {
-                    if let Err(e) = serve_connection(s, &server) {
-                        tracing::warn!(error = %e, "connection ended with an error");
+                    let _slot = slot;
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        serve_connection(s, &server)
+                    }));
+                    match served {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "connection ended with an error"),
+                        Err(p) => tracing::error!(
+                            panic = lsmd::pool::panic_message(&*p),
+                            "a connection thread panicked; the connection is dropped"
+                        ),
                     }
                 });
             }
@@ -197,6 +261,10 @@ fn main() -> ExitCode {
         read_only,
         workers,
         busy_poll_us,
+        max_connections,
+        handshake_timeout,
+        write_timeout,
+        idle_timeout,
         cache_dir,
         cache_limit,
         metrics,
@@ -257,7 +325,16 @@ fn main() -> ExitCode {
         exports: exports.clone(),
         pool: WorkerPool::new(workers),
         busy_poll: std::time::Duration::from_micros(busy_poll_us),
+        limits: Limits {
+            handshake: Some(Duration::from_secs(handshake_timeout)),
+            write: Some(Duration::from_secs(write_timeout)),
+            idle: Some(Duration::from_secs(idle_timeout)),
+        },
     };
+    let slots = Arc::new(ConnectionSlots {
+        open: AtomicUsize::new(0),
+        max: max_connections,
+    });
     if let Some(path) = socket {
         let _ = std::fs::remove_file(&path);
         let l = match std::os::unix::net::UnixListener::bind(&path) {
@@ -268,7 +345,11 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(socket = %path.display(), "listening");
-        spawn_accept_loop(move || l.accept().map(|(s, _)| s), server.clone());
+        spawn_accept_loop(
+            move || l.accept().map(|(s, _)| s),
+            server.clone(),
+            slots.clone(),
+        );
     }
     if let Some(addr) = tcp {
         let l = match std::net::TcpListener::bind(&addr) {
@@ -286,6 +367,7 @@ fn main() -> ExitCode {
                 Ok(s)
             },
             server.clone(),
+            slots.clone(),
         );
     }
     let fuse_mount = match &fuse {
