@@ -140,11 +140,11 @@ fn alive(r: &Attachment) -> bool {
 }
 
 /// A pidfd: a handle on one process that a recycled pid can never redirect.
-struct PidFd(std::os::fd::OwnedFd);
+pub(crate) struct PidFd(std::os::fd::OwnedFd);
 
 impl PidFd {
     /// `None` when there is no process `pid`.
-    fn open(pid: u32) -> std::io::Result<Option<PidFd>> {
+    pub(crate) fn open(pid: u32) -> std::io::Result<Option<PidFd>> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
@@ -160,7 +160,7 @@ impl PidFd {
         })))
     }
 
-    fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+    pub(crate) fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         // SAFETY: signals exactly the process the pidfd refers to; no siginfo passed.
         let r = unsafe {
