@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lsmd::cache::DiskCache;
-use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Limits, Server};
+use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Limits, Server, TlsConfig};
 use lsmd::pool::WorkerPool;
 use lsmd::{parse_size, HostServices, ImageSpec};
 
@@ -32,9 +32,26 @@ enum Cmd {
         /// Unix socket path to listen on.
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// TCP address to listen on, e.g. 127.0.0.1:10809.
+        /// TCP address to listen on, e.g. 127.0.0.1:10809. NBD is plain text: an address that
+        /// is not loopback (including 0.0.0.0) is refused unless the connections are encrypted
+        /// (--tls-cert/--tls-key) or --insecure-tcp says plain text is intended; a writable
+        /// export on such an address is warned about.
         #[arg(long)]
         tcp: Option<String>,
+        /// Allow --tcp on a non-loopback address without TLS: anyone on the network can then
+        /// read (and without --read-only, write) every export.
+        #[arg(long)]
+        insecure_tcp: bool,
+        /// PEM certificate (chain) for NBD over TLS on --tcp: clients must then STARTTLS
+        /// (qemu `--object tls-creds-x509,...`, libnbd `nbds://`). Needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA certificate(s): TLS clients must present a certificate issued by one.
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
         /// Serve every image read-only: reads still see what an upper layer holds, writes fail.
         #[arg(long)]
         read_only: bool,
@@ -179,6 +196,39 @@ fn start_prefetch(name: &str, config: &std::path::Path, image: &Arc<blockfmt::Im
     });
 }
 
+/// Refuses a non-loopback TCP address without TLS unless `insecure` (plain NBD on a network
+/// hands every export to anyone on it); warns about exposed writable exports.
+fn check_tcp_exposure(
+    addr: &str,
+    tls: bool,
+    insecure: bool,
+    read_only: bool,
+) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<std::net::SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("not an address: {e}"))?
+        .collect();
+    if addrs.iter().all(|a| a.ip().is_loopback()) {
+        return Ok(());
+    }
+    if !tls && !insecure {
+        return Err(
+            "not a loopback address, and NBD without TLS lets anyone on the network read and \
+             write the exports: give --tls-cert and --tls-key, or --insecure-tcp if plain text \
+             is intended"
+                .into(),
+        );
+    }
+    if !tls {
+        tracing::warn!(tcp = %addr, "serving NBD in plain text on a non-loopback address (--insecure-tcp)");
+    }
+    if !read_only {
+        tracing::warn!(tcp = %addr, "exports are writable by every client that can reach a non-loopback address; consider --read-only");
+    }
+    Ok(())
+}
+
 /// Connections being served, against `--max-connections`.
 struct ConnectionSlots {
     open: AtomicUsize,
@@ -258,6 +308,10 @@ fn main() -> ExitCode {
         configs,
         socket,
         tcp,
+        insecure_tcp,
+        tls_cert,
+        tls_key,
+        tls_client_ca,
         read_only,
         workers,
         busy_poll_us,
@@ -288,6 +342,27 @@ fn main() -> ExitCode {
              and/or --ublk NAME"
         );
         return ExitCode::FAILURE;
+    }
+    let tls = match (&tls_cert, &tls_key) {
+        (Some(cert), Some(key)) => match TlsConfig::load(cert, key, tls_client_ca.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("lsmd: error: TLS: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    if tls.is_some() && tcp.is_none() {
+        eprintln!("lsmd: error: --tls-cert is for --tcp connections; give --tcp ADDR");
+        return ExitCode::FAILURE;
+    }
+    let tls_configured = tls.is_some();
+    if let Some(addr) = &tcp {
+        if let Err(e) = check_tcp_exposure(addr, tls_configured, insecure_tcp, read_only) {
+            eprintln!("lsmd: error: --tcp {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     let mut host = HostServices::default();
     if let Some(dir) = &cache_dir {
@@ -330,6 +405,7 @@ fn main() -> ExitCode {
             write: Some(Duration::from_secs(write_timeout)),
             idle: Some(Duration::from_secs(idle_timeout)),
         },
+        tls: None,
     };
     let slots = Arc::new(ConnectionSlots {
         open: AtomicUsize::new(0),
@@ -359,7 +435,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(tcp = %addr, "listening");
+        tracing::info!(tcp = %addr, tls = tls.is_some(), "listening");
+        let server = Server {
+            tls: tls.clone(),
+            ..server.clone()
+        };
         spawn_accept_loop(
             move || {
                 let (s, _) = l.accept()?;

@@ -24,7 +24,10 @@ mod handshake;
 pub mod kernel;
 mod netlink;
 pub mod proto;
+mod tls;
 mod transmission;
+
+pub use tls::TlsConfig;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read, Write};
@@ -167,28 +170,61 @@ pub struct Server {
     pub busy_poll: Duration,
     /// Timeouts of client connections (not of kernel attachments: the kernel is trusted).
     pub limits: Limits,
+    /// When set, clients must start TLS (STARTTLS) before anything else.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Serves one client connection to completion. Protocol violations end the connection with an
 /// error; they never affect other connections.
 pub fn serve_connection<S: Duplex>(stream: S, server: &Server) -> io::Result<()> {
+    let deadline = server
+        .limits
+        .handshake
+        .filter(|t| !t.is_zero())
+        .map(|t| Instant::now() + t);
+    let tls = match server.tls {
+        Some(_) => handshake::Tls::Required,
+        None => handshake::Tls::Off,
+    };
+    serve_stream(stream, server, tls, deadline)
+}
+
+/// [`serve_connection`] from the handshake phase `tls` on (`Active`: resumed after STARTTLS on
+/// the plaintext end of the TLS pump), with the handshake due by `deadline`.
+fn serve_stream<S: Duplex>(
+    stream: S,
+    server: &Server,
+    tls: handshake::Tls,
+    deadline: Option<Instant>,
+) -> io::Result<()> {
     let exports = &server.exports;
     let limits = server.limits;
     let fd = stream.as_raw_fd();
     stream.set_write_timeout_to(limits.write.filter(|t| !t.is_zero()))?;
     let out = stream.try_clone_stream()?;
     let mut rd = BufReader::with_capacity(256 * 1024, stream);
-    let deadline = limits
-        .handshake
-        .filter(|t| !t.is_zero())
-        .map(|t| Instant::now() + t);
     let mut hs = HandshakeIo {
         r: &mut rd,
         w: out,
         deadline,
     };
-    let Some(neg) = handshake::handshake(&mut hs, exports)? else {
-        return Ok(());
+    let neg = match handshake::handshake(&mut hs, exports, tls)? {
+        handshake::Outcome::Export(neg) => neg,
+        handshake::Outcome::Aborted => return Ok(()),
+        handshake::Outcome::StartTls { no_zeroes } => {
+            let Some(cfg) = &server.tls else {
+                return Err(handshake::protocol("STARTTLS without TLS configured"));
+            };
+            drop(hs);
+            let early = rd.buffer().to_vec();
+            let plain = tls::start(cfg, rd.into_inner(), &early, deadline)?;
+            return serve_stream(
+                plain,
+                server,
+                handshake::Tls::Active { no_zeroes },
+                deadline,
+            );
+        }
     };
     let HandshakeIo { w: out, .. } = hs;
     // A request stalled half-way is bounded by the idle timeout (if any); waiting between
