@@ -172,7 +172,7 @@ fn detach_never_signals_a_process_that_is_not_its_lsmd() {
         matches!(sleeper.try_wait(), Ok(None)),
         "the unrelated process was signalled"
     );
-    let list = ok(&mut lsmctl(["list", "--state-dir"]).arg(&state));
+    let list = ok(lsmctl(["list", "--state-dir"]).arg(&state));
     assert!(
         list.contains("lsmd gone") && !list.contains("running"),
         "{list}"

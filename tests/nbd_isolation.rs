@@ -218,6 +218,7 @@ fn a_huge_or_silent_metrics_request_does_not_grow_or_block_lsmd() {
             .timeout(Duration::from_secs(30))
             .call()
             .map(|r| r.status())
+            .map_err(|e| e.to_string())
     };
     assert_eq!(get().expect("metrics"), 200);
     let before = vm_hwm_kib(d.pid());

@@ -272,4 +272,75 @@ fn starttls_with_qemu_and_libnbd_clients() {
     assert!(!o.status.success(), "a client with another CA was served");
     // And the daemon still serves TLS clients after those.
     ok(Command::new("nbdinfo").arg(&nbds));
+
+    // --tls-client-ca: only clients with a certificate from that CA are served.
+    let with_cert = certs.join("with-cert");
+    std::fs::create_dir_all(&with_cert).expect("mkdir");
+    std::fs::write(certs.join("cext.cnf"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for args in [
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "with-cert/client-key.pem",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=lsm-client",
+        ][..],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            "with-cert/client-cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "cext.cnf",
+        ],
+    ] {
+        ok(Command::new("openssl").current_dir(&certs).args(args));
+    }
+    std::fs::copy(certs.join("ca-cert.pem"), with_cert.join("ca-cert.pem")).expect("copy");
+    let port = free_port();
+    let lo = format!("127.0.0.1:{port}");
+    let _m = Lsmd::start(
+        &t.join("mutual.sock"),
+        &[
+            OsStr::new("--config"),
+            img.as_os_str(),
+            OsStr::new("--read-only"),
+            OsStr::new("--tcp"),
+            OsStr::new(&lo),
+            OsStr::new("--tls-cert"),
+            certs.join("server-cert.pem").as_os_str(),
+            OsStr::new("--tls-key"),
+            certs.join("server-key.pem").as_os_str(),
+            OsStr::new("--tls-client-ca"),
+            certs.join("ca-cert.pem").as_os_str(),
+        ],
+    );
+    wait_tcp(port);
+    let uri = |dir: &Path| {
+        format!(
+            "nbds://localhost:{port}/?tls-certificates={}",
+            dir.display()
+        )
+    };
+    let o = run(Command::new("nbdinfo").arg(uri(&client)));
+    assert!(
+        !o.status.success(),
+        "a client without a certificate was served"
+    );
+    let info = ok(Command::new("nbdinfo").arg(uri(&with_cert)));
+    assert!(info.contains("with TLS"), "{info}");
 }

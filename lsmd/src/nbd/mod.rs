@@ -217,7 +217,8 @@ fn serve_stream<S: Duplex>(
             };
             drop(hs);
             let early = rd.buffer().to_vec();
-            let plain = tls::start(cfg, rd.into_inner(), &early, deadline)?;
+            let write_timeout = limits.write;
+            let plain = tls::start(cfg, rd.into_inner(), &early, deadline, write_timeout)?;
             return serve_stream(
                 plain,
                 server,

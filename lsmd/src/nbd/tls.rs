@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -84,6 +84,7 @@ pub(super) fn start<S: Duplex>(
     mut sock: S,
     early: &[u8],
     deadline: Option<Instant>,
+    write_timeout: Option<Duration>,
 ) -> io::Result<UnixStream> {
     let mut tls = ServerConnection::new(cfg.0.clone()).map_err(io::Error::other)?;
     if !early.is_empty() {
@@ -111,7 +112,7 @@ pub(super) fn start<S: Duplex>(
     std::thread::Builder::new()
         .name("lsmd-tls".into())
         .spawn(move || {
-            if let Err(e) = pump(&mut tls, &mut sock, &theirs) {
+            if let Err(e) = pump(&mut tls, &mut sock, &theirs, write_timeout) {
                 tracing::debug!(error = %e, "TLS connection ended");
             }
             let _ = tls.write_tls(&mut sock);
@@ -133,12 +134,17 @@ fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted
 }
 
-/// Moves bytes between the TLS socket and the plaintext pair until either side ends.
+/// Moves bytes between the TLS socket and the plaintext pair until either side ends, or the
+/// client takes no encrypted bytes for `write_timeout`.
 fn pump<S: Read + Write + AsRawFd>(
     tls: &mut ServerConnection,
     sock: &mut S,
     mut pair: &UnixStream,
+    write_timeout: Option<Duration>,
 ) -> io::Result<()> {
+    let stall_ms = write_timeout
+        .filter(|t| !t.is_zero())
+        .map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     let mut to_app: Vec<u8> = Vec::with_capacity(CHUNK);
     let mut buf = vec![0u8; CHUNK];
     let (mut sock_eof, mut pair_eof) = (false, false);
@@ -158,28 +164,47 @@ fn pump<S: Read + Write + AsRawFd>(
         }
         let want_sock_in = !sock_eof && to_app.is_empty();
         let want_pair_in = !pair_eof && !tls.wants_write();
+        let sock_events = (if want_sock_in { libc::POLLIN } else { 0 })
+            | (if tls.wants_write() { libc::POLLOUT } else { 0 });
+        let pair_events = (if want_pair_in { libc::POLLIN } else { 0 })
+            | (if to_app.is_empty() { 0 } else { libc::POLLOUT });
+        // A side with nothing to wait for is left out (fd -1): its hang-up would otherwise
+        // wake every poll.
         let mut fds = [
             libc::pollfd {
-                fd: sock.as_raw_fd(),
-                events: (if want_sock_in { libc::POLLIN } else { 0 })
-                    | (if tls.wants_write() { libc::POLLOUT } else { 0 }),
+                fd: if sock_events == 0 {
+                    -1
+                } else {
+                    sock.as_raw_fd()
+                },
+                events: sock_events,
                 revents: 0,
             },
             libc::pollfd {
-                fd: pair.as_raw_fd(),
-                events: (if want_pair_in { libc::POLLIN } else { 0 })
-                    | (if to_app.is_empty() { 0 } else { libc::POLLOUT }),
+                fd: if pair_events == 0 {
+                    -1
+                } else {
+                    pair.as_raw_fd()
+                },
+                events: pair_events,
                 revents: 0,
             },
         ];
+        let timeout = if tls.wants_write() { stall_ms } else { -1 };
         // SAFETY: two valid pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the TLS client took no data within the write timeout",
+            ));
         }
         let (sock_ev, pair_ev) = (fds[0].revents, fds[1].revents);
         if sock_ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && want_sock_in {

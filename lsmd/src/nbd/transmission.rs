@@ -570,3 +570,46 @@ fn poll_readable(fd: RawFd, budget: Duration) -> bool {
         std::hint::spin_loop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn reply(r: &mut UnixStream) -> (u32, u64) {
+        let mut b = [0u8; 16];
+        r.read_exact(&mut b).expect("reply");
+        assert_eq!(b[..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (
+            u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            u64::from_be_bytes(b[8..16].try_into().unwrap_or_default()),
+        )
+    }
+
+    /// A request whose work panics is answered EIO; the pool and the connection go on.
+    #[test]
+    fn a_panicking_request_is_answered_eio_and_the_worker_lives_on() {
+        let image = blockfmt::LayerStack::new(Vec::new(), 1 << 20, 1 << 20)
+            .and_then(|s| Image::new(s, None))
+            .expect("image");
+        let export = Arc::new(Export {
+            name: "t".into(),
+            image: Arc::new(image),
+        });
+        let (ours, mut theirs) = UnixStream::pair().expect("pair");
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let pool = WorkerPool::new(1);
+        let conn = Arc::new(Conn::new(ours, export, false, false, pool.threads()));
+        conn.defer(&pool, 7, |_| panic!("a bug in a request"))
+            .expect("defer");
+        assert_eq!(reply(&mut theirs), (EIO, 7));
+        conn.defer(&pool, 8, |c| {
+            c.send_now(|w| w.write_all(&simple_reply(0, 8)))
+        })
+        .expect("defer");
+        assert_eq!(reply(&mut theirs), (0, 8), "the only worker survived");
+        conn.drain().expect("drain");
+    }
+}
