@@ -344,3 +344,110 @@ fn starttls_with_qemu_and_libnbd_clients() {
     let info = ok(Command::new("nbdinfo").arg(uri(&with_cert)));
     assert!(info.contains("with TLS"), "{info}");
 }
+
+/// A raw TLS client (python's ssl) that negotiates STARTTLS, asks for 64 reads of 32 MiB and
+/// never reads the replies: qemu-io over TLS is still served, and the client is dropped after the
+/// write timeout.
+const STUCK_TLS_CLIENT: &str = r#"
+import socket, ssl, struct, sys, time
+port, ca = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(("127.0.0.1", port))
+def exact(sock, n):
+    b = b""
+    while len(b) < n:
+        c = sock.recv(n - len(b))
+        if not c: raise SystemExit("closed")
+        b += c
+    return b
+exact(s, 18)
+s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 5, 0))
+exact(s, 20)
+ctx = ssl.create_default_context(cafile=ca)
+t = ctx.wrap_socket(s, server_hostname="localhost")
+t.sendall(b"IHAVEOPT" + struct.pack(">II", 1, 0))
+exact(t, 10)
+for i in range(64):
+    t.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 32 << 20))
+print("stuck", flush=True)
+time.sleep(600)
+"#;
+
+#[test]
+fn a_tls_client_that_stops_reading_stalls_no_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (img, _) = image(t);
+    let certs = t.join("pki");
+    let client = make_certs(&certs, "lsm-test-ca");
+    let port = free_port();
+    let lo = format!("127.0.0.1:{port}");
+    let d = Lsmd::start(
+        &t.join("lsmd.sock"),
+        &[
+            OsStr::new("--config"),
+            img.as_os_str(),
+            OsStr::new("--tcp"),
+            OsStr::new(&lo),
+            OsStr::new("--tls-cert"),
+            certs.join("server-cert.pem").as_os_str(),
+            OsStr::new("--tls-key"),
+            certs.join("server-key.pem").as_os_str(),
+            OsStr::new("--workers"),
+            OsStr::new("2"),
+            OsStr::new("--write-timeout"),
+            OsStr::new("20"),
+        ],
+    );
+    wait_tcp(port);
+    let mut stuck = Command::new("python3")
+        .args(["-c", STUCK_TLS_CLIENT, &port.to_string()])
+        .arg(client.join("ca-cert.pem"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(stuck.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("stuck client");
+    assert_eq!(line.trim(), "stuck");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        client.display()
+    );
+    let opts = format!("driver=nbd,host=localhost,port={port},tls-creds=tls0");
+    let mut qemu = Command::new("qemu-io")
+        .args(["--object", &creds, "--image-opts", &opts, "-r"])
+        .args(["-c", "read -P 0 8M 1M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = qemu.try_wait() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = qemu.kill();
+            let _ = stuck.kill();
+            panic!("qemu-io was not served within 10 s while a TLS client was stuck");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "qemu-io: {status}");
+    let start = Instant::now();
+    while !d.log().contains("dropping the connection") {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the stuck TLS client was never dropped: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = stuck.kill();
+    let _ = stuck.wait();
+}
