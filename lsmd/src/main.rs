@@ -273,7 +273,7 @@ fn spawn_accept_loop<S: Duplex>(
                     continue;
                 };
                 let server = server.clone();
-                std::thread::spawn(move || {
+                let spawned = std::thread::Builder::new().spawn(move || {
                     let _slot = slot;
                     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         serve_connection(s, &server)
@@ -287,6 +287,10 @@ fn spawn_accept_loop<S: Duplex>(
                         ),
                     }
                 });
+                if let Err(e) = spawned {
+                    // The closure (connection and slot) is dropped: the client sees it closed.
+                    tracing::warn!(error = %e, "cannot start a connection thread");
+                }
             }
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
