@@ -196,6 +196,32 @@ fn start_prefetch(name: &str, config: &std::path::Path, image: &Arc<blockfmt::Im
     });
 }
 
+/// The TLS configuration of `--tcp` (from `cert_key`, with `client_ca`), after refusing what
+/// is unsafe: TLS without TCP, or a non-loopback address without TLS unless `insecure`.
+fn tcp_security(
+    tcp: Option<&str>,
+    cert_key: Option<(&std::path::Path, &std::path::Path)>,
+    client_ca: Option<&std::path::Path>,
+    insecure: bool,
+    read_only: bool,
+) -> Result<Option<TlsConfig>, String> {
+    let tls = match cert_key {
+        Some((cert, key)) => {
+            Some(TlsConfig::load(cert, key, client_ca).map_err(|e| format!("TLS: {e}"))?)
+        }
+        None => None,
+    };
+    match tcp {
+        Some(addr) => check_tcp_exposure(addr, tls.is_some(), insecure, read_only)
+            .map_err(|e| format!("--tcp {addr}: {e}"))?,
+        None if tls.is_some() => {
+            return Err("--tls-cert is for --tcp connections; give --tcp ADDR".into())
+        }
+        None => {}
+    }
+    Ok(tls)
+}
+
 /// Refuses a non-loopback TCP address without TLS unless `insecure` (plain NBD on a network
 /// hands every export to anyone on it); warns about exposed writable exports.
 fn check_tcp_exposure(
@@ -347,27 +373,19 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let tls = match (&tls_cert, &tls_key) {
-        (Some(cert), Some(key)) => match TlsConfig::load(cert, key, tls_client_ca.as_deref()) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                eprintln!("lsmd: error: TLS: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        _ => None,
-    };
-    if tls.is_some() && tcp.is_none() {
-        eprintln!("lsmd: error: --tls-cert is for --tcp connections; give --tcp ADDR");
-        return ExitCode::FAILURE;
-    }
-    let tls_configured = tls.is_some();
-    if let Some(addr) = &tcp {
-        if let Err(e) = check_tcp_exposure(addr, tls_configured, insecure_tcp, read_only) {
-            eprintln!("lsmd: error: --tcp {addr}: {e}");
+    let tls = match tcp_security(
+        tcp.as_deref(),
+        tls_cert.as_deref().zip(tls_key.as_deref()),
+        tls_client_ca.as_deref(),
+        insecure_tcp,
+        read_only,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("lsmd: error: {e}");
             return ExitCode::FAILURE;
         }
-    }
+    };
     let mut host = HostServices::default();
     if let Some(dir) = &cache_dir {
         match DiskCache::open(dir, cache_limit) {

@@ -139,66 +139,111 @@ fn would_block(e: &io::Error) -> bool {
 fn pump<S: Read + Write + AsRawFd>(
     tls: &mut ServerConnection,
     sock: &mut S,
-    mut pair: &UnixStream,
+    pair: &UnixStream,
     write_timeout: Option<Duration>,
 ) -> io::Result<()> {
-    let stall_ms = write_timeout
-        .filter(|t| !t.is_zero())
-        .map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-    let mut to_app: Vec<u8> = Vec::with_capacity(CHUNK);
-    let mut buf = vec![0u8; CHUNK];
-    let (mut sock_eof, mut pair_eof) = (false, false);
+    let mut p = Pump {
+        tls,
+        sock,
+        pair,
+        to_app: Vec::with_capacity(CHUNK),
+        buf: vec![0u8; CHUNK],
+        sock_eof: false,
+        pair_eof: false,
+        stall_ms: write_timeout
+            .filter(|t| !t.is_zero())
+            .map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32),
+    };
     loop {
         // Plaintext rustls already decrypted goes first: the socket may have nothing more.
-        if to_app.is_empty() {
-            match tls.reader().read(&mut buf) {
-                Ok(0) => sock_eof = true, // close_notify
-                Ok(n) => to_app.extend_from_slice(&buf[..n]),
-                Err(e) if would_block(&e) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => sock_eof = true,
-                Err(e) => return Err(e),
-            }
+        if p.to_app.is_empty() {
+            p.take_plaintext()?;
         }
-        if sock_eof && to_app.is_empty() {
+        if p.sock_eof && p.to_app.is_empty() {
             return Ok(()); // dropping the pair end: the server sees the client leave
         }
-        let want_sock_in = !sock_eof && to_app.is_empty();
-        let want_pair_in = !pair_eof && !tls.wants_write();
+        let want_sock_in = !p.sock_eof && p.to_app.is_empty();
+        let want_pair_in = !p.pair_eof && !p.tls.wants_write();
+        let Some((sock_ev, pair_ev)) = p.wait(want_sock_in, want_pair_in)? else {
+            continue; // interrupted
+        };
+        p.client_side(sock_ev, want_sock_in)?;
+        p.server_side(pair_ev, want_pair_in)?;
+        if p.pair_eof && !p.tls.wants_write() {
+            return Ok(());
+        }
+    }
+}
+
+/// The state of one pump (see [`pump`]).
+struct Pump<'a, S> {
+    tls: &'a mut ServerConnection,
+    sock: &'a mut S,
+    pair: &'a UnixStream,
+    /// Plaintext from the client not yet handed to the server.
+    to_app: Vec<u8>,
+    buf: Vec<u8>,
+    sock_eof: bool,
+    pair_eof: bool,
+    /// Poll timeout while encrypted bytes wait for the client (-1: none).
+    stall_ms: i32,
+}
+
+impl<S: Read + Write + AsRawFd> Pump<'_, S> {
+    /// Moves decrypted plaintext from rustls into `to_app` (one chunk).
+    fn take_plaintext(&mut self) -> io::Result<()> {
+        match self.tls.reader().read(&mut self.buf) {
+            Ok(0) => self.sock_eof = true, // close_notify
+            Ok(n) => self.to_app.extend_from_slice(&self.buf[..n]),
+            Err(e) if would_block(&e) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => self.sock_eof = true,
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Polls both sides for what they can do now; `None` if interrupted. A side with nothing
+    /// to wait for is left out (fd -1): its hang-up would otherwise wake every poll.
+    fn wait(&self, want_sock_in: bool, want_pair_in: bool) -> io::Result<Option<(i16, i16)>> {
         let sock_events = (if want_sock_in { libc::POLLIN } else { 0 })
-            | (if tls.wants_write() { libc::POLLOUT } else { 0 });
+            | (if self.tls.wants_write() {
+                libc::POLLOUT
+            } else {
+                0
+            });
         let pair_events = (if want_pair_in { libc::POLLIN } else { 0 })
-            | (if to_app.is_empty() { 0 } else { libc::POLLOUT });
-        // A side with nothing to wait for is left out (fd -1): its hang-up would otherwise
-        // wake every poll.
+            | (if self.to_app.is_empty() {
+                0
+            } else {
+                libc::POLLOUT
+            });
+        let fd = |events: i16, fd: RawFd| if events == 0 { -1 } else { fd };
         let mut fds = [
             libc::pollfd {
-                fd: if sock_events == 0 {
-                    -1
-                } else {
-                    sock.as_raw_fd()
-                },
+                fd: fd(sock_events, self.sock.as_raw_fd()),
                 events: sock_events,
                 revents: 0,
             },
             libc::pollfd {
-                fd: if pair_events == 0 {
-                    -1
-                } else {
-                    pair.as_raw_fd()
-                },
+                fd: fd(pair_events, self.pair.as_raw_fd()),
                 events: pair_events,
                 revents: 0,
             },
         ];
-        let timeout = if tls.wants_write() { stall_ms } else { -1 };
+        let timeout = if self.tls.wants_write() {
+            self.stall_ms
+        } else {
+            -1
+        };
         // SAFETY: two valid pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         if n == 0 {
             return Err(io::Error::new(
@@ -206,13 +251,17 @@ fn pump<S: Read + Write + AsRawFd>(
                 "the TLS client took no data within the write timeout",
             ));
         }
-        let (sock_ev, pair_ev) = (fds[0].revents, fds[1].revents);
-        if sock_ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && want_sock_in {
-            match tls.read_tls(sock) {
-                Ok(0) => sock_eof = true,
+        Ok(Some((fds[0].revents, fds[1].revents)))
+    }
+
+    /// The TLS socket: encrypted bytes in (when wanted) and out.
+    fn client_side(&mut self, ev: i16, want_in: bool) -> io::Result<()> {
+        if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && want_in {
+            match self.tls.read_tls(self.sock) {
+                Ok(0) => self.sock_eof = true,
                 Ok(_) => {
-                    if let Err(e) = tls.process_new_packets() {
-                        let _ = tls.write_tls(sock);
+                    if let Err(e) = self.tls.process_new_packets() {
+                        let _ = self.tls.write_tls(self.sock);
                         return Err(io::Error::other(format!("TLS: {e}")));
                     }
                 }
@@ -220,35 +269,40 @@ fn pump<S: Read + Write + AsRawFd>(
                 Err(e) => return Err(e),
             }
         }
-        if sock_ev & (libc::POLLOUT | libc::POLLERR) != 0 && tls.wants_write() {
-            match tls.write_tls(sock) {
+        if ev & (libc::POLLOUT | libc::POLLERR) != 0 && self.tls.wants_write() {
+            match self.tls.write_tls(self.sock) {
                 Ok(_) => {}
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(e),
             }
         }
-        if pair_ev & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 && !to_app.is_empty() {
-            match pair.write(&to_app) {
+        Ok(())
+    }
+
+    /// The plaintext pair: the client's bytes to the server, the server's replies in (when
+    /// wanted) to be encrypted.
+    fn server_side(&mut self, ev: i16, want_in: bool) -> io::Result<()> {
+        let mut pair = self.pair;
+        if ev & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 && !self.to_app.is_empty() {
+            match pair.write(&self.to_app) {
                 Ok(n) => {
-                    to_app.drain(..n);
+                    self.to_app.drain(..n);
                 }
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(e),
             }
         }
-        if pair_ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && want_pair_in {
-            match pair.read(&mut buf) {
+        if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && want_in {
+            match pair.read(&mut self.buf) {
                 Ok(0) => {
-                    pair_eof = true;
-                    tls.send_close_notify();
+                    self.pair_eof = true;
+                    self.tls.send_close_notify();
                 }
-                Ok(n) => tls.writer().write_all(&buf[..n])?,
+                Ok(n) => self.tls.writer().write_all(&self.buf[..n])?,
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(e),
             }
         }
-        if pair_eof && !tls.wants_write() {
-            return Ok(());
-        }
+        Ok(())
     }
 }
