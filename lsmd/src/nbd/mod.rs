@@ -1,6 +1,7 @@
 //! NBD frontend: serves `Image`s to NBD clients (qemu, libnbd, the kernel's nbd) over any byte
 //! stream, Unix socket or TCP. Fixed newstyle handshake with EXPORT_NAME, INFO, GO, LIST, ABORT,
-//! STRUCTURED_REPLY and base:allocation metadata contexts; READ (sparse, with OFFSET_HOLE),
+//! STARTTLS (required on TCP when a certificate is configured, see `tls`), STRUCTURED_REPLY and
+//! base:allocation metadata contexts; READ (sparse, with OFFSET_HOLE),
 //! WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, FUA, DISC.
 //!
 //! Decision on the `nbd` crate: it implements only the oldstyle/simple-reply subset (no
