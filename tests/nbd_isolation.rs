@@ -252,3 +252,44 @@ fn a_huge_or_silent_metrics_request_does_not_grow_or_block_lsmd() {
     let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     assert_eq!(get().expect("metrics with a silent client"), 200);
 }
+
+/// Resident memory of process `pid` now, KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A connection does not keep the buffer of its largest request: 16 clients that each sent one
+/// 32 MiB WRITE and stay connected leave lsmd's resident memory near where it was.
+#[test]
+fn connections_do_not_keep_their_largest_request_buffer() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let d = start(t, &[]);
+    let before = vm_rss_kib(d.pid());
+    let payload = vec![0x3cu8; 32 << 20];
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut c = RawClient::connect(&d.socket).expect("connect");
+        assert_eq!(c.write(0, &payload).expect("write"), 0);
+        clients.push(c);
+    }
+    let after = vm_rss_kib(d.pid());
+    eprintln!("lsmd RSS {before} KiB before, {after} KiB after 16 × 32 MiB writes");
+    assert!(
+        after < before + 128 * 1024,
+        "16 idle connections hold {} MiB after one 32 MiB write each",
+        (after.saturating_sub(before)) / 1024
+    );
+    for c in &mut clients {
+        assert_eq!(
+            c.read(0, 4096).expect("read").as_deref(),
+            Ok(&payload[..4096])
+        );
+    }
+}
