@@ -499,3 +499,91 @@ fn a_shared_base_is_converted_once_across_a_batch_and_runs() {
     );
     assert_eq!(first("dstA2"), first("dstA1"));
 }
+
+/// A whiteout naming `.` or `..` (`.wh..`, `.wh...`) would delete its own directory or the one
+/// above (at the top: the work tree itself); it is refused, naming the entry.
+#[test]
+fn whiteouts_of_dot_and_dotdot_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    for (i, evil) in [".wh...", "d/.wh...", ".wh..", "d/.wh.."]
+        .iter()
+        .enumerate()
+    {
+        let base = TarLayer::new().dir("d").file("d/keep", "k").finish();
+        let bad = TarLayer::new().file(evil, "").finish();
+        let src = t.join(format!("src{i}"));
+        oci_layout(&src, &[(base, false), (bad, false)]);
+        let out = t.join(format!("out{i}"));
+        let o = convert(&src, &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("climbs out") && err.contains(evil),
+            "{evil}: {err}"
+        );
+        assert!(
+            !out.join("index.json").exists(),
+            "{evil}: an image was written"
+        );
+    }
+}
+
+/// The work tree (the image's setuid files and device nodes, unpacked) is private while the
+/// conversion runs, and SIGTERM or SIGINT in the middle leaves none of it behind.
+#[test]
+fn the_work_tree_is_private_and_a_signal_removes_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    // 96 MiB of incompressible files: long enough to catch the conversion in the middle.
+    let mut layer = TarLayer::new()
+        .dir("data")
+        .file_as("data/suid", "#!/bin/sh\n", 0o4755, 0, 0);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for f in 0..48 {
+        let body: String = (0..2 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (b'!' + (x % 90) as u8) as char
+            })
+            .collect();
+        layer = layer.file(&format!("data/f{f}"), &body);
+    }
+    let src = t.join("src");
+    oci_layout(&src, &[(layer.finish(), false)]);
+    for sig in ["TERM", "INT"] {
+        let out = t.join(format!("out-{sig}"));
+        let work = out.join(".convert-work");
+        let mut child = lsmctl(["convert", "-q", "--no-reuse", "--tag", "t"])
+            .arg(&src)
+            .arg(&out)
+            .spawn()
+            .expect("convert");
+        let start = std::time::Instant::now();
+        let mode = loop {
+            if let Ok(m) = std::fs::symlink_metadata(&work) {
+                if work.join("root/data").exists() {
+                    break m.permissions().mode() & 0o7777;
+                }
+            }
+            assert!(
+                matches!(child.try_wait(), Ok(None)),
+                "the conversion ended before it could be observed"
+            );
+            assert!(start.elapsed().as_secs() < 120, "no work tree appeared");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        assert_eq!(mode, 0o700, "work tree mode {mode:o} while converting");
+        ok(Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]));
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "SIG{sig}: {status}");
+        assert!(
+            !work.exists(),
+            "SIG{sig} left the work tree {}",
+            work.display()
+        );
+        assert!(!out.join(".convert-dict").exists());
+    }
+}

@@ -127,3 +127,56 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `lsmctl detach` signals only the lsmd its record describes: a record whose pid is an
+/// unrelated process (a recycled pid, a hand-edited file) or the process group (pid 0) is
+/// refused with the reason, and nothing is signalled.
+#[test]
+fn detach_never_signals_a_process_that_is_not_its_lsmd() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    let mut sleeper = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let write_record = |name: &str, pid: u32| {
+        let rec = serde_json::json!({
+            "name": name, "image": tmp.path().join(format!("{name}.json")), "kind": "fuse",
+            "device": tmp.path().join(name), "pid": pid, "log": tmp.path().join("log"),
+        });
+        std::fs::write(state.join(format!("attach-{name}.json")), rec.to_string()).expect("record");
+    };
+    write_record("recycled", sleeper.id());
+    write_record("group", 0);
+    for (name, pid) in [("recycled", sleeper.id()), ("group", 0)] {
+        // Its own process group: were pid 0 signalled, only lsmctl itself would be hit.
+        let o = run(lsmctl(["detach", name, "--state-dir"])
+            .arg(&state)
+            .process_group(0));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "detach {name} succeeded: {err}");
+        assert!(
+            err.contains("refusing to signal") && err.contains(&format!("pid {pid}")),
+            "detach {name}: {err}"
+        );
+        assert!(
+            state.join(format!("attach-{name}.json")).exists(),
+            "the record of {name} was removed"
+        );
+    }
+    let err = String::from_utf8_lossy(
+        &run(lsmctl(["detach", "recycled", "--state-dir"]).arg(&state)).stderr,
+    )
+    .into_owned();
+    assert!(err.contains("not lsmd"), "{err}");
+    assert!(
+        matches!(sleeper.try_wait(), Ok(None)),
+        "the unrelated process was signalled"
+    );
+    let list = ok(lsmctl(["list", "--state-dir"]).arg(&state));
+    assert!(
+        list.contains("lsmd gone") && !list.contains("running"),
+        "{list}"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}

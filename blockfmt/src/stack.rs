@@ -39,6 +39,21 @@ impl InFlight {
     }
 }
 
+/// Releases a leader's in-flight slot when the load ends, by return or by unwinding.
+struct SlotGuard<'a> {
+    stack: &'a LayerStack,
+    key: (u16, u32),
+    slot: Arc<InFlight>,
+    value: Option<Arc<Vec<u8>>>,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.stack.inflight.lock().remove(&self.key);
+        self.slot.finish(self.value.take());
+    }
+}
+
 /// Chunks one read loads at once (see [`LayerStack::load_range`]).
 const PARALLEL_LOADS: usize = 16;
 
@@ -192,9 +207,16 @@ impl LayerStack {
             // The first reader failed: try on our own (and report our own error).
             return self.read_chunk_now(layer, chunk);
         }
+        // The guard releases the slot even if the load panics (a bug in a decoder or a
+        // source): waiters then retry on their own instead of waiting forever.
+        let mut guard = SlotGuard {
+            stack: self,
+            key,
+            slot,
+            value: None,
+        };
         let r = self.read_chunk_now(layer, chunk);
-        self.inflight.lock().remove(&key);
-        slot.finish(r.as_ref().ok().cloned());
+        guard.value = r.as_ref().ok().cloned();
         r
     }
 

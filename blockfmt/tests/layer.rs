@@ -506,3 +506,52 @@ fn a_chunk_failing_its_check_is_read_again_once_where_the_source_has_another_cop
         assert_eq!(src.again.load(Ordering::SeqCst), n);
     }
 }
+
+/// A blob source whose reads panic while `armed` (a bug in a source, e.g. an overflow on a
+/// hostile server's answer).
+struct PanickingSource {
+    blob: Vec<u8>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl blockfmt::ReadAt for PanickingSource {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        assert!(
+            !self.armed.load(std::sync::atomic::Ordering::SeqCst),
+            "a bug in a blob source"
+        );
+        self.blob.read_exact_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.blob.len() as u64)
+    }
+}
+
+/// A chunk load that panics releases its in-flight slot: the next reader of that chunk loads it
+/// instead of waiting forever for the dead one.
+#[test]
+fn a_panicking_chunk_load_releases_its_slot() {
+    let disk = sample_disk(256 << 10, 10);
+    let mut w = LayerWriter::new(Vec::new(), disk.len() as u64, WriterOptions::default()).unwrap();
+    w.write_data(0, &disk).unwrap();
+    let (_, blob) = w.finish().unwrap();
+    let src = Arc::new(PanickingSource {
+        blob,
+        armed: false.into(),
+    });
+    let layer = Layer::open("p", src.clone(), None).unwrap();
+    let stack = Arc::new(LayerStack::new(vec![layer], disk.len() as u64, 1 << 20).unwrap());
+    src.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let s = stack.clone();
+    let r = std::thread::spawn(move || s.load_chunk(0, 0)).join();
+    assert!(r.is_err(), "the load did not panic");
+    src.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(stack.load_chunk(0, 0).map(|c| c.len()));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the second reader waited for the panicked load's slot");
+    assert!(got.is_ok(), "{got:?}");
+}

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lsmd::cache::DiskCache;
-use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Server};
+use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Limits, Server, TlsConfig};
 use lsmd::pool::WorkerPool;
 use lsmd::{parse_size, HostServices, ImageSpec};
 
@@ -38,9 +40,26 @@ enum Cmd {
         /// Unix socket path to listen on.
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// TCP address to listen on, e.g. 127.0.0.1:10809.
+        /// TCP address to listen on, e.g. 127.0.0.1:10809. NBD is plain text: an address that
+        /// is not loopback (including 0.0.0.0) is refused unless the connections are encrypted
+        /// (--tls-cert/--tls-key) or --insecure-tcp says plain text is intended; a writable
+        /// export on such an address is warned about.
         #[arg(long)]
         tcp: Option<String>,
+        /// Allow --tcp on a non-loopback address without TLS: anyone on the network can then
+        /// read (and without --read-only, write) every export.
+        #[arg(long)]
+        insecure_tcp: bool,
+        /// PEM certificate (chain) for NBD over TLS on --tcp: clients must then STARTTLS
+        /// (qemu `--object tls-creds-x509,...`, libnbd `nbds://`). Needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA certificate(s): TLS clients must present a certificate issued by one.
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
         /// Serve every image read-only: reads still see what an upper layer holds, writes fail.
         #[arg(long)]
         read_only: bool,
@@ -52,6 +71,24 @@ enum Cmd {
         /// the cross-CPU wake-up (tens of µs on VMs) on back-to-back requests. 0 disables.
         #[arg(long, default_value_t = 50)]
         busy_poll_us: u64,
+        /// Most NBD client connections (Unix socket and TCP together) served at once; more are
+        /// closed at accept, so no client can exhaust threads or memory. Each connection holds
+        /// at most ~33 MiB (buffers and one request payload).
+        #[arg(long, default_value_t = 256)]
+        max_connections: usize,
+        /// Seconds a client has from connecting to choosing an export; one that sends nothing
+        /// (or haggles forever) is dropped. 0 disables.
+        #[arg(long, default_value_t = 30)]
+        handshake_timeout: u64,
+        /// Seconds one write of a reply may make no progress before the connection is dropped:
+        /// a client that stops reading its replies never holds a shared worker or a lock for
+        /// longer. 0 disables (not advised).
+        #[arg(long, default_value_t = 30)]
+        write_timeout: u64,
+        /// Seconds a client may send no request while none of its requests is in flight before
+        /// it is dropped. 0 (the default) keeps idle clients: a mounted disk may be idle for days.
+        #[arg(long, default_value_t = 0)]
+        idle_timeout: u64,
         /// Directory of the host cache of fetched chunks, shared by every image (and every
         /// lsmd) on the host; survives restarts. Without it remote chunks are fetched on every
         /// decoded-chunk cache miss.
@@ -176,20 +213,127 @@ fn start_prefetch(name: &str, config: &std::path::Path, image: &Arc<blockfmt::Im
     });
 }
 
-/// Accepts connections on a thread of its own and serves each on a thread of its own.
+/// The TLS configuration of `--tcp` (from `cert_key`, with `client_ca`), after refusing what
+/// is unsafe: TLS without TCP, or a non-loopback address without TLS unless `insecure`.
+fn tcp_security(
+    tcp: Option<&str>,
+    cert_key: Option<(&std::path::Path, &std::path::Path)>,
+    client_ca: Option<&std::path::Path>,
+    insecure: bool,
+    read_only: bool,
+) -> Result<Option<TlsConfig>, String> {
+    let tls = match cert_key {
+        Some((cert, key)) => {
+            Some(TlsConfig::load(cert, key, client_ca).map_err(|e| format!("TLS: {e}"))?)
+        }
+        None => None,
+    };
+    match tcp {
+        Some(addr) => check_tcp_exposure(addr, tls.is_some(), insecure, read_only)
+            .map_err(|e| format!("--tcp {addr}: {e}"))?,
+        None if tls.is_some() => {
+            return Err("--tls-cert is for --tcp connections; give --tcp ADDR".into())
+        }
+        None => {}
+    }
+    Ok(tls)
+}
+
+/// Refuses a non-loopback TCP address without TLS unless `insecure` (plain NBD on a network
+/// hands every export to anyone on it); warns about exposed writable exports.
+fn check_tcp_exposure(
+    addr: &str,
+    tls: bool,
+    insecure: bool,
+    read_only: bool,
+) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<std::net::SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("not an address: {e}"))?
+        .collect();
+    if addrs.iter().all(|a| a.ip().is_loopback()) {
+        return Ok(());
+    }
+    if !tls && !insecure {
+        return Err(
+            "not a loopback address, and NBD without TLS lets anyone on the network read and \
+             write the exports: give --tls-cert and --tls-key, or --insecure-tcp if plain text \
+             is intended"
+                .into(),
+        );
+    }
+    if !tls {
+        tracing::warn!(tcp = %addr, "serving NBD in plain text on a non-loopback address (--insecure-tcp)");
+    }
+    if !read_only {
+        tracing::warn!(tcp = %addr, "exports are writable by every client that can reach a non-loopback address; consider --read-only");
+    }
+    Ok(())
+}
+
+/// Connections being served, against `--max-connections`.
+struct ConnectionSlots {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One taken slot; given back when the connection's thread ends, however it ends.
+struct Slot(Arc<ConnectionSlots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionSlots {
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+/// Accepts connections on a thread of its own and serves each on a thread of its own, while
+/// fewer than the cap are open; a connection over the cap is closed at once.
 fn spawn_accept_loop<S: Duplex>(
     mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
     server: Server,
+    slots: Arc<ConnectionSlots>,
 ) {
     std::thread::spawn(move || loop {
         match accept() {
             Ok(s) => {
+                let Some(slot) = slots.take() else {
+                    tracing::warn!(
+                        max = slots.max,
+                        "connection refused: --max-connections reached"
+                    );
+                    continue;
+                };
                 let server = server.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = serve_connection(s, &server) {
-                        tracing::warn!(error = %e, "connection ended with an error");
+                let spawned = std::thread::Builder::new().spawn(move || {
+                    let _slot = slot;
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        serve_connection(s, &server)
+                    }));
+                    match served {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "connection ended with an error"),
+                        Err(p) => tracing::error!(
+                            panic = lsmd::pool::panic_message(&*p),
+                            "a connection thread panicked; the connection is dropped"
+                        ),
                     }
                 });
+                if let Err(e) = spawned {
+                    // The closure (connection and slot) is dropped: the client sees it closed.
+                    tracing::warn!(error = %e, "cannot start a connection thread");
+                }
             }
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -211,9 +355,17 @@ fn main() -> ExitCode {
         configs,
         socket,
         tcp,
+        insecure_tcp,
+        tls_cert,
+        tls_key,
+        tls_client_ca,
         read_only,
         workers,
         busy_poll_us,
+        max_connections,
+        handshake_timeout,
+        write_timeout,
+        idle_timeout,
         cache_dir,
         cache_limit,
         metrics,
@@ -240,6 +392,19 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    let tls = match tcp_security(
+        tcp.as_deref(),
+        tls_cert.as_deref().zip(tls_key.as_deref()),
+        tls_client_ca.as_deref(),
+        insecure_tcp,
+        read_only,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("lsmd: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut host = HostServices {
         allow_unverified,
         ca_file: registry_ca,
@@ -285,7 +450,17 @@ fn main() -> ExitCode {
         exports: exports.clone(),
         pool: WorkerPool::new(workers),
         busy_poll: std::time::Duration::from_micros(busy_poll_us),
+        limits: Limits {
+            handshake: Some(Duration::from_secs(handshake_timeout)),
+            write: Some(Duration::from_secs(write_timeout)),
+            idle: Some(Duration::from_secs(idle_timeout)),
+        },
+        tls: None,
     };
+    let slots = Arc::new(ConnectionSlots {
+        open: AtomicUsize::new(0),
+        max: max_connections,
+    });
     if let Some(path) = socket {
         let _ = std::fs::remove_file(&path);
         let l = match std::os::unix::net::UnixListener::bind(&path) {
@@ -296,7 +471,11 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(socket = %path.display(), "listening");
-        spawn_accept_loop(move || l.accept().map(|(s, _)| s), server.clone());
+        spawn_accept_loop(
+            move || l.accept().map(|(s, _)| s),
+            server.clone(),
+            slots.clone(),
+        );
     }
     if let Some(addr) = tcp {
         let l = match std::net::TcpListener::bind(&addr) {
@@ -306,7 +485,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(tcp = %addr, "listening");
+        tracing::info!(tcp = %addr, tls = tls.is_some(), "listening");
+        let server = Server {
+            tls: tls.clone(),
+            ..server.clone()
+        };
         spawn_accept_loop(
             move || {
                 let (s, _) = l.accept()?;
@@ -314,6 +497,7 @@ fn main() -> ExitCode {
                 Ok(s)
             },
             server.clone(),
+            slots.clone(),
         );
     }
     let fuse_mount = match &fuse {

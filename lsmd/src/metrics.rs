@@ -6,9 +6,10 @@
 //! request per connection.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::config::HostServices;
 use crate::nbd::Exports;
@@ -282,16 +283,51 @@ fn source_metrics(m: &mut String, sources: &[(&str, &SourceStats)]) {
     }
 }
 
+/// Longest request line read; the rest of a longer one is never read (nor kept).
+const MAX_REQUEST_LINE: u64 = 8 * 1024;
+
+/// Time a client has to send its request line, and each write of the answer may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The request line, read within [`REQUEST_TIMEOUT`] in all (a client trickling bytes gets no
+/// more) and at most [`MAX_REQUEST_LINE`] bytes; `None` if it did not come in time or in size
+/// (the connection is then closed without an answer).
+fn read_request_line(s: &TcpStream) -> Option<String> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut line = Vec::new();
+    let mut r = BufReader::new(s).take(MAX_REQUEST_LINE);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return None;
+        }
+        let buf = r.fill_buf().ok()?;
+        if buf.is_empty() {
+            return None; // closed, or the line is longer than the cap
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&buf[..=i]);
+                return Some(String::from_utf8_lossy(&line).into_owned());
+            }
+            None => {
+                let n = buf.len();
+                line.extend_from_slice(buf);
+                r.consume(n);
+            }
+        }
+    }
+}
+
 /// Serves the endpoint on `listener` until the process ends.
 pub fn spawn(listener: TcpListener, host: HostServices, exports: Exports) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut s) = conn else { continue };
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-            let mut line = String::new();
-            if BufReader::new(&s).read_line(&mut line).is_err() {
+            let _ = s.set_write_timeout(Some(REQUEST_TIMEOUT));
+            let Some(line) = read_request_line(&s) else {
                 continue;
-            }
+            };
             let target = line.split_whitespace().nth(1).unwrap_or("");
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
             let (status, kind, body): (&str, &str, Vec<u8>) = match path {

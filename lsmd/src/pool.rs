@@ -1,6 +1,10 @@
 //! A fixed set of threads shared by every connection of every frontend, for the work that may
 //! block (decoding a cold chunk, a fetch from a slow source, fsync). Hot work never comes here:
 //! frontends do it on their own thread, which saves a thread hand-off per request.
+//!
+//! A task that panics is contained: the worker logs it and takes the next task. Whoever
+//! submitted the task answers its request itself (the NBD frontend replies EIO, see
+//! `nbd::transmission`); the pool only guarantees that no panic costs a thread.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,6 +35,7 @@ impl Drop for Handle {
 #[derive(Clone)]
 pub struct WorkerPool {
     handle: Arc<Handle>,
+    threads: usize,
 }
 
 impl WorkerPool {
@@ -48,7 +53,13 @@ impl WorkerPool {
         }
         WorkerPool {
             handle: Arc::new(Handle(shared)),
+            threads: threads.max(1),
         }
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Queues `task`; some worker runs it soon.
@@ -76,8 +87,22 @@ fn worker(shared: &Shared) {
                 g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         };
-        task();
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)) {
+            tracing::error!(
+                panic = panic_message(&*panic),
+                "a worker task panicked; the worker goes on"
+            );
+        }
     }
+}
+
+/// The message of a panic payload (`panic!` with a literal or a formatted string).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 #[cfg(test)]
@@ -98,5 +123,15 @@ mod tests {
         got.sort();
         assert_eq!(got, (0..100).collect::<Vec<_>>());
         drop(pool);
+    }
+
+    #[test]
+    fn a_panicking_task_leaves_the_worker_alive() {
+        let pool = WorkerPool::new(1);
+        let (tx, rx) = mpsc::channel();
+        pool.submit(|| panic!("a bug in a task"));
+        pool.submit(move || tx.send(7).unwrap_or(()));
+        let got = rx.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(got, Ok(7), "the only worker must survive the panic");
     }
 }

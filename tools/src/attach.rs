@@ -3,6 +3,13 @@
 //! waits until the device is up, records the attachment in the state directory and prints the
 //! device; `detach` stops that lsmd (SIGTERM: the kernel's requests complete, upper layers are
 //! flushed, the device goes); `list` shows what is attached.
+//!
+//! `detach` signals only the lsmd the record describes: the record keeps the process's start
+//! time and executable, and before signalling, `detach` opens a pidfd for the pid, then checks
+//! through /proc that the process is an lsmd started at that time, serving that image under that
+//! name; the signal goes through the pidfd, so a pid recycled between check and signal cannot
+//! be hit. A pid that is not such an lsmd (0, 1, a recycled pid, a hand-edited record) is
+//! refused with the reason.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -67,15 +74,131 @@ struct Attachment {
     device: String,
     pid: u32,
     log: PathBuf,
+    /// The lsmd's start time (/proc/PID/stat field 22, clock ticks after boot); older records
+    /// lack it and are checked by executable and command line only.
+    #[serde(default)]
+    start_time: Option<u64>,
 }
 
 fn record_path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join(format!("attach-{name}.json"))
 }
 
-fn alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+/// (state, start time) of process `pid` from /proc/PID/stat; `None` if there is no such
+/// process.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Why process `pid` is not the lsmd serving attachment `r` (`None`: it is).
+fn not_our_lsmd(r: &Attachment) -> Option<String> {
+    let pid = r.pid;
+    if pid <= 1 || pid > i32::MAX as u32 {
+        return Some(format!("pid {pid} can never be an lsmd started by attach"));
+    }
+    let Some((state, start)) = proc_stat(pid) else {
+        return Some(format!("no process {pid} (the lsmd is gone)"));
+    };
+    if state == 'Z' {
+        return Some(format!("process {pid} has exited (the lsmd is gone)"));
+    }
+    if let Some(recorded) = r.start_time {
+        if recorded != start {
+            return Some(format!(
+                "process {pid} started at tick {start}, the lsmd at tick {recorded}: the pid now \
+                 belongs to another process"
+            ));
+        }
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("(unreadable: {e})"));
+    let exe_name = exe.trim_end_matches(" (deleted)").rsplit('/').next();
+    if exe_name != Some("lsmd") {
+        return Some(format!("process {pid} is {exe}, not lsmd"));
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let config = format!("{}={}", r.name, r.image.display());
+    let serves = cmdline.split(|&b| b == 0).any(|a| a == config.as_bytes());
+    if !serves {
+        return Some(format!(
+            "process {pid} is an lsmd, but not the one serving {config}"
+        ));
+    }
+    None
+}
+
+/// True when the attachment's lsmd still runs.
+fn alive(r: &Attachment) -> bool {
+    not_our_lsmd(r).is_none()
+}
+
+/// A pidfd: a handle on one process that a recycled pid can never redirect.
+pub(crate) struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    /// `None` when there is no process `pid`.
+    pub(crate) fn open(pid: u32) -> std::io::Result<Option<PidFd>> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ESRCH) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+        Ok(Some(PidFd(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(fd as i32)
+        })))
+    }
+
+    pub(crate) fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: signals exactly the process the pidfd refers to; no siginfo passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the process to exit; true if it did.
+    fn wait_exit(&self, limit: Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let start = Instant::now();
+        loop {
+            let left = limit.saturating_sub(start.elapsed());
+            let mut p = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            if n > 0 {
+                return true;
+            }
+            if n == 0 || left.is_zero() {
+                return false;
+            }
+        }
+    }
 }
 
 fn lsmd_binary() -> PathBuf {
@@ -126,7 +249,7 @@ pub fn attach(a: AttachArgs) -> CliResult {
     let rec = record_path(&a.state_dir, &name);
     if let Ok(text) = std::fs::read_to_string(&rec) {
         if let Ok(old) = serde_json::from_str::<Attachment>(&text) {
-            if alive(old.pid) {
+            if alive(&old) {
                 return Err(CliError(format!(
                     "{name} is already attached as {} (lsmd pid {})",
                     old.device, old.pid
@@ -206,6 +329,7 @@ pub fn attach(a: AttachArgs) -> CliResult {
         device: device.clone(),
         pid: child.id(),
         log,
+        start_time: proc_stat(child.id()).map(|(_, start)| start),
     };
     std::fs::write(&rec, serde_json::to_string_pretty(&record)?)?;
     println!("{device}");
@@ -238,29 +362,35 @@ pub fn detach(a: DetachArgs) -> CliResult {
             a.target
         )));
     };
-    if alive(r.pid) {
-        // SAFETY: signalling the lsmd this attachment started.
-        unsafe {
-            libc::kill(r.pid as libc::pid_t, libc::SIGTERM);
-        }
-        let start = Instant::now();
-        while alive(r.pid) && start.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(50));
-            // Reap it if it is our child's child (it is not): a zombie counts as gone.
-            if std::fs::read_to_string(format!("/proc/{}/stat", r.pid))
-                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
-            {
-                break;
+    let rec = record_path(&a.state_dir, &r.name);
+    // The pidfd first, the checks second: whatever passes the checks is what gets the signal.
+    let pidfd = if (2..=i32::MAX as u32).contains(&r.pid) {
+        PidFd::open(r.pid).map_err(|e| CliError(format!("pidfd_open({}): {e}", r.pid)))?
+    } else {
+        None
+    };
+    match (pidfd, not_our_lsmd(&r)) {
+        (Some(pidfd), None) => {
+            pidfd
+                .signal(libc::SIGTERM)
+                .map_err(|e| CliError(format!("cannot signal lsmd {}: {e}", r.pid)))?;
+            if !pidfd.wait_exit(Duration::from_secs(60)) {
+                return Err(CliError(format!("lsmd {} did not stop within 60 s", r.pid)));
             }
         }
-        if alive(r.pid)
-            && !std::fs::read_to_string(format!("/proc/{}/stat", r.pid))
-                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
-        {
-            return Err(CliError(format!("lsmd {} did not stop within 60 s", r.pid)));
+        (None, _) if (2..=i32::MAX as u32).contains(&r.pid) => {} // the lsmd is gone
+        (_, why) => {
+            let why = why.unwrap_or_else(|| format!("pid {} cannot be checked", r.pid));
+            return Err(CliError(format!(
+                "refusing to signal pid {} for {}: {why}. Nothing was signalled; if the \
+                 attachment is gone, remove {}",
+                r.pid,
+                r.name,
+                rec.display()
+            )));
         }
     }
-    let _ = std::fs::remove_file(record_path(&a.state_dir, &r.name));
+    let _ = std::fs::remove_file(&rec);
     println!("detached {} ({})", r.name, r.device);
     Ok(())
 }
@@ -272,7 +402,7 @@ pub fn list(a: ListArgs) -> CliResult {
             .iter()
             .map(|r| {
                 serde_json::json!({"name": r.name, "image": r.image, "kind": r.kind,
-                    "device": r.device, "pid": r.pid, "running": alive(r.pid)})
+                    "device": r.device, "pid": r.pid, "running": alive(r)})
             })
             .collect();
         println!("{}", serde_json::Value::from(v));
@@ -282,7 +412,7 @@ pub fn list(a: ListArgs) -> CliResult {
         println!("nothing attached");
     }
     for r in rs {
-        let state = if alive(r.pid) { "running" } else { "lsmd gone" };
+        let state = if alive(&r) { "running" } else { "lsmd gone" };
         println!(
             "{:<16} {:<5} {:<22} pid {:<8} {state}  {}",
             r.name,
@@ -293,4 +423,36 @@ pub fn list(a: ListArgs) -> CliResult {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pid: u32) -> Attachment {
+        Attachment {
+            name: "app".into(),
+            image: "/nonexistent/app.json".into(),
+            kind: "fuse".into(),
+            device: "/nonexistent/app".into(),
+            pid,
+            log: "/nonexistent/log".into(),
+            start_time: None,
+        }
+    }
+
+    #[test]
+    fn pids_that_address_groups_or_init_are_never_ours() {
+        // 0 is the caller's process group, -1 every process, 1 init.
+        for pid in [0, 1, u32::MAX, i32::MAX as u32 + 1] {
+            let why = not_our_lsmd(&record(pid)).expect("refused");
+            assert!(why.contains(&pid.to_string()), "{why}");
+        }
+    }
+
+    #[test]
+    fn this_test_process_is_not_an_lsmd() {
+        let why = not_our_lsmd(&record(std::process::id())).expect("refused");
+        assert!(why.contains("not lsmd"), "{why}");
+    }
 }

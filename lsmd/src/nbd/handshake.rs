@@ -1,5 +1,8 @@
 //! The handshake phase: fixed newstyle option haggling until the client picks an export
-//! (EXPORT_NAME or GO) or leaves (ABORT).
+//! (EXPORT_NAME or GO), leaves (ABORT) or, where TLS is offered, asks for it (STARTTLS); the
+//! haggling then resumes over TLS. Where TLS is offered it is required: before STARTTLS every
+//! other option is answered ERR_TLS_REQD (EXPORT_NAME, which has no error reply, ends the
+//! connection), as the NBD spec's "forced TLS" mode says.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -17,6 +20,28 @@ pub(super) fn transmission_flags(img: &Image) -> u16 {
         f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
     }
     f
+}
+
+/// TLS during the handshake.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tls {
+    /// Not offered (Unix sockets, plain TCP): STARTTLS is unsupported.
+    Off,
+    /// Offered and required, not started yet.
+    Required,
+    /// Running: the greeting was sent before STARTTLS; `no_zeroes` is what the client asked.
+    Active { no_zeroes: bool },
+}
+
+/// How the handshake ended.
+pub(super) enum Outcome {
+    /// The client picked an export.
+    Export(Negotiated),
+    /// The client left (ABORT).
+    Aborted,
+    /// STARTTLS was acknowledged: TLS starts now, then [`handshake`] resumes with
+    /// `Tls::Active`.
+    StartTls { no_zeroes: bool },
 }
 
 /// What the handshake settled.
@@ -43,11 +68,8 @@ fn take_name(d: &[u8]) -> Option<(String, &[u8])> {
     Some((String::from_utf8(name.to_vec()).ok()?, &d[4 + n..]))
 }
 
-/// The handshake: returns the chosen export, or `None` when the client aborted.
-pub(super) fn handshake<S: Read + Write>(
-    s: &mut S,
-    exports: &Exports,
-) -> io::Result<Option<Negotiated>> {
+/// Sends the greeting and reads the client's flags; returns whether it asked for no zeroes.
+fn greet<S: Read + Write>(s: &mut S) -> io::Result<bool> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -59,7 +81,19 @@ pub(super) fn handshake<S: Read + Write>(
     {
         return Err(protocol(format!("client flags {cflags:#x} unsupported")));
     }
-    let no_zeroes = cflags & FLAG_NO_ZEROES as u32 != 0;
+    Ok(cflags & FLAG_NO_ZEROES as u32 != 0)
+}
+
+/// The handshake (resumed after STARTTLS when `tls` is `Active`).
+pub(super) fn handshake<S: Read + Write>(
+    s: &mut S,
+    exports: &Exports,
+    tls: Tls,
+) -> io::Result<Outcome> {
+    let no_zeroes = match tls {
+        Tls::Active { no_zeroes } => no_zeroes,
+        _ => greet(s)?,
+    };
     let mut structured = false;
     let mut meta = false;
     loop {
@@ -74,7 +108,31 @@ pub(super) fn handshake<S: Read + Write>(
             continue;
         }
         let d = read_payload(s, len)?;
+        if tls == Tls::Required && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                return Err(protocol("EXPORT_NAME before STARTTLS on a TLS-only server"));
+            }
+            option_reply(
+                s,
+                opt,
+                REP_ERR_TLS_REQD,
+                b"this server requires TLS (STARTTLS)",
+            )?;
+            continue;
+        }
         match opt {
+            OPT_STARTTLS => match tls {
+                Tls::Required if d.is_empty() => {
+                    option_reply(s, opt, REP_ACK, &[])?;
+                    s.flush()?;
+                    return Ok(Outcome::StartTls { no_zeroes });
+                }
+                Tls::Required => option_reply(s, opt, REP_ERR_INVALID, b"STARTTLS takes no data")?,
+                Tls::Active { .. } => {
+                    option_reply(s, opt, REP_ERR_INVALID, b"TLS already started")?
+                }
+                Tls::Off => option_reply(s, opt, REP_ERR_UNSUP, b"TLS is not offered here")?,
+            },
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&d).into_owned();
                 let Some(export) = exports.find(&name) else {
@@ -87,7 +145,7 @@ pub(super) fn handshake<S: Read + Write>(
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&b)?;
-                return Ok(Some(Negotiated {
+                return Ok(Outcome::Export(Negotiated {
                     export,
                     structured,
                     meta,
@@ -95,7 +153,7 @@ pub(super) fn handshake<S: Read + Write>(
             }
             OPT_ABORT => {
                 let _ = option_reply(s, opt, REP_ACK, &[]);
-                return Ok(None);
+                return Ok(Outcome::Aborted);
             }
             OPT_LIST => {
                 if !d.is_empty() {
@@ -202,7 +260,7 @@ pub(super) fn handshake<S: Read + Write>(
                 }
                 option_reply(s, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    return Ok(Some(Negotiated {
+                    return Ok(Outcome::Export(Negotiated {
                         export,
                         structured,
                         meta,

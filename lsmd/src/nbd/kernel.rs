@@ -145,8 +145,10 @@ impl KernelAttachment {
             let out = ours.try_clone()?;
             let fd = ours.as_raw_fd();
             let mut rd = io::BufReader::with_capacity(256 * 1024, ours);
-            let conn = Arc::new(transmission::Conn::new(out, export, false, false));
-            transmission::serve(&mut rd, fd, conn, &server)
+            let threads = server.pool.threads();
+            let conn = Arc::new(transmission::Conn::new(out, export, false, false, threads));
+            // The kernel is trusted: no idle timeout (a mounted disk may be idle for days).
+            transmission::serve(&mut rd, fd, conn, &server, None)
         });
         let state = matches!(mode, Mode::Netlink { .. }).then(|| state.to_path_buf());
         Ok(KernelAttachment {

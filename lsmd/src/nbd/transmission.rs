@@ -7,9 +7,19 @@
 //! requests costs a couple of syscalls, not 64, and no thread hand-off. What may block (a chunk
 //! to decode or fetch, FLUSH, FUA) goes to the shared [`WorkerPool`], which replies by itself;
 //! replies therefore come in any order, as the protocol allows.
+//!
+//! Isolation: a connection's pool tasks wait in its own queue and at most all but one of the
+//! pool's workers run tasks of one connection at once, so a connection whose client stopped
+//! reading (its workers blocked writing, or waiting for its reply lock) leaves a worker for
+//! everyone else. The first failed write (the socket's send timeout, set by the caller) marks
+//! the connection dead and shuts the socket down: blocked writers and the reading thread wake
+//! up, queued tasks are skipped. A task that panics is answered with EIO; the worker goes on.
 
+use std::collections::VecDeque;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,7 +28,7 @@ use blockfmt::{Alloc, Image};
 use super::handshake::protocol;
 use super::proto::*;
 use super::{Export, Server};
-use crate::pool::WorkerPool;
+use crate::pool::{panic_message, WorkerPool};
 
 /// Requests handed to the pool and not yet answered, per connection, before the connection
 /// stops reading (back-pressure on a client that floods cold reads).
@@ -35,14 +45,42 @@ thread_local! {
 /// Bytes of a request header.
 const REQUEST_LEN: usize = 28;
 
+/// A connection thread keeps a write buffer up to this size between requests; a larger one (a
+/// big WRITE) is freed after use.
+const SCRATCH_KEEP: usize = 1 << 20;
+
+/// Work for the pool on behalf of one request: the request's cookie (for the EIO reply if the
+/// work panics) and the work, which replies by itself.
+type Job<W> = (
+    u64,
+    Box<dyn FnOnce(&Conn<W>) -> io::Result<()> + Send + 'static>,
+);
+
+/// A connection's requests handed to the pool and not yet answered.
+struct Deferred<W: Write> {
+    /// Not yet given to the pool (the connection has its share of workers busy).
+    queued: VecDeque<Job<W>>,
+    /// Given to the pool: queued there or running.
+    running: usize,
+    /// `queued.len() + running`.
+    total: usize,
+}
+
 /// The connection state shared by its thread and the pool tasks working for it.
 pub(super) struct Conn<W: Write> {
     out: Mutex<BufWriter<W>>,
+    /// The socket `out` writes to; valid as long as `out` is (shut down when the connection
+    /// dies, never closed through this).
+    fd: RawFd,
+    /// Set at the first failed write: nothing more is sent, queued work is skipped.
+    dead: AtomicBool,
     export: Arc<Export>,
     structured: bool,
     meta: bool,
-    deferred: Mutex<usize>,
+    deferred: Mutex<Deferred<W>>,
     deferred_done: Condvar,
+    /// Most of this connection's jobs given to the pool at once.
+    pool_share: usize,
 }
 
 fn poisoned() -> io::Error {
@@ -59,20 +97,51 @@ fn errno(e: &blockfmt::Error, write: bool) -> u32 {
     }
 }
 
-impl<W: Write + Send + 'static> Conn<W> {
-    pub(super) fn new(out: W, export: Arc<Export>, structured: bool, meta: bool) -> Self {
+impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
+    /// A connection writing to `out`, sharing a pool of `pool_threads` workers.
+    pub(super) fn new(
+        out: W,
+        export: Arc<Export>,
+        structured: bool,
+        meta: bool,
+        pool_threads: usize,
+    ) -> Self {
         Conn {
+            fd: out.as_raw_fd(),
             out: Mutex::new(BufWriter::with_capacity(256 * 1024, out)),
+            dead: AtomicBool::new(false),
             export,
             structured,
             meta,
-            deferred: Mutex::new(0),
+            deferred: Mutex::new(Deferred {
+                queued: VecDeque::new(),
+                running: 0,
+                total: 0,
+            }),
             deferred_done: Condvar::new(),
+            pool_share: pool_threads.saturating_sub(1).max(1),
         }
     }
 
     fn out(&self) -> io::Result<MutexGuard<'_, BufWriter<W>>> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection dropped",
+            ));
+        }
         self.out.lock().map_err(|_| poisoned())
+    }
+
+    /// Drops the connection after `e` (a write that timed out or failed): shuts the socket down
+    /// so that blocked writers and the reading thread return at once.
+    fn kill(&self, e: &io::Error) {
+        if !self.dead.swap(true, Ordering::AcqRel) {
+            tracing::warn!(export = %self.export.name, error = %e, "dropping the connection: a reply could not be sent");
+            // SAFETY: `fd` belongs to `out`, which lives as long as `self`; shutdown does not
+            // close it, so the number cannot be reused under us.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        }
     }
 
     fn image(&self) -> &Image {
@@ -203,31 +272,71 @@ impl<W: Write + Send + 'static> Conn<W> {
         })
     }
 
-    /// Runs `task` on the pool; it replies and flushes by itself. Waits first while too many
-    /// of this connection's requests are already there.
+    /// Runs `task` for the request `cookie` on the pool; it replies and flushes by itself.
+    /// Waits first while too many of this connection's requests are already there.
     fn defer(
         self: &Arc<Self>,
         pool: &WorkerPool,
+        cookie: u64,
         task: impl FnOnce(&Self) -> io::Result<()> + Send + 'static,
     ) -> io::Result<()> {
-        {
-            let mut n = self.deferred.lock().map_err(|_| poisoned())?;
-            while *n >= MAX_DEFERRED {
-                n = self.deferred_done.wait(n).map_err(|_| poisoned())?;
-            }
-            *n += 1;
+        let job: Job<W> = (cookie, Box::new(task));
+        let mut d = self.deferred.lock().map_err(|_| poisoned())?;
+        while d.total >= MAX_DEFERRED {
+            d = self.deferred_done.wait(d).map_err(|_| poisoned())?;
         }
-        let me = self.clone();
-        pool.submit(move || {
-            if let Err(e) = task(&me) {
-                tracing::debug!(error = %e, "reply not sent: connection gone");
-            }
-            if let Ok(mut n) = me.deferred.lock() {
-                *n -= 1;
-            }
-            me.deferred_done.notify_all();
-        });
+        d.total += 1;
+        if d.running < self.pool_share {
+            d.running += 1;
+            drop(d);
+            self.submit(pool, job);
+        } else {
+            d.queued.push_back(job);
+        }
         Ok(())
+    }
+
+    /// Gives `job` to the pool; when it is done, the connection's next queued job follows.
+    fn submit(self: &Arc<Self>, pool: &WorkerPool, job: Job<W>) {
+        let me = self.clone();
+        let next_pool = pool.clone();
+        pool.submit(move || {
+            me.run(job);
+            let next = match me.deferred.lock() {
+                Ok(mut d) => {
+                    d.total -= 1;
+                    let next = d.queued.pop_front();
+                    if next.is_none() {
+                        d.running -= 1;
+                    }
+                    next
+                }
+                Err(_) => None,
+            };
+            me.deferred_done.notify_all();
+            if let Some(job) = next {
+                me.submit(&next_pool, job);
+            }
+        });
+    }
+
+    /// Runs one job on a pool worker: skipped on a dead connection; a failed reply kills the
+    /// connection; a panic is answered with EIO.
+    fn run(&self, (cookie, task): Job<W>) {
+        if self.dead.load(Ordering::Acquire) {
+            return;
+        }
+        match catch_unwind(AssertUnwindSafe(|| task(self))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.kill(&e),
+            Err(panic) => {
+                tracing::error!(export = %self.export.name, panic = panic_message(&*panic), "a request panicked; answering EIO");
+                let msg = "internal error (see the lsmd log)";
+                if let Err(e) = self.send_now(|w| self.error(w, cookie, EIO, msg)) {
+                    self.kill(&e);
+                }
+            }
+        }
     }
 
     /// Sends a reply from a pool task right away.
@@ -237,18 +346,23 @@ impl<W: Write + Send + 'static> Conn<W> {
         w.flush()
     }
 
-    /// Waits until every deferred request has been answered.
+    /// Waits until every deferred request has been answered (or skipped, the connection dead).
     fn drain(&self) -> io::Result<()> {
-        let mut n = self.deferred.lock().map_err(|_| poisoned())?;
-        while *n > 0 {
-            n = self.deferred_done.wait(n).map_err(|_| poisoned())?;
+        let mut d = self.deferred.lock().map_err(|_| poisoned())?;
+        while d.total > 0 {
+            d = self.deferred_done.wait(d).map_err(|_| poisoned())?;
         }
         Ok(())
     }
 
+    /// Requests handed to the pool and not yet answered.
+    fn in_flight(&self) -> usize {
+        self.deferred.lock().map(|d| d.total).unwrap_or(0)
+    }
+
     /// A flush (for FLUSH, or after a FUA request) on the pool, then the reply.
     fn defer_flush(self: &Arc<Self>, pool: &WorkerPool, req: Request) -> io::Result<()> {
-        self.defer(pool, move |c| {
+        self.defer(pool, req.cookie, move |c| {
             let r = c.export.flush(crate::metrics::Frontend::Nbd);
             c.send_now(|w| c.done(w, &req, r))
         })
@@ -307,7 +421,7 @@ impl<W: Write + Send + 'static> Conn<W> {
                 match hot {
                     Ok(Some(map)) => self.read_reply(&mut *self.out()?, &req, scratch, map),
                     Err(e) => self.done(&mut *self.out()?, &req, Err(e)),
-                    Ok(None) => self.defer(pool, move |c| c.cold_read(&req)),
+                    Ok(None) => self.defer(pool, req.cookie, move |c| c.cold_read(&req)),
                 }
             }
             CMD_FLUSH => self.defer_flush(pool, req),
@@ -342,13 +456,15 @@ impl<W: Write + Send + 'static> Conn<W> {
     }
 }
 
-/// Serves requests until DISC, the client leaving, or a protocol violation; answers every
-/// request already accepted before returning.
-pub(super) fn serve<R: Read, W: Write + Send + 'static>(
+/// Serves requests until DISC, the client leaving, a protocol violation, a failed write or
+/// (with `idle`) a client that sent nothing for that long with nothing in flight; answers every
+/// request already accepted before returning unless the connection is dropped.
+pub(super) fn serve<R: Read, W: Write + AsRawFd + Send + 'static>(
     rd: &mut BufReader<R>,
     fd: RawFd,
     conn: Arc<Conn<W>>,
     server: &Server,
+    idle: Option<Duration>,
 ) -> io::Result<()> {
     let pool = &server.pool;
     let mut scratch = Vec::new();
@@ -362,7 +478,9 @@ pub(super) fn serve<R: Read, W: Write + Send + 'static>(
                 tracing::warn!(export = %conn.export.name, error = %e, "upper layer log write failed");
             }
             conn.out()?.flush()?;
-            poll_readable(fd, server.busy_poll);
+            if !poll_readable(fd, server.busy_poll) {
+                wait_for_request(fd, idle, &conn)?;
+            }
         }
         let Some(req) = read_request(rd)? else {
             return Err(protocol("request with bad magic"));
@@ -371,10 +489,67 @@ pub(super) fn serve<R: Read, W: Write + Send + 'static>(
             return Ok(());
         }
         conn.request(req, rd, &mut scratch, pool)?;
+        if scratch.capacity() > SCRATCH_KEEP {
+            // One large write must not pin its buffer for the connection's lifetime.
+            scratch = Vec::new();
+        }
     })();
+    if let Err(e) = &result {
+        // A write that timed out or failed, or a timeout on the client: nothing more can be
+        // sent. (A client gone or a protocol violation still gets the replies in flight.)
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+        ) {
+            conn.kill(e);
+        }
+    }
     conn.drain()?;
-    let _ = conn.out()?.flush();
+    if let Ok(mut w) = conn.out() {
+        let _ = w.flush();
+    }
     result
+}
+
+/// Blocks until `fd` is readable. With `idle`, fails once it has not been readable for that
+/// long while none of the connection's requests was in flight.
+fn wait_for_request<W: Write + AsRawFd + Send + 'static>(
+    fd: RawFd,
+    idle: Option<Duration>,
+    conn: &Conn<W>,
+) -> io::Result<()> {
+    let Some(idle) = idle.filter(|t| !t.is_zero()) else {
+        return Ok(()); // the read blocks
+    };
+    let ms = idle.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n > 0 {
+            return Ok(());
+        }
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if conn.in_flight() == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("client idle for {} s", idle.as_secs()),
+            ));
+        }
+    }
 }
 
 /// Polls `fd` without sleeping until it is readable or `budget` has passed.
@@ -395,5 +570,45 @@ fn poll_readable(fd: RawFd, budget: Duration) -> bool {
             return n > 0;
         }
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn reply(r: &mut UnixStream) -> (u32, u64) {
+        let mut b = [0u8; 16];
+        r.read_exact(&mut b).expect("reply");
+        assert_eq!(b[..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (
+            u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            u64::from_be_bytes(b[8..16].try_into().unwrap_or_default()),
+        )
+    }
+
+    /// A request whose work panics is answered EIO; the pool and the connection go on.
+    #[test]
+    fn a_panicking_request_is_answered_eio_and_the_worker_lives_on() {
+        let image = blockfmt::LayerStack::new(Vec::new(), 1 << 20, 1 << 20)
+            .and_then(|s| Image::new(s, None))
+            .expect("image");
+        let export = Arc::new(Export::new("t".into(), Arc::new(image)));
+        let (ours, mut theirs) = UnixStream::pair().expect("pair");
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let pool = WorkerPool::new(1);
+        let conn = Arc::new(Conn::new(ours, export, false, false, pool.threads()));
+        conn.defer(&pool, 7, |_| panic!("a bug in a request"))
+            .expect("defer");
+        assert_eq!(reply(&mut theirs), (EIO, 7));
+        conn.defer(&pool, 8, |c| {
+            c.send_now(|w| w.write_all(&simple_reply(0, 8)))
+        })
+        .expect("defer");
+        assert_eq!(reply(&mut theirs), (0, 8), "the only worker survived");
+        conn.drain().expect("drain");
     }
 }

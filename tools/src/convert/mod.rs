@@ -19,6 +19,7 @@ pub mod dict;
 mod push;
 pub mod report;
 mod unpack;
+mod workdir;
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -192,15 +193,19 @@ fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
         }
     }
     let f = raw.with_extension("debugfs");
-    std::fs::write(&f, cmds)?;
-    let o = std::process::Command::new("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg(&f)
-        .arg(raw)
-        .env("E2FSPROGS_FAKE_TIME", "1")
-        .output()
-        .map_err(|e| bad(format!("debugfs: {e}")))?;
+    {
+        let _step = workdir::step()?;
+        std::fs::write(&f, cmds)?;
+    }
+    let o = workdir::output(
+        std::process::Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&f)
+            .arg(raw)
+            .env("E2FSPROGS_FAKE_TIME", "1"),
+    )
+    .map_err(|e| bad(format!("debugfs: {e}")))?;
     if !o.status.success() {
         return Err(bad(format!(
             "debugfs: {}",
@@ -428,13 +433,12 @@ fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
                 .unwrap_or_default()
         ));
         let _ = std::fs::remove_dir_all(&layout);
-        let r = convert_one(ConvertArgs {
+        let _cleanup = workdir::WorkTree::adopt(&layout);
+        return convert_one(ConvertArgs {
             dst: Some(layout.clone()),
             push: Some(dst_str),
             ..a
         });
-        let _ = std::fs::remove_dir_all(&layout);
-        return r;
     }
     let src_arg = a.src.clone().unwrap_or_default();
     let creds = match (&a.username, &a.password) {
@@ -452,6 +456,7 @@ fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
         let tag = target.tag.clone();
         let pulled = a.dst.clone().unwrap_or_default().with_extension("pull");
         let _ = std::fs::remove_dir_all(&pulled);
+        let _cleanup = workdir::WorkTree::adopt(&pulled);
         if !a.quiet {
             eprintln!("convert: pulling {src_arg}");
         }
@@ -465,7 +470,6 @@ fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
                 };
                 convert_layout(local, creds)
             });
-        let _ = std::fs::remove_dir_all(&pulled);
         return r;
     }
     convert_layout(a, creds)
@@ -570,11 +574,15 @@ fn convert_layout(
     let created = !dst.exists();
     std::fs::create_dir_all(dst.join("blobs/sha256"))
         .map_err(|e| bad(format!("{}: {e}", dst.display())))?;
-    let work = dst.join(".convert-work");
-    let _ = std::fs::remove_dir_all(&work);
+    // Private (0700) and removed however this ends, signals included: it holds the image's
+    // setuid files and device nodes.
+    let work_tree = workdir::WorkTree::create(&dst.join(".convert-work"))
+        .map_err(|e| bad(format!("work tree: {e}")))?;
+    let work = work_tree.path().to_path_buf();
     let root = work.join("root");
-    std::fs::create_dir_all(&root)?;
+    std::fs::create_dir(&root)?;
     let dict_dir = dst.join(".convert-dict");
+    let dict_tree = workdir::WorkTree::adopt(&dict_dir);
     let dict = if a.dict.is_empty() {
         None
     } else {
@@ -648,27 +656,31 @@ fn convert_layout(
                 continue;
             }
             let raw = work.join("fs.raw");
-            let _ = std::fs::remove_file(&raw);
-            File::create(&raw)?.set_len(size)?;
-            let o = std::process::Command::new("mkfs.ext4")
-                .args([
-                    "-q",
-                    "-F",
-                    "-b",
-                    "4096",
-                    "-U",
-                    FS_SEED,
-                    "-O",
-                    "metadata_csum_seed",
-                ])
-                .arg("-E")
-                .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
-                .arg("-d")
-                .arg(&root)
-                .arg(&raw)
-                .env("E2FSPROGS_FAKE_TIME", "1")
-                .output()
-                .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
+            {
+                let _step = workdir::step()?;
+                let _ = std::fs::remove_file(&raw);
+                File::create(&raw)?.set_len(size)?;
+            }
+            let o = workdir::output(
+                std::process::Command::new("mkfs.ext4")
+                    .args([
+                        "-q",
+                        "-F",
+                        "-b",
+                        "4096",
+                        "-U",
+                        FS_SEED,
+                        "-O",
+                        "metadata_csum_seed",
+                    ])
+                    .arg("-E")
+                    .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
+                    .arg("-d")
+                    .arg(&root)
+                    .arg(&raw)
+                    .env("E2FSPROGS_FAKE_TIME", "1"),
+            )
+            .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
             if !o.status.success() {
                 return Err(bad(format!(
                     "mkfs.ext4 for layer {digest}: {} (is --size {size} too small?)",
@@ -789,8 +801,8 @@ fn convert_layout(
         }
         Ok((out, borrowed))
     })();
-    let _ = std::fs::remove_dir_all(&work);
-    let _ = std::fs::remove_dir_all(&dict_dir);
+    drop(work_tree);
+    drop(dict_tree);
     let (out_layers, borrowed) = match result {
         Ok(l) => l,
         Err(e) => {

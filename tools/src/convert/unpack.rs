@@ -3,7 +3,11 @@
 //! other entry — regular files, directories, symlinks, hard links, device nodes and fifos, with
 //! owners, modes, mtimes and xattrs. Paths are resolved *inside* the root, following symlinks
 //! the way a chroot would: nothing is ever read, written or deleted outside it, and an entry
-//! whose own path climbs out with `..` is refused.
+//! whose own path climbs out with `..` is refused, and so is a whiteout naming `.` or `..`
+//! (`.wh..`, `.wh...`), which would delete the directory holding it or the one above.
+//!
+//! Every change to the tree happens inside a [`workdir::step`], so that an interrupting signal
+//! removes the tree between entries, never under one.
 
 use std::ffi::{CString, OsStr};
 use std::io::{self, Read};
@@ -11,6 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use tar::{Archive, EntryType};
+
+use super::workdir;
 
 /// The path of a tar entry as components inside the root; `..` or an empty path is an error.
 pub fn clean(p: &Path) -> io::Result<Vec<std::ffi::OsString>> {
@@ -141,6 +147,7 @@ pub fn apply_layer(
         let Some(name) = parts.last().and_then(|n| n.to_str()) else {
             continue;
         };
+        let _step = workdir::step()?;
         if name == ".wh..wh..opq" {
             let dir = resolve(root, &parts[..parts.len() - 1])?;
             if dir.is_dir() {
@@ -150,6 +157,15 @@ pub fn apply_layer(
                 }
             }
         } else if let Some(hidden) = name.strip_prefix(".wh.") {
+            if matches!(hidden, "" | "." | "..") {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "entry path {}: a whiteout of {hidden:?} climbs out of its directory",
+                        e.path()?.display()
+                    ),
+                ));
+            }
             let mut p = parts[..parts.len() - 1].to_vec();
             p.push(hidden.into());
             let victim = entry_path(root, &p)?;
@@ -169,6 +185,7 @@ pub fn apply_layer(
         if name.to_str().is_some_and(|n| n.starts_with(".wh.")) {
             continue;
         }
+        let _step = workdir::step()?;
         let parent = resolve(root, &parts[..parts.len() - 1])?;
         std::fs::create_dir_all(&parent)?;
         kept.touch(&parent);
@@ -281,6 +298,7 @@ pub fn apply_layer(
     }
     // Directory times last: adding children changed them. Directories the layer names get
     // its times; the others get their own back.
+    let _step = workdir::step()?;
     let named: std::collections::HashSet<&PathBuf> = dirs.iter().map(|(d, _)| d).collect();
     for (d, t) in &kept.0 {
         if !named.contains(d) && d.exists() {
