@@ -210,17 +210,49 @@ pub fn render(host: &HostServices, exports: &Exports) -> String {
         }
     }
     export_metrics(&mut m, exports);
-    let _ = writeln!(m, "# HELP lsm_upper_data_bytes Bytes in each export's upper-layer data file.\n# TYPE lsm_upper_data_bytes gauge");
-    for (name, image) in exports.images() {
-        if let Some(u) = image.upper() {
-            let _ = writeln!(
-                m,
-                "lsm_upper_data_bytes{{export=\"{name}\"}} {}",
-                u.data_file_len()
-            );
+    upper_metrics(&mut m, exports);
+    m
+}
+
+/// Each export's upper-layer files against its live data, and its compactions.
+fn upper_metrics(m: &mut String, exports: &Exports) {
+    type Get = fn(&blockfmt::upper::UpperStats) -> u64;
+    let families: [(&str, &str, &str, Get); 4] = [
+        (
+            "lsm_upper_data_bytes",
+            "Bytes in each export's upper-layer data file.",
+            "gauge",
+            |s| s.data_file_bytes,
+        ),
+        (
+            "lsm_upper_log_bytes",
+            "Bytes in each export's upper-layer index log.",
+            "gauge",
+            |s| s.log_bytes,
+        ),
+        (
+            "lsm_upper_live_bytes",
+            "Disk bytes whose latest write is data in the upper layer (what compaction keeps).",
+            "gauge",
+            |s| s.live_bytes,
+        ),
+        (
+            "lsm_upper_compactions_total",
+            "Compactions of each export's upper layer since lsmd started.",
+            "counter",
+            |s| s.compactions,
+        ),
+    ];
+    let stats: Vec<_> = exports
+        .images()
+        .filter_map(|(name, image)| image.upper().map(|u| (name, u.stats())))
+        .collect();
+    for (family, help, kind, get) in families {
+        let _ = writeln!(m, "# HELP {family} {help}\n# TYPE {family} {kind}");
+        for (name, st) in &stats {
+            let _ = writeln!(m, "{family}{{export=\"{name}\"}} {}", get(st));
         }
     }
-    m
 }
 
 /// One family per metric, a sample per kind of source.
@@ -399,6 +431,7 @@ pub fn status_json(host: &HostServices, exports: &Exports) -> String {
                 "read_only": image.read_only(),
                 "layers": image.lower().layers().len(),
                 "upper_data_bytes": image.upper().map(|u| u.data_file_len()),
+                "upper_live_bytes": image.upper().map(|u| u.stats().live_bytes),
                 "cache_bytes": cached,
             })
         })
@@ -466,6 +499,7 @@ mod tests {
             blockfmt::UpperLayer::create(&dir.path().join("upper"), 1 << 20).expect("upper layer");
         let lower = blockfmt::LayerStack::new(Vec::new(), 1 << 20, 0).expect("stack");
         let image = blockfmt::Image::new(lower, Some(upper)).expect("image");
+        image.write(0, &[1; 8192]).expect("write");
         let export = crate::nbd::Export::new("disk".into(), std::sync::Arc::new(image));
         export.flush(Frontend::Ublk).expect("flush");
         let failed = blockfmt::Error::Failed {
@@ -486,6 +520,14 @@ mod tests {
         );
         assert!(
             text.contains("lsm_upper_failed{export=\"disk\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lsm_upper_live_bytes{export=\"disk\"} 8192"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lsm_upper_compactions_total{export=\"disk\"} 0"),
             "{text}"
         );
     }
