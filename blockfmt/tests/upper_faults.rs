@@ -5,26 +5,16 @@
 
 use std::path::Path;
 
-use blockfmt::upper::{UpperTarget, LOG_FILE, RECORD_LEN};
+use blockfmt::upper::{LOG_FILE, RECORD_LEN};
 use blockfmt::{Error, UpperLayer};
+
+mod common;
+use common::read;
 
 const SIZE: u64 = 4 << 20;
 
 fn block(i: u64, v: u8) -> (u64, Vec<u8>) {
     (i * 4096, vec![v; 4096])
-}
-
-/// Reads `[off, off + len)` of the layer (zeros where it has nothing).
-fn read(up: &UpperLayer, off: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let v = up.pieces(off, len as u64);
-    for &(s, l, t) in &v.pieces {
-        let dst = &mut out[(s - off) as usize..(s - off + l) as usize];
-        if let Some(UpperTarget::Data { file_offset }) = t {
-            v.read_data(file_offset, dst).expect("read");
-        }
-    }
-    out
 }
 
 fn reopen(dir: &Path) -> UpperLayer {

@@ -7,25 +7,16 @@ use std::fs;
 use std::path::Path;
 
 use blockfmt::upper::{
-    CompactionPolicy, Record, RecordKind, UpperTarget, COMPACT_DATA_FILE, COMPACT_LOG_FILE,
-    DATA_FILE, LOG_FILE, RECORD_LEN,
+    CompactionPolicy, Record, RecordKind, COMPACT_DATA_FILE, COMPACT_LOG_FILE, DATA_FILE, LOG_FILE,
+    RECORD_LEN,
 };
 use blockfmt::{Error, UpperLayer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-const SIZE: u64 = 4 << 20;
+mod common;
+use common::read;
 
-fn read(up: &UpperLayer, off: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let v = up.pieces(off, len as u64);
-    for &(s, l, t) in &v.pieces {
-        let dst = &mut out[(s - off) as usize..(s - off + l) as usize];
-        if let Some(UpperTarget::Data { file_offset }) = t {
-            v.read_data(file_offset, dst).expect("read");
-        }
-    }
-    out
-}
+const SIZE: u64 = 4 << 20;
 
 fn last_record(dir: &Path) -> Record {
     let log = fs::read(dir.join(LOG_FILE)).expect("log");

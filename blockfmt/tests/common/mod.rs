@@ -1,0 +1,17 @@
+//! What the upper-layer test binaries share.
+
+use blockfmt::upper::UpperTarget;
+use blockfmt::UpperLayer;
+
+/// Reads `[off, off + len)` of an upper layer alone (zeros where it has nothing).
+pub fn read(up: &UpperLayer, off: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let v = up.pieces(off, len as u64);
+    for &(s, l, t) in &v.pieces {
+        let dst = &mut out[(s - off) as usize..(s - off + l) as usize];
+        if let Some(UpperTarget::Data { file_offset }) = t {
+            v.read_data(file_offset, dst).expect("read");
+        }
+    }
+    out
+}
