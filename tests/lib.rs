@@ -226,3 +226,6 @@ pub fn debian_images(generation: &str) -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/debian-images.sh");
     PathBuf::from(ok(Command::new("bash").arg(script).arg(root.join(generation))).trim())
 }
+
+#[path = "support/containerd.rs"]
+pub mod containerd;

@@ -1,0 +1,121 @@
+//! `lsm-snapshotter`: containerd's snapshots gRPC service on a Unix socket, for containerd's
+//! proxy plugin config (`[proxy_plugins.lsm] type = "snapshot" address = "SOCKET"`).
+//!
+//! A binary of its own rather than `lsmd snapshotter`: it is an async (tokio + tonic) gRPC
+//! server, while lsmd is a thread-per-connection block server with no async runtime. Keeping
+//! them apart keeps tokio, tonic and the containerd protocol out of lsmd's build and its
+//! attack surface, lets each be restarted on its own (containerd reconnects to the socket;
+//! lsmd keeps serving the devices), and matches how the peers ship (overlaybd-snapshotter,
+//! containerd-nydus-grpc, containerd-stargz-grpc are separate daemons).
+//!
+//! What it serves today: overlayfs-style snapshots (`snapshots.rs`) with metadata in `redb`
+//! (`store.rs`), so containerd unpacks and runs any OCI image with `--snapshotter lsm`.
+//!
+//! Concurrency: tonic serves each connection on tokio's multi-threaded runtime; the service's
+//! own locking is described in `snapshots.rs`. SIGTERM/SIGINT stop accepting, finish the calls
+//! in flight, and remove the socket.
+
+mod snapshots;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use containerd_snapshots::tonic::transport::Server;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// containerd remote snapshotter for lsm: serves containerd's snapshots API on a Unix socket.
+#[derive(Parser)]
+#[command(name = "lsm-snapshotter", version, about)]
+struct Cli {
+    /// Unix socket to serve on; containerd's `[proxy_plugins.lsm] address`. A stale socket
+    /// file there is replaced; any other file there is an error.
+    #[arg(long)]
+    socket: PathBuf,
+    /// State directory: `metadata.redb` (snapshot metadata), `snapshots/<id>/` (snapshot
+    /// contents), `staging/` (snapshots being made). One snapshotter per directory.
+    #[arg(long)]
+    root: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: &Cli) -> Result<(), String> {
+    std::fs::create_dir_all(&cli.root)
+        .map_err(|e| format!("create root {}: {e}", cli.root.display()))?;
+    let service = snapshots::Service::open(&cli.root)?;
+    let listener = bind(&cli.socket)?;
+    tracing::info!(socket = %cli.socket.display(), root = %cli.root.display(), "serving containerd snapshots API");
+    let result = Server::builder()
+        .add_service(containerd_snapshots::server(Arc::new(service)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&cli.socket);
+    result.map_err(|e| format!("serving {}: {e}", cli.socket.display()))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Binds `path`, replacing a socket left by an earlier run (never a file of another type).
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| format!("remove stale socket {}: {e}", path.display()))?,
+        Ok(_) => {
+            return Err(format!(
+                "{} exists and is not a socket: refusing to replace it",
+                path.display()
+            ))
+        }
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install SIGTERM/SIGINT handlers: stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
