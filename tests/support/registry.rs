@@ -95,7 +95,7 @@ impl Registry {
         std::fs::create_dir_all(dir).expect("registry dir");
         let port = free_port();
         let mut yml = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.join("data").display()
         );
         let ca = tls.then(|| {
@@ -162,6 +162,39 @@ impl Registry {
             "registry did not start: {:?}",
             std::fs::read_to_string(self.dir.join("registry.log"))
         );
+    }
+
+    /// What the registry served so far, from its access log (level info): one
+    /// `(request URI, response bytes)` per completed GET.
+    pub fn served(&self) -> Vec<(String, u64)> {
+        let log = std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default();
+        let field = |line: &str, key: &str| -> Option<String> {
+            let at = line.find(&format!(" {key}="))? + key.len() + 2;
+            let rest = &line[at..];
+            Some(match rest.strip_prefix('"') {
+                Some(q) => q.split('"').next()?.to_string(),
+                None => rest.split(' ').next()?.to_string(),
+            })
+        };
+        log.lines()
+            .filter(|l| l.contains("response completed"))
+            .filter(|l| field(l, "http.request.method").as_deref() == Some("GET"))
+            .filter_map(|l| {
+                let uri = field(l, "http.request.uri")?;
+                let n = field(l, "http.response.written")?.parse().ok()?;
+                Some((uri, n))
+            })
+            .collect()
+    }
+
+    /// Bytes served of blob `digest` (all GETs of it, ranged or whole).
+    pub fn served_of_blob(&self, digest: &str) -> u64 {
+        let tail = format!("/blobs/{digest}");
+        self.served()
+            .iter()
+            .filter(|(uri, _)| uri.ends_with(&tail))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// An HTTP client that trusts this registry (its test CA, when it speaks HTTPS).

@@ -7,6 +7,7 @@ mod build;
 mod check;
 mod convert;
 mod progress;
+mod pull;
 
 use std::process::ExitCode;
 
@@ -80,6 +81,10 @@ enum Cmd {
     /// Show what a running lsmd serves: exports, upper-layer sizes, host cache use, bytes
     /// fetched (from its `--metrics` address).
     Status(StatusArgs),
+    /// Pull an image into containerd with unpack, through its API: layers that lsm-snapshotter
+    /// serves lazily (images made by `convert`) are not downloaded; plain OCI layers are
+    /// fetched and unpacked as containerd does. Prints the image name containerd records.
+    Pull(pull::PullArgs),
 }
 
 /// `lsmctl trace` actions.
@@ -244,6 +249,7 @@ fn main() -> ExitCode {
         Cmd::DedupReport(a) => convert::report::dedup_report(a),
         Cmd::Detach(a) => attach::detach(a),
         Cmd::List(a) => attach::list(a),
+        Cmd::Pull(a) => pull::pull(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
