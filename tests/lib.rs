@@ -229,3 +229,6 @@ pub fn debian_images(generation: &str) -> PathBuf {
 
 #[path = "support/containerd.rs"]
 pub mod containerd;
+
+#[path = "support/cri.rs"]
+pub mod cri;

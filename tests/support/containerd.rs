@@ -1,6 +1,8 @@
 //! A real containerd (Debian's 1.6) with runc, started by a test in its own root, state and
 //! socket under a temporary directory, with `lsm-snapshotter` as its proxy snapshotter `lsm`.
-//! The CRI plugin is disabled (not used here). Both processes are killed when dropped.
+//! The CRI plugin is disabled unless started with [`Containerd::start_cri`] (then its
+//! snapshotter is `lsm` with layer annotations forwarded, as `kernel-setup/install-snapshotter
+//! --cri` configures it). Both processes are killed when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -54,6 +56,21 @@ impl Containerd {
 
     /// Starts the snapshotter (with extra environment variables) and containerd under `dir`.
     pub fn start_with_env(dir: &Path, snapshotter_env: &[(&str, &str)]) -> Containerd {
+        Containerd::start_with(dir, snapshotter_env, None)
+    }
+
+    /// Starts them with containerd's CRI plugin on (its socket is containerd's), pulling into
+    /// the `lsm` snapshotter with layer annotations forwarded (`disable_snapshot_annotations =
+    /// false`), and reaching `plain_http_registry` (`host:port`) over plain HTTP.
+    pub fn start_cri(dir: &Path, plain_http_registry: &str) -> Containerd {
+        Containerd::start_with(dir, &[], Some(plain_http_registry))
+    }
+
+    fn start_with(
+        dir: &Path,
+        snapshotter_env: &[(&str, &str)],
+        cri_registry: Option<&str>,
+    ) -> Containerd {
         let mut c = Containerd {
             dir: dir.to_path_buf(),
             address: dir.join("containerd.sock"),
@@ -65,11 +82,22 @@ impl Containerd {
         };
         c.start_snapshotter(snapshotter_env);
         let config = dir.join("config.toml");
+        let plugins = match cri_registry {
+            None => "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string(),
+            Some(reg) => format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  disable_tcp_service = true\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lsm\"\n\
+                 \x20 disable_snapshot_annotations = false\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni}\"\n  conf_dir = \"{cni}\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{reg}\"]\n\
+                 \x20 endpoint = [\"http://{reg}\"]\n",
+                cni = dir.join("cni").display(),
+            ),
+        };
         std::fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{plugins}\
                  [grpc]\n  address = \"{sock}\"\n\
                  [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
                  [proxy_plugins]\n  [proxy_plugins.lsm]\n    type = \"snapshot\"\n    address = \"{snap}\"\n",
@@ -165,6 +193,26 @@ impl Containerd {
     /// Runs `ctr` that must succeed; returns stdout.
     pub fn ctr_ok<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(&self, args: I) -> String {
         let mut cmd = self.ctr(args);
+        let o = run(&mut cmd);
+        assert!(
+            o.status.success(),
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs `ctr` in namespace `namespace` (e.g. CRI's `k8s.io`); it must succeed. Returns
+    /// stdout.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> String {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", namespace])
+            .args(args);
         let o = run(&mut cmd);
         assert!(
             o.status.success(),
