@@ -3,14 +3,23 @@
 //! - a plain OCI image (not converted) pushed with skopeo is pulled by `lsmctl pull`: its layers
 //!   are downloaded and unpacked through the lsm snapshotter (Diff.Apply), the image record and
 //!   its content carry containerd's labels (containerd sees it unpacked), `ctr run --snapshotter
-//!   lsm` runs it, and a second pull downloads nothing.
+//!   lsm` runs it, and a second pull downloads nothing;
+//! - the same through CRI `PullImage` (containerd's CRI plugin, snapshotter `lsm`, layer
+//!   annotations forwarded) from a `k8s-cri` client;
+//! - a container's writes committed as a snapshot are seen by a second container on it;
+//! - lazily: real Debian python3 images (built from Debian packages, cached outside the
+//!   clone) converted by `lsmctl convert` and pushed to the registry are pulled by `lsmctl
+//!   pull` and by CRI `PullImage` with the registry serving the manifest and config but no
+//!   layer bytes, then `ctr run --snapshotter lsm … python3 -c 'import json, sqlite3'` runs
+//!   with the registry having served < 5 % of the layer bytes (its access log counts them), and
+//!   the commit round trip works on that image too.
 
 use std::path::Path;
 use std::process::Command;
 
 use lsm_e2e::containerd::{tiny_image, Containerd, NAMESPACE};
 use lsm_e2e::registry::Registry;
-use lsm_e2e::{lsmctl, ok, run};
+use lsm_e2e::{debian_images, lsmctl, ok, run};
 
 /// Pushes the OCI layout `layout` (tag `tag`) to `reg` as `repo:tag` with skopeo.
 fn push_layout(reg: &Registry, layout: &Path, tag: &str, repo: &str) -> String {
@@ -129,24 +138,20 @@ fn committed_container_snapshot_carries_its_writes_to_a_second_container() {
     let name = push_layout(&reg, &t.join("oci"), "tiny", "plain/commit");
     let c = Containerd::start(t);
     lsmctl_pull(&c, &name);
-    committed_snapshot_round_trip(&c, &name);
+    committed_snapshot_round_trip(&c, &name, &["/bin/busybox"]);
 }
 
 /// Runs a container of `image` that writes `/written`, commits its snapshot as `sealed`, and
 /// runs a second container on a snapshot prepared from `sealed` (mounted where `ctr
 /// snapshots mounts` says, as its rootfs).
-fn committed_snapshot_round_trip(c: &Containerd, image: &str) {
-    c.ctr_ok([
-        "run",
-        "--snapshotter",
-        "lsm",
-        image,
-        "writer",
-        "/bin/busybox",
-        "sh",
-        "-c",
-        "echo kept > /written",
-    ]);
+/// `tools` is put before `sh` and `cat` (`/bin/busybox` for the tiny image).
+fn committed_snapshot_round_trip(c: &Containerd, image: &str, tools: &[&str]) {
+    let sh: Vec<&str> = tools.iter().copied().chain(["sh"]).collect();
+    let cat: Vec<&str> = tools.iter().copied().chain(["cat"]).collect();
+    let mut writer = vec!["run", "--snapshotter", "lsm", image, "writer"];
+    writer.extend(&sh);
+    writer.extend(["-c", "echo kept > /written"]);
+    c.ctr_ok(writer);
     // The container's active snapshot is named after it.
     c.ctr_ok([
         "snapshots",
@@ -178,16 +183,150 @@ fn committed_snapshot_round_trip(c: &Containerd, image: &str) {
         "second",
     ]);
     ok(Command::new("sh").arg("-c").arg(mount.trim()));
-    let out = c.ctr_ok([
-        "run",
-        "--rm",
-        "--rootfs",
-        &rootfs.display().to_string(),
-        "reader",
-        "/bin/busybox",
-        "cat",
-        "/written",
-    ]);
+    let rootfs_arg = rootfs.display().to_string();
+    let mut reader = vec!["run", "--rm", "--rootfs", &rootfs_arg, "reader"];
+    reader.extend(&cat);
+    reader.push("/written");
+    let out = c.ctr_ok(reader);
     let _ = Command::new("umount").arg(&rootfs).output();
     assert_eq!(out, "kept\n", "{}", c.logs());
+}
+
+/// The Debian python3 image pushed to `reg` as `debian/py:1` and converted by `lsmctl
+/// convert` to `lsm/py:1` there; returns the converted image's name and its layer digests and
+/// total layer bytes (from its manifest).
+fn converted_debian_python(reg: &Registry, t: &Path) -> (String, Vec<String>, u64) {
+    let oci = debian_images("debian-v1");
+    push_layout(reg, &oci, "py", "debian/py");
+    let src = format!("{}/debian/py:1", reg.url);
+    let dst = format!("{}/lsm/py:1", reg.url);
+    let mut cmd = lsmctl(["convert", "--insecure", "--quiet", "--size", "1G", "--db"]);
+    cmd.arg(t.join("convert-db")).args([&src, &dst]);
+    ok(&mut cmd);
+    let host = reg.url.trim_start_matches("http://");
+    let manifest: serde_json::Value = reg
+        .agent()
+        .get(&format!("{}/v2/lsm/py/manifests/1", reg.url))
+        .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .call()
+        .expect("manifest")
+        .into_string()
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .expect("manifest JSON");
+    let layers: Vec<&serde_json::Value> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .collect();
+    assert!(
+        layers
+            .iter()
+            .all(|l| l["annotations"]["containerd.io/snapshot/lsm.role"].is_string()),
+        "every layer of a converted image is an lsm blob: {manifest}"
+    );
+    let digests = layers
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest").to_string())
+        .collect();
+    let total = layers
+        .iter()
+        .map(|l| l["size"].as_u64().expect("size"))
+        .sum();
+    (format!("{host}/lsm/py:1"), digests, total)
+}
+
+/// Bytes of `digests` the registry served so far.
+fn layer_bytes_served(reg: &Registry, digests: &[String]) -> u64 {
+    digests.iter().map(|d| reg.served_of_blob(d)).sum()
+}
+
+/// `python3 -c 'import json, sqlite3; print("ok")'` in a container of `image`.
+const PYTHON: [&str; 3] = [
+    "/usr/bin/python3",
+    "-c",
+    "import json, sqlite3; print('ok')",
+];
+
+#[test]
+fn converted_debian_python_pulls_lazily_with_lsmctl_and_runs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let reg = Registry::start(&t.join("registry"), None);
+    let (name, digests, total) = converted_debian_python(&reg, t);
+    let c = Containerd::start(t);
+    let before = layer_bytes_served(&reg, &digests);
+
+    let err = lsmctl_pull(&c, &name);
+    assert_eq!(
+        err.matches("served lazily").count(),
+        digests.len(),
+        "every lsm layer is the snapshotter's:\n{err}"
+    );
+    assert!(err.contains("(0 bytes downloaded)"), "{err}");
+    assert_eq!(
+        layer_bytes_served(&reg, &digests),
+        before,
+        "the pull itself fetched no layer bytes"
+    );
+
+    let out = c.ctr_ok(
+        ["run", "--rm", "--snapshotter", "lsm", &name, "py1"]
+            .into_iter()
+            .chain(PYTHON),
+    );
+    assert_eq!(out, "ok\n", "{}", c.logs());
+    let served = layer_bytes_served(&reg, &digests) - before;
+    eprintln!(
+        "lazy run: registry served {served} of {total} layer bytes ({:.2} %)",
+        100.0 * served as f64 / total as f64
+    );
+    assert!(
+        served * 20 < total,
+        "served {served} of {total} layer bytes: not lazy"
+    );
+
+    committed_snapshot_round_trip(&c, &name, &[]);
+}
+
+#[test]
+fn converted_debian_python_pulls_lazily_through_cri() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let reg = Registry::start(&t.join("registry"), None);
+    let (name, digests, total) = converted_debian_python(&reg, t);
+    let c = Containerd::start_cri(t, reg.url.trim_start_matches("http://"));
+    let before = layer_bytes_served(&reg, &digests);
+
+    lsm_e2e::cri::pull_image(&c.address, &name).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(
+        layer_bytes_served(&reg, &digests),
+        before,
+        "CRI's pull fetched no layer bytes\n{}",
+        c.logs()
+    );
+    let out = c.ctr_in(
+        "k8s.io",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lsm",
+            &name,
+            "py1",
+            PYTHON[0],
+            PYTHON[1],
+            PYTHON[2],
+        ],
+    );
+    assert_eq!(out, "ok\n", "{}", c.logs());
+    let served = layer_bytes_served(&reg, &digests) - before;
+    eprintln!(
+        "lazy run (CRI): registry served {served} of {total} layer bytes ({:.2} %)",
+        100.0 * served as f64 / total as f64
+    );
+    assert!(
+        served * 20 < total,
+        "served {served} of {total} layer bytes: not lazy"
+    );
 }
