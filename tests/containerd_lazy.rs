@@ -197,8 +197,7 @@ fn committed_snapshot_round_trip(c: &Containerd, image: &str, tools: &[&str]) {
 /// total layer bytes (from its manifest).
 fn converted_debian_python(reg: &Registry, t: &Path) -> (String, Vec<String>, u64) {
     let oci = debian_images("debian-v1");
-    push_layout(reg, &oci, "py", "debian/py");
-    let src = format!("{}/debian/py:1", reg.url);
+    let src = format!("http://{}", push_layout(reg, &oci, "py", "debian/py"));
     let dst = format!("{}/lsm/py:1", reg.url);
     let mut cmd = lsmctl(["convert", "--insecure", "--quiet", "--size", "1G", "--db"]);
     cmd.arg(t.join("convert-db")).args([&src, &dst]);

@@ -314,7 +314,8 @@ async fn unpack_layer(
         if l.is_lsm {
             return Err(CliError(format!(
                 "layer {} is an lsm layer, but snapshotter {:?} prepared an empty snapshot for it \
-                 instead of serving it (is --snapshotter lsm-snapshotter's proxy plugin?)",
+                 instead of serving it lazily: point --snapshotter at lsm-snapshotter's proxy \
+                 plugin (nothing was downloaded)",
                 l.descriptor.digest, ctr.snapshotter
             )));
         }
@@ -436,11 +437,13 @@ async fn pull_async(a: PullArgs) -> CliResult {
     let image = ImageRef::parse(&a.reference)?;
     let reg = Registry::new(&image, a.plain_http);
     let r = tokio::task::block_in_place(|| resolve(&reg, &image))?;
+    let via = match &r.index {
+        Some(_) => format!("index {}, manifest {}", r.target.digest, r.manifest.digest),
+        None => format!("manifest {}", r.manifest.digest),
+    };
     eprintln!(
-        "lsmctl pull: {} resolved to {} (manifest {}, {} layers)",
+        "lsmctl pull: {} resolved to {via}, {} layers",
         image.name,
-        r.target.digest,
-        r.manifest.digest,
         r.layers.len()
     );
     let mut ctr = Containerd::connect(&a.address, &a.namespace, &a.snapshotter).await?;
