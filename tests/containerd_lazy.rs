@@ -253,7 +253,7 @@ fn converted_debian_python_pulls_lazily_with_lsmctl_and_runs() {
     let t = tmp.path();
     let reg = Registry::start(&t.join("registry"), None);
     let (name, digests, total) = converted_debian_python(&reg, t);
-    let c = Containerd::start(t);
+    let c = Containerd::start_plain_http(t, reg.url.trim_start_matches("http://"));
     let before = layer_bytes_served(&reg, &digests);
 
     let err = lsmctl_pull(&c, &name);

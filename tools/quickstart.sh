@@ -81,7 +81,7 @@ layers=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
   python3 -c 'import json,sys; print(" ".join("%s:%d" % (l["digest"], l["size"]) for l in json.load(sys.stdin)["layers"]))')
 
 echo "== 5. lsm-snapshotter + containerd; lsmctl pull; ctr run"
-RUST_LOG=info "$bin/lsm-snapshotter" --socket "$w/lsm.sock" --root "$w/lsm-root" 2>"$w/snapshotter.log" &
+RUST_LOG=info "$bin/lsm-snapshotter" --socket "$w/lsm.sock" --root "$w/lsm-root" --plain-http "$reg" 2>"$w/snapshotter.log" &
 pids+=($!)
 cat >"$w/containerd.toml" <<EOF
 version = 2

@@ -19,6 +19,14 @@
 #       oci   — skopeo copy (every layer) + tar -x of each layer in order + chroot COMMAND
 #       lazy  — lsmd --fuse with an empty cache, losetup, mount -o ro, chroot COMMAND
 #       trace — the same, lsmd prefetching the recorded trace
+#     and, through containerd 1.6 (a fresh containerd + lsm-snapshotter per run, in its own
+#     directories and sockets; started before the clock):
+#       ctr-oci  — `ctr image pull` (overlayfs snapshotter: every layer fetched and unpacked)
+#                  + `ctr run --rm` COMMAND
+#       ctr-lazy — `lsmctl pull` of the converted image (no layer fetched) + `ctr run --rm
+#                  --snapshotter lsm` COMMAND (lsm-snapshotter attaches the layers lazily)
+#     (MODES="oci lazy trace ctr-oci ctr-lazy" by default; lsm-snapshotter has no startup-trace
+#     prefetch yet, so there is no ctr-trace row)
 #     timing each from start to the command's exit and counting the bytes the host received
 #     on the veth (TCP/IP headers included);
 #     (lsmd's log and /metrics of each lsm run are kept in $WORK/logs);
@@ -32,6 +40,7 @@ repo=$(cd "$here/../.." && pwd)
 RUNS=${RUNS:-5}
 PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
 IMAGES=${IMAGES:-"base py fat"}
+MODES=${MODES:-"oci lazy trace ctr-oci ctr-lazy"}
 OUT=${OUT:-$here/results}
 WORK=${WORK:-/var/tmp/lsm-startup}
 NS=lsmbench
@@ -54,6 +63,9 @@ command_for() {
 # --- cleanup, whatever happens ---------------------------------------------------------------
 cleanup() ( # a subshell: its `set +e` must not leak into the script
   set +e
+  if [ -d "$WORK/pids" ]; then # containerd before its snapshotter, both before the mounts go
+    for p in containerd snapshotter; do [ -f "$WORK/pids/$p" ] && kill "$(cat "$WORK/pids/$p")" 2>/dev/null; done
+  fi
   for m in $(grep -o " $WORK/[^ ]*" /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null; done
   losetup -a 2>/dev/null | grep "$WORK" | cut -d: -f1 | while read -r l; do losetup -d "$l"; done
   if [ -d "$WORK/pids" ]; then
@@ -85,6 +97,7 @@ fi
 (cd "$repo" && cargo build --release --bins -q)
 LSMD=$repo/target/release/lsmd
 LSMCTL=$repo/target/release/lsmctl
+SNAPSHOTTER=$repo/target/release/lsm-snapshotter
 echo "startup: building/finding the Debian images (cached in /var/cache/lsm-images)"
 OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
 
@@ -207,6 +220,49 @@ lsm_stop() { # RUN_DIR IMAGE
   if mountpoint -q "$d/files"; then umount -l "$d/files"; fi
 }
 
+# A fresh lsm-snapshotter + containerd in RUN_DIR (own root, state, sockets; CRI off).
+ctr_start() {
+  local d=$1
+  mkdir -p "$d"
+  "$SNAPSHOTTER" --socket "$d/lsm.sock" --root "$d/lsm-root" --plain-http "$REG" \
+    >"$d/snapshotter.log" 2>&1 &
+  echo $! >"$WORK/pids/snapshotter"
+  for _ in $(seq 600); do [ -S "$d/lsm.sock" ] && break; sleep 0.05; done
+  cat >"$d/containerd.toml" <<EOF
+version = 2
+root = "$d/containerd-root"
+state = "$d/containerd-state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$d/containerd.sock"
+[ttrpc]
+  address = "$d/containerd.sock.ttrpc"
+[proxy_plugins]
+  [proxy_plugins.lsm]
+    type = "snapshot"
+    address = "$d/lsm.sock"
+EOF
+  containerd --config "$d/containerd.toml" >"$d/containerd.log" 2>&1 &
+  echo $! >"$WORK/pids/containerd"
+  for _ in $(seq 600); do
+    ctr --address "$d/containerd.sock" version >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "containerd did not start: $(tail "$d/containerd.log")" >&2
+  return 1
+}
+ctr_stop() { # RUN_DIR
+  local d=$1 p
+  for p in containerd snapshotter; do
+    [ -f "$WORK/pids/$p" ] || continue
+    kill "$(cat "$WORK/pids/$p")" 2>/dev/null || true
+    while kill -0 "$(cat "$WORK/pids/$p")" 2>/dev/null; do sleep 0.05; done
+    rm -f "$WORK/pids/$p"
+  done
+  for m in $(grep -o " $d/[^ ]*" /proc/mounts | sort -r); do umount -l "$m" 2>/dev/null || true; done
+}
+ctr_() { ctr --address "$d/containerd.sock" -n bench "$@"; }
+
 for img in $IMAGES; do
   echo "startup: recording the startup trace of $img"
   d=$WORK/run/record-$img
@@ -233,9 +289,10 @@ for profile in $PROFILES; do
   for img in $IMAGES; do
     cmd=$(command_for "$img")
     for r in $(seq "$RUNS"); do
-      for mode in oci lazy trace; do
+      for mode in $MODES; do
         d=$WORK/run/$profile-$img-$mode-$r
         rm -rf "$d" && mkdir -p "$d"
+        case $mode in ctr-*) ctr_start "$d" ;; esac
         cold
         b0=$(rx)
         t0=$(now)
@@ -263,10 +320,25 @@ EOF
             lsm_start "$img" "$WORK/traced/$img.json" "$d" trace
             chroot "$d/mnt" sh -c "$cmd" >/dev/null
             ;;
+          ctr-oci)
+            ctr_ image pull --plain-http "$REG/debian/$img:1" >/dev/null
+            ctr_ run --rm "$REG/debian/$img:1" "run-$r" sh -c "$cmd" >/dev/null
+            ;;
+          ctr-lazy)
+            "$LSMCTL" pull --plain-http --address "$d/containerd.sock" --namespace bench \
+              "$REG/lsm/$img:1" >/dev/null 2>"$d/pull.log"
+            ctr_ run --rm --snapshotter lsm "$REG/lsm/$img:1" "run-$r" sh -c "$cmd" >/dev/null
+            ;;
         esac
         t1=$(now)
         b1=$(rx)
-        if [ "$mode" != oci ]; then
+        case $mode in ctr-*)
+          mkdir -p "$WORK/logs"
+          ctr_stop "$d"
+          cp "$d/snapshotter.log" "$WORK/logs/$profile-$img-$mode-$r.snapshotter.log"
+          ;;
+        esac
+        if [ "$mode" = lazy ] || [ "$mode" = trace ]; then
           mkdir -p "$WORK/logs"
           curl -s http://127.0.0.1:9899/metrics >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
           lsm_stop "$d" "$img"

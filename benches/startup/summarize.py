@@ -15,6 +15,7 @@ rows = list(csv.DictReader(open(runs_csv)))
 profiles = list(dict.fromkeys(r["profile"] for r in rows))
 images = list(dict.fromkeys(r["image"] for r in rows))
 MODES = ["oci", "lazy", "trace"]
+CTR_MODES = [m for m in ("ctr-oci", "ctr-lazy") if any(r["mode"] == m for r in rows)]
 
 
 def med(profile, image, mode, field):
@@ -29,7 +30,7 @@ for p in profiles:
         s = {"profile": p, "image": i, "oci_image_bytes": int(one["oci_image_bytes"]),
              "lsm_image_bytes": int(one["lsm_image_bytes"]),
              "runs": sum(1 for r in rows if (r["profile"], r["image"], r["mode"]) == (p, i, "oci"))}
-        for m in MODES:
+        for m in MODES + CTR_MODES:
             s[f"{m}_s"] = med(p, i, m, "seconds")
             s[f"{m}_bytes"] = med(p, i, m, "bytes_fetched")
         for m in ("lazy", "trace"):
@@ -61,6 +62,22 @@ for s in summary:
         f"| {mb(s['lazy_bytes'])} ({100 * s['lazy_bytes_of_oci_image']:.1f} %) "
         f"| {mb(s['trace_bytes'])} ({100 * s['trace_bytes_of_oci_image']:.1f} %) |"
     )
+if CTR_MODES == ["ctr-oci", "ctr-lazy"]:
+    lines += [
+        "",
+        "Through containerd 1.6 (`ctr image pull` + `ctr run`, overlayfs snapshotter, vs `lsmctl pull` + "
+        "`ctr run --snapshotter lsm`):",
+        "",
+        "| profile | image | ctr pull + run s | lsmctl pull + ctr run (lsm) s | lsm / OCI | ctr pull MB fetched | lsm MB fetched (of OCI image) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summary:
+        a, b = s["ctr-oci_s"], s["ctr-lazy_s"]
+        lines.append(
+            f"| {s['profile']} | {s['image']} | {a:.2f} | {b:.2f} | **{b / a:.2f}** "
+            f"| {mb(s['ctr-oci_bytes'])} | {mb(s['ctr-lazy_bytes'])} "
+            f"({100 * s['ctr-lazy_bytes'] / s['oci_image_bytes']:.1f} %) |"
+        )
 table = "\n".join(lines)
 sizes = ", ".join(
     f"{s['image']}: OCI {mb(s['oci_image_bytes'])} MB, lsm {mb(s['lsm_image_bytes'])} MB"

@@ -24,6 +24,8 @@ pub struct Containerd {
     containerd: Option<Child>,
     snapshotter: Option<Child>,
     snapshotter_runs: usize,
+    /// Extra `lsm-snapshotter` arguments, kept for restarts.
+    snapshotter_args: Vec<String>,
 }
 
 /// Waits until `path` exists (a socket being bound), or panics naming `what` and its log.
@@ -56,19 +58,32 @@ impl Containerd {
 
     /// Starts the snapshotter (with extra environment variables) and containerd under `dir`.
     pub fn start_with_env(dir: &Path, snapshotter_env: &[(&str, &str)]) -> Containerd {
-        Containerd::start_with(dir, snapshotter_env, None)
+        Containerd::start_with(dir, snapshotter_env, &[], None)
+    }
+
+    /// Starts them with the snapshotter reaching `plain_http_registry` (`host:port`, where
+    /// converted images are) over plain HTTP.
+    pub fn start_plain_http(dir: &Path, plain_http_registry: &str) -> Containerd {
+        Containerd::start_with(dir, &[], &["--plain-http", plain_http_registry], None)
     }
 
     /// Starts them with containerd's CRI plugin on (its socket is containerd's), pulling into
     /// the `lsm` snapshotter with layer annotations forwarded (`disable_snapshot_annotations =
     /// false`), and reaching `plain_http_registry` (`host:port`) over plain HTTP.
+    /// The snapshotter also reaches it over plain HTTP.
     pub fn start_cri(dir: &Path, plain_http_registry: &str) -> Containerd {
-        Containerd::start_with(dir, &[], Some(plain_http_registry))
+        Containerd::start_with(
+            dir,
+            &[],
+            &["--plain-http", plain_http_registry],
+            Some(plain_http_registry),
+        )
     }
 
     fn start_with(
         dir: &Path,
         snapshotter_env: &[(&str, &str)],
+        snapshotter_args: &[&str],
         cri_registry: Option<&str>,
     ) -> Containerd {
         let mut c = Containerd {
@@ -79,6 +94,7 @@ impl Containerd {
             containerd: None,
             snapshotter: None,
             snapshotter_runs: 0,
+            snapshotter_args: snapshotter_args.iter().map(|a| a.to_string()).collect(),
         };
         c.start_snapshotter(snapshotter_env);
         let config = dir.join("config.toml");
@@ -139,6 +155,7 @@ impl Containerd {
             .arg(&self.snap_socket)
             .arg("--root")
             .arg(&self.snap_root)
+            .args(&self.snapshotter_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("snapshotter log"));
