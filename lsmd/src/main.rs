@@ -436,6 +436,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let engine = Engine::new(workers);
+    for e in exports.all() {
+        engine.serve_image(&e.image);
+    }
     if let Some(addr) = metrics {
         match std::net::TcpListener::bind(&addr) {
             Ok(l) => {
@@ -450,7 +454,7 @@ fn main() -> ExitCode {
     }
     let server = Server {
         exports: exports.clone(),
-        engine: Engine::new(workers),
+        engine,
         busy_poll: std::time::Duration::from_micros(busy_poll_us),
         limits: Limits {
             handshake: Some(Duration::from_secs(handshake_timeout)),

@@ -16,10 +16,12 @@
 
 mod export;
 mod lane;
+mod loads;
 pub mod pool;
 
 pub use export::{Export, Exports};
 pub use lane::Lane;
+pub use loads::PoolLoads;
 pub use pool::WorkerPool;
 
 use blockfmt::Alloc;
@@ -61,6 +63,13 @@ impl Engine {
     /// The pool itself, for work that belongs to no client (source I/O threads use their own).
     pub fn pool(&self) -> &WorkerPool {
         &self.pool
+    }
+
+    /// Lends the pool to `image` for a read's parallel chunk loads (`blockfmt` has no threads).
+    pub fn serve_image(&self, image: &blockfmt::Image) {
+        image
+            .lower()
+            .set_parallel_loads(std::sync::Arc::new(PoolLoads(self.pool.clone())));
     }
 }
 

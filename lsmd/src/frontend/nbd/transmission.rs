@@ -342,10 +342,13 @@ impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
                     let msg = "read past the end of the export";
                     return self.error(&mut *self.out()?, req.cookie, EINVAL, msg);
                 }
-                if req.len as usize <= engine::INLINE_READ_MAX {
+                let hot = if req.len as usize <= engine::INLINE_READ_MAX {
                     scratch.resize(req.len as usize, 0);
-                }
-                match engine::read_hot(&self.export, Frontend::Nbd, req.offset, scratch) {
+                    engine::read_hot(&self.export, Frontend::Nbd, req.offset, scratch)
+                } else {
+                    None
+                };
+                match hot {
                     Some(Ok(map)) => self.read_reply(&mut *self.out()?, &req, scratch, map),
                     Some(Err(e)) => self.done(&mut *self.out()?, &req, Err(e)),
                     None => self.defer(req.cookie, move |c| c.cold_read(&req)),
