@@ -24,7 +24,7 @@ pub struct Containerd {
     containerd: Option<Child>,
     snapshotter: Option<Child>,
     snapshotter_runs: usize,
-    /// Extra `lsm-snapshotter` arguments, kept for restarts.
+    /// Extra `lsm-snapshotter` arguments, on every (re)start.
     snapshotter_args: Vec<String>,
 }
 
@@ -58,21 +58,30 @@ impl Containerd {
 
     /// Starts the snapshotter (with extra environment variables) and containerd under `dir`.
     pub fn start_with_env(dir: &Path, snapshotter_env: &[(&str, &str)]) -> Containerd {
-        Containerd::start_with(dir, snapshotter_env, &[], None)
+        Containerd::start_with(dir, snapshotter_env, &[])
+    }
+
+    /// Starts the snapshotter (with extra environment variables and arguments) and containerd.
+    pub fn start_with(
+        dir: &Path,
+        snapshotter_env: &[(&str, &str)],
+        snapshotter_args: &[&str],
+    ) -> Containerd {
+        Containerd::start_full(dir, snapshotter_env, snapshotter_args, None)
     }
 
     /// Starts them with the snapshotter reaching `plain_http_registry` (`host:port`, where
     /// converted images are) over plain HTTP.
     pub fn start_plain_http(dir: &Path, plain_http_registry: &str) -> Containerd {
-        Containerd::start_with(dir, &[], &["--plain-http", plain_http_registry], None)
+        Containerd::start_with(dir, &[], &["--plain-http", plain_http_registry])
     }
 
     /// Starts them with containerd's CRI plugin on (its socket is containerd's), pulling into
     /// the `lsm` snapshotter with layer annotations forwarded (`disable_snapshot_annotations =
-    /// false`), and reaching `plain_http_registry` (`host:port`) over plain HTTP.
-    /// The snapshotter also reaches it over plain HTTP.
+    /// false`), and reaching `plain_http_registry` (`host:port`) over plain HTTP; the
+    /// snapshotter also reaches it over plain HTTP.
     pub fn start_cri(dir: &Path, plain_http_registry: &str) -> Containerd {
-        Containerd::start_with(
+        Containerd::start_full(
             dir,
             &[],
             &["--plain-http", plain_http_registry],
@@ -80,7 +89,7 @@ impl Containerd {
         )
     }
 
-    fn start_with(
+    fn start_full(
         dir: &Path,
         snapshotter_env: &[(&str, &str)],
         snapshotter_args: &[&str],
@@ -297,6 +306,21 @@ impl Drop for Containerd {
             targets.reverse();
             for t in targets {
                 let _ = Command::new("umount").arg("-l").arg(t).output();
+            }
+        }
+        // Then stop the lsmd of every snapshot disk (they outlive the snapshotter on purpose).
+        let attach = self.snap_root.join("attach");
+        if let Ok(o) = crate::lsmctl(["list", "--json", "--state-dir"])
+            .arg(&attach)
+            .output()
+        {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            for a in v.as_array().into_iter().flatten() {
+                if let Some(name) = a["name"].as_str() {
+                    let _ = crate::lsmctl(["detach", name, "--state-dir"])
+                        .arg(&attach)
+                        .output();
+                }
             }
         }
     }
