@@ -7,7 +7,16 @@
 //!   yet committed) leaves nothing half made after a restart: the key is free, the directory
 //!   is gone, and the key can be prepared again;
 //! - `kill -9` of the snapshotter while a container runs: the container keeps its filesystem,
-//!   its later writes land, and the restarted snapshotter answers for its snapshot.
+//!   its later writes land, and the restarted snapshotter answers for its snapshot;
+//! - lsm layers of an image converted and pushed to a real registry here: Prepare with the
+//!   layers' annotations as labels (through containerd's snapshots API: `ctr` cannot pass
+//!   labels) answers AlreadyExists without fetching; a container snapshot over them is served
+//!   lazily (bytes counted at the registry), commits into a child, views are read-only, and
+//!   a kill -9 of the snapshotter leaves its mount working;
+//! - `ctr run --snapshotter lsm` of that converted image.
+
+// Errors here are `tonic::Status`, what the gRPC client returns.
+#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -498,39 +507,21 @@ fn lsm_layers_are_prepared_remotely_and_served_lazily_through_containerd() {
     let mut api = SnapshotsApi::connect(&c);
 
     let layers = manifest["layers"].as_array().expect("layers");
-    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .expect("diff_ids")
-        .iter()
-        .map(|d| d.as_str().expect("str").to_string())
-        .collect();
-    let chain = chain_ids(&diff_ids);
     let layer_bytes: u64 = layers
         .iter()
         .map(|l| l["size"].as_u64().expect("size"))
         .sum();
-
-    // containerd's unpack, layer by layer: Prepare with the layer's annotations as labels.
-    for (i, l) in layers.iter().enumerate() {
-        let mut labels: HashMap<String, String> = l["annotations"]
-            .as_object()
-            .expect("annotations")
-            .iter()
-            .filter(|(k, _)| k.starts_with("containerd.io/snapshot/"))
-            .filter(|(k, _)| *k != "containerd.io/snapshot/lsm.repository")
-            .map(|(k, v)| (k.clone(), v.as_str().expect("str").to_string()))
-            .collect();
-        labels.insert("containerd.io/snapshot.ref".into(), chain[i].clone());
-        labels.insert(
-            "containerd.io/snapshot/cri.image-ref".into(),
-            format!("{proxy_host}/lsm/app:v1"),
-        );
+    // containerd's unpack, layer by layer: Prepare with the layer's annotations as labels
+    // answers AlreadyExists; the chainID is then a committed snapshot over its parent.
+    let chain = prepare_lsm_layers(
+        &mut api,
+        &manifest,
+        &config,
+        &format!("{proxy_host}/lsm/app:v1"),
+    );
+    for (i, id) in chain.iter().enumerate() {
         let parent = if i == 0 { "" } else { chain[i - 1].as_str() };
-        let err = api
-            .prepare(&format!("extract-{i} {}", chain[i]), parent, labels)
-            .expect_err("an lsm layer is not unpacked");
-        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
-        let (kind, p) = api.stat(&chain[i]).expect("stat of the chainID");
+        let (kind, p) = api.stat(id).expect("stat of the chainID");
         assert_eq!(
             (kind, p.as_str()),
             (3, parent),
