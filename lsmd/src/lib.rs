@@ -24,7 +24,8 @@ pub use engine::pool;
 pub use frontend::{fuse, nbd, ublk};
 
 pub use config::{HostServices, ImageConfig, ImageSpec, LayerConfig, RegistryConfig, SourceConfig};
-pub use error::{errno, Error, Result};
+pub use engine::errno;
+pub use error::{Error, Result};
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
