@@ -414,10 +414,7 @@ impl Containerd {
                 .map(|_| ())
                 .map_err(|s| grpc(&format!("update image {name}"), s)),
             None => images
-                .create(self.req(CreateImageRequest {
-                    image: Some(image),
-                    ..Default::default()
-                }))
+                .create(self.req(CreateImageRequest { image: Some(image) }))
                 .await
                 .map(|_| ())
                 .map_err(|s| grpc(&format!("create image {name}"), s)),
