@@ -3,13 +3,13 @@
 mean-latency-µs server-CPU-%") into README's markdown table: medians with min–max, ratios of
 medians against the best peer, and the derived targets (4 connections / 1, remote QD32 / QD1).
 
-Usage: nbd-vs-table.py RESULTS.tsv SECS REMOTE_SECS MIB CORES
+Usage: nbd-vs-table.py RESULTS.tsv SECS REMOTE_IOS MIB CORES
 """
 import statistics
 import sys
 from collections import defaultdict
 
-path, secs, rsecs, mib, cores = sys.argv[1:6]
+path, secs, rios, mib, cores = sys.argv[1:6]
 runs = defaultdict(list)
 order = []
 for line in open(path):
@@ -62,8 +62,8 @@ for row in order:
     out.append(f"| {label(row)} | {cell('lsmd', row)} | {cell('qemu-nbd', row)} | "
                f"{cell('nbdkit', row)} | **{med('lsmd', row) / best:.2f}** |")
 if runs.get(("lsmd", "idle")):
-    out.append("| idle (server CPU %, 5 s, no client) | %s | %s | %s | |" % tuple(
-        "%.0f %%" % med(s, "idle", 3) for s in ["lsmd"] + peers))
+    idle = ["%.0f %%" % med(s, "idle", 3) for s in ["lsmd"] + peers]
+    out.append("| idle: server CPU, 5 s without a client | " + " | ".join(idle) + " | |")
 one, four = "randread 4k 32 0 1", "randread 4k 32 0 4"
 if runs.get(("lsmd", four)):
     out.append("")
@@ -73,8 +73,9 @@ remote = [r for r in order if r.startswith("remote")]
 if remote:
     out.append("")
     out.append(f"Remote (lsmd only; layers over HTTP Range behind a 5 ms RTT proxy, empty cache, "
-               f"lsmd restarted per run, {rsecs} s per run): 4k randread IOPS median [min–max], "
-               f"mean latency, lsmd CPU %.\n")
+               f"lsmd restarted per run; {rios} reads at QD1, {int(rios) * 16} at QD32, each in a "
+               f"chunk no earlier read touched, so every read is a fetch): 4k randread IOPS "
+               f"median [min–max], mean latency, lsmd CPU %.\n")
     out.append("| frontend | QD1 | QD32 | QD32 / QD1 (target ≥ 12) |")
     out.append("| --- | --- | --- | --- |")
     for fe in ["lsmd-nbd", "lsmd-fuse"]:

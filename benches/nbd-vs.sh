@@ -117,6 +117,15 @@ run_fio() { # server-pid target rw bs qd fsync jobs secs [fio args] -> "iops MiB
   echo $(( ($(cpu_ticks "$p") - t0) * 100 / $(getconf CLK_TCK) / (secs + 1) ))
 }
 
+cold_fio() { # server-pid target qd count [fio args] -> "iops MiB/s lat_us cpu_%"
+  # `count` 4k reads at random, each in a chunk (128 KiB) no earlier read touched: all cold.
+  local p=$1 target=$2 qd=$3 n=$4; shift 4
+  local t0 s0; t0=$(cpu_ticks "$p"); s0=$(date +%s%N)
+  fio "$@" $target --name=b --rw=randread --bs=4k --blockalign=128k --iodepth=$qd \
+    --size=${MIB}M --number_ios=$n --randrepeat=1 --output-format=json | fio_summary
+  echo $(( ($(cpu_ticks "$p") - t0) * 100 * 1000000000 / $(getconf CLK_TCK) / ($(date +%s%N) - s0) ))
+}
+
 nbd_fio() { # server rw bs qd fsync jobs
   run_fio "${pid[$1]}" "--uri=nbd+unix:///?socket=$w/run/$1.sock" "$2" "$3" "$4" "$5" "$6" "$SECS" \
     --ioengine=nbd
@@ -150,8 +159,10 @@ wait 2>/dev/null || true; pids=()
 # --- remote rows: the layers over HTTP(S) Range 5 ms away, empty cache, lsmd only -------------
 # A Range file server (benches/remote/range_server.py) behind the startup bench's delaying proxy
 # (2.5 ms each way); lsmd starts afresh for every run (no host cache, empty chunk cache), and
-# fio reads 4k at random at QD1 and QD32 over NBD and over the FUSE file (libaio, O_DIRECT).
-RSECS=${BENCH_REMOTE_SECS:-5}
+# fio reads 4k at random at QD1 and QD32 over NBD and over the FUSE file (libaio, O_DIRECT),
+# each read in a chunk no earlier read touched (so every one is a fetch): BENCH_REMOTE_IOS
+# reads at QD1 (default 200), 16× that at QD32.
+RIOS=${BENCH_REMOTE_IOS:-200}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 FP=$(port); PP=$(port)
 python3 benches/remote/range_server.py 127.0.0.1:$FP "$w" & pids+=($!)
@@ -167,20 +178,19 @@ c.pop('upper', None)
 json.dump(c, open(sys.argv[2], 'w'))
 PY
 mkdir -p "$w/run/fuse"
-remote_run() { # nbd|fuse qd -> result line
+remote_run() { # nbd|fuse qd count -> result line
   local s="$w/run/remote.sock" p out
   rm -f "$s"
   if [ "$1" = nbd ]; then
     "$D" serve --config "$w/run/remote.json" --read-only --prefetch none --socket "$s" \
       2>>"$w/run/remote.log" & p=$!
     for _ in $(seq 200); do [ -S "$s" ] && break; sleep 0.05; done
-    out=$(run_fio $p "--uri=nbd+unix:///?socket=$s" randread 4k "$2" 0 1 "$RSECS" --ioengine=nbd)
+    out=$(cold_fio $p "--uri=nbd+unix:///?socket=$s" "$2" "$3" --ioengine=nbd)
   else
     "$D" serve --config "$w/run/remote.json" --read-only --prefetch none --fuse "$w/run/fuse" \
       2>>"$w/run/remote.log" & p=$!
     for _ in $(seq 200); do [ -f "$w/run/fuse/remote" ] && break; sleep 0.05; done
-    out=$(run_fio $p "--filename=$w/run/fuse/remote" randread 4k "$2" 0 1 "$RSECS" \
-      --ioengine=libaio --direct=1)
+    out=$(cold_fio $p "--filename=$w/run/fuse/remote" "$2" "$3" --ioengine=libaio --direct=1)
   fi
   kill $p; wait $p 2>/dev/null || true
   echo "$out"
@@ -188,14 +198,14 @@ remote_run() { # nbd|fuse qd -> result line
 for rep in $(seq "$REPS"); do
   for fe in nbd fuse; do
     for qd in 1 32; do
-      out=$(remote_run $fe $qd)
+      out=$(remote_run $fe $qd $(( qd == 1 ? RIOS : RIOS * 16 )))
       echo "lsmd-$fe	remote randread 4k $qd	$rep	$out" | tee -a "$results" >&2
     done
   done
 done
 
 echo
-python3 benches/nbd-vs-table.py "$results" "$SECS" "$RSECS" "$MIB" "$(nproc)" | tee "$w/run/table.md"
+python3 benches/nbd-vs-table.py "$results" "$SECS" "$RIOS" "$MIB" "$(nproc)" | tee "$w/run/table.md"
 if [ "${UPDATE_README:-0}" = 1 ]; then
   python3 - README.md "$w/run/table.md" <<'PY'
 import sys

@@ -43,6 +43,12 @@ class Handler(BaseHTTPRequestHandler):
         else:
             a, _, b = rng[6:].partition("-")
             a, b = int(a), min(int(b) if b else size - 1, size - 1)
+            if a > b:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {a}-{b}/{size}")
         with open(p, "rb") as f:
