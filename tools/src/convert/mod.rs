@@ -16,7 +16,9 @@
 //! image per run; no reuse database.
 
 pub mod dict;
+mod ext4apply;
 mod push;
+mod rawimport;
 pub mod report;
 mod unpack;
 mod workdir;
@@ -215,6 +217,44 @@ fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
     Ok(())
 }
 
+/// Makes `raw` (`size` bytes, recreated) the ext4 filesystem of the whole tree `root`, with
+/// `mkfs.ext4 -d`: for the bottom layer, and for a layer that cannot be applied in place (see
+/// `ext4apply`).
+fn make_whole_fs(root: &Path, raw: &Path, size: u64, uuid: &str, digest: &str) -> CliResult {
+    {
+        let _step = workdir::step()?;
+        let _ = std::fs::remove_file(raw);
+        File::create(raw)?.set_len(size)?;
+    }
+    let o = workdir::output(
+        std::process::Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-U",
+                FS_SEED,
+                "-O",
+                "metadata_csum_seed",
+            ])
+            .arg("-E")
+            .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
+            .arg("-d")
+            .arg(root)
+            .arg(raw)
+            .env("E2FSPROGS_FAKE_TIME", "1"),
+    )
+    .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
+    if !o.status.success() {
+        return Err(bad(format!(
+            "mkfs.ext4 for layer {digest}: {} (is --size {size} too small?)",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    normalize_times(root, raw, uuid)
+}
+
 /// Where blob `digest` is during a conversion: a layer converted already, or a dictionary blob.
 fn path_of(dst: &Path, out: &[Value], dict: &[dict::DictBlob], digest: &str) -> Option<PathBuf> {
     if out.iter().any(|l| l["digest"].as_str() == Some(digest)) {
@@ -243,7 +283,7 @@ fn chain_key(
     dict: &[String],
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v3\0");
+    h.update(b"lsm-convert-v4\0");
     h.update(size.to_le_bytes());
     h.update(format!("{:?}/{:?}", opts.chunk_size, opts.compression).as_bytes());
     // A dictionary changes what is stored (not what is read): its blobs are part of the key.
@@ -634,9 +674,14 @@ fn convert_layout(
         let opts = writer_options(&a.opts, None)?;
         let mut out: Vec<Value> = Vec::new();
         let mut in_dict = 0;
+        let raw = work.join("fs.raw");
+        // The block hashes of `raw` when it holds the filesystem of the layers converted so
+        // far (`None` after a reused layer: then it is exported from them when next needed).
+        let mut hashes = Some(rawimport::BlockHashes::zeros(size));
         for (i, (digest, media)) in layers.iter().enumerate() {
             let p = blob_path(&src, digest)?;
-            unpack::apply_layer(&root, || layer_reader(&p, media))
+            let mut changes = ext4apply::Changes::new(&root);
+            unpack::apply_layer(&root, &mut changes, || layer_reader(&p, media))
                 .map_err(|e| bad(format!("layer {digest}: {e}")))?;
             let key = chain_key(&diff_ids[..=i], size, &opts, &dict_digests);
             if let Some(known) = db.as_ref().and_then(|d| d.lookup(&key)) {
@@ -650,44 +695,12 @@ fn convert_layout(
                     ours["digest"]
                 ));
                 stats.reused += 1;
+                hashes = None;
                 let mut desc = ours;
                 desc["annotations"]["io.lsm.source-layer"] = digest.as_str().into();
                 out.push(desc);
                 continue;
             }
-            let raw = work.join("fs.raw");
-            {
-                let _step = workdir::step()?;
-                let _ = std::fs::remove_file(&raw);
-                File::create(&raw)?.set_len(size)?;
-            }
-            let o = workdir::output(
-                std::process::Command::new("mkfs.ext4")
-                    .args([
-                        "-q",
-                        "-F",
-                        "-b",
-                        "4096",
-                        "-U",
-                        FS_SEED,
-                        "-O",
-                        "metadata_csum_seed",
-                    ])
-                    .arg("-E")
-                    .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
-                    .arg("-d")
-                    .arg(&root)
-                    .arg(&raw)
-                    .env("E2FSPROGS_FAKE_TIME", "1"),
-            )
-            .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
-            if !o.status.success() {
-                return Err(bad(format!(
-                    "mkfs.ext4 for layer {digest}: {} (is --size {size} too small?)",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                )));
-            }
-            normalize_times(&root, &raw, &uuid)?;
             // The layers converted so far: the new one stores only what differs from them.
             let below = out
                 .iter()
@@ -702,6 +715,38 @@ fn convert_layout(
             let base = (!below.is_empty())
                 .then(|| LayerStack::new(below, size, 64 << 20).and_then(|s| Image::new(s, None)))
                 .transpose()?;
+            let mut h = match (hashes.take(), &base) {
+                (Some(h), _) => h,
+                (None, None) => rawimport::BlockHashes::zeros(size),
+                (None, Some(b)) => {
+                    // Layers below were reused: their filesystem, back as a raw file.
+                    let _step = workdir::step()?;
+                    let _ = std::fs::remove_file(&raw);
+                    let f = File::create(&raw)?;
+                    f.set_len(size)?;
+                    rawimport::export(b, &f, size)?
+                }
+            };
+            let in_place = if i > 0 && raw.exists() {
+                match changes
+                    .run(&raw)
+                    .map_err(|e| bad(format!("layer {digest}: {e}")))?
+                {
+                    Ok(()) => true,
+                    Err(why) => {
+                        say(format!(
+                            "layer {}: {why}: making its filesystem whole",
+                            i + 1
+                        ));
+                        false
+                    }
+                }
+            } else {
+                false
+            };
+            if !in_place {
+                make_whole_fs(&root, &raw, size, &uuid, digest)?;
+            }
             let tmp = dst.join("blobs/sha256/.layer.partial");
             let rawf = File::open(&raw)?;
             let mut prog = crate::progress::Progress::new(
@@ -726,16 +771,18 @@ fn convert_layout(
             in_dict = out.len();
             let shared = Arc::new(std::mem::take(&mut running));
             let w = write_blob_atomically(&tmp, |o| {
-                blockfmt::commit::import_raw(
-                    BufReader::with_capacity(1 << 20, rawf),
+                rawimport::import_changed(
+                    &rawf,
                     size,
-                    base.as_ref(),
+                    &mut h,
+                    base.is_none(),
                     Some(shared.clone()),
                     o,
                     opts,
                     |d| prog.update(d),
                 )
             })?;
+            hashes = Some(h);
             running = Arc::try_unwrap(shared)
                 .map_err(|_| bad("internal error: the dictionary is still in use"))?;
             let ours = format!("sha256:{}", hex::encode(w.digest));
