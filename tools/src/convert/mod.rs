@@ -16,6 +16,7 @@
 //! image per run; no reuse database.
 
 pub mod dict;
+mod erofs;
 mod ext4apply;
 mod push;
 mod rawimport;
@@ -93,6 +94,11 @@ pub struct ConvertArgs {
     /// from, so registries keep them and clients fetch them. See `lsmctl dedup-report`.
     #[arg(long = "dict", value_name = "REF")]
     dict: Vec<String>,
+    /// Filesystem of the converted image: `ext4` (one lsm layer per source layer, writable
+    /// through an upper layer) or `erofs` (read-only, flattened: one lsm layer holding the
+    /// image's final tree; needs erofs-utils' mkfs.erofs; mount with the kernel's erofs).
+    #[arg(long, value_enum, default_value_t = FsKind::Ext4)]
+    fs: FsKind,
     #[command(flatten)]
     opts: LayerOpts,
     /// No progress lines.
@@ -101,6 +107,13 @@ pub struct ConvertArgs {
     /// Print the converted manifest's digest on stdout (not when converting for a report).
     #[arg(skip = true)]
     print_digest: bool,
+}
+
+/// The filesystem a conversion writes.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FsKind {
+    Ext4,
+    Erofs,
 }
 
 impl ConvertArgs {
@@ -281,9 +294,13 @@ fn chain_key(
     size: u64,
     opts: &blockfmt::WriterOptions,
     dict: &[String],
+    fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
     h.update(b"lsm-convert-v4\0");
+    if fs == FsKind::Erofs {
+        h.update(b"erofs-flat\0");
+    }
     h.update(size.to_le_bytes());
     h.update(format!("{:?}/{:?}", opts.chunk_size, opts.compression).as_bytes());
     // A dictionary changes what is stored (not what is read): its blobs are part of the key.
@@ -356,11 +373,14 @@ fn link_or_copy(from: &Path, to: &Path) -> CliResult {
     Ok(())
 }
 
-/// A `Write` that only hashes.
-struct HashingSink(Sha256);
+/// A `Write` that hashes, and copies to a file if it has one.
+struct HashingSink(Sha256, Option<std::io::BufWriter<File>>);
 
 impl std::io::Write for HashingSink {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Some(f) = &mut self.1 {
+            std::io::Write::write_all(f, b)?;
+        }
         self.0.update(b);
         Ok(b.len())
     }
@@ -579,10 +599,21 @@ fn convert_layout(
         .collect();
 
     // Every blob is checked before anything is written; the unpacked size sizes the disk; the
-    // uncompressed digests (diff IDs) name the content whatever its compression.
+    // uncompressed digests (diff IDs) name the content whatever its compression. Each layer is
+    // decompressed only here, into a private spool beside DST that the apply passes read.
     let mut unpacked = 0u64;
     let mut diff_ids = Vec::new();
-    for (digest, media) in &layers {
+    let spool_tree = {
+        let mut name = dst.file_name().unwrap_or_default().to_os_string();
+        name.push(".lsm-spool");
+        let spool = dst.with_file_name(name);
+        if let Some(up) = spool.parent().filter(|u| !u.as_os_str().is_empty()) {
+            std::fs::create_dir_all(up).map_err(|e| bad(format!("{}: {e}", up.display())))?;
+        }
+        workdir::WorkTree::create(&spool).map_err(|e| bad(format!("spool: {e}")))?
+    };
+    let spooled = |i: usize| spool_tree.path().join(format!("{i}.tar"));
+    for (i, (digest, media)) in layers.iter().enumerate() {
         let p = blob_path(&src, digest)?;
         if sha256_file(&p)? != *digest {
             return Err(bad(format!(
@@ -590,9 +621,18 @@ fn convert_layout(
             )));
         }
         let mut r = layer_reader(&p, media).map_err(|e| bad(format!("layer {digest}: {e}")))?;
-        let mut h = HashingSink(Sha256::new());
+        let mut h = HashingSink(
+            Sha256::new(),
+            Some(std::io::BufWriter::with_capacity(
+                1 << 20,
+                File::create(spooled(i)).map_err(|e| bad(format!("spool: {e}")))?,
+            )),
+        );
         unpacked += std::io::copy(&mut r, &mut h)
             .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
+        if let Some(w) = h.1.take() {
+            w.into_inner().map_err(|e| bad(format!("spool: {e}")))?;
+        }
         diff_ids.push(h.0.finalize());
     }
     // Default: a power-of-two size class (at least 256 MiB) with room for twice the content;
@@ -678,12 +718,19 @@ fn convert_layout(
         // The block hashes of `raw` when it holds the filesystem of the layers converted so
         // far (`None` after a reused layer: then it is exported from them when next needed).
         let mut hashes = Some(rawimport::BlockHashes::zeros(size));
-        for (i, (digest, media)) in layers.iter().enumerate() {
-            let p = blob_path(&src, digest)?;
+        for (i, (digest, _)) in layers.iter().enumerate() {
             let mut changes = ext4apply::Changes::new(&root);
-            unpack::apply_layer(&root, &mut changes, || layer_reader(&p, media))
-                .map_err(|e| bad(format!("layer {digest}: {e}")))?;
-            let key = chain_key(&diff_ids[..=i], size, &opts, &dict_digests);
+            let tar = spooled(i);
+            unpack::apply_layer(&root, &mut changes, || {
+                let f = File::open(&tar)?;
+                Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
+            })
+            .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+            let _ = std::fs::remove_file(&tar);
+            if a.fs == FsKind::Erofs && i + 1 < layers.len() {
+                continue; // flattened: one filesystem of the final tree
+            }
+            let key = chain_key(&diff_ids[..=i], size, &opts, &dict_digests, a.fs);
             if let Some(known) = db.as_ref().and_then(|d| d.lookup(&key)) {
                 let (ours, src_blob) = known;
                 let final_path = blob_path(&dst, ours["digest"].as_str().unwrap_or_default())?;
@@ -727,7 +774,10 @@ fn convert_layout(
                     rawimport::export(b, &f, size)?
                 }
             };
-            let in_place = if i > 0 && raw.exists() {
+            let in_place = if a.fs == FsKind::Erofs {
+                erofs::make(&root, &raw, size, &uuid)?;
+                true
+            } else if i > 0 && raw.exists() {
                 match changes
                     .run(&raw)
                     .map_err(|e| bad(format!("layer {digest}: {e}")))?
@@ -812,6 +862,7 @@ fn convert_layout(
                     blockfmt::META_DIGEST_ANNOTATION: format!("sha256:{}", hex::encode(w.meta_digest)),
                     "io.lsm.source-layer": digest,
                     "io.lsm.format-version": "1",
+                    "io.lsm.filesystem": if a.fs == FsKind::Erofs { "erofs" } else { "ext4" },
                 },
             });
             if let Some(d) = &db {
@@ -850,6 +901,7 @@ fn convert_layout(
     })();
     drop(work_tree);
     drop(dict_tree);
+    drop(spool_tree);
     let (out_layers, borrowed) = match result {
         Ok(l) => l,
         Err(e) => {
