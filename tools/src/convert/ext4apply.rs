@@ -211,7 +211,7 @@ impl Changes {
             };
             let fs = say(p)?;
             let t = m.mtime();
-            for field in ["mtime", "ctime", "crtime", "atime"] {
+            for field in ["mtime", "ctime", "atime"] {
                 writeln!(s, "sif {fs} {field} @{t}").ok();
             }
         }

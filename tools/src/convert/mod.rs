@@ -1,11 +1,15 @@
 //! `lsmctl convert SRC DST`: an OCI image (an image layout directory, as `skopeo copy …
-//! oci:DIR:TAG` or umoci make) becomes block layers in an OCI image layout. Each source layer in
-//! order is applied to a root tree (whiteouts honoured, see `unpack`), the tree is made into an
-//! ext4 filesystem with `mkfs.ext4 -d` and imported as a layer holding only the blocks that
-//! differ from the layers below. The output is reproducible: UUID and hash seed derive from the
-//! base layer's diff ID, the filesystem time is fixed, every inode's change/creation/access
-//! time is set to its modification time (which comes from the layer), and directories a layer
-//! changes without naming keep their time. The result: an OCI manifest
+//! oci:DIR:TAG` or umoci make) becomes block layers in an OCI image layout. Each source layer is
+//! decompressed once (checked against its digest, spooled) and applied to a root tree
+//! (whiteouts honoured, see `unpack`). The bottom layer's tree is made into an ext4 filesystem
+//! with `mkfs.ext4 -d`; every layer above is applied to the previous layer's filesystem in
+//! place by one `debugfs` script replaying what the layer changed (`ext4apply`), so a layer
+//! costs its own bytes. Each filesystem is imported as a layer holding only the 4 KiB blocks
+//! whose hash changed (`rawimport`). The output is reproducible: UUID and hash seed derive from
+//! the base layer's diff ID, the filesystem time and every inode's creation time are fixed,
+//! every inode's change/access time is set to its modification time (which comes from the
+//! layer), and directories a layer changes without naming keep their time. With `--fs erofs`
+//! the final tree becomes one erofs layer instead (`erofs`). The result: an OCI manifest
 //! of lsm layers (each annotated with the source layer it came from and the format version),
 //! the source config, and `lsm-image.json`, an lsm image config over the converted blobs.
 //!
@@ -177,9 +181,9 @@ fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>>
 const FS_SEED: &str = "6c736d2d-6673-4d00-8000-000000000001";
 
 /// Makes the filesystem's times a function of the image: `mkfs.ext4 -d` copies each file's
-/// change and access times (when the unpack wrote and mkfs read it); set change, creation and
-/// access times to the modification
-/// time the layer gave it, and the root's to a constant, with one `debugfs` pass.
+/// change and access times (when the unpack wrote and mkfs read it); set change and access
+/// times to the modification time the layer gave it (creation times are the fixed
+/// `E2FSPROGS_FAKE_TIME` already), and the root's to a constant, with one `debugfs` pass.
 /// The same pass gives the filesystem its own UUID (see [`FS_SEED`]).
 fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
     let mut cmds = format!(
@@ -202,7 +206,7 @@ fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
                 continue; // a name debugfs cannot quote keeps its unpack time
             };
             let t = std::os::unix::fs::MetadataExt::mtime(&m);
-            for field in ["ctime", "crtime", "atime"] {
+            for field in ["ctime", "atime"] {
                 cmds.push_str(&format!("sif \"/{rel}\" {field} @{t}\n"));
             }
         }
