@@ -178,12 +178,14 @@ mod tests {
             lb.attach_blob(1, Arc::new(ba)).ok();
             lb.verify_all(None).expect("verify");
             let s = LayerStack::new(vec![lb], db.len() as u64, 1 << 20).expect("stack");
+            let s = crate::Image::new(s, None).expect("image");
             let mut got = vec![0u8; db.len()];
             s.read(0, &mut got).expect("read");
             prop_assert_eq!(got, db.clone());
             if borrows {
                 let lb = Layer::open("b", Arc::new(bb), None).expect("open b");
                 let s = LayerStack::new(vec![lb], db.len() as u64, 1 << 20).expect("stack");
+                let s = crate::Image::new(s, None).expect("image");
                 let mut got = vec![0u8; db.len()];
                 let e = s.read(0, &mut got).expect_err("missing blob").to_string();
                 prop_assert!(e.contains(&oci_digest(&id.sha256)), "{}", e);

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lsmd::cache::DiskCache;
+use lsmd::engine::Engine;
 use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Limits, Server, TlsConfig};
-use lsmd::pool::WorkerPool;
 use lsmd::{parse_size, HostServices, ImageSpec};
 
 /// The lsm daemon: serves layered block images over NBD.
@@ -65,7 +65,9 @@ enum Cmd {
         read_only: bool,
         /// Threads shared by all connections for work that may block (cold chunk decodes,
         /// fetches, flushes); hot reads and writes are served on each connection's thread.
-        #[arg(long, default_value_t = 8)]
+        /// Most of them wait on a source, so there are more than cores: a cold read at queue
+        /// depth 32 from a registry 5 ms away needs that many fetches in flight.
+        #[arg(long, default_value_t = 32)]
         workers: usize,
         /// Microseconds a connection thread polls for the next request before sleeping; saves
         /// the cross-CPU wake-up (tens of µs on VMs) on back-to-back requests. 0 disables.
@@ -325,7 +327,7 @@ fn spawn_accept_loop<S: Duplex>(
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::warn!(error = %e, "connection ended with an error"),
                         Err(p) => tracing::error!(
-                            panic = lsmd::pool::panic_message(&*p),
+                            panic = lsmd::engine::pool::panic_message(&*p),
                             "a connection thread panicked; the connection is dropped"
                         ),
                     }
@@ -434,6 +436,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let engine = Engine::new(workers);
+    for e in exports.all() {
+        engine.serve_image(&e.image);
+    }
     if let Some(addr) = metrics {
         match std::net::TcpListener::bind(&addr) {
             Ok(l) => {
@@ -448,7 +454,7 @@ fn main() -> ExitCode {
     }
     let server = Server {
         exports: exports.clone(),
-        pool: WorkerPool::new(workers),
+        engine,
         busy_poll: std::time::Duration::from_micros(busy_poll_us),
         limits: Limits {
             handshake: Some(Duration::from_secs(handshake_timeout)),
@@ -503,7 +509,7 @@ fn main() -> ExitCode {
     let fuse_mount = match &fuse {
         Some(dir) => {
             let files = exports.all().cloned().collect();
-            match lsmd::fuse::mount(dir, files) {
+            match lsmd::fuse::mount(dir, files, &server.engine) {
                 Ok(m) => {
                     tracing::info!(fuse = %dir.display(), "exports mounted as files");
                     Some(m)
@@ -553,7 +559,7 @@ fn main() -> ExitCode {
             depth: ublk_depth,
             user_copy: true,
         };
-        match lsmd::ublk::UblkDevice::start(export, &state, opts) {
+        match lsmd::ublk::UblkDevice::start(export, &state, opts, &server.engine) {
             Ok(d) => {
                 let copy = if d.user_copy() { "user" } else { "buffers" };
                 tracing::info!(export = %name, device = %d.block_device(), copy, "ublk device started");
