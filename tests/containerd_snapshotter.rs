@@ -7,7 +7,16 @@
 //!   yet committed) leaves nothing half made after a restart: the key is free, the directory
 //!   is gone, and the key can be prepared again;
 //! - `kill -9` of the snapshotter while a container runs: the container keeps its filesystem,
-//!   its later writes land, and the restarted snapshotter answers for its snapshot.
+//!   its later writes land, and the restarted snapshotter answers for its snapshot;
+//! - lsm layers of an image converted and pushed to a real registry here: Prepare with the
+//!   layers' annotations as labels (through containerd's snapshots API: `ctr` cannot pass
+//!   labels) answers AlreadyExists without fetching; a container snapshot over them is served
+//!   lazily (bytes counted at the registry), commits into a child, views are read-only, and
+//!   a kill -9 of the snapshotter leaves its mount working;
+//! - `ctr run --snapshotter lsm` of that converted image.
+
+// Errors here are `tonic::Status`, what the gRPC client returns.
+#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -203,7 +212,9 @@ fn container_survives_snapshotter_kill_9() {
 }
 
 /// containerd's snapshots API (the same service lsm-snapshotter serves), reached through
-/// containerd's socket, for the calls `ctr` cannot make (Prepare with labels).
+/// containerd's socket, for the calls `ctr` cannot make (Prepare with labels). Every call is
+/// made under a lease (as containerd's unpack does), so containerd's garbage collector keeps
+/// the snapshots made until the test is done with them.
 struct SnapshotsApi {
     rt: tokio::runtime::Runtime,
     client: SnapshotsClient<tonic::transport::Channel>,
@@ -218,7 +229,15 @@ use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic;
 
 impl SnapshotsApi {
-    fn connect(socket: &Path) -> SnapshotsApi {
+    fn connect(c: &Containerd) -> SnapshotsApi {
+        const LEASE: &str = "lsm-test-lease";
+        if !c.ctr_ok(["leases", "ls", "-q"]).lines().any(|l| l == LEASE) {
+            c.ctr_ok(["leases", "create", "--id", LEASE, "--expires", "0"]);
+        }
+        SnapshotsApi::connect_socket(&c.address)
+    }
+
+    fn connect_socket(socket: &Path) -> SnapshotsApi {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -245,6 +264,8 @@ impl SnapshotsApi {
             "containerd-namespace",
             lsm_e2e::containerd::NAMESPACE.parse().expect("ascii"),
         );
+        r.metadata_mut()
+            .insert("containerd-lease", "lsm-test-lease".parse().expect("ascii"));
         r
     }
 
@@ -483,42 +504,24 @@ fn lsm_layers_are_prepared_remotely_and_served_lazily_through_containerd() {
             cache.to_str().expect("utf-8"),
         ],
     );
-    let mut api = SnapshotsApi::connect(&c.address);
+    let mut api = SnapshotsApi::connect(&c);
 
     let layers = manifest["layers"].as_array().expect("layers");
-    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .expect("diff_ids")
-        .iter()
-        .map(|d| d.as_str().expect("str").to_string())
-        .collect();
-    let chain = chain_ids(&diff_ids);
     let layer_bytes: u64 = layers
         .iter()
         .map(|l| l["size"].as_u64().expect("size"))
         .sum();
-
-    // containerd's unpack, layer by layer: Prepare with the layer's annotations as labels.
-    for (i, l) in layers.iter().enumerate() {
-        let mut labels: HashMap<String, String> = l["annotations"]
-            .as_object()
-            .expect("annotations")
-            .iter()
-            .filter(|(k, _)| k.starts_with("containerd.io/snapshot/"))
-            .filter(|(k, _)| *k != "containerd.io/snapshot/lsm.repository")
-            .map(|(k, v)| (k.clone(), v.as_str().expect("str").to_string()))
-            .collect();
-        labels.insert("containerd.io/snapshot.ref".into(), chain[i].clone());
-        labels.insert(
-            "containerd.io/snapshot/cri.image-ref".into(),
-            format!("{proxy_host}/lsm/app:v1"),
-        );
+    // containerd's unpack, layer by layer: Prepare with the layer's annotations as labels
+    // answers AlreadyExists; the chainID is then a committed snapshot over its parent.
+    let chain = prepare_lsm_layers(
+        &mut api,
+        &manifest,
+        &config,
+        &format!("{proxy_host}/lsm/app:v1"),
+    );
+    for (i, id) in chain.iter().enumerate() {
         let parent = if i == 0 { "" } else { chain[i - 1].as_str() };
-        let err = api
-            .prepare(&format!("extract-{i} {}", chain[i]), parent, labels)
-            .expect_err("an lsm layer is not unpacked");
-        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
-        let (kind, p) = api.stat(&chain[i]).expect("stat of the chainID");
+        let (kind, p) = api.stat(id).expect("stat of the chainID");
         assert_eq!(
             (kind, p.as_str()),
             (3, parent),
@@ -583,7 +586,7 @@ fn lsm_layers_are_prepared_remotely_and_served_lazily_through_containerd() {
     std::fs::write(m2.join("during"), "while down\n").expect("write while down");
     c.start_snapshotter(&[]);
     c.ctr_ok_reconnecting(&["snapshots", "--snapshotter", "lsm", "info", "ctr2"]);
-    let mut api = SnapshotsApi::connect(&c.address);
+    let mut api = SnapshotsApi::connect(&c);
     assert_eq!(api.stat("ctr2").expect("stat").0, 2, "still active");
     assert_eq!(api.mounts("ctr2"), api.mounts("ctr2"));
     std::fs::write(m2.join("after"), "after restart\n").expect("write after restart");
@@ -617,4 +620,144 @@ fn lsm_layers_are_prepared_remotely_and_served_lazily_through_containerd() {
 /// EROFS.
 fn libc_erofs() -> i32 {
     30
+}
+
+/// Prepares every layer of the converted image through containerd's snapshots API, as
+/// containerd's unpack does with the annotations as labels (what `lsmctl pull` and the CRI
+/// plugin make it do); returns the chainIDs.
+fn prepare_lsm_layers(
+    api: &mut SnapshotsApi,
+    manifest: &serde_json::Value,
+    config: &serde_json::Value,
+    image_ref: &str,
+) -> Vec<String> {
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("diff_ids")
+        .iter()
+        .map(|d| d.as_str().expect("str").to_string())
+        .collect();
+    let chain = chain_ids(&diff_ids);
+    for (i, l) in manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .enumerate()
+    {
+        let mut labels: HashMap<String, String> = l["annotations"]
+            .as_object()
+            .expect("annotations")
+            .iter()
+            .filter(|(k, _)| k.starts_with("containerd.io/snapshot/"))
+            .filter(|(k, _)| *k != "containerd.io/snapshot/lsm.repository")
+            .map(|(k, v)| (k.clone(), v.as_str().expect("str").to_string()))
+            .collect();
+        labels.insert("containerd.io/snapshot.ref".into(), chain[i].clone());
+        labels.insert(
+            "containerd.io/snapshot/cri.image-ref".into(),
+            image_ref.to_string(),
+        );
+        let parent = if i == 0 { "" } else { chain[i - 1].as_str() };
+        let err = api
+            .prepare(&format!("extract-{i} {}", chain[i]), parent, labels)
+            .expect_err("an lsm layer is not unpacked");
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    }
+    chain
+}
+
+#[test]
+fn ctr_run_starts_a_container_from_a_lazily_served_converted_image() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let reg = lsm_e2e::registry::Registry::start(&t.join("registry"), None);
+    let (manifest, config) = converted_image(t, &reg);
+    let proxy = lsm_e2e::faultproxy::FaultProxy::start(reg.url.trim_start_matches("http://"));
+    let proxy_host = proxy.url.trim_start_matches("http://").to_string();
+    let c = Containerd::start_with(t, &[], &["--plain-http", &proxy_host]);
+    let mut api = SnapshotsApi::connect(&c);
+    prepare_lsm_layers(
+        &mut api,
+        &manifest,
+        &config,
+        &format!("{proxy_host}/lsm/app:v1"),
+    );
+
+    // The image record: manifest and config only (an OCI archive without the layer blobs),
+    // imported without unpacking; its layers are the snapshots prepared above.
+    let layout = t.join("meta-only");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let put = |v: &serde_json::Value| {
+        let bytes = serde_json::to_vec(v).expect("json");
+        let d = {
+            use sha2::{Digest, Sha256};
+            hex::encode(Sha256::digest(&bytes))
+        };
+        std::fs::write(blobs.join(&d), &bytes).expect("blob");
+        (format!("sha256:{d}"), bytes.len())
+    };
+    let (cd, cs) = put(&config);
+    let mut m = manifest.clone();
+    m["config"]["digest"] = cd.into();
+    m["config"]["size"] = cs.into();
+    let (md, ms) = put(&m);
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}}]})
+        .to_string(),
+    )
+    .expect("index");
+    std::fs::write(
+        layout.join("oci-layout"),
+        "{\"imageLayoutVersion\":\"1.0.0\"}",
+    )
+    .expect("layout");
+    let tar = t.join("meta-only.tar");
+    ok(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."));
+    c.ctr_ok(
+        [
+            "images",
+            "import",
+            "--no-unpack",
+            "--base-name",
+            "localhost/lsm-app",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([tar.display().to_string()]),
+    );
+
+    let out = c.ctr_ok([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lsm",
+        "localhost/lsm-app:v1",
+        "lazy1",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "cat /etc/greeting && echo written > /w && /bin/busybox cat /w",
+    ]);
+    assert_eq!(out, "hello, lazily\nwritten\n", "{}", c.logs());
+    let fetched = proxy.blob_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let layer_bytes: u64 = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["size"].as_u64().expect("size"))
+        .sum();
+    eprintln!("ctr run fetched {fetched} of {layer_bytes} layer blob bytes");
+    assert!(
+        fetched * 2 < layer_bytes,
+        "ctr run fetched {fetched} of {layer_bytes} layer bytes"
+    );
 }

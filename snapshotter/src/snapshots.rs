@@ -130,7 +130,10 @@ impl Service {
             tracing::warn!(path = %p.display(), "deleting snapshot directory with no record (left by a crash)");
             if let (true, Ok(n)) = (p.join("image.json").exists(), id.parse::<u64>()) {
                 // A disk may still be attached and mounted there: never delete through it.
-                self.disk(n, false).teardown()?;
+                if let Err(e) = self.disk(n, false).teardown() {
+                    tracing::error!(path = %p.display(), "cannot tear down the disk of an unrecorded snapshot, keeping it: {e}");
+                    continue;
+                }
             }
             remove_tree(&p).map_err(|e| format!("delete {}: {e}", p.display()))?;
         }
