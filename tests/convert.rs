@@ -235,6 +235,122 @@ fn whiteouts_and_metadata_match_umoci_and_conversion_is_reproducible() {
     d.terminate();
 }
 
+/// `--fs erofs`: the same image flattened into one read-only erofs layer gives the tree umoci
+/// unpacks (every whiteout case, owners, modes, set-id bits, xattrs, hard links, devices),
+/// mounted with the kernel's erofs on the FUSE file, and converts reproducibly.
+#[test]
+fn erofs_conversion_matches_umoci_and_is_reproducible() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (src, reference) = source_and_reference(t);
+    let erofs = |dst: &Path| {
+        run(
+            lsmctl(["convert", "-q", "--no-reuse", "--fs", "erofs", "--tag", "t"])
+                .arg(&src)
+                .arg(dst),
+        )
+    };
+    let dst = t.join("dst");
+    let o = erofs(&dst);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let digest = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // another build time
+    let o2 = erofs(&t.join("dst2"));
+    assert_eq!(
+        String::from_utf8_lossy(&o2.stdout).trim(),
+        digest,
+        "erofs conversion is not deterministic"
+    );
+    let image: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("lsm-image.json")).expect("image"))
+            .expect("json");
+    assert_eq!(
+        image["layers"].as_array().map(|l| l.len()),
+        Some(1),
+        "flattened"
+    );
+
+    let files = t.join("files");
+    let name = format!("img={}", dst.join("lsm-image.json").display());
+    let d = Lsmd::start_fuse(&t.join("lsmd.sock"), OsStr::new(&name), &files, &[]);
+    {
+        let m = Mounted::with(&files.join("img"), &t.join("mnt"), true);
+        let fstype = ok(Command::new("findmnt")
+            .args(["-n", "-o", "FSTYPE"])
+            .arg(&m.dir));
+        assert_eq!(fstype.trim(), "erofs");
+        assert_same_tree(&reference, &m.dir, Some("user.lsm"));
+        assert!(!m.dir.join("gone.txt").exists());
+        assert_eq!(
+            std::fs::read_to_string(m.dir.join("back.txt")).expect("back"),
+            "second"
+        );
+    }
+    d.terminate();
+}
+
+/// A layer debugfs cannot replay in place — one path named twice in its tar — has its
+/// filesystem made whole instead; parent directories a tar does not name get a fixed time (the conversion says so), and the layers above
+/// it are applied in place again: the tree still equals umoci's and the conversion stays
+/// reproducible.
+#[test]
+fn layers_debugfs_cannot_replay_are_made_whole() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let l1 = TarLayer::new()
+        .dir("d")
+        .file("d/keep", "kept")
+        .file("d/old", "old")
+        .finish();
+    let l2 = TarLayer::new()
+        .file("d/twice", "first")
+        .file("d/twice", "second")
+        .finish();
+    let l3 = TarLayer::new()
+        .file("d/.wh.old", "")
+        .file("d/new", "in place")
+        .link(tar::EntryType::Link, "d/again", "d/twice")
+        .file("implicit/parents/f", "parents the tar does not name")
+        .finish();
+    let src = t.join("src");
+    oci_layout(&src, &[(l1, true), (l2, true), (l3, false)]);
+    let bundle = t.join("bundle");
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:t", src.display()))
+        .arg(&bundle));
+    let conv = |dst: &Path| {
+        run(lsmctl(["convert", "--no-reuse", "--tag", "t"])
+            .arg(&src)
+            .arg(dst))
+    };
+    let dst = t.join("dst");
+    let o = conv(&dst);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("making its filesystem whole").count(),
+        1,
+        "only layer 2 is made whole: {err}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // another unpack time
+    let o2 = conv(&t.join("dst2"));
+    assert_eq!(o2.stdout, o.stdout, "not reproducible");
+
+    let files = t.join("files");
+    let name = format!("img={}", dst.join("lsm-image.json").display());
+    let d = Lsmd::start_fuse(&t.join("lsmd.sock"), OsStr::new(&name), &files, &[]);
+    {
+        let m = Mounted::with(&files.join("img"), &t.join("mnt"), true);
+        assert_same_tree(&bundle.join("rootfs"), &m.dir, None);
+        assert_eq!(
+            std::fs::read_to_string(m.dir.join("d/again")).expect("again"),
+            "second"
+        );
+    }
+    d.terminate();
+}
+
 #[test]
 fn bad_layers_are_refused_and_leave_no_image() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -7,7 +7,8 @@
 # as a flaky network filesystem; attr (setfattr/getfattr) for the FUSE-file tree compare;
 # umoci, skopeo and debootstrap to build and move real OCI images for convert; containerd (1.6)
 # and runc to test lsm-snapshotter, and protobuf-compiler (protoc) for its gRPC bindings' build;
-# a static busybox (busybox-static) for the small test images and the quickstart.
+# erofs-utils (mkfs.erofs) for `lsmctl convert --fs erofs`; a static busybox (busybox-static)
+# for the small test images and the quickstart.
 set -euo pipefail
 need=()
 for pair in mkfs.ext4:e2fsprogs debugfs:e2fsprogs zstd:zstd bc:bc python3:python3 \
@@ -15,7 +16,7 @@ for pair in mkfs.ext4:e2fsprogs debugfs:e2fsprogs zstd:zstd bc:bc python3:python
   docker-registry:docker-registry htpasswd:apache2-utils openssl:openssl squid:squid \
   nbdkit:nbdkit setfattr:attr umoci:umoci skopeo:skopeo debootstrap:debootstrap \
   containerd:containerd ctr:containerd runc:runc protoc:protobuf-compiler \
-  busybox:busybox-static; do
+  mkfs.erofs:erofs-utils busybox:busybox-static; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

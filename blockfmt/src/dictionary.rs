@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
+use crate::format::{is_zero, ZERO_GRANULE};
 use crate::format::{sha256, BlobRef, ChunkEntry};
 use crate::reader::Layer;
-use crate::writer::ZERO_GRANULE;
 
 /// Where a dictionary block lives: a chunk of a dictionary blob and the block's offset in the
 /// chunk's decoded bytes.
@@ -68,7 +68,7 @@ impl Dictionary {
             let mut any = false;
             let g = ZERO_GRANULE as usize;
             for (k, block) in data.chunks_exact(g).enumerate() {
-                if crate::writer::is_zero(block) {
+                if is_zero(block) {
                     continue;
                 }
                 let r = BlockRef {

@@ -10,6 +10,9 @@
 //! - [`frontend`]: the NBD, ublk and FUSE-file frontends;
 //! - [`metrics`]: the Prometheus/status endpoint.
 
+// `unsafe` only at FFI/ioctl/io_uring edges, each block saying why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod cache;
 pub mod config;
 pub mod engine;

@@ -173,7 +173,7 @@ fn open_exports(
         }
         let spec = ImageSpec::load(&path).map_err(|e| e.to_string())?;
         let image = spec
-            .open_image_on(!read_only, host)
+            .open_image(!read_only, host)
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         let image = Arc::new(image);
@@ -353,6 +353,18 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    match run(Cli::parse().cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lsmd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `lsmd serve`: opens the exports, starts every frontend asked for, serves until SIGTERM or
+/// SIGINT, then stops the frontends and flushes. An error is what to tell the user.
+fn run(cmd: Cmd) -> Result<(), String> {
     let Cmd::Serve {
         configs,
         socket,
@@ -381,18 +393,18 @@ fn main() -> ExitCode {
         state_dir,
         allow_unverified,
         registry_ca,
-    } = Cli::parse().cmd;
+    } = cmd;
     if socket.is_none()
         && tcp.is_none()
         && fuse.is_none()
         && nbd_devices.is_empty()
         && ublk.is_empty()
     {
-        eprintln!(
-            "lsmd: error: give --socket PATH, --tcp ADDR, --fuse DIR, --nbd-device NAME=DEV \
-             and/or --ublk NAME"
+        return Err(
+            "give --socket PATH, --tcp ADDR, --fuse DIR, --nbd-device NAME=DEV \
+                    and/or --ublk NAME"
+                .into(),
         );
-        return ExitCode::FAILURE;
     }
     let tls = match tcp_security(
         tcp.as_deref(),
@@ -403,8 +415,7 @@ fn main() -> ExitCode {
     ) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("lsmd: error: {e}");
-            return ExitCode::FAILURE;
+            return Err(e.to_string());
         }
     };
     let mut host = HostServices {
@@ -424,16 +435,14 @@ fn main() -> ExitCode {
                 host.cache = Some(Arc::new(c));
             }
             Err(e) => {
-                eprintln!("lsmd: error: cache: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("cache: {e}"));
             }
         }
     }
     let exports = match open_exports(&configs, read_only, &host, &prefetch) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("lsmd: error: {e}");
-            return ExitCode::FAILURE;
+            return Err(e.to_string());
         }
     };
     let engine = Engine::new(workers);
@@ -447,8 +456,7 @@ fn main() -> ExitCode {
                 lsmd::metrics::spawn(l, host.clone(), exports.clone());
             }
             Err(e) => {
-                eprintln!("lsmd: error: metrics {addr}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("metrics {addr}: {e}"));
             }
         }
     }
@@ -472,8 +480,7 @@ fn main() -> ExitCode {
         let l = match std::os::unix::net::UnixListener::bind(&path) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("lsmd: error: {}: {e}", path.display());
-                return ExitCode::FAILURE;
+                return Err(format!("{}: {e}", path.display()));
             }
         };
         tracing::info!(socket = %path.display(), "listening");
@@ -487,8 +494,7 @@ fn main() -> ExitCode {
         let l = match std::net::TcpListener::bind(&addr) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("lsmd: error: {addr}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("{addr}: {e}"));
             }
         };
         tracing::info!(tcp = %addr, tls = tls.is_some(), "listening");
@@ -515,8 +521,7 @@ fn main() -> ExitCode {
                     Some(m)
                 }
                 Err(e) => {
-                    eprintln!("lsmd: error: FUSE mount on {}: {e}", dir.display());
-                    return ExitCode::FAILURE;
+                    return Err(format!("FUSE mount on {}: {e}", dir.display()));
                 }
             }
         }
@@ -526,8 +531,7 @@ fn main() -> ExitCode {
     for spec in &nbd_devices {
         let (name, dev) = spec.split_once('=').unwrap_or(("", spec));
         let Some(export) = exports.find(name) else {
-            eprintln!("lsmd: error: --nbd-device {spec}: no export named {name:?}");
-            return ExitCode::FAILURE;
+            return Err(format!("--nbd-device {spec}: no export named {name:?}"));
         };
         let state = state_dir.join(format!("nbd-{name}.index"));
         match lsmd::nbd::kernel::KernelAttachment::attach(
@@ -542,16 +546,14 @@ fn main() -> ExitCode {
                 attached.push(a);
             }
             Err(e) => {
-                eprintln!("lsmd: error: --nbd-device {spec}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("--nbd-device {spec}: {e}"));
             }
         }
     }
     let mut ublk_devices = Vec::new();
     for name in &ublk {
         let Some(export) = exports.all().find(|e| &e.name == name).cloned() else {
-            eprintln!("lsmd: error: --ublk {name}: no such export");
-            return ExitCode::FAILURE;
+            return Err(format!("--ublk {name}: no such export"));
         };
         let state = state_dir.join(format!("ublk-{name}.id"));
         let opts = lsmd::ublk::UblkOptions {
@@ -566,8 +568,7 @@ fn main() -> ExitCode {
                 ublk_devices.push(d);
             }
             Err(e) => {
-                eprintln!("lsmd: error: --ublk {name}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("--ublk {name}: {e}"));
             }
         }
     }
@@ -577,8 +578,7 @@ fn main() -> ExitCode {
     ]) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("lsmd: error: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
+            return Err(format!("cannot install signal handlers: {e}"));
         }
     };
     if let Some(sig) = signals.forever().next() {
@@ -603,8 +603,11 @@ fn main() -> ExitCode {
         tracing::error!(export = %name, error = %e, "flush failed");
     }
     if failed.is_empty() {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        ExitCode::FAILURE
+        Err(format!(
+            "{} export(s) failed their last flush",
+            failed.len()
+        ))
     }
 }

@@ -16,6 +16,7 @@ use std::path::{Component, Path, PathBuf};
 
 use tar::{Archive, EntryType};
 
+use super::ext4apply::Changes;
 use super::workdir;
 
 /// The path of a tar entry as components inside the root; `..` or an empty path is an error.
@@ -133,9 +134,36 @@ impl KeptTimes {
     }
 }
 
-/// Applies one layer, read twice through `open` (whiteouts, then contents), onto `root`.
+/// Creates the missing directories of `dir` (below `root`, resolved), recording each in
+/// `changes` and `implicit` (a layer that names no such directory gives it no time: it gets
+/// [`IMPLICIT_DIR_MTIME`], not the clock's, so conversions stay reproducible).
+fn make_dirs(
+    root: &Path,
+    dir: &Path,
+    changes: &mut Changes,
+    implicit: &mut Vec<PathBuf>,
+) -> io::Result<()> {
+    if dir == root || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(up) = dir.parent() {
+        make_dirs(root, up, changes, implicit)?;
+    }
+    std::fs::create_dir(dir)?;
+    changes.created(dir);
+    implicit.push(dir.to_path_buf());
+    Ok(())
+}
+
+/// Modification time of a directory a layer creates without naming it (a parent its tar
+/// lacks): fixed, as the filesystem root's is.
+const IMPLICIT_DIR_MTIME: u64 = 1;
+
+/// Applies one layer, read twice through `open` (whiteouts, then contents), onto `root`,
+/// recording in `changes` what it changed (to replay on the layer's filesystem).
 pub fn apply_layer(
     root: &Path,
+    changes: &mut Changes,
     mut open: impl FnMut() -> io::Result<Box<dyn Read>>,
 ) -> io::Result<()> {
     let mut kept = KeptTimes::default();
@@ -152,8 +180,13 @@ pub fn apply_layer(
             let dir = resolve(root, &parts[..parts.len() - 1])?;
             if dir.is_dir() {
                 kept.touch(&dir);
-                for c in std::fs::read_dir(&dir)? {
-                    remove_all(&c?.path())?;
+                let mut kids: Vec<PathBuf> = std::fs::read_dir(&dir)?
+                    .map(|c| c.map(|c| c.path()))
+                    .collect::<Result<_, _>>()?;
+                kids.sort();
+                for c in kids {
+                    changes.removing(&c)?;
+                    remove_all(&c)?;
                 }
             }
         } else if let Some(hidden) = name.strip_prefix(".wh.") {
@@ -172,11 +205,13 @@ pub fn apply_layer(
             if let Some(d) = victim.parent() {
                 kept.touch(d);
             }
+            changes.removing(&victim)?;
             remove_all(&victim)?;
         }
     }
     // Pass 2: everything else.
     let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();
+    let mut implicit: Vec<PathBuf> = Vec::new();
     let mut a = Archive::new(open()?);
     for e in a.entries()? {
         let mut e = e?;
@@ -187,13 +222,14 @@ pub fn apply_layer(
         }
         let _step = workdir::step()?;
         let parent = resolve(root, &parts[..parts.len() - 1])?;
-        std::fs::create_dir_all(&parent)?;
+        make_dirs(root, &parent, changes, &mut implicit)?;
         kept.touch(&parent);
         let dst = parent.join(name);
         let kind = e.header().entry_type();
         let existing = std::fs::symlink_metadata(&dst).ok();
         if let Some(m) = &existing {
             if !(kind == EntryType::Directory && m.is_dir()) {
+                changes.removing(&dst)?;
                 remove_all(&dst)?;
             }
         }
@@ -220,6 +256,7 @@ pub fn apply_layer(
                     .ok_or_else(|| io::Error::other("hard link without a target"))?;
                 let tpath = entry_path(root, &clean(&target)?)?;
                 std::fs::hard_link(&tpath, &dst)?;
+                changes.linked(&tpath, &dst);
                 continue; // a hard link shares its target's metadata
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -290,6 +327,11 @@ pub fn apply_layer(
                 )?;
             }
         }
+        if kind == EntryType::Directory && existing.as_ref().is_some_and(|m| m.is_dir()) {
+            changes.changed(&dst);
+        } else {
+            changes.created(&dst);
+        }
         if kind == EntryType::Directory {
             dirs.push((dst, e.header().clone()));
         } else {
@@ -303,6 +345,11 @@ pub fn apply_layer(
     for (d, t) in &kept.0 {
         if !named.contains(d) && d.exists() {
             set_mtime(&cstr(d)?, d, *t)?;
+        }
+    }
+    for d in &implicit {
+        if !named.contains(d) && d.exists() {
+            set_mtime(&cstr(d)?, d, IMPLICIT_DIR_MTIME)?;
         }
     }
     for (d, h) in dirs.iter().rev() {

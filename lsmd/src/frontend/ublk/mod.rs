@@ -403,7 +403,7 @@ fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<(u16, Option<UblkOptio
     let (state, flags) = (info.state, info.flags);
     let recovery = flags & F_USER_RECOVERY != 0;
     let waiting = recovery && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO);
-    let shape = waiting.then(|| UblkOptions {
+    let shape = waiting.then_some(UblkOptions {
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
         user_copy: flags & F_USER_COPY != 0,
