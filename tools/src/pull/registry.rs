@@ -37,6 +37,9 @@ impl ImageRef {
     /// Hub repository.
     pub fn parse(s: &str) -> CliResult<ImageRef> {
         let bad = |why: &str| CliError(format!("image reference {s:?}: {why}"));
+        if s.is_empty() {
+            return Err(bad("empty"));
+        }
         if s.contains("://") {
             return Err(bad(
                 "give host[:port]/repository[:tag] without a scheme (use --plain-http for http)",
