@@ -287,6 +287,10 @@ impl ChunkStore for DiskCache {
         }
     }
 
+    fn contains(&self, k: &ChunkKey) -> bool {
+        self.index.lock().entries.contains_key(k)
+    }
+
     fn discard(&self, k: &ChunkKey) {
         if self.index.lock().remove(k) {
             self.stats.discarded.fetch_add(1, Ordering::Relaxed);
