@@ -238,13 +238,20 @@ impl Layer {
     /// more ([`ReadAt::read_again_at`]: another copy, if the source has one) before the check's
     /// failure is returned. Returns the stored bytes with the decoded ones.
     fn fetch_checked(&self, chunk: u32) -> Result<(Vec<u8>, Vec<u8>)> {
-        let (e, src) = self.chunk_source(chunk)?;
+        let e = self.chunk_entry(chunk)?;
         let decode = |stored: &[u8]| chunk::decode(e, stored, chunk, &self.name, self.verify);
         let stored = self.read_stored(chunk)?;
-        let err = match decode(&stored) {
-            Ok(d) => return Ok((stored, d)),
-            Err(err) => err,
-        };
+        match decode(&stored) {
+            Ok(d) => Ok((stored, d)),
+            Err(err) => self.fetch_again(chunk, err),
+        }
+    }
+
+    /// A chunk whose bytes failed the check with `err`, fetched once more from another copy
+    /// ([`ReadAt::read_again_at`]); `err` stands when there is none or it fails too.
+    fn fetch_again(&self, chunk: u32, err: Error) -> Result<(Vec<u8>, Vec<u8>)> {
+        let (e, src) = self.chunk_source(chunk)?;
+        let decode = |stored: &[u8]| chunk::decode(e, stored, chunk, &self.name, self.verify);
         let mut again = vec![0u8; e.stored_len as usize];
         match src.read_again_at(&mut again, e.offset) {
             None => Err(err),
@@ -307,9 +314,9 @@ impl Layer {
     /// Chunks `first..first + n`, stored back to back (see [`Self::adjacent`]), fetched with ONE
     /// ranged read instead of `n`: a remote source pays one round trip for all of them. Each
     /// is checked on its own exactly as [`Self::read_chunk`] checks it and kept in the store;
-    /// one that fails its check (or a run that is not back to back, or a failed read) falls
-    /// back to [`Self::read_chunk`] for that chunk, so a result is never less checked than a
-    /// single read's.
+    /// one that fails its check is fetched once more from another copy, as a single read's
+    /// would be, and a run that is not back to back or whose read fails is read chunk by chunk
+    /// ([`Self::read_chunk`]): a result is never less checked than a single read's.
     pub fn read_run(&self, first: u32, n: u32) -> Vec<Result<Vec<u8>>> {
         let chunks: Vec<u32> = (first..first.saturating_add(n.max(1))).collect();
         let joined = chunks.windows(2).all(|w| self.adjacent(w[0], w[1]));
@@ -344,8 +351,14 @@ impl Layer {
                         }
                         Ok(d)
                     }
-                    // Fetched alone, asked again from another copy if it fails again.
-                    Err(_) => self.read_chunk(c),
+                    // Asked once more from another copy, as a single read's failure is.
+                    Err(err) => {
+                        let (stored, d) = self.fetch_again(c, err)?;
+                        if let Some(s) = &self.store {
+                            s.put(&ChunkKey::of(e), &stored);
+                        }
+                        Ok(d)
+                    }
                 }
             })
             .collect()
