@@ -16,7 +16,7 @@
 //! image per run; no reuse database.
 
 pub mod dict;
-mod push;
+pub(crate) mod push;
 pub mod report;
 mod unpack;
 mod workdir;

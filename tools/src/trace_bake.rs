@@ -1,0 +1,319 @@
+//! `lsmctl trace bake`: ship a startup trace inside the image, so the first start on any node
+//! is already prefetched. The image is served by a private lsmd (FUSE file, empty cache, no
+//! prefetch), attached read-only with `losetup` and mounted; the command runs once in a sandbox
+//! over it (`unshare` of mount, network, PID, IPC and UTS namespaces, the host's /dev and a
+//! fresh /proc, `chroot`); the chunks it needed,
+//! in first-need order, are the trace (FORMAT.md §6). The trace becomes a blob beside the
+//! layers — pushed to the registry and repository of the image's first layer when that is a
+//! registry, else a file next to the config — and the config's `trace` names it with its
+//! digest, which lsmd checks before using it.
+//!
+//! Everything set up (lsmd, loop device, mounts) is torn down on every path out, error or not.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockfmt::format::{oci_digest, sha256};
+use lsmd::config::{LayerConfig, SourceConfig};
+use lsmd::source::auth::Credentials;
+use lsmd::ImageConfig;
+
+use crate::convert::push::{Client, Session, Target};
+use crate::{CliError, CliResult};
+
+/// Arguments of `lsmctl trace bake`.
+#[derive(clap::Args)]
+pub struct BakeArgs {
+    /// The image config (as `lsmctl convert` writes it: `lsm-remote.json` for a pushed image).
+    /// Its `trace` is set to the baked trace.
+    pub image: PathBuf,
+    /// The startup command, run by `/bin/sh -c` inside the image (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+    /// The lsmd binary (default: the one beside lsmctl, else `lsmd` on PATH).
+    #[arg(long)]
+    pub lsmd: Option<PathBuf>,
+    /// Give up on the command after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+/// What is set up, torn down in reverse on drop.
+struct Sandbox {
+    dir: PathBuf,
+    lsmd: Option<Child>,
+    loop_dev: Option<String>,
+    mounted: bool,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let mnt = self.dir.join("mnt");
+        if self.mounted {
+            let _ = Command::new("umount").arg(&mnt).status();
+        }
+        if let Some(l) = self.loop_dev.take() {
+            let _ = Command::new("losetup").args(["-d", &l]).status();
+            // The loop device lets go of the FUSE file asynchronously.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(5) && loop_holds(&l) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(mut c) = self.lsmd.take() {
+            // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let files = self.dir.join("files");
+        if is_mountpoint(&files) {
+            let _ = Command::new("umount").arg("-l").arg(&files).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn loop_holds(dev: &str) -> bool {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).is_ok()
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    let p = p.to_string_lossy();
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&p)))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command, what: &str) -> CliResult<String> {
+    let out = cmd.output().map_err(|e| CliError(format!("{what}: {e}")))?;
+    if !out.status.success() {
+        return Err(CliError(format!(
+            "{what}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn free_port() -> CliResult<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn lsmd_binary(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("lsmd")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("lsmd"))
+    })
+}
+
+/// Serves `image` from a private lsmd and mounts it read-only under the sandbox's `mnt`.
+fn mount_image(sb: &mut Sandbox, image: &Path, lsmd: &Path, metrics: &str) -> CliResult {
+    let (files, mnt) = (sb.dir.join("files"), sb.dir.join("mnt"));
+    std::fs::create_dir_all(&files)?;
+    std::fs::create_dir_all(&mnt)?;
+    let log = std::fs::File::create(sb.dir.join("lsmd.log"))?;
+    let mut config = std::ffi::OsString::from("image=");
+    config.push(image.canonicalize()?);
+    let child = Command::new(lsmd)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--fuse")
+        .arg(&files)
+        .arg("--cache-dir")
+        .arg(sb.dir.join("cache"))
+        .arg("--socket")
+        .arg(sb.dir.join("sock"))
+        .args(["--prefetch", "none", "--metrics", metrics])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| CliError(format!("{}: {e}", lsmd.display())))?;
+    sb.lsmd = Some(child);
+    let file = files.join("image");
+    let t0 = Instant::now();
+    while !file.exists() {
+        let exited = sb
+            .lsmd
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if exited == Some(true) || t0.elapsed() > Duration::from_secs(60) {
+            let log = std::fs::read_to_string(sb.dir.join("lsmd.log")).unwrap_or_default();
+            return Err(CliError(format!("lsmd did not serve the image: {log}")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dev = run(
+        Command::new("losetup")
+            .args(["-r", "-f", "--show"])
+            .arg(&file),
+        "losetup",
+    )?;
+    sb.loop_dev = Some(dev.clone());
+    // ext4 without replaying a journal (read-only device); other filesystems plain read-only.
+    let ext4 = run(
+        Command::new("mount")
+            .args(["-o", "ro,noload", &dev])
+            .arg(&mnt),
+        "mount",
+    );
+    if ext4.is_err() {
+        run(
+            Command::new("mount").args(["-o", "ro", &dev]).arg(&mnt),
+            "mount",
+        )?;
+    }
+    sb.mounted = true;
+    Ok(())
+}
+
+/// Runs `command` once in the sandbox over `mnt`, failing if it fails or outlives `timeout`.
+fn run_command(mnt: &Path, command: &[String], timeout: Duration) -> CliResult {
+    // In its own mount namespace (private: nothing leaks to the host, all gone when it
+    // exits), the image gets the host's /dev and a /proc of its PID namespace where it has
+    // those directories, as a container runtime would give them.
+    const SETUP: &str = "[ -d \"$1/dev\" ] && mount --rbind /dev \"$1/dev\"; \
+        [ -d \"$1/proc\" ] && mount -t proc proc \"$1/proc\"; \
+        exec chroot \"$1\" /bin/sh -c \"$2\"";
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"])
+        .args(["/bin/sh", "-c", SETUP, "sh"])
+        .arg(mnt)
+        .arg(command.join(" "))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| CliError(format!("unshare: {e}")))?;
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if !st.success() {
+                return Err(CliError(format!(
+                    "the command failed inside the image ({st}): {}",
+                    command.join(" ")
+                )));
+            }
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CliError(format!("the command ran longer than {timeout:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where the trace blob goes: pushed beside the first layer's registry blob (returning that
+/// source), or written next to the config.
+fn store_trace(
+    image: &Path,
+    config: &ImageConfig,
+    bytes: &[u8],
+    digest: &str,
+) -> CliResult<SourceConfig> {
+    match config.layers.first().map(|l| &l.source) {
+        Some(SourceConfig::Registry(r)) => {
+            let target = Target {
+                base: r.url.trim_end_matches('/').to_string(),
+                repository: r.repository.clone(),
+                tag: String::new(),
+            };
+            let creds = match (&r.username, &r.password) {
+                (Some(u), Some(p)) => Some(Credentials {
+                    username: u.clone(),
+                    password: p.clone(),
+                }),
+                _ => None,
+            };
+            let client = Client {
+                ca_file: r.ca_file.clone(),
+                token_hosts: r.token_hosts.clone(),
+            };
+            let session = Session::new(target, creds, &client)?;
+            let tmp = image.with_extension("trace-blob.tmp");
+            std::fs::write(&tmp, bytes)?;
+            let put = session.put_blob(digest, &tmp);
+            let _ = std::fs::remove_file(&tmp);
+            put?;
+            let mut src = r.clone();
+            src.size = Some(bytes.len() as u64);
+            src.p2p = None;
+            Ok(SourceConfig::Registry(src))
+        }
+        _ => {
+            let name = format!("trace-{}.blob", &digest[7..19]);
+            let dir = image.parent().unwrap_or(Path::new("."));
+            std::fs::write(dir.join(&name), bytes)?;
+            Ok(SourceConfig::Local(PathBuf::from(name)))
+        }
+    }
+}
+
+/// `lsmctl trace bake`.
+pub fn bake(a: BakeArgs) -> CliResult {
+    let mut config = ImageConfig::load(&a.image).map_err(|e| CliError(e.to_string()))?;
+    let lsmd = lsmd_binary(a.lsmd);
+    let port = free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let dir = std::env::temp_dir().join(format!("lsmctl-bake-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut sb = Sandbox {
+        dir,
+        lsmd: None,
+        loop_dev: None,
+        mounted: false,
+    };
+    mount_image(&mut sb, &a.image, &lsmd, &metrics)?;
+    let t0 = Instant::now();
+    run_command(
+        &sb.dir.join("mnt"),
+        &a.command,
+        Duration::from_secs(a.timeout),
+    )?;
+    let took = t0.elapsed();
+    let url = format!("http://{metrics}/trace?export=image");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut ureq::get(&url)
+            .timeout(Duration::from_secs(30))
+            .call()
+            .map_err(|e| CliError(format!("{url}: {e}")))?
+            .into_reader(),
+        &mut bytes,
+    )?;
+    drop(sb);
+    let t = lsmd::trace::Trace::decode(&bytes).map_err(|e| CliError(format!("{url}: {e}")))?;
+    let digest = oci_digest(&sha256(&bytes));
+    let source = store_trace(&a.image, &config, &bytes, &digest)?;
+    config.trace = Some(LayerConfig {
+        source,
+        digest: Some(digest.clone()),
+        meta_digest: None,
+    });
+    config.save(&a.image).map_err(|e| CliError(e.to_string()))?;
+    println!(
+        "{}: trace {digest} ({} chunks of {} layers, {} bytes; the command took {:.2} s cold)",
+        a.image.display(),
+        t.entries.len(),
+        t.layers.len(),
+        bytes.len(),
+        took.as_secs_f64()
+    );
+    Ok(())
+}
