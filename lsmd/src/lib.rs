@@ -1,25 +1,27 @@
-//! `lsmd`: the lsm daemon as a library. Sources → host cache → image → frontends:
+//! `lsmd`: the lsm daemon as a library. Sources → host cache → image → engine → frontends:
 //!
 //! - [`source`]: where blob bytes come from (registry, HTTP URL, NAS file, P2P agent; local
 //!   files are plain `File`s), all behind `blockfmt::ReadAt`;
-//! - [`cache`]: the host's on-disk cache of fetched chunks (`blockfmt::ChunkStore`);
+//! - [`cache`]: the host's on-disk cache of fetched chunks (`blockfmt::ChunkStore`), and
+//!   [`cache::trace`]: startup traces and background prefetch;
 //! - [`config`]: image configs, and opening an image on the host's services;
-//! - [`trace`]: startup traces and background prefetch;
-//! - [`nbd`]: the NBD frontend, with [`pool`] for work that may block;
-//! - [`fuse`]: the FUSE-file frontend (one file per export, for `losetup`);
-//! - [`ublk`]: the ublk frontend (`/dev/ublkbN` over io_uring);
+//! - [`engine`]: the request engine every frontend uses (hot work inline, cold work on
+//!   [`engine::pool`]);
+//! - [`frontend`]: the NBD, ublk and FUSE-file frontends;
 //! - [`metrics`]: the Prometheus/status endpoint.
 
 pub mod cache;
 pub mod config;
+pub mod engine;
 pub mod error;
-pub mod fuse;
+pub mod frontend;
 pub mod metrics;
-pub mod nbd;
-pub mod pool;
 pub mod source;
-pub mod trace;
-pub mod ublk;
+
+// The paths these modules had before the engine/frontend layout, kept for callers outside lsmd.
+pub use cache::trace;
+pub use engine::pool;
+pub use frontend::{fuse, nbd, ublk};
 
 pub use config::{HostServices, ImageConfig, ImageSpec, LayerConfig, RegistryConfig, SourceConfig};
 pub use error::{errno, Error, Result};
