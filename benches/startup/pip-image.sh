@@ -16,11 +16,15 @@ rm -rf "$cache" && mkdir -p "$cache"
 cp -a "$src" "$oci"
 umoci unpack --image "$oci:py" "$cache/bundle" >/dev/null
 cp /etc/resolv.conf "$cache/bundle/rootfs/etc/resolv.conf"
-chroot "$cache/bundle/rootfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -c '
+# The host's CA bundle for pip (a TLS-inspecting proxy's CA, if the host trusts one); removed
+# from the image afterwards.
+cp /etc/ssl/certs/ca-certificates.crt "$cache/bundle/rootfs/tmp/host-ca.crt"
+chroot "$cache/bundle/rootfs" /usr/bin/env -u PIP_FIND_LINKS PIP_CERT=/tmp/host-ca.crt DEBIAN_FRONTEND=noninteractive sh -c '
   apt-get update -qq &&
   apt-get install -y -qq --no-install-recommends python3-pip >/dev/null &&
-  pip install -q --no-cache-dir --break-system-packages --only-binary=:all: numpy scipy &&
-  apt-get clean && rm -rf /var/lib/apt/lists/*' >"$cache/pip.log" 2>&1
+  pip install -q --no-cache-dir --break-system-packages --only-binary=:all: \
+    --cert /tmp/host-ca.crt numpy scipy &&
+  rm -f /tmp/host-ca.crt && apt-get clean && rm -rf /var/lib/apt/lists/*' >"$cache/pip.log" 2>&1
 umoci repack --image "$oci:pip" "$cache/bundle"
 rm -rf "$cache/bundle"
 touch "$cache/done"
