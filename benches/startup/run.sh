@@ -101,7 +101,8 @@ if [[ " $IMAGES " == *" pip "* ]]; then
     OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
   fi
 else
-  OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
+  OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 \
+    "$([[ " $IMAGES " == *" fat "* ]] && echo fat)")
 fi
 
 rm -rf "$WORK" && mkdir -p "$WORK/pids" "$OUT"

@@ -102,8 +102,10 @@ enum Cmd {
         #[arg(long)]
         metrics: Option<String>,
         /// What to fetch in the background at start: `trace` replays `<config>.trace` (made
-        /// by `lsmctl trace record`) if there is one; `all` does that, then fetches every
-        /// other chunk at low priority; `none` fetches only what reads need.
+        /// by `lsmctl trace record`) if there is one, else the trace shipped in the image
+        /// (config `trace`, made by `lsmctl trace bake`; digest-checked), else the used part
+        /// of the ext4 inode tables; `all` does that, then fetches every other chunk at low
+        /// priority; `none` fetches only what reads need.
         #[arg(long, default_value = "trace", value_parser = ["none", "trace", "all"])]
         prefetch: String,
         /// Also mount every export as a regular file named after it in this directory (FUSE),
@@ -183,7 +185,8 @@ fn open_exports(
 
 /// Starts the background fetches `--prefetch` asks for: the node's recorded trace
 /// (`<config>.trace`) if there is one, else the trace shipped in the image (checked against
-/// its digest first; refused → lazy, and said so), then with `all` the rest of the image.
+/// its digest first; refused → lazy, and said so), else the filesystem's metadata (the used
+/// part of ext4's inode tables: `cache::fsmeta`); then with `all` the rest of the image.
 fn start_prefetch(
     name: &str,
     spec: &ImageSpec,
@@ -206,9 +209,6 @@ fn start_prefetch(
         Err(_) => None,
     };
     let all = mode == "all";
-    if node.is_none() && spec.config.trace.is_none() && !all {
-        return;
-    }
     let (name, image, spec, host) = (name.to_string(), image.clone(), spec.clone(), host.clone());
     std::thread::spawn(move || {
         use std::sync::atomic::Ordering::Relaxed;
@@ -235,6 +235,14 @@ fn start_prefetch(
         };
         if !traced.is_empty() {
             lsmd::trace::prefetch(&name, &image, traced, 8);
+        } else {
+            let tables = lsmd::cache::fsmeta::ext4_inode_tables(&image);
+            let chunks = lsmd::cache::fsmeta::chunks_of(&image, &tables);
+            if !chunks.is_empty() {
+                let bytes: u64 = tables.iter().map(|t| t.1).sum();
+                tracing::info!(export = %name, chunks = chunks.len(), inode_table_bytes = bytes, "no startup trace: prefetching the filesystem's metadata (ext4 inode tables in use)");
+                lsmd::trace::prefetch(&name, &image, chunks, 8);
+            }
         }
         if all {
             lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1);
