@@ -21,7 +21,10 @@
 #     with its digest in the config);
 #  4. for each profile, image and run, from a cold node (empty dirs and cache, page cache dropped):
 #       oci   — skopeo copy (every layer) + tar -x of each layer in order + chroot COMMAND
-#       lazy  — lsmd --fuse with an empty cache, losetup, mount -o ro, chroot COMMAND
+#       bare  — lsmd --fuse with an empty cache and --prefetch none, losetup, mount -o ro,
+#               chroot COMMAND ("lsm lazy, no prefetch")
+#       lazy  — the same with lsmd's default prefetch and no trace: the used ext4 inode tables
+#               are fetched at open ("lsm lazy")
 #       trace — the same, lsmd prefetching the trace this node recorded ("lsm + node trace")
 #       shipped — the same, lsmd fetching the trace shipped in the image, checking its digest
 #                 and prefetching by it ("lsm + shipped trace"; nothing recorded on the node)
@@ -39,6 +42,7 @@ repo=$(cd "$here/../.." && pwd)
 RUNS=${RUNS:-5}
 PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
 IMAGES=${IMAGES:-"base py pip"}
+MODES=${MODES:-"oci bare lazy trace shipped"}
 OUT=${OUT:-$here/results}
 WORK=${WORK:-/var/tmp/lsm-startup}
 NS=lsmbench
@@ -276,7 +280,7 @@ for profile in $PROFILES; do
   for img in $IMAGES; do
     cmd=$(command_for "$img")
     for r in $(seq "$RUNS"); do
-      for mode in oci lazy trace shipped; do
+      for mode in $MODES; do
         d=$WORK/run/$profile-$img-$mode-$r
         rm -rf "$d" && mkdir -p "$d"
         cold
@@ -298,8 +302,12 @@ for l in man["layers"]:
 EOF
             chroot "$d/rootfs" sh -c "$cmd" >/dev/null
             ;;
-          lazy)
+          bare)
             lsm_start "$img" "$WORK/lsm-$img/lsm-remote.json" "$d" none
+            chroot "$d/mnt" sh -c "$cmd" >/dev/null
+            ;;
+          lazy)
+            lsm_start "$img" "$WORK/lsm-$img/lsm-remote.json" "$d" trace
             chroot "$d/mnt" sh -c "$cmd" >/dev/null
             ;;
           trace)
