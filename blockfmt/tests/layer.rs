@@ -634,7 +634,7 @@ fn sequential_reads_fetch_neighbouring_chunks_together_and_random_reads_do_not()
     // A chunk failing its check inside a merged fetch is fetched again on its own; its
     // neighbours from the merged fetch are served, and every byte read is the disk's.
     let meta = s.layers()[0].metadata();
-    let bad_chunk = meta.chunks[5].clone();
+    let bad_chunk = meta.chunks[5];
     let (src, _, s) = open(Some(bad_chunk.offset + bad_chunk.stored_len as u64 / 2));
     let mut out = vec![0u8; disk.len()];
     for (i, piece) in out.chunks_mut(4096).enumerate() {
