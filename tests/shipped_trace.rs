@@ -53,19 +53,83 @@ fn rootfs_image(t: &Path) -> (PathBuf, PathBuf) {
     (raw, img)
 }
 
-/// Pushes the layer to `reg` and writes `remote.json` reading it from there.
+/// Pushes the layer to `reg` and writes `remote.json` reading it from there; tags an image
+/// `lsm/shipped:1` whose manifest lists the layer blob (with the OCI layer media type and role
+/// annotation, as `convert --push` writes it) and whose config has its diff_id.
 fn push_layers(t: &Path, img: &Path, reg: &Registry) -> PathBuf {
     let mut c: serde_json::Value =
         serde_json::from_slice(&std::fs::read(img).expect("config")).expect("json");
+    let mut descs = Vec::new();
     for l in c["layers"].as_array_mut().expect("layers") {
         let path = t.join(l["source"]["local"].as_str().expect("local"));
-        reg.push_blob("lsm/shipped", &std::fs::read(path).expect("blob"));
+        let blob = std::fs::read(path).expect("blob");
+        let digest = reg.push_blob("lsm/shipped", &blob);
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest,
+            "size": blob.len(), "annotations": { "io.lsm.layer.role": "layer" } }));
         l["source"] = serde_json::json!({ "registry": {
             "url": reg.url, "repository": "lsm/shipped", "insecure": true } });
     }
+    let diff_ids: Vec<_> = descs.iter().map(|d| d["digest"].clone()).collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        "history": [{ "created_by": "lsm: layer" }] }))
+    .expect("json");
+    let cfg_digest = reg.push_blob("lsm/shipped", &config);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": cfg_digest, "size": config.len() },
+        "layers": descs });
+    ureq::put(&format!("{}/v2/lsm/shipped/manifests/1", reg.url))
+        .set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .send_bytes(&serde_json::to_vec(&manifest).expect("json"))
+        .expect("put manifest");
     let out = t.join("remote.json");
     std::fs::write(&out, serde_json::to_vec_pretty(&c).expect("json")).expect("write");
     out
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    ureq::get(url)
+        .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .call()
+        .expect(url)
+        .into_string()
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .expect("json")
+}
+
+/// The manifest of `lsm/shipped:1` lists the trace `digest` once, as a layer with role
+/// `trace`, and its config's diff_ids and history match the layers one for one.
+fn assert_manifest_lists_trace(reg: &Registry, digest: &str) {
+    let m = get_json(&format!("{}/v2/lsm/shipped/manifests/1", reg.url));
+    let layers = m["layers"].as_array().expect("layers");
+    let traces: Vec<_> = layers
+        .iter()
+        .filter(|l| l["annotations"]["io.lsm.layer.role"] == "trace")
+        .collect();
+    assert_eq!(traces.len(), 1, "{m}");
+    let tr = traces[0];
+    assert_eq!(tr["digest"].as_str(), Some(digest));
+    assert_eq!(tr["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+    assert_eq!(
+        tr["annotations"]["containerd.io/snapshot/lsm.role"],
+        "trace"
+    );
+    let cfg_digest = m["config"]["digest"].as_str().expect("config digest");
+    let c = get_json(&format!("{}/v2/lsm/shipped/blobs/{cfg_digest}", reg.url));
+    let diff_ids: Vec<&str> = c["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("diff_ids")
+        .iter()
+        .filter_map(|d| d.as_str())
+        .collect();
+    let digests: Vec<&str> = layers.iter().filter_map(|l| l["digest"].as_str()).collect();
+    assert_eq!(diff_ids, digests, "config {c}");
+    assert_eq!(c["history"].as_array().map(Vec::len), Some(layers.len()));
 }
 
 fn metric(port: u16, name: &str) -> f64 {
@@ -120,10 +184,20 @@ fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
     let reg = Registry::start(&t.join("registry"), None);
     let remote = push_layers(t, &img, &reg);
 
-    // Bake: the command reads two of the eight files.
-    let out = ok(lsmctl(["trace", "bake"])
-        .arg(&remote)
-        .args(["--", "cat /data/c /data/f >/dev/null"]));
+    // Bake: the command reads two of the eight files; the pushed image's manifest lists the
+    // trace. Baked again (another command), the new trace replaces the old in the manifest.
+    let image_ref = format!("{}/lsm/shipped:1", reg.url);
+    let bake = |cmd: &str| {
+        ok(lsmctl(["trace", "bake", "--image-ref", &image_ref])
+            .arg(&remote)
+            .args(["--", cmd]))
+    };
+    let out = bake("cat /data/a >/dev/null");
+    assert!(out.contains("trace sha256:"), "{out}");
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&remote).expect("config")).expect("json");
+    assert_manifest_lists_trace(&reg, first["trace"]["digest"].as_str().expect("digest"));
+    let out = bake("cat /data/c /data/f >/dev/null");
     assert!(out.contains("trace sha256:"), "{out}");
     let c: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&remote).expect("config")).expect("json");
@@ -131,6 +205,8 @@ fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
         .as_str()
         .expect("trace digest")
         .to_string();
+    assert_ne!(first["trace"]["digest"], c["trace"]["digest"]);
+    assert_manifest_lists_trace(&reg, &digest);
     assert_eq!(
         c["trace"]["source"]["registry"]["repository"].as_str(),
         Some("lsm/shipped"),

@@ -6,7 +6,9 @@
 //! in first-need order, are the trace (FORMAT.md §6). The trace becomes a blob beside the
 //! layers — pushed to the registry and repository of the image's first layer when that is a
 //! registry, else a file next to the config — and the config's `trace` names it with its
-//! digest, which lsmd checks before using it.
+//! digest, which lsmd checks before using it. With `--image-ref` the pushed image's manifest
+//! lists the blob too (CONTRACT.md: an OCI layer media type, role `trace`, the config's
+//! diff_ids and history kept one per layer).
 //!
 //! Everything set up (lsmd, loop device, mounts) is torn down on every path out, error or not.
 
@@ -37,6 +39,11 @@ pub struct BakeArgs {
     /// Give up on the command after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// The pushed lsm image (`http(s)://host[:port]/repository:tag`, as given to `convert
+    /// --push`): the trace blob is added to its manifest as a layer with role `trace` (replacing
+    /// an earlier one) and to its config's diff_ids and history, and the manifest is put again.
+    #[arg(long)]
+    pub image_ref: Option<String>,
 }
 
 /// What is set up, torn down in reverse on drop.
@@ -265,6 +272,112 @@ fn store_trace(
     }
 }
 
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+/// The media type every blob of a converted image carries (CONTRACT: containerd fetches any
+/// other descriptor whole, and counts only layers against the config's diff_ids).
+const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// The manifest layer descriptor of a trace blob, with the annotations containerd forwards to
+/// a remote snapshotter.
+fn trace_descriptor(digest: &str, size: u64, repository: &str) -> serde_json::Value {
+    serde_json::json!({
+        "mediaType": LAYER_TYPE,
+        "digest": digest,
+        "size": size,
+        "annotations": {
+            "io.lsm.layer.role": "trace",
+            "containerd.io/snapshot/lsm.role": "trace",
+            "containerd.io/snapshot/lsm.digest": digest,
+            "containerd.io/snapshot/lsm.size": size.to_string(),
+            "containerd.io/snapshot/lsm.repository": repository,
+        }
+    })
+}
+
+/// Adds the trace blob (`bytes`, `digest`) to the pushed image `reference`: a manifest layer
+/// with role `trace` (an earlier trace layer is replaced), its digest as that layer's diff_id in
+/// a new config (with a `lsm: trace` history entry when added), then the manifest put again
+/// under its tag. The config fetched is checked against the manifest's digest first.
+fn add_to_manifest(
+    reference: &str,
+    creds: Option<Credentials>,
+    client: &Client,
+    dir: &Path,
+    bytes: &[u8],
+    digest: &str,
+) -> CliResult {
+    let target = Target::parse(reference)?;
+    let repository = format!("{}/{}", target.host(), target.repository);
+    let tag = target.tag.clone();
+    let s = Session::new(target, creds, client)?;
+    let (mf, cf, tf) = (dir.join("manifest"), dir.join("config"), dir.join("trace"));
+    let kind = s.get(&format!("manifests/{tag}"), MANIFEST_TYPES, &mf)?;
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mf)?)?;
+    let cfg_digest = m["config"]["digest"]
+        .as_str()
+        .ok_or_else(|| CliError(format!("{reference}: the manifest has no config")))?
+        .to_string();
+    s.get(&format!("blobs/{cfg_digest}"), "*/*", &cf)?;
+    let cfg_bytes = std::fs::read(&cf)?;
+    if oci_digest(&sha256(&cfg_bytes)) != cfg_digest {
+        return Err(CliError(format!(
+            "{reference}: the config blob does not match its digest {cfg_digest}"
+        )));
+    }
+    let mut c: serde_json::Value = serde_json::from_slice(&cfg_bytes)?;
+    std::fs::write(&tf, bytes)?;
+    s.put_blob(digest, &tf)?;
+    let desc = trace_descriptor(digest, bytes.len() as u64, &repository);
+    let (Some(layers), Some(diff_ids)) = (
+        m["layers"].as_array_mut(),
+        c["rootfs"]["diff_ids"].as_array_mut(),
+    ) else {
+        return Err(CliError(format!(
+            "{reference}: not an image manifest with layers and a config with diff_ids"
+        )));
+    };
+    if layers.len() != diff_ids.len() {
+        return Err(CliError(format!(
+            "{reference}: {} layers but {} diff_ids",
+            layers.len(),
+            diff_ids.len()
+        )));
+    }
+    let old = layers
+        .iter()
+        .position(|l| l["annotations"]["io.lsm.layer.role"] == "trace");
+    match old {
+        Some(i) => {
+            layers[i] = desc;
+            diff_ids[i] = digest.into();
+        }
+        None => {
+            layers.push(desc);
+            diff_ids.push(digest.into());
+            if let Some(h) = c["history"].as_array_mut() {
+                h.push(serde_json::json!({ "created_by": "lsm: trace" }));
+            }
+        }
+    }
+    let new_cfg = serde_json::to_vec(&c)?;
+    let new_digest = oci_digest(&sha256(&new_cfg));
+    std::fs::write(&cf, &new_cfg)?;
+    s.put_blob(&new_digest, &cf)?;
+    m["config"]["digest"] = new_digest.into();
+    m["config"]["size"] = new_cfg.len().into();
+    let media = m["mediaType"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            kind.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        });
+    s.put_manifest(&serde_json::to_vec(&m)?, &media)
+}
+
 /// `lsmctl trace bake`.
 pub fn bake(a: BakeArgs) -> CliResult {
     let mut config = ImageConfig::load(&a.image).map_err(|e| CliError(e.to_string()))?;
@@ -301,6 +414,30 @@ pub fn bake(a: BakeArgs) -> CliResult {
     let t = lsmd::trace::Trace::decode(&bytes).map_err(|e| CliError(format!("{url}: {e}")))?;
     let digest = oci_digest(&sha256(&bytes));
     let source = store_trace(&a.image, &config, &bytes, &digest)?;
+    if let Some(reference) = &a.image_ref {
+        let (creds, client) = match &source {
+            SourceConfig::Registry(r) => (
+                match (&r.username, &r.password) {
+                    (Some(u), Some(p)) => Some(Credentials {
+                        username: u.clone(),
+                        password: p.clone(),
+                    }),
+                    _ => None,
+                },
+                Client {
+                    ca_file: r.ca_file.clone(),
+                    token_hosts: r.token_hosts.clone(),
+                },
+            ),
+            _ => (None, Client::default()),
+        };
+        let dir = std::env::temp_dir().join(format!("lsmctl-bake-m-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let r = add_to_manifest(reference, creds, &client, &dir, &bytes, &digest);
+        let _ = std::fs::remove_dir_all(&dir);
+        r?;
+        println!("{reference}: the manifest lists the trace (role `trace`)");
+    }
     config.trace = Some(LayerConfig {
         source,
         digest: Some(digest.clone()),

@@ -215,7 +215,7 @@ impl Session {
 
     /// Downloads `what` (`manifests/<ref>` or `blobs/<digest>`) into `out`; returns its
     /// Content-Type.
-    fn get(&self, what: &str, accept: &str, out: &Path) -> CliResult<String> {
+    pub(crate) fn get(&self, what: &str, accept: &str, out: &Path) -> CliResult<String> {
         let url = self.url(what);
         let resp = self
             .send(
