@@ -385,6 +385,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
         o.status.success() && err.contains("4 blobs uploaded, 0 already there"),
         "{err}"
     );
+    check_containerd_contract(&reg, &target);
     // Converting again gives the same blobs: nothing is uploaded a second time.
     let o = push(&t.join("dst2"));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -586,4 +587,60 @@ fn the_work_tree_is_private_and_a_signal_removes_it() {
         );
         assert!(!out.join(".convert-dict").exists());
     }
+}
+
+/// The pushed image is what containerd expects (CONTRACT, FORMAT.md §7): every blob an OCI tar
+/// layer with its role and the `containerd.io/snapshot/lsm.*` annotations, and the config's
+/// diff_ids = the blobs' digests, as many as the manifest lists.
+fn check_containerd_contract(reg: &lsm_e2e::registry::Registry, target: &str) {
+    let (repo_url, tag) = target.rsplit_once(':').expect("tag");
+    let (base, repo) = repo_url.split_at(reg.url.len());
+    let get = |what: &str| -> serde_json::Value {
+        reg.agent()
+            .get(&format!("{base}/v2{repo}/{what}"))
+            .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .call()
+            .expect("get")
+            .into_string()
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .expect("json")
+    };
+    let m = get(&format!("manifests/{tag}"));
+    let layers = m["layers"].as_array().expect("layers");
+    let config = get(&format!(
+        "blobs/{}",
+        m["config"]["digest"].as_str().expect("digest")
+    ));
+    let diff_ids: Vec<&serde_json::Value> = layers.iter().map(|l| &l["digest"]).collect();
+    assert_eq!(
+        config["rootfs"]["diff_ids"]
+            .as_array()
+            .expect("diff_ids")
+            .iter()
+            .collect::<Vec<_>>(),
+        diff_ids
+    );
+    let repository = format!("{}{repo}", reg.url.trim_start_matches("http://"));
+    for l in layers {
+        let a = &l["annotations"];
+        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+        assert_eq!(a["io.lsm.layer.role"], "layer");
+        assert_eq!(a["containerd.io/snapshot/lsm.role"], "layer");
+        assert_eq!(a["containerd.io/snapshot/lsm.digest"], l["digest"]);
+        assert_eq!(a["containerd.io/snapshot/lsm.size"], l["size"].to_string());
+        assert_eq!(
+            a["containerd.io/snapshot/lsm.meta-digest"],
+            a["io.lsm.layer.meta-digest"]
+        );
+        assert_eq!(
+            a["containerd.io/snapshot/lsm.disk-size"],
+            m["annotations"]["io.lsm.disk-size"]
+        );
+        assert_eq!(
+            a["containerd.io/snapshot/lsm.repository"],
+            repository.as_str()
+        );
+    }
+    assert!(m["annotations"]["io.lsm.source-config"].is_string());
 }

@@ -8,13 +8,16 @@
 //! lsmd keeps serving the devices), and matches how the peers ship (overlaybd-snapshotter,
 //! containerd-nydus-grpc, containerd-stargz-grpc are separate daemons).
 //!
-//! What it serves today: overlayfs-style snapshots (`snapshots.rs`) with metadata in `redb`
-//! (`store.rs`), so containerd unpacks and runs any OCI image with `--snapshotter lsm`.
+//! What it serves: overlayfs-style snapshots (`snapshots.rs`) with metadata in `redb`
+//! (`store.rs`), so containerd unpacks and runs any OCI image with `--snapshotter lsm`; and
+//! lsm layers (`lsm.rs`): converted layers recorded from Prepare labels without fetching, and
+//! containers' root filesystems served lazily by lsmd from them.
 //!
 //! Concurrency: tonic serves each connection on tokio's multi-threaded runtime; the service's
 //! own locking is described in `snapshots.rs`. SIGTERM/SIGINT stop accepting, finish the calls
 //! in flight, and remove the socket.
 
+mod lsm;
 mod snapshots;
 mod store;
 
@@ -39,6 +42,16 @@ struct Cli {
     /// contents), `staging/` (snapshots being made). One snapshotter per directory.
     #[arg(long)]
     root: PathBuf,
+    /// A registry (`host[:port]`, as in the image reference) reached over plain http instead of
+    /// https, as containerd's hosts.toml would say. Repeat for more.
+    #[arg(long = "plain-http", value_name = "HOST[:PORT]")]
+    plain_http: Vec<String>,
+    /// PEM CA certificates trusted for HTTPS registries instead of the system's.
+    #[arg(long, value_name = "PEM")]
+    registry_ca: Option<PathBuf>,
+    /// lsmd's host cache of fetched chunks, shared by every snapshot's lsmd.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -72,7 +85,13 @@ fn main() -> ExitCode {
 async fn serve(cli: &Cli) -> Result<(), String> {
     std::fs::create_dir_all(&cli.root)
         .map_err(|e| format!("create root {}: {e}", cli.root.display()))?;
-    let service = snapshots::Service::open(&cli.root)?;
+    let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    let options = lsm::LsmOptions {
+        plain_http: cli.plain_http.clone(),
+        registry_ca: cli.registry_ca.as_ref().map(abs),
+        cache_dir: cli.cache_dir.as_ref().map(abs),
+    };
+    let service = snapshots::Service::open(&abs(&cli.root), options)?;
     let listener = bind(&cli.socket)?;
     tracing::info!(socket = %cli.socket.display(), root = %cli.root.display(), "serving containerd snapshots API");
     let result = Server::builder()

@@ -34,6 +34,7 @@ use containerd_snapshots::tonic::Status;
 use containerd_snapshots::{Info, Snapshotter, Usage};
 use tokio::sync::Mutex;
 
+use crate::lsm::{self, Disk, LsmBlob, LsmOptions, LsmState};
 use crate::store::{self, Kind, Record, Store, StoreError};
 
 /// Environment variable naming a point at which to abort the process, for the crash tests
@@ -46,6 +47,9 @@ pub struct Service {
     root: PathBuf,
     store: Arc<Store>,
     lock: Mutex<()>,
+    lsm: Arc<LsmOptions>,
+    /// `ROOT/attach`: `lsmctl attach` records of the snapshots' lsmd.
+    attach_dir_path: PathBuf,
 }
 
 impl From<StoreError> for Status {
@@ -60,8 +64,8 @@ fn io_status(what: &str, path: &Path, e: std::io::Error) -> Status {
 
 impl Service {
     /// Opens the state under `root` (creating it), and deletes what a crash left half made.
-    pub fn open(root: &Path) -> Result<Service, String> {
-        for sub in ["snapshots", "staging"] {
+    pub fn open(root: &Path, lsm: LsmOptions) -> Result<Service, String> {
+        for sub in ["snapshots", "staging", "attach"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
@@ -70,9 +74,41 @@ impl Service {
             root: root.to_path_buf(),
             store: Arc::new(store),
             lock: Mutex::new(()),
+            lsm: Arc::new(lsm),
+            attach_dir_path: root.join("attach"),
         };
         svc.sweep()?;
+        svc.adopt_disks()?;
         Ok(svc)
+    }
+
+    /// The disk of lsm snapshot `id` (active or view).
+    fn disk(&self, id: u64, read_only: bool) -> Disk {
+        Disk {
+            dir: self.dir(id),
+            id,
+            read_only,
+            state_dir: self.attach_dir_path.clone(),
+            opts: self.lsm.clone(),
+        }
+    }
+
+    /// Adopts the disks of active and view lsm snapshots that still run; re-attaches or
+    /// re-mounts the others (a failure is logged: that snapshot's mounts then fail to read,
+    /// the others are served).
+    fn adopt_disks(&self) -> Result<(), String> {
+        for (key, rec) in self.store.all().map_err(|e| e.to_string())? {
+            if rec.lsm.as_ref().is_some_and(|l| l.disk) {
+                if let Err(e) = self.disk(rec.id, rec.kind == Kind::View).ensure() {
+                    tracing::error!(
+                        key,
+                        id = rec.id,
+                        "cannot bring back the snapshot's disk: {e}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Deletes `staging/*` and every snapshot directory without a record.
@@ -91,6 +127,10 @@ impl Service {
         for id in self.store.orphan_dirs(&snaps).map_err(|e| e.to_string())? {
             let p = snaps.join(&id);
             tracing::warn!(path = %p.display(), "deleting snapshot directory with no record (left by a crash)");
+            if let (true, Ok(n)) = (p.join("image.json").exists(), id.parse::<u64>()) {
+                // A disk may still be attached and mounted there: never delete through it.
+                self.disk(n, false).teardown()?;
+            }
             remove_tree(&p).map_err(|e| format!("delete {}: {e}", p.display()))?;
         }
         Ok(())
@@ -120,6 +160,15 @@ impl Service {
     }
 
     fn mounts_of(&self, rec: &Record) -> Result<Vec<Mount>, Status> {
+        if rec.lsm.as_ref().is_some_and(|l| l.disk) {
+            let ro = rec.kind == Kind::View;
+            return Ok(vec![Mount {
+                r#type: "bind".into(),
+                source: self.dir(rec.id).join("rootfs").display().to_string(),
+                target: String::new(),
+                options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
+            }]);
+        }
         let parents = self.ancestry(&rec.parent)?;
         let fs = |id: u64| self.dir(id).join("fs").display().to_string();
         let bind = |src: String, ro: bool| Mount {
@@ -168,7 +217,21 @@ impl Service {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Status> {
         let _guard = self.lock.lock().await;
+        // A layer `lsmctl convert` made: recorded as committed under its chainID, not fetched.
+        let remote = match kind {
+            Kind::Active => {
+                lsm::remote_layer(&labels, &self.lsm).map_err(Status::invalid_argument)?
+            }
+            _ => None,
+        };
         let txn = self.store.begin()?;
+        if let Some((target, _)) = &remote {
+            if txn.get(target)?.is_some() {
+                return Err(Status::already_exists(format!(
+                    "snapshot {target:?} already exists"
+                )));
+            }
+        }
         if txn.get(&key)?.is_some() {
             return Err(Status::already_exists(format!(
                 "snapshot {key:?} already exists"
@@ -189,8 +252,32 @@ impl Service {
                 Some(_) => {}
             }
         }
+        let chain = match remote {
+            None => self.lsm_chain(&parent)?,
+            Some(_) => None,
+        };
         let id = txn.next_id()?;
         let now = store::now();
+        let mut disk_files = None;
+        let (name, kind, lsm_state) = match (remote, chain) {
+            (Some((target, st)), _) => (target, Kind::Committed, Some(st)),
+            (None, Some((blobs, disk_size))) => {
+                let upper = kind == Kind::Active;
+                let config = lsm::image_config(&blobs, disk_size, upper, &self.lsm);
+                disk_files = Some((
+                    serde_json::to_vec_pretty(&config)
+                        .map_err(|e| Status::internal(e.to_string()))?,
+                    upper.then_some(disk_size),
+                ));
+                let st = LsmState {
+                    blobs: Vec::new(),
+                    disk_size,
+                    disk: true,
+                };
+                (key, kind, Some(st))
+            }
+            (None, None) => (key, kind, None),
+        };
         let rec = Record {
             id,
             kind,
@@ -199,31 +286,117 @@ impl Service {
             created_at: now,
             updated_at: now,
             usage: None,
+            lsm: lsm_state,
         };
-        txn.put(&key, &rec)?;
+        txn.put(&name, &rec)?;
         let (staging, dir) = (self.root.join("staging").join(id.to_string()), self.dir(id));
-        tokio::task::spawn_blocking(move || make_snapshot_dir(&staging, &dir))
+        tokio::task::spawn_blocking(move || make_snapshot_dir(&staging, &dir, disk_files))
             .await
             .map_err(|e| Status::internal(format!("snapshot directory task: {e}")))??;
         if std::env::var(CRASH_AT_ENV).as_deref() == Ok("prepare-after-rename") {
-            tracing::error!(key, "{CRASH_AT_ENV}=prepare-after-rename: aborting");
+            tracing::error!(name, "{CRASH_AT_ENV}=prepare-after-rename: aborting");
             std::process::abort();
         }
         if let Err(e) = txn.commit() {
             let _ = remove_tree(&self.dir(id));
             return Err(e.into());
         }
-        tracing::info!(key, id, kind = ?kind, parent = %rec.parent, "snapshot created");
-        self.mounts_of(&rec)
+        let lsm_kind = rec.lsm.as_ref().map(|l| l.disk);
+        tracing::info!(name, id, kind = ?kind, parent = %rec.parent, lsm = ?lsm_kind, "snapshot created");
+        match lsm_kind {
+            // containerd then Stats the target: it exists, committed.
+            Some(false) => Err(Status::already_exists(format!(
+                "lsm layer: snapshot {name:?} already exists (committed, read remotely)"
+            ))),
+            Some(true) => {
+                self.bring_up(&name, &rec).await?;
+                self.mounts_of(&rec)
+            }
+            None => self.mounts_of(&rec),
+        }
+    }
+
+    /// Attaches and mounts a new disk snapshot; on failure forgets it again (record first,
+    /// then the directory: the order the sweep relies on).
+    async fn bring_up(&self, name: &str, rec: &Record) -> Result<(), Status> {
+        let (id, ro) = (rec.id, rec.kind == Kind::View);
+        let disk = self.disk(id, ro);
+        let r = tokio::task::spawn_blocking(move || disk.ensure())
+            .await
+            .map_err(|e| Status::internal(format!("attach task: {e}")))?;
+        let Err(e) = r else { return Ok(()) };
+        tracing::error!(name, id, "cannot attach or mount the snapshot's disk: {e}");
+        let disk = self.disk(id, ro);
+        let torn = tokio::task::spawn_blocking(move || disk.teardown())
+            .await
+            .map_err(|e| Status::internal(format!("detach task: {e}")))?;
+        if torn.is_ok() {
+            let txn = self.store.begin()?;
+            txn.delete(name)?;
+            txn.commit()?;
+            let _ = remove_tree(&self.dir(id));
+        }
+        Err(Status::internal(format!("snapshot {name:?}: {e}")))
+    }
+
+    /// The lsm blobs of `parent`'s chain (bottom first) and its disk size, if it is an lsm
+    /// chain; a chain mixing lsm and unpacked layers is refused.
+    fn lsm_chain(&self, parent: &str) -> Result<Option<(Vec<LsmBlob>, u64)>, Status> {
+        let mut recs = Vec::new();
+        let mut next = parent.to_string();
+        while !next.is_empty() {
+            let rec = self.store.get(&next)?.ok_or_else(|| {
+                Status::not_found(format!("parent snapshot {next:?} does not exist"))
+            })?;
+            next = rec.parent.clone();
+            recs.push(rec);
+            if recs.len() > 4096 {
+                return Err(Status::internal(format!(
+                    "parent chain of {parent:?} loops"
+                )));
+            }
+        }
+        let lsm: Vec<&LsmState> = recs.iter().filter_map(|r| r.lsm.as_ref()).collect();
+        if lsm.is_empty() {
+            return Ok(None);
+        }
+        if lsm.len() != recs.len() {
+            return Err(Status::failed_precondition(format!(
+                "parent chain of {parent:?} mixes lsm layers and unpacked layers"
+            )));
+        }
+        let size = lsm.iter().map(|l| l.disk_size).max().unwrap_or(0);
+        let blobs = lsm
+            .iter()
+            .rev()
+            .flat_map(|l| l.blobs.iter().cloned())
+            .collect();
+        Ok(Some((blobs, size)))
     }
 }
 
 /// Builds `staging/{fs,work}` and renames it to `dir`, syncing so that the rename is durable
 /// before the record that names it is committed.
-fn make_snapshot_dir(staging: &Path, dir: &Path) -> Result<(), Status> {
+/// A disk snapshot also gets `image.json` and, when writable, an empty upper layer of
+/// `upper` bytes.
+fn make_snapshot_dir(
+    staging: &Path,
+    dir: &Path,
+    disk: Option<(Vec<u8>, Option<u64>)>,
+) -> Result<(), Status> {
     for sub in ["fs", "work"] {
         let p = staging.join(sub);
         std::fs::create_dir_all(&p).map_err(|e| io_status("create", &p, e))?;
+    }
+    if let Some((config, upper)) = disk {
+        let p = staging.join("image.json");
+        std::fs::write(&p, config).map_err(|e| io_status("write", &p, e))?;
+        if let Some(size) = upper {
+            let p = staging.join("upper");
+            blockfmt::UpperLayer::create(&p, size).map_err(|e| {
+                Status::internal(format!("create upper layer {}: {e}", p.display()))
+            })?;
+        }
     }
     std::fs::rename(staging, dir).map_err(|e| io_status("rename into place", dir, e))?;
     if let Some(parent) = dir.parent() {
@@ -333,9 +506,23 @@ impl Snapshotter for Service {
             .store
             .get(&key)?
             .ok_or_else(|| Status::not_found(format!("snapshot {key:?} does not exist")))?;
-        let (size, inodes) = match rec.usage {
-            Some(u) => u,
-            None => {
+        let (size, inodes) = match (&rec.usage, &rec.lsm) {
+            (Some(u), _) => *u,
+            // An lsm layer weighs its blobs; a disk, what its upper layer holds.
+            (None, Some(l)) if !l.disk => {
+                let bytes: u64 = l.blobs.iter().map(|b| b.size).sum();
+                (i64::try_from(bytes).unwrap_or(i64::MAX), 0)
+            }
+            (None, Some(_)) => {
+                let up = self.dir(rec.id).join("upper");
+                let (bytes, _) = tokio::task::spawn_blocking(move || {
+                    disk_usage(&up).map_err(|e| io_status("usage of", &up, e))
+                })
+                .await
+                .map_err(|e| Status::internal(format!("usage task: {e}")))??;
+                (bytes, 0)
+            }
+            (None, None) => {
                 let fs = self.dir(rec.id).join("fs");
                 tokio::task::spawn_blocking(move || {
                     disk_usage(&fs).map_err(|e| io_status("usage of", &fs, e))
@@ -394,12 +581,31 @@ impl Snapshotter for Service {
                 "snapshot {name:?} already exists"
             )));
         }
-        let fs = self.dir(rec.id).join("fs");
-        let usage = tokio::task::spawn_blocking(move || {
-            disk_usage(&fs).map_err(|e| io_status("usage of", &fs, e))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("usage task: {e}")))??;
+        let usage = if rec.lsm.as_ref().is_some_and(|l| l.disk) {
+            // Seal the container's writes into a local lsm blob above the parent's chain.
+            let below = self
+                .lsm_chain(&rec.parent)?
+                .map(|(b, _)| b.iter().filter(|b| b.role == "layer").count())
+                .unwrap_or(0);
+            let disk = self.disk(rec.id, false);
+            let blobs = tokio::task::spawn_blocking(move || disk.commit(below))
+                .await
+                .map_err(|e| Status::internal(format!("commit task: {e}")))?
+                .map_err(|e| Status::failed_precondition(format!("commit {key:?}: {e}")))?;
+            let bytes: u64 = blobs.iter().map(|b| b.size).sum();
+            if let Some(l) = rec.lsm.as_mut() {
+                l.blobs = blobs;
+                l.disk = false;
+            }
+            (i64::try_from(bytes).unwrap_or(i64::MAX), 0)
+        } else {
+            let fs = self.dir(rec.id).join("fs");
+            tokio::task::spawn_blocking(move || {
+                disk_usage(&fs).map_err(|e| io_status("usage of", &fs, e))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("usage task: {e}")))??
+        };
         rec.kind = Kind::Committed;
         rec.labels = labels;
         rec.usage = Some(usage);
@@ -421,6 +627,14 @@ impl Snapshotter for Service {
             return Err(Status::failed_precondition(format!(
                 "snapshot {key:?} has children: remove them first"
             )));
+        }
+        if rec.lsm.as_ref().is_some_and(|l| l.disk) {
+            // Unmount and stop the lsmd before forgetting it: a busy mount keeps the record.
+            let disk = self.disk(rec.id, rec.kind == Kind::View);
+            tokio::task::spawn_blocking(move || disk.teardown())
+                .await
+                .map_err(|e| Status::internal(format!("detach task: {e}")))?
+                .map_err(|e| Status::failed_precondition(format!("remove {key:?}: {e}")))?;
         }
         txn.delete(&key)?;
         txn.commit()?;

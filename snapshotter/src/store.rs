@@ -53,6 +53,9 @@ pub struct Record {
     /// Disk usage measured at commit (committed snapshots only): (bytes, inodes).
     #[serde(default)]
     pub usage: Option<(i64, i64)>,
+    /// An lsm snapshot: a remote layer, a committed container layer, or a disk over them.
+    #[serde(default)]
+    pub lsm: Option<crate::lsm::LsmState>,
 }
 
 /// A store error, naming the operation and the key it was about.

@@ -21,6 +21,7 @@ use lsmd::config::{LayerConfig, SourceConfig};
 use lsmd::source::auth::Credentials;
 use lsmd::ImageConfig;
 
+use crate::convert::manifest::{lsm_role, Role, OCI_LAYER_MEDIA_TYPE, SNAPSHOT_LABEL_PREFIX};
 use crate::convert::push::{Client, Session, Target};
 use crate::{CliError, CliResult};
 
@@ -273,24 +274,34 @@ fn store_trace(
 }
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
-/// The media type every blob of a converted image carries (CONTRACT: containerd fetches any
-/// other descriptor whole, and counts only layers against the config's diff_ids).
-const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
-/// The manifest layer descriptor of a trace blob, with the annotations containerd forwards to
-/// a remote snapshotter.
-fn trace_descriptor(digest: &str, size: u64, repository: &str) -> serde_json::Value {
+/// The manifest layer descriptor of a trace blob (CONTRACT.md: the OCI layer media type — any
+/// other descriptor containerd fetches whole — and the annotations containerd forwards to a
+/// remote snapshotter; no metadata digest: a trace is not a layer blob).
+fn trace_descriptor(
+    digest: &str,
+    size: u64,
+    disk_size: u64,
+    repository: &str,
+) -> serde_json::Value {
+    let l = |k: &str| format!("{SNAPSHOT_LABEL_PREFIX}lsm.{k}");
+    let role = Role::Trace.as_str();
+    let mut a = serde_json::Map::new();
+    for (k, v) in [
+        (blockfmt::ROLE_ANNOTATION.to_string(), role.to_string()),
+        (l("role"), role.to_string()),
+        (l("digest"), digest.to_string()),
+        (l("size"), size.to_string()),
+        (l("disk-size"), disk_size.to_string()),
+        (l("repository"), repository.to_string()),
+    ] {
+        a.insert(k, v.into());
+    }
     serde_json::json!({
-        "mediaType": LAYER_TYPE,
+        "mediaType": OCI_LAYER_MEDIA_TYPE,
         "digest": digest,
         "size": size,
-        "annotations": {
-            "io.lsm.layer.role": "trace",
-            "containerd.io/snapshot/lsm.role": "trace",
-            "containerd.io/snapshot/lsm.digest": digest,
-            "containerd.io/snapshot/lsm.size": size.to_string(),
-            "containerd.io/snapshot/lsm.repository": repository,
-        }
+        "annotations": a,
     })
 }
 
@@ -303,9 +314,10 @@ fn add_to_manifest(
     creds: Option<Credentials>,
     client: &Client,
     dir: &Path,
-    bytes: &[u8],
-    digest: &str,
+    trace: (&[u8], &str),
+    disk_size: u64,
 ) -> CliResult {
+    let (bytes, digest) = trace;
     let target = Target::parse(reference)?;
     let repository = format!("{}/{}", target.host(), target.repository);
     let tag = target.tag.clone();
@@ -327,7 +339,7 @@ fn add_to_manifest(
     let mut c: serde_json::Value = serde_json::from_slice(&cfg_bytes)?;
     std::fs::write(&tf, bytes)?;
     s.put_blob(digest, &tf)?;
-    let desc = trace_descriptor(digest, bytes.len() as u64, &repository);
+    let desc = trace_descriptor(digest, bytes.len() as u64, disk_size, &repository);
     let (Some(layers), Some(diff_ids)) = (
         m["layers"].as_array_mut(),
         c["rootfs"]["diff_ids"].as_array_mut(),
@@ -343,9 +355,7 @@ fn add_to_manifest(
             diff_ids.len()
         )));
     }
-    let old = layers
-        .iter()
-        .position(|l| l["annotations"]["io.lsm.layer.role"] == "trace");
+    let old = layers.iter().position(|l| lsm_role(l) == Some(Role::Trace));
     match old {
         Some(i) => {
             layers[i] = desc;
@@ -433,7 +443,14 @@ pub fn bake(a: BakeArgs) -> CliResult {
         };
         let dir = std::env::temp_dir().join(format!("lsmctl-bake-m-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let r = add_to_manifest(reference, creds, &client, &dir, &bytes, &digest);
+        let r = add_to_manifest(
+            reference,
+            creds,
+            &client,
+            &dir,
+            (&bytes, &digest),
+            config.size,
+        );
         let _ = std::fs::remove_dir_all(&dir);
         r?;
         println!("{reference}: the manifest lists the trace (role `trace`)");

@@ -68,7 +68,9 @@ pub fn layout_manifest(dir: &Path, tag: Option<&str>) -> CliResult<Value> {
 pub fn lsm_blobs(dir: &Path, manifest: &Value) -> CliResult<Vec<DictBlob>> {
     let mut out = Vec::new();
     for l in manifest["layers"].as_array().into_iter().flatten() {
-        if l["mediaType"].as_str() != Some(blockfmt::LAYER_MEDIA_TYPE) {
+        // Layers and dictionary blobs are lsm layer blobs; other roles are not.
+        use super::manifest::{lsm_role, Role};
+        if !matches!(lsm_role(l), Some(Role::Layer | Role::Dictionary)) {
             continue;
         }
         let digest = l["digest"].as_str().unwrap_or_default().to_string();

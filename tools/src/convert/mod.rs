@@ -16,6 +16,7 @@
 //! image per run; no reuse database.
 
 pub mod dict;
+pub mod manifest;
 pub(crate) mod push;
 pub mod report;
 mod unpack;
@@ -816,39 +817,50 @@ fn convert_layout(
         }
     };
 
-    // Config (the source's, unchanged), manifest, index, layout marker, lsm image config.
-    let config_bytes = std::fs::read(blob_path(&src, &config_digest)?)
+    // Config (the source's, with the converted blobs as its diff IDs), manifest, index,
+    // layout marker, lsm image config.
+    let repository = match &a.push {
+        Some(p) => {
+            let t = push::Target::parse(p)?;
+            Some(format!("{}/{}", t.host(), t.repository))
+        }
+        None => None,
+    };
+    let mut published = manifest::ImageManifest::new(size, repository);
+    for l in &out_layers {
+        published.push_layer(manifest::Blob {
+            role: manifest::Role::Layer,
+            digest: l["digest"].as_str().unwrap_or_default().to_string(),
+            size: l["size"].as_u64().unwrap_or_default(),
+            meta_digest: l["annotations"][blockfmt::META_DIGEST_ANNOTATION]
+                .as_str()
+                .map(str::to_string),
+            source_layer: l["annotations"]["io.lsm.source-layer"]
+                .as_str()
+                .map(str::to_string),
+        });
+    }
+    for b in &borrowed {
+        published.append_extra(manifest::Blob {
+            role: manifest::Role::Dictionary,
+            digest: b.digest.clone(),
+            size: b.size,
+            meta_digest: b.meta_digest.clone(),
+            source_layer: None,
+        });
+    }
+    let source_config = std::fs::read(blob_path(&src, &config_digest)?)
         .map_err(|e| bad(format!("config {config_digest}: {e}")))?;
-    let (cfg_digest, cfg_size) = put_blob(&dst, &config_bytes)?;
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
+    let (cfg_digest, cfg_size) = put_blob(&dst, &published.config(&source_config)?)?;
+    let manifest = published.manifest(
+        json!({
             "mediaType": manifest["config"]["mediaType"],
             "digest": cfg_digest,
             "size": cfg_size,
-        },
-        "layers": out_layers.iter().cloned().chain(borrowed.iter().map(|b| {
-            let mut d = json!({
-                "mediaType": blockfmt::LAYER_MEDIA_TYPE,
-                "digest": b.digest,
-                "size": b.size,
-                "annotations": {
-                    blockfmt::ROLE_ANNOTATION: blockfmt::ROLE_DICTIONARY,
-                    "io.lsm.format-version": "1",
-                },
-            });
-            if let Some(m) = &b.meta_digest {
-                d["annotations"][blockfmt::META_DIGEST_ANNOTATION] = m.as_str().into();
-            }
-            d
-        })).collect::<Vec<_>>(),
-        "annotations": {
-            "io.lsm.format-version": "1",
-            "io.lsm.disk-size": size.to_string(),
-            "io.lsm.source-manifest": manifest_digest,
-        },
-    });
+        }),
+        &manifest_digest,
+        &config_digest,
+    );
     let mbytes = serde_json::to_vec_pretty(&manifest)?;
     let (m_digest, m_size) = put_blob(&dst, &mbytes)?;
     let mut mdesc = json!({
