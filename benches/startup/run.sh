@@ -90,6 +90,7 @@ need=()
 command -v gnuplot >/dev/null || need+=(gnuplot-nox)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
+command -v pip >/dev/null || need+=(python3-pip) # pip-image.sh downloads the wheels with it
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
