@@ -81,7 +81,7 @@ impl Fixture {
 /// Opens `config` as lsmd does and reads the whole disk.
 fn read_all(config: &Path, host: &HostServices) -> Result<Vec<u8>, String> {
     let spec = ImageSpec::load(config).map_err(|e| e.to_string())?;
-    let image = spec.open_image_on(false, host).map_err(|e| e.to_string())?;
+    let image = spec.open_image(false, host).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; image.size() as usize];
     image.read(0, &mut buf).map_err(|e| e.to_string())?;
     Ok(buf)
@@ -90,7 +90,7 @@ fn read_all(config: &Path, host: &HostServices) -> Result<Vec<u8>, String> {
 /// [`read_all`], as a reader asking 128 KiB at a time, one after another, would read it.
 fn read_in_pieces(config: &Path, host: &HostServices) -> Result<Vec<u8>, String> {
     let spec = ImageSpec::load(config).map_err(|e| e.to_string())?;
-    let image = spec.open_image_on(false, host).map_err(|e| e.to_string())?;
+    let image = spec.open_image(false, host).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; image.size() as usize];
     for (i, piece) in buf.chunks_mut(128 << 10).enumerate() {
         image

@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
+use crate::format::{is_zero, ZERO_GRANULE};
 use crate::format::{sha256, BlobRef, ChunkEntry};
 use crate::reader::Layer;
-use crate::writer::ZERO_GRANULE;
 
 /// Where a dictionary block lives: a chunk of a dictionary blob and the block's offset in the
 /// chunk's decoded bytes.
@@ -68,7 +68,7 @@ impl Dictionary {
             let mut any = false;
             let g = ZERO_GRANULE as usize;
             for (k, block) in data.chunks_exact(g).enumerate() {
-                if crate::writer::is_zero(block) {
+                if is_zero(block) {
                     continue;
                 }
                 let r = BlockRef {
@@ -178,12 +178,14 @@ mod tests {
             lb.attach_blob(1, Arc::new(ba)).ok();
             lb.verify_all(None).expect("verify");
             let s = LayerStack::new(vec![lb], db.len() as u64, 1 << 20).expect("stack");
+            let s = crate::Image::new(s, None).expect("image");
             let mut got = vec![0u8; db.len()];
             s.read(0, &mut got).expect("read");
             prop_assert_eq!(got, db.clone());
             if borrows {
                 let lb = Layer::open("b", Arc::new(bb), None).expect("open b");
                 let s = LayerStack::new(vec![lb], db.len() as u64, 1 << 20).expect("stack");
+                let s = crate::Image::new(s, None).expect("image");
                 let mut got = vec![0u8; db.len()];
                 let e = s.read(0, &mut got).expect_err("missing blob").to_string();
                 prop_assert!(e.contains(&oci_digest(&id.sha256)), "{}", e);

@@ -6,6 +6,16 @@
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 
+/// Granule in which runs of zero bytes are detected, aligned to logical offset 0.
+pub const ZERO_GRANULE: u64 = 4096;
+
+/// True if every byte is zero. Folds 512-byte blocks (which the compiler vectorises) and stops
+/// at the first non-zero block: this runs over every imported byte.
+pub fn is_zero(b: &[u8]) -> bool {
+    b.chunks(512)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
 /// Format version written and read by this build.
 pub const VERSION: u16 = 1;
 /// Header length (FORMAT.md §1.1).

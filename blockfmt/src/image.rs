@@ -109,7 +109,7 @@ impl Image {
     /// first (a range the upper layer covers may load a chunk it did not need; cheap next to
     /// a round trip per chunk).
     fn prefetch_lower(&self, off: u64, len: u64) {
-        if len > crate::writer::ZERO_GRANULE && self.lower.check_range(off, len).is_ok() {
+        if len > crate::format::ZERO_GRANULE && self.lower.check_range(off, len).is_ok() {
             self.lower.load_range(off, len);
         }
     }

@@ -14,6 +14,8 @@
 //!
 //! Pure: no network, no daemon, no kernel.
 
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod chunk;
 pub mod commit;
@@ -34,7 +36,7 @@ pub use error::{Error, Result};
 pub use image::{Alloc, Image};
 pub use merged::MergedIndex;
 pub use reader::{Layer, ReadAt};
-pub use stack::LayerStack;
+pub use stack::{LayerStack, LoadTask, ParallelLoads};
 pub use store::{ChunkKey, ChunkStore};
 pub use upper::UpperLayer;
 pub use writer::{LayerWriter, WriterOptions, WrittenLayer, ZeroPolicy};

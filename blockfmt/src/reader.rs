@@ -176,11 +176,6 @@ impl Layer {
     pub fn blob_size(&self) -> u64 {
         self.blob_size
     }
-    /// Chooses how much `read_chunk` checks (default: everything).
-    pub fn set_verify(&mut self, v: Verify) {
-        self.verify = v;
-    }
-
     /// Supplies the source of blob table entry `number - 1` (blob numbers start at 1).
     pub fn attach_blob(&mut self, number: u32, src: Arc<dyn ReadAt>) -> Result<()> {
         let slot = (number as usize)

@@ -1,8 +1,12 @@
 //! A read-only stack of immutable layers over one virtual disk: the layers, their merged index,
 //! and a decoded-chunk cache. Reads never take a lock other than a cache shard's.
+//!
+//! The format crate starts no threads: a read that needs several cold chunks loads them at
+//! once through the [`ParallelLoads`] hook the host installs (lsmd: its request pool), or one
+//! after another without one.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar};
+use std::sync::{Arc, Condvar, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -39,9 +43,21 @@ impl InFlight {
     }
 }
 
+/// One chunk load, as handed to [`ParallelLoads::run_all`].
+pub type LoadTask = Box<dyn FnOnce() + Send + 'static>;
+
+/// Runs independent chunk loads at once on the host's threads. The format crate has none of
+/// its own (it is pure: no threads, no network); the host that has a pool lends it here.
+pub trait ParallelLoads: Send + Sync {
+    /// Runs every task and returns once all have finished (or panicked). A task may run on
+    /// any thread, the caller's included; the caller may itself be one of the host's threads,
+    /// so an implementation must not wait for tasks nobody is free to run.
+    fn run_all(&self, tasks: Vec<LoadTask>);
+}
+
 /// Releases a leader's in-flight slot when the load ends, by return or by unwinding.
 struct SlotGuard<'a> {
-    stack: &'a LayerStack,
+    stack: &'a Chunks,
     key: (u16, u32),
     slot: Arc<InFlight>,
     value: Option<Arc<Vec<u8>>>,
@@ -74,15 +90,24 @@ struct Stream {
 
 /// Layers (bottom first) composed into one readable disk.
 pub struct LayerStack {
-    layers: Vec<Layer>,
     index: MergedIndex,
     size: u64,
+    /// Shared with the load tasks handed to `loads`.
+    chunks: Arc<Chunks>,
+    /// Set once by the host; without it loads run one after another.
+    loads: OnceLock<Arc<dyn ParallelLoads>>,
+}
+
+/// The layers and what loading their chunks shares: the decoded-chunk cache and the loads in
+/// flight.
+struct Chunks {
+    layers: Vec<Layer>,
     cache: ChunkCache<(u16, u32)>,
     /// Chunks being read now: concurrent misses on one chunk cost one fetch and one decode.
     inflight: Mutex<HashMap<(u16, u32), Arc<InFlight>>>,
     /// Chunks readers needed, in first-need order (for startup traces), bounded.
     touched: Mutex<Touched>,
-    /// Recent sequential readers, most recent last (see [`Self::window_for`]).
+    /// Recent sequential readers, most recent last (see [`Chunks::window_for`]).
     streams: Mutex<Vec<Stream>>,
 }
 
@@ -119,14 +144,22 @@ impl LayerStack {
             .max()
             .unwrap_or(1);
         Ok(LayerStack {
-            layers,
             index,
             size,
-            cache: ChunkCache::new(cache_bytes, largest_chunk),
-            inflight: Mutex::new(HashMap::new()),
-            touched: Mutex::new(Touched::default()),
-            streams: Mutex::new(Vec::new()),
+            chunks: Arc::new(Chunks {
+                layers,
+                cache: ChunkCache::new(cache_bytes, largest_chunk),
+                inflight: Mutex::new(HashMap::new()),
+                touched: Mutex::new(Touched::default()),
+                streams: Mutex::new(Vec::new()),
+            }),
+            loads: OnceLock::new(),
         })
+    }
+
+    /// Lends the host's threads for parallel chunk loads (once; later calls are ignored).
+    pub fn set_parallel_loads(&self, loads: Arc<dyn ParallelLoads>) {
+        let _ = self.loads.set(loads);
     }
 
     /// Disk size in bytes.
@@ -135,7 +168,7 @@ impl LayerStack {
     }
     /// The layers, bottom first.
     pub fn layers(&self) -> &[Layer] {
-        &self.layers
+        &self.chunks.layers
     }
     /// The merged index.
     pub fn index(&self) -> &MergedIndex {
@@ -158,27 +191,20 @@ impl LayerStack {
     /// chunk wait for the first reader instead of fetching it again. Remembered as needed (see
     /// [`Self::touched`]).
     pub fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
-        self.note_needed(layer, chunk);
-        self.load(layer, chunk, 1)
-    }
-
-    fn note_needed(&self, layer: u16, chunk: u32) {
-        let mut t = self.touched.lock();
-        if t.order.len() < TOUCHED_MAX && t.seen.insert((layer, chunk)) {
-            t.order.push((layer, chunk));
-        }
+        self.chunks.chunk(layer, chunk)
     }
 
     /// Loads the chunks of `[off, off + len)` that the decoded-chunk cache lacks all at once,
     /// each as [`Self::chunk`] would: chunks stored back to back are fetched together with one
-    /// ranged read ([`Layer::read_run`]), and separate runs in parallel, so a read spanning
-    /// several cold chunks waits for one round trip, not for the sum of them. Failures are
-    /// left for the read that follows to meet and report.
+    /// ranged read ([`Layer::read_run`]), and separate runs in parallel on the host's threads,
+    /// so a read spanning several cold chunks waits for one round trip, not for the sum of
+    /// them. Failures are left for the read that follows to meet and report.
     pub fn load_range(&self, off: u64, len: u64) {
         let mut missing: Vec<(u16, u32)> = Vec::new();
         for seg in self.index.segments(off, len) {
             if let Target::Data { layer, chunk, .. } = seg.target {
-                if !missing.contains(&(layer, chunk)) && self.cache.get(&(layer, chunk)).is_none() {
+                let key = (layer, chunk);
+                if !missing.contains(&key) && self.chunks.cache.get(&key).is_none() {
                     missing.push((layer, chunk));
                 }
             }
@@ -189,23 +215,118 @@ impl LayerStack {
         // Runs of consecutive chunks of one layer: (layer, first chunk, count).
         let mut runs: Vec<(u16, u32, u32)> = Vec::new();
         for &(l, c) in &missing {
-            self.note_needed(l, c);
+            self.chunks.note_needed(l, c);
             match runs.last_mut() {
                 Some((rl, first, n)) if *rl == l && *first + *n == c => *n += 1,
                 _ => runs.push((l, c, 1)),
             }
         }
+        let Some(loads) = self.loads.get() else {
+            // No host threads: each run in turn, still one fetch per run.
+            for (layer, first, n) in runs {
+                let _ = self.chunks.load(layer, first, n, true);
+            }
+            return;
+        };
         for batch in runs.chunks(PARALLEL_LOADS) {
-            std::thread::scope(|sc| {
-                for &(layer, first, n) in &batch[1..] {
-                    sc.spawn(move || {
-                        let _ = self.load(layer, first, n);
-                    });
-                }
-                let (layer, first, n) = batch[0];
-                let _ = self.load(layer, first, n);
-            });
+            let tasks = batch
+                .iter()
+                .map(|&(layer, first, n)| {
+                    let chunks = self.chunks.clone();
+                    Box::new(move || {
+                        let _ = chunks.load(layer, first, n, true);
+                    }) as LoadTask
+                })
+                .collect();
+            loads.run_all(tasks);
         }
+    }
+
+    /// Chunks that readers needed from the decoded-chunk cache's misses, in the order first
+    /// needed (prefetching does not count): what a startup reads.
+    pub fn touched(&self) -> Vec<(u16, u32)> {
+        self.chunks.touched.lock().order.clone()
+    }
+
+    /// [`Self::chunk`] for prefetching: loads without counting as needed.
+    pub fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
+        self.chunks.load_chunk(layer, chunk)
+    }
+
+    /// The decoded chunk if the cache holds it; never touches the layer.
+    pub fn cached_chunk(&self, layer: u16, chunk: u32) -> Option<Arc<Vec<u8>>> {
+        self.chunks.cache.get(&(layer, chunk))
+    }
+
+    /// The segments of `[off, off + len)`.
+    pub fn map(&self, off: u64, len: u64) -> Result<Vec<Segment>> {
+        self.check_range(off, len)?;
+        Ok(self.index.segments(off, len))
+    }
+
+    /// Fills `dst` (of `s.len` bytes) with segment `s`.
+    pub fn read_segment(&self, s: &Segment, dst: &mut [u8]) -> Result<()> {
+        self.read_segment_from(s, dst, false).map(|_| ())
+    }
+
+    /// [`Self::read_segment`], or `Ok(false)` with `dst` untouched when `cached_only` is set
+    /// and the segment's chunk is not in the decoded-chunk cache.
+    pub fn read_segment_from(
+        &self,
+        s: &Segment,
+        dst: &mut [u8],
+        cached_only: bool,
+    ) -> Result<bool> {
+        match s.target {
+            Target::Hole | Target::Zero { .. } => dst.fill(0),
+            Target::Data {
+                layer,
+                chunk,
+                chunk_offset,
+            } => {
+                let c = if cached_only {
+                    match self.cached_chunk(layer, chunk) {
+                        Some(c) => c,
+                        None => return Ok(false),
+                    }
+                } else {
+                    self.chunk(layer, chunk)?
+                };
+                let from = chunk_offset as usize;
+                let src = c.get(from..from + dst.len()).ok_or_else(|| {
+                    Error::corrupt(
+                        self.chunks.layers[layer as usize].name(),
+                        "extent",
+                        s.offset,
+                        "extent leaves its chunk",
+                    )
+                })?;
+                dst.copy_from_slice(src);
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Chunks {
+    /// The decoded, verified chunk, from cache or from its layer. Concurrent misses on the same
+    /// chunk wait for the first reader instead of fetching it again. Remembered as needed (see
+    /// [`LayerStack::touched`]).
+    fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
+        self.note_needed(layer, chunk);
+        self.load(layer, chunk, 1, true)
+    }
+
+    fn note_needed(&self, layer: u16, chunk: u32) {
+        let mut t = self.touched.lock();
+        if t.order.len() < TOUCHED_MAX && t.seen.insert((layer, chunk)) {
+            t.order.push((layer, chunk));
+        }
+    }
+
+    /// [`LayerStack::chunk`] for prefetching: loads without counting as needed.
+    fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
+        self.load(layer, chunk, 1, false)
     }
 
     /// How many chunks a miss on `chunk` fetches: 1 for a random read; for a miss where a
@@ -232,21 +353,12 @@ impl LayerStack {
         window
     }
 
-    /// Chunks that readers needed from the decoded-chunk cache's misses, in the order first
-    /// needed (prefetching does not count): what a startup reads.
-    pub fn touched(&self) -> Vec<(u16, u32)> {
-        self.touched.lock().order.clone()
-    }
-
-    /// [`Self::chunk`] for prefetching: loads without counting as needed.
-    pub fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
-        self.load(layer, chunk, 1)
-    }
-
     /// Loads `chunk` (from the decoded-chunk cache, by waiting for a reader already loading it,
     /// or by reading it), and with it the cold chunks stored right after it, up to `at_least`
-    /// chunks in all or the sequential window ([`Self::window_for`]), in one fetch.
-    fn load(&self, layer: u16, chunk: u32, at_least: u32) -> Result<Arc<Vec<u8>>> {
+    /// chunks in all or the sequential window ([`Self::window_for`]), in one fetch. When a
+    /// reader `needed` the chunk, the chunks fetched along are remembered as needed too: the
+    /// reader will take them from the decoded-chunk cache, on the hot path that records nothing.
+    fn load(&self, layer: u16, chunk: u32, at_least: u32, needed: bool) -> Result<Arc<Vec<u8>>> {
         let key = (layer, chunk);
         if let Some(c) = self.cache.get(&key) {
             return Ok(c);
@@ -278,6 +390,11 @@ impl LayerStack {
             value: None,
         };
         let mut extras = self.claim_run(layer, chunk, at_least);
+        if needed {
+            for g in &extras {
+                self.note_needed(g.key.0, g.key.1);
+            }
+        }
         if extras.is_empty() {
             let r = self.read_chunk_now(layer, chunk);
             guard.value = r.as_ref().ok().cloned();
@@ -353,68 +470,5 @@ impl LayerStack {
         let data = Arc::new(l.read_chunk(chunk)?);
         self.cache.insert((layer, chunk), data.clone());
         Ok(data)
-    }
-
-    /// The decoded chunk if the cache holds it; never touches the layer.
-    pub fn cached_chunk(&self, layer: u16, chunk: u32) -> Option<Arc<Vec<u8>>> {
-        self.cache.get(&(layer, chunk))
-    }
-
-    /// The segments of `[off, off + len)`.
-    pub fn map(&self, off: u64, len: u64) -> Result<Vec<Segment>> {
-        self.check_range(off, len)?;
-        Ok(self.index.segments(off, len))
-    }
-
-    /// Reads `buf.len()` bytes at `off`.
-    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        for s in self.map(off, buf.len() as u64)? {
-            let dst = &mut buf[(s.offset - off) as usize..(s.offset - off + s.len) as usize];
-            self.read_segment(&s, dst)?;
-        }
-        Ok(())
-    }
-
-    /// Fills `dst` (of `s.len` bytes) with segment `s`.
-    pub fn read_segment(&self, s: &Segment, dst: &mut [u8]) -> Result<()> {
-        self.read_segment_from(s, dst, false).map(|_| ())
-    }
-
-    /// [`Self::read_segment`], or `Ok(false)` with `dst` untouched when `cached_only` is set
-    /// and the segment's chunk is not in the decoded-chunk cache.
-    pub fn read_segment_from(
-        &self,
-        s: &Segment,
-        dst: &mut [u8],
-        cached_only: bool,
-    ) -> Result<bool> {
-        match s.target {
-            Target::Hole | Target::Zero { .. } => dst.fill(0),
-            Target::Data {
-                layer,
-                chunk,
-                chunk_offset,
-            } => {
-                let c = if cached_only {
-                    match self.cached_chunk(layer, chunk) {
-                        Some(c) => c,
-                        None => return Ok(false),
-                    }
-                } else {
-                    self.chunk(layer, chunk)?
-                };
-                let from = chunk_offset as usize;
-                let src = c.get(from..from + dst.len()).ok_or_else(|| {
-                    Error::corrupt(
-                        self.layers[layer as usize].name(),
-                        "extent",
-                        s.offset,
-                        "extent leaves its chunk",
-                    )
-                })?;
-                dst.copy_from_slice(src);
-            }
-        }
-        Ok(true)
     }
 }

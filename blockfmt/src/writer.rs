@@ -22,8 +22,7 @@ use crate::format::{
 /// cut, so borrowed ones cannot take numbers before the layer ends).
 const BORROWED: u32 = 1 << 31;
 
-/// Granule in which runs of zero bytes are detected, aligned to logical offset 0.
-pub const ZERO_GRANULE: u64 = 4096;
+pub use crate::format::{is_zero, ZERO_GRANULE};
 
 /// Default chunk window (FORMAT.md §1.4 says why).
 pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
@@ -398,11 +397,4 @@ impl<W: Write> LayerWriter<W> {
         };
         Ok((written, self.out.inner))
     }
-}
-
-/// True if every byte is zero. Folds 512-byte blocks (which the compiler vectorises) and stops
-/// at the first non-zero block: this runs over every imported byte.
-pub fn is_zero(b: &[u8]) -> bool {
-    b.chunks(512)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }

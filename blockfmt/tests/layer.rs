@@ -47,6 +47,21 @@ fn build(disk: &[u8], opts: WriterOptions) -> Vec<u8> {
     out
 }
 
+/// Reads of a bare stack, through its public segment API (the crate reads through `Image`).
+trait ReadStack {
+    fn read(&self, off: u64, buf: &mut [u8]) -> blockfmt::Result<()>;
+}
+
+impl ReadStack for LayerStack {
+    fn read(&self, off: u64, buf: &mut [u8]) -> blockfmt::Result<()> {
+        for seg in self.map(off, buf.len() as u64)? {
+            let at = (seg.offset - off) as usize;
+            self.read_segment(&seg, &mut buf[at..at + seg.len as usize])?;
+        }
+        Ok(())
+    }
+}
+
 fn open_stack(blobs: &[Vec<u8>], size: u64) -> blockfmt::Result<LayerStack> {
     let layers = blobs
         .iter()

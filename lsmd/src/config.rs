@@ -12,10 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::cache::DiskCache;
 use crate::error::{Error, Result};
 use crate::source::auth::{AuthCache, Credentials};
-use crate::source::http::{ClientOptions, HttpBlob, Mirror, P2pAgent, RetryPolicy};
-use crate::source::nas::NasFile;
-use crate::source::tls;
-use crate::source::SourceStats;
+use crate::source::http::{Mirror, RetryPolicy};
+use crate::source::{Site, SourceStats};
 
 /// Where a layer blob's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -453,16 +451,6 @@ impl ImageSpec {
         }
     }
 
-    /// The local path of layer `i` (`None` for a remote layer).
-    pub fn layer_path(&self, i: usize) -> Option<PathBuf> {
-        self.config.layers.get(i).and_then(|l| match &l.source {
-            SourceConfig::Local(p) | SourceConfig::Nas(NasConfig { path: p, .. }) => {
-                Some(self.resolve(p))
-            }
-            SourceConfig::Registry(_) | SourceConfig::Http(_) => None,
-        })
-    }
-
     /// What layer `i` is called in logs and errors: its path, or its digest and repository.
     pub fn layer_name(&self, i: usize) -> String {
         match self.config.layers.get(i) {
@@ -492,15 +480,11 @@ impl ImageSpec {
         self.config.upper.as_ref().map(|p| self.resolve(p))
     }
 
-    /// Opens layer `i`, checking its metadata digest if the config gives one.
-    pub fn open_layer(&self, i: usize) -> Result<Layer> {
-        self.open_layer_on(i, &HostServices::default())
-    }
-
-    /// [`Self::open_layer`] with the host's cache and source settings. The blobs the layer
-    /// borrows chunks from are opened too, from the config's `dictionary` (or its layers), by
-    /// digest; each must have the size the layer's blob table says.
-    pub fn open_layer_on(&self, i: usize, host: &HostServices) -> Result<Layer> {
+    /// Opens layer `i` with the host's cache and source settings, checking its metadata digest
+    /// if the config gives one. The blobs the layer borrows chunks from are opened too, from the
+    /// config's `dictionary` (or its layers), by digest; each must have the size the layer's
+    /// blob table says.
+    pub fn open_layer(&self, i: usize, host: &HostServices) -> Result<Layer> {
         let Some(l) = self.config.layers.get(i) else {
             return Err(Error::Config {
                 path: self.path.clone(),
@@ -647,12 +631,6 @@ impl ImageSpec {
         })
     }
 
-    /// The CA file a source trusts: its own (relative to the config), else the host's.
-    fn ca_file(&self, own: Option<&PathBuf>, host: &HostServices) -> Option<PathBuf> {
-        own.map(|p| self.resolve(p))
-            .or_else(|| host.ca_file.clone())
-    }
-
     /// Opens where a layer's, dictionary's or trace blob's bytes come from (`name` is for
     /// errors).
     pub fn open_source(
@@ -661,106 +639,22 @@ impl ImageSpec {
         name: &str,
         host: &HostServices,
     ) -> std::result::Result<Arc<dyn blockfmt::ReadAt>, blockfmt::Error> {
-        let io_err = |e: std::io::Error| blockfmt::Error::Io {
-            layer: name.to_string(),
-            offset: 0,
-            source: e,
+        let site = Site {
+            name,
+            digest: l.digest.as_deref(),
+            dir: self.path.parent(),
         };
-        Ok(match &l.source {
-            SourceConfig::Local(p) => {
-                Arc::new(std::fs::File::open(self.resolve(p)).map_err(io_err)?)
-            }
-            SourceConfig::Registry(r) => {
-                let client = ClientOptions {
-                    tls: tls::client_config(self.ca_file(r.ca_file.as_ref(), host).as_deref())
-                        .map_err(io_err)?,
-                    credential_hosts: r.credential_hosts(),
-                };
-                let blob = HttpBlob::registry(
-                    &r.mirrors(),
-                    &r.repository,
-                    l.digest.as_deref().unwrap_or_default(),
-                    r.size,
-                    host.retry,
-                    host.registry_stats.clone(),
-                    &host.registry_auth,
-                    &client,
-                )
-                .map_err(io_err)?;
-                Arc::new(match &r.p2p {
-                    // (the P2P agent only fronts registry blobs)
-                    Some(p) => blob
-                        .via_p2p(P2pAgent {
-                            proxy: p.proxy.clone(),
-                            piece_size: p.piece_size,
-                        })
-                        .map_err(io_err)?,
-                    None => blob,
-                })
-            }
-            SourceConfig::Http(h) => {
-                let urls: Vec<Mirror> = std::iter::once(&h.url)
-                    .chain(&h.mirrors)
-                    .map(|u| Mirror {
-                        base: u.clone(),
-                        credentials: None,
-                    })
-                    .collect();
-                let client = ClientOptions {
-                    tls: tls::client_config(self.ca_file(h.ca_file.as_ref(), host).as_deref())
-                        .map_err(io_err)?,
-                    credential_hosts: Vec::new(),
-                };
-                Arc::new(
-                    HttpBlob::urls(
-                        name.to_string(),
-                        &urls,
-                        h.size,
-                        host.retry,
-                        host.http_stats.clone(),
-                        &client,
-                    )
-                    .map_err(io_err)?,
-                )
-            }
-            SourceConfig::Nas(n) => Arc::new(
-                NasFile::open(
-                    &self.resolve(&n.path),
-                    std::time::Duration::from_millis(n.read_timeout_ms),
-                    host.retry,
-                    host.nas_stats.clone(),
-                )
-                .map_err(io_err)?,
-            ),
-        })
+        l.source.open(&site, host)
     }
 
-    /// Opens the lower layers as a stack.
-    pub fn open_stack(&self) -> Result<LayerStack> {
-        self.open_stack_on(&HostServices::default())
-    }
-
-    /// [`Self::open_stack`] with the host's cache and source settings.
-    pub fn open_stack_on(&self, host: &HostServices) -> Result<LayerStack> {
+    /// Opens the whole image on the host's cache and source settings (the one way an image is
+    /// opened: `lsmd serve`, `lsmctl`, tests). With `writable`, opens (or creates) the upper
+    /// layer too; without, an existing upper layer is shown but not written.
+    pub fn open_image(&self, writable: bool, host: &HostServices) -> Result<Image> {
         let layers = (0..self.config.layers.len())
-            .map(|i| self.open_layer_on(i, host))
+            .map(|i| self.open_layer(i, host))
             .collect::<Result<Vec<_>>>()?;
-        Ok(LayerStack::new(
-            layers,
-            self.config.size,
-            self.config.cache_bytes,
-        )?)
-    }
-
-    /// Opens the whole image; with `writable`, opens (or creates) the upper layer too; without,
-    /// an existing upper layer is shown but not written.
-    pub fn open_image(&self, writable: bool) -> Result<Image> {
-        self.open_image_on(writable, &HostServices::default())
-    }
-
-    /// [`Self::open_image`] with the host's cache and source settings.
-    pub fn open_image_on(&self, writable: bool, host: &HostServices) -> Result<Image> {
-        let stack = self.open_stack_on(host)?;
+        let stack = LayerStack::new(layers, self.config.size, self.config.cache_bytes)?;
         // Read-only still shows what an existing upper layer holds; it only refuses writes.
         let upper = match self.upper_dir() {
             Some(dir) if writable => Some(UpperLayer::open(&dir, self.config.size)?.0),

@@ -10,6 +10,9 @@
 //! - [`frontend`]: the NBD, ublk and FUSE-file frontends;
 //! - [`metrics`]: the Prometheus/status endpoint.
 
+// `unsafe` only at FFI/ioctl/io_uring edges, each block saying why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod cache;
 pub mod config;
 pub mod engine;
@@ -24,7 +27,8 @@ pub use engine::pool;
 pub use frontend::{fuse, nbd, ublk};
 
 pub use config::{HostServices, ImageConfig, ImageSpec, LayerConfig, RegistryConfig, SourceConfig};
-pub use error::{errno, Error, Result};
+pub use engine::errno;
+pub use error::{Error, Result};
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lsmd::cache::DiskCache;
+use lsmd::engine::Engine;
 use lsmd::nbd::{serve_connection, Duplex, Export, Exports, Limits, Server, TlsConfig};
-use lsmd::pool::WorkerPool;
 use lsmd::{parse_size, HostServices, ImageSpec};
 
 /// The lsm daemon: serves layered block images over NBD.
@@ -65,7 +65,9 @@ enum Cmd {
         read_only: bool,
         /// Threads shared by all connections for work that may block (cold chunk decodes,
         /// fetches, flushes); hot reads and writes are served on each connection's thread.
-        #[arg(long, default_value_t = 8)]
+        /// Most of them wait on a source, so there are more than cores: a cold read at queue
+        /// depth 32 from a registry 5 ms away needs that many fetches in flight.
+        #[arg(long, default_value_t = 32)]
         workers: usize,
         /// Microseconds a connection thread polls for the next request before sleeping; saves
         /// the cross-CPU wake-up (tens of µs on VMs) on back-to-back requests. 0 disables.
@@ -173,7 +175,7 @@ fn open_exports(
         }
         let spec = ImageSpec::load(&path).map_err(|e| e.to_string())?;
         let image = spec
-            .open_image_on(!read_only, host)
+            .open_image(!read_only, host)
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         let image = Arc::new(image);
@@ -362,7 +364,7 @@ fn spawn_accept_loop<S: Duplex>(
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::warn!(error = %e, "connection ended with an error"),
                         Err(p) => tracing::error!(
-                            panic = lsmd::pool::panic_message(&*p),
+                            panic = lsmd::engine::pool::panic_message(&*p),
                             "a connection thread panicked; the connection is dropped"
                         ),
                     }
@@ -388,6 +390,18 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    match run(Cli::parse().cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lsmd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `lsmd serve`: opens the exports, starts every frontend asked for, serves until SIGTERM or
+/// SIGINT, then stops the frontends and flushes. An error is what to tell the user.
+fn run(cmd: Cmd) -> Result<(), String> {
     let Cmd::Serve {
         configs,
         socket,
@@ -416,18 +430,18 @@ fn main() -> ExitCode {
         state_dir,
         allow_unverified,
         registry_ca,
-    } = Cli::parse().cmd;
+    } = cmd;
     if socket.is_none()
         && tcp.is_none()
         && fuse.is_none()
         && nbd_devices.is_empty()
         && ublk.is_empty()
     {
-        eprintln!(
-            "lsmd: error: give --socket PATH, --tcp ADDR, --fuse DIR, --nbd-device NAME=DEV \
-             and/or --ublk NAME"
+        return Err(
+            "give --socket PATH, --tcp ADDR, --fuse DIR, --nbd-device NAME=DEV \
+                    and/or --ublk NAME"
+                .into(),
         );
-        return ExitCode::FAILURE;
     }
     let tls = match tcp_security(
         tcp.as_deref(),
@@ -438,8 +452,7 @@ fn main() -> ExitCode {
     ) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("lsmd: error: {e}");
-            return ExitCode::FAILURE;
+            return Err(e.to_string());
         }
     };
     let mut host = HostServices {
@@ -459,18 +472,20 @@ fn main() -> ExitCode {
                 host.cache = Some(Arc::new(c));
             }
             Err(e) => {
-                eprintln!("lsmd: error: cache: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("cache: {e}"));
             }
         }
     }
     let exports = match open_exports(&configs, read_only, &host, &prefetch) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("lsmd: error: {e}");
-            return ExitCode::FAILURE;
+            return Err(e.to_string());
         }
     };
+    let engine = Engine::new(workers);
+    for e in exports.all() {
+        engine.serve_image(&e.image);
+    }
     if let Some(addr) = metrics {
         match std::net::TcpListener::bind(&addr) {
             Ok(l) => {
@@ -478,14 +493,13 @@ fn main() -> ExitCode {
                 lsmd::metrics::spawn(l, host.clone(), exports.clone());
             }
             Err(e) => {
-                eprintln!("lsmd: error: metrics {addr}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("metrics {addr}: {e}"));
             }
         }
     }
     let server = Server {
         exports: exports.clone(),
-        pool: WorkerPool::new(workers),
+        engine,
         busy_poll: std::time::Duration::from_micros(busy_poll_us),
         limits: Limits {
             handshake: Some(Duration::from_secs(handshake_timeout)),
@@ -503,8 +517,7 @@ fn main() -> ExitCode {
         let l = match std::os::unix::net::UnixListener::bind(&path) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("lsmd: error: {}: {e}", path.display());
-                return ExitCode::FAILURE;
+                return Err(format!("{}: {e}", path.display()));
             }
         };
         tracing::info!(socket = %path.display(), "listening");
@@ -518,8 +531,7 @@ fn main() -> ExitCode {
         let l = match std::net::TcpListener::bind(&addr) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("lsmd: error: {addr}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("{addr}: {e}"));
             }
         };
         tracing::info!(tcp = %addr, tls = tls.is_some(), "listening");
@@ -540,14 +552,13 @@ fn main() -> ExitCode {
     let fuse_mount = match &fuse {
         Some(dir) => {
             let files = exports.all().cloned().collect();
-            match lsmd::fuse::mount(dir, files) {
+            match lsmd::fuse::mount(dir, files, &server.engine) {
                 Ok(m) => {
                     tracing::info!(fuse = %dir.display(), "exports mounted as files");
                     Some(m)
                 }
                 Err(e) => {
-                    eprintln!("lsmd: error: FUSE mount on {}: {e}", dir.display());
-                    return ExitCode::FAILURE;
+                    return Err(format!("FUSE mount on {}: {e}", dir.display()));
                 }
             }
         }
@@ -557,8 +568,7 @@ fn main() -> ExitCode {
     for spec in &nbd_devices {
         let (name, dev) = spec.split_once('=').unwrap_or(("", spec));
         let Some(export) = exports.find(name) else {
-            eprintln!("lsmd: error: --nbd-device {spec}: no export named {name:?}");
-            return ExitCode::FAILURE;
+            return Err(format!("--nbd-device {spec}: no export named {name:?}"));
         };
         let state = state_dir.join(format!("nbd-{name}.index"));
         match lsmd::nbd::kernel::KernelAttachment::attach(
@@ -573,16 +583,14 @@ fn main() -> ExitCode {
                 attached.push(a);
             }
             Err(e) => {
-                eprintln!("lsmd: error: --nbd-device {spec}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("--nbd-device {spec}: {e}"));
             }
         }
     }
     let mut ublk_devices = Vec::new();
     for name in &ublk {
         let Some(export) = exports.all().find(|e| &e.name == name).cloned() else {
-            eprintln!("lsmd: error: --ublk {name}: no such export");
-            return ExitCode::FAILURE;
+            return Err(format!("--ublk {name}: no such export"));
         };
         let state = state_dir.join(format!("ublk-{name}.id"));
         let opts = lsmd::ublk::UblkOptions {
@@ -590,15 +598,14 @@ fn main() -> ExitCode {
             depth: ublk_depth,
             user_copy: true,
         };
-        match lsmd::ublk::UblkDevice::start(export, &state, opts) {
+        match lsmd::ublk::UblkDevice::start(export, &state, opts, &server.engine) {
             Ok(d) => {
                 let copy = if d.user_copy() { "user" } else { "buffers" };
                 tracing::info!(export = %name, device = %d.block_device(), copy, "ublk device started");
                 ublk_devices.push(d);
             }
             Err(e) => {
-                eprintln!("lsmd: error: --ublk {name}: {e}");
-                return ExitCode::FAILURE;
+                return Err(format!("--ublk {name}: {e}"));
             }
         }
     }
@@ -608,8 +615,7 @@ fn main() -> ExitCode {
     ]) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("lsmd: error: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
+            return Err(format!("cannot install signal handlers: {e}"));
         }
     };
     if let Some(sig) = signals.forever().next() {
@@ -634,8 +640,11 @@ fn main() -> ExitCode {
         tracing::error!(export = %name, error = %e, "flush failed");
     }
     if failed.is_empty() {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        ExitCode::FAILURE
+        Err(format!(
+            "{} export(s) failed their last flush",
+            failed.len()
+        ))
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::HostServices;
-use crate::nbd::Exports;
+use crate::engine::Exports;
 use crate::source::{SourceStats, LATENCY_BUCKETS};
 use crate::trace::Trace;
 
@@ -52,6 +52,8 @@ impl Frontend {
 /// space, and whether the upper layer has failed. Lock-free: bumped from any serving thread.
 #[derive(Debug, Default)]
 pub struct ExportStats {
+    /// Requests by frontend, served hot (index 0, inline) or cold (1, on the pool).
+    requests: [[AtomicU64; 2]; 4],
     flushes: [AtomicU64; 4],
     flush_errors: [AtomicU64; 4],
     no_space: AtomicU64,
@@ -59,6 +61,15 @@ pub struct ExportStats {
 }
 
 impl ExportStats {
+    pub(crate) fn count_request(&self, via: Frontend, cold: bool) {
+        self.requests[via as usize][cold as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests served through `via`, hot (inline on the frontend's thread) or cold (pool).
+    pub fn requests(&self, via: Frontend, cold: bool) -> u64 {
+        self.requests[via as usize][cold as usize].load(Ordering::Relaxed)
+    }
+
     pub(crate) fn count_flush(&self, via: Frontend, ok: bool) {
         let i = via as usize;
         self.flushes[i].fetch_add(1, Ordering::Relaxed);
@@ -112,6 +123,21 @@ fn export_metrics(m: &mut String, exports: &Exports) {
                 let _ = writeln!(
                     m,
                     "{name}{{export=\"{export}\",frontend=\"{frontend}\"}} {v}"
+                );
+            }
+        }
+    }
+    let name = "lsm_requests_total";
+    let _ = writeln!(m, "# HELP {name} Requests served, by frontend and path: hot (inline on the frontend's thread) or cold (decode, fetch or sync on the shared pool).\n# TYPE {name} counter");
+    for e in exports.all() {
+        for f in Frontend::ALL {
+            for (cold, path) in [(false, "hot"), (true, "cold")] {
+                let v = e.stats.requests(f, cold);
+                let _ = writeln!(
+                    m,
+                    "{name}{{export=\"{}\",frontend=\"{}\",path=\"{path}\"}} {v}",
+                    e.name,
+                    f.label()
                 );
             }
         }
@@ -523,7 +549,7 @@ mod tests {
         let lower = blockfmt::LayerStack::new(Vec::new(), 1 << 20, 0).expect("stack");
         let image = blockfmt::Image::new(lower, Some(upper)).expect("image");
         image.write(0, &[1; 8192]).expect("write");
-        let export = crate::nbd::Export::new("disk".into(), std::sync::Arc::new(image));
+        let export = crate::engine::Export::new("disk".into(), std::sync::Arc::new(image));
         export.flush(Frontend::Ublk).expect("flush");
         let failed = blockfmt::Error::Failed {
             layer: "upper".into(),

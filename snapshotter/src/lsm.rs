@@ -335,7 +335,27 @@ impl Disk {
     /// Unmounts (refusing if busy) and stops the lsmd (which flushes the upper layer).
     pub fn teardown(&self) -> Result<(), String> {
         if is_mounted(&self.rootfs()) {
+            // Unmounting our mount while another one (a container's bind) holds the
+            // filesystem would stop its lsmd under it: refuse instead.
+            let binds = mounts_of_device(&self.rootfs());
+            if binds.len() > 1 {
+                return Err(format!(
+                    "the snapshot's filesystem is still mounted elsewhere ({}): unmount it first",
+                    binds.join(", ")
+                ));
+            }
             run(Command::new("umount").arg(self.rootfs()), "umount")?;
+        }
+        let file = self.dir.join("dev").join(self.name());
+        if file.exists() {
+            // A FUSE file: its loop device goes with the last mount (autoclear); one that
+            // stays is held by a mount in another namespace (a running container).
+            let held = run(Command::new("losetup").arg("-j").arg(&file), "losetup -j")?;
+            if !held.is_empty() {
+                return Err(format!(
+                    "the snapshot's disk is still in use ({held}): stop what mounts it first"
+                ));
+            }
         }
         if self.running_device()?.is_some() {
             run(
@@ -394,6 +414,26 @@ impl Disk {
         }
         Ok(out)
     }
+}
+
+/// Mount points (in this namespace) of the filesystem mounted at `path`.
+fn mounts_of_device(path: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let rows: Vec<(String, String)> = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((f.get(2)?.to_string(), unescape(f.get(4)?)))
+        })
+        .collect();
+    let want = path.display().to_string();
+    let Some((dev, _)) = rows.iter().find(|(_, m)| *m == want) else {
+        return Vec::new();
+    };
+    rows.iter()
+        .filter(|(d, _)| d == dev)
+        .map(|(_, m)| m.clone())
+        .collect()
 }
 
 /// The first nbd device the kernel has with nothing connected.

@@ -17,6 +17,7 @@
 //! own locking is described in `snapshots.rs`. SIGTERM/SIGINT stop accepting, finish the calls
 //! in flight, and remove the socket.
 
+mod filter;
 mod lsm;
 mod snapshots;
 mod store;

@@ -34,6 +34,7 @@ use containerd_snapshots::tonic::Status;
 use containerd_snapshots::{Info, Snapshotter, Usage};
 use tokio::sync::Mutex;
 
+use crate::filter::{Fields, Filter};
 use crate::lsm::{self, Disk, LsmBlob, LsmOptions, LsmState};
 use crate::store::{self, Kind, Record, Store, StoreError};
 
@@ -129,7 +130,10 @@ impl Service {
             tracing::warn!(path = %p.display(), "deleting snapshot directory with no record (left by a crash)");
             if let (true, Ok(n)) = (p.join("image.json").exists(), id.parse::<u64>()) {
                 // A disk may still be attached and mounted there: never delete through it.
-                self.disk(n, false).teardown()?;
+                if let Err(e) = self.disk(n, false).teardown() {
+                    tracing::error!(path = %p.display(), "cannot tear down the disk of an unrecorded snapshot, keeping it: {e}");
+                    continue;
+                }
             }
             remove_tree(&p).map_err(|e| format!("delete {}: {e}", p.display()))?;
         }
@@ -655,15 +659,38 @@ impl Snapshotter for Service {
     type InfoStream = InfoStream;
 
     async fn list(&self, snapshotter: String, filters: Vec<String>) -> Result<InfoStream, Status> {
-        // Answering a filtered walk with unfiltered results would be wrong data.
-        if filters.iter().any(|f| !f.is_empty()) {
-            return Err(Status::unimplemented(format!(
-                "lsm-snapshotter ({snapshotter}): walk filters are not supported: {filters:?}"
-            )));
+        // Alternatives; an unsupported one is refused (unfiltered results would be wrong data).
+        let parsed: Vec<Filter> = filters
+            .iter()
+            .filter(|f| !f.is_empty())
+            .map(|f| Filter::parse(f))
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                Status::unimplemented(format!("lsm-snapshotter ({snapshotter}): walk filter: {e}"))
+            })?;
+        let mut out = Vec::new();
+        for (k, r) in self.store.all()? {
+            let kind = match r.kind {
+                Kind::Active => "active",
+                Kind::View => "view",
+                Kind::Committed => "committed",
+            };
+            let fields = Fields {
+                name: &k,
+                parent: &r.parent,
+                kind,
+                labels: &r.labels,
+            };
+            let mut keep = parsed.is_empty();
+            for f in &parsed {
+                keep |= f.matches(&fields).map_err(|e| {
+                    Status::unimplemented(format!("lsm-snapshotter ({snapshotter}): {e}"))
+                })?;
+            }
+            if keep {
+                out.push(Ok(info_of(k, r)));
+            }
         }
-        let all = self.store.all()?;
-        Ok(Box::pin(futures::stream::iter(
-            all.into_iter().map(|(k, r)| Ok(info_of(k, r))),
-        )))
+        Ok(Box::pin(futures::stream::iter(out)))
     }
 }

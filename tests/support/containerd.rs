@@ -22,6 +22,8 @@ pub struct Containerd {
     containerd: Option<Child>,
     snapshotter: Option<Child>,
     snapshotter_runs: usize,
+    /// Extra `lsm-snapshotter` arguments, on every (re)start.
+    snapshotter_args: Vec<String>,
 }
 
 /// Waits until `path` exists (a socket being bound), or panics naming `what` and its log.
@@ -54,6 +56,15 @@ impl Containerd {
 
     /// Starts the snapshotter (with extra environment variables) and containerd under `dir`.
     pub fn start_with_env(dir: &Path, snapshotter_env: &[(&str, &str)]) -> Containerd {
+        Containerd::start_with(dir, snapshotter_env, &[])
+    }
+
+    /// Starts the snapshotter (with extra environment variables and arguments) and containerd.
+    pub fn start_with(
+        dir: &Path,
+        snapshotter_env: &[(&str, &str)],
+        snapshotter_args: &[&str],
+    ) -> Containerd {
         let mut c = Containerd {
             dir: dir.to_path_buf(),
             address: dir.join("containerd.sock"),
@@ -62,6 +73,7 @@ impl Containerd {
             containerd: None,
             snapshotter: None,
             snapshotter_runs: 0,
+            snapshotter_args: snapshotter_args.iter().map(|a| a.to_string()).collect(),
         };
         c.start_snapshotter(snapshotter_env);
         let config = dir.join("config.toml");
@@ -111,6 +123,7 @@ impl Containerd {
             .arg(&self.snap_socket)
             .arg("--root")
             .arg(&self.snap_root)
+            .args(&self.snapshotter_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("snapshotter log"));
@@ -232,6 +245,21 @@ impl Drop for Containerd {
             targets.reverse();
             for t in targets {
                 let _ = Command::new("umount").arg("-l").arg(t).output();
+            }
+        }
+        // Then stop the lsmd of every snapshot disk (they outlive the snapshotter on purpose).
+        let attach = self.snap_root.join("attach");
+        if let Ok(o) = crate::lsmctl(["list", "--json", "--state-dir"])
+            .arg(&attach)
+            .output()
+        {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            for a in v.as_array().into_iter().flatten() {
+                if let Some(name) = a["name"].as_str() {
+                    let _ = crate::lsmctl(["detach", name, "--state-dir"])
+                        .arg(&attach)
+                        .output();
+                }
             }
         }
     }

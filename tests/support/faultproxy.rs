@@ -29,6 +29,8 @@ pub struct FaultProxy {
     pub requests: Arc<AtomicU64>,
     /// Faults delivered.
     pub delivered: Arc<AtomicU64>,
+    /// Body bytes of the blob GET replies forwarded (what a client read of blobs).
+    pub blob_bytes: Arc<AtomicU64>,
     /// Added to every forwarded request, microseconds (a far-away registry).
     latency_us: Arc<AtomicU64>,
 }
@@ -42,6 +44,8 @@ impl FaultProxy {
         let requests: Arc<AtomicU64> = Arc::default();
         let delivered: Arc<AtomicU64> = Arc::default();
         let latency_us: Arc<AtomicU64> = Arc::default();
+        let blob_bytes: Arc<AtomicU64> = Arc::default();
+        let bb = blob_bytes.clone();
         let (f, r, d, up, lat) = (
             faults.clone(),
             requests.clone(),
@@ -52,12 +56,13 @@ impl FaultProxy {
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
                 let (f, r, d, up, lat) = (f.clone(), r.clone(), d.clone(), up.clone(), lat.clone());
+                let bb = bb.clone();
                 std::thread::spawn(move || {
                     let us = lat.load(Ordering::Relaxed);
                     if us > 0 {
                         std::thread::sleep(std::time::Duration::from_micros(us));
                     }
-                    let _ = handle(c, &up, &f, &r, &d);
+                    let _ = handle(c, &up, &f, &r, &d, &bb);
                 });
             }
         });
@@ -66,6 +71,7 @@ impl FaultProxy {
             faults,
             requests,
             delivered,
+            blob_bytes,
             latency_us,
         }
     }
@@ -116,6 +122,7 @@ fn handle(
     faults: &Mutex<VecDeque<Fault>>,
     requests: &AtomicU64,
     delivered: &AtomicU64,
+    blob_bytes: &AtomicU64,
 ) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&read_head(&mut c)?).into_owned();
     requests.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +186,9 @@ fn handle(
                 if let Ok(mut q) = faults.lock() {
                     q.push_front(f);
                 }
+            }
+            if head.starts_with("GET ") && head.contains("/blobs/") {
+                blob_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
             }
             c.write_all(close_head(&rhead).as_bytes())?;
             c.write_all(body)

@@ -242,7 +242,7 @@ pub fn create(a: CreateArgs) -> CliResult {
     cfg.save(&a.image)?;
     let spec = ImageSpec::load(&a.image)?;
     // Open once: checks every layer and creates the empty upper layer.
-    spec.open_image(true)?;
+    spec.open_image(true, &lsmd::HostServices::default())?;
     println!(
         "created {} ({} bytes, {} layers{})",
         a.image.display(),
@@ -260,7 +260,10 @@ pub fn import(a: ImportArgs) -> CliResult {
         .map_err(|e| CliError(format!("{}: {e}", a.raw.display())))?
         .len();
     let base = a.base.as_deref().map(ImageSpec::load).transpose()?;
-    let base_img = base.as_ref().map(|s| s.open_image(false)).transpose()?;
+    let base_img = base
+        .as_ref()
+        .map(|s| s.open_image(false, &lsmd::HostServices::default()))
+        .transpose()?;
     let add_to = a.add_to.as_deref().map(ImageSpec::load).transpose()?;
     if let Some(s) = &add_to {
         if s.config.size != size {
@@ -298,7 +301,7 @@ pub fn import(a: ImportArgs) -> CliResult {
 
 pub fn write(a: WriteArgs) -> CliResult {
     let spec = ImageSpec::load(&a.image)?;
-    let img = spec.open_image(true)?;
+    let img = spec.open_image(true, &lsmd::HostServices::default())?;
     if img.read_only() {
         return Err(CliError(format!(
             "{} has no upper layer (read-only image)",
@@ -372,7 +375,7 @@ pub fn write(a: WriteArgs) -> CliResult {
 
 pub fn export(a: ExportArgs) -> CliResult {
     let spec = ImageSpec::load(&a.image)?;
-    let img = spec.open_image(false)?;
+    let img = spec.open_image(false, &lsmd::HostServices::default())?;
     let out = File::create(&a.out).map_err(|e| CliError(format!("{}: {e}", a.out.display())))?;
     let io = |e: std::io::Error| CliError(format!("{}: {e}", a.out.display()));
     out.set_len(img.size()).map_err(io)?;
@@ -399,7 +402,7 @@ pub fn commit(a: CommitArgs) -> CliResult {
     let opts = writer_options(&a.opts, Some(&spec.config))?;
     let upper_dir = spec.upper_dir();
     let w = {
-        let img = spec.open_image(true)?;
+        let img = spec.open_image(true, &lsmd::HostServices::default())?;
         if a.squash {
             write_blob_atomically(&a.out, |out| squash(&img, out, opts))?
         } else {

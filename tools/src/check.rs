@@ -60,7 +60,7 @@ fn targets(paths: &[PathBuf]) -> CliResult<Vec<Target>> {
                 let s = spec.clone();
                 out.push(Target {
                     name: spec.layer_name(i),
-                    open: Box::new(move || Ok(s.open_layer(i)?)),
+                    open: Box::new(move || Ok(s.open_layer(i, &lsmd::HostServices::default())?)),
                     digest: parse(&l.digest)?,
                 });
             }

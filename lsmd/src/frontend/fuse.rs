@@ -4,20 +4,20 @@
 //! direct I/O, so the kernel keeps no second copy of the disk's pages and what a reader sees is
 //! always the image itself.
 //!
-//! The session runs on one thread; reads, which may wait on a remote fetch, are handed to a
-//! small pool and replied from there, so the kernel's concurrent reads (readahead, a loop
-//! device with `--direct-io=on`: asynchronous direct I/O is enabled) fetch in parallel.
-//! Everything else is served in order on the session thread.
+//! The session runs on one thread and follows the engine's rule ([`crate::engine`]): hot work
+//! (cached reads, writes) is answered right there; cold reads and fsync go to the mount's
+//! [`Lane`] of the shared pool and are answered from there, so the kernel's concurrent reads
+//! (readahead, a loop device with `--direct-io=on`: asynchronous direct I/O is enabled) fetch
+//! in parallel and a cold read never holds up a hot one behind it.
 
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::engine::{self, Engine, Export, Lane};
 use crate::errno;
 use crate::metrics::Frontend;
-use crate::nbd::Export;
-use crate::pool::WorkerPool;
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
@@ -29,14 +29,14 @@ const TTL: Duration = Duration::from_secs(1);
 /// `FUSE_ASYNC_DIO` (FUSE protocol 7.15+; fuser does not export it): asynchronous direct I/O.
 const FUSE_ASYNC_DIO: u32 = 1 << 15;
 
-/// Reads served at once.
-const READ_THREADS: usize = 8;
+/// Requests of one mount queued or running on the pool before the session thread waits.
+const MAX_PENDING: usize = 256;
 
 /// The exported files: inode `2 + i` is `files[i]`.
 struct ExportFiles {
     files: Vec<Arc<Export>>,
     started: SystemTime,
-    reads: WorkerPool,
+    lane: Lane,
 }
 
 impl ExportFiles {
@@ -150,20 +150,26 @@ impl Filesystem for ExportFiles {
         let Some(export) = self.file(ino).cloned() else {
             return reply.error(libc::ENOENT);
         };
-        self.reads.submit(move || {
-            let img = &export.image;
-            let off = offset.max(0) as u64;
-            let len = (size as u64).min(img.size().saturating_sub(off)) as usize;
-            let mut buf = vec![0u8; len];
-            match img.read(off, &mut buf) {
-                Ok(()) => reply.data(&buf),
+        let off = offset.max(0) as u64;
+        let len = (size as u64).min(export.image.size().saturating_sub(off)) as usize;
+        let mut buf = vec![0u8; len];
+        let answer = move |export: &Export, buf: &[u8], r: blockfmt::Result<engine::ReadMap>| {
+            match r {
+                Ok(_) => reply.data(buf),
                 Err(e) => {
                     export.failed_request(&e);
                     tracing::warn!(export = %export.name, offset = off, len, error = %e, "FUSE read failed");
                     reply.error(errno(&e))
                 }
             }
-        });
+        };
+        match engine::read_hot(&export, Frontend::Fuse, off, &mut buf) {
+            Some(r) => answer(&export, &buf, r),
+            None => self.lane.submit(move || {
+                let r = engine::read_cold(&export, Frontend::Fuse, off, &mut buf);
+                answer(&export, &buf, r)
+            }),
+        }
     }
 
     fn write(
@@ -185,7 +191,7 @@ impl Filesystem for ExportFiles {
         if off + data.len() as u64 > export.image.size() {
             return reply.error(libc::ENOSPC);
         }
-        match export.image.write(off, data) {
+        match engine::hot(export, Frontend::Fuse, |img| img.write(off, data)) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => {
                 export.failed_request(&e);
@@ -208,17 +214,18 @@ impl Filesystem for ExportFiles {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(export) = self.file(ino) else {
+        let Some(export) = self.file(ino).cloned() else {
             return reply.error(libc::ENOENT);
         };
-        match export.flush(Frontend::Fuse) {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                export.failed_request(&e);
-                tracing::warn!(export = %export.name, error = %e, "FUSE fsync failed");
-                reply.error(errno(&e))
-            }
-        }
+        self.lane
+            .submit(move || match engine::flush(&export, Frontend::Fuse) {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    export.failed_request(&e);
+                    tracing::warn!(export = %export.name, error = %e, "FUSE fsync failed");
+                    reply.error(errno(&e))
+                }
+            });
     }
 
     fn readdir(
@@ -253,8 +260,8 @@ pub struct FuseMount {
     _session: fuser::BackgroundSession,
 }
 
-/// Mounts `exports` as files (named after them) in `dir`.
-pub fn mount(dir: &Path, exports: Vec<Arc<Export>>) -> std::io::Result<FuseMount> {
+/// Mounts `exports` as files (named after them) in `dir`; cold work runs on `engine`'s pool.
+pub fn mount(dir: &Path, exports: Vec<Arc<Export>>, engine: &Engine) -> std::io::Result<FuseMount> {
     let writable = exports.iter().any(|e| !e.image.read_only());
     let mut options = vec![
         MountOption::FSName("lsmd".into()),
@@ -269,7 +276,7 @@ pub fn mount(dir: &Path, exports: Vec<Arc<Export>>) -> std::io::Result<FuseMount
     let fs = ExportFiles {
         files: exports,
         started: SystemTime::now(),
-        reads: WorkerPool::new(READ_THREADS),
+        lane: engine.lane(MAX_PENDING),
     };
     let session = fuser::spawn_mount2(fs, dir, &options)?;
     Ok(FuseMount { _session: session })

@@ -5,15 +5,73 @@
 //! - local file: `std::fs::File` itself;
 //! - [`nas::NasFile`]: a file on a network mount, with read timeouts and retries;
 //! - [`http::HttpBlob`]: a blob over HTTP(S) with Range — in an OCI registry (`/v2/<repo>/blobs/<digest>`, registry auth) or at any URL that honours Range (object storage), with mirrors and an optional P2P agent.
+//!
+//! Each kind builds itself from its config ([`SourceConfig::open`]: [`registry`], [`url`],
+//! [`nas`]), so `config` is only the schema and its validation.
 
 pub mod auth;
 pub mod http;
 pub mod nas;
 pub mod redact;
+pub mod registry;
 pub mod tls;
+pub mod url;
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::config::{HostServices, SourceConfig};
+
+/// Where a blob is named: what a source needs from the config that names it.
+pub struct Site<'a> {
+    /// What the blob is called in logs and errors.
+    pub name: &'a str,
+    /// Its digest (`sha256:…`), when the config gives one (registry blobs need it).
+    pub digest: Option<&'a str>,
+    /// The config file's directory: relative paths are relative to it.
+    pub dir: Option<&'a Path>,
+}
+
+impl Site<'_> {
+    /// `p` relative to the config's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        match self.dir {
+            Some(d) if p.is_relative() => d.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    /// The CA file a source trusts: its own (relative to the config), else the host's.
+    pub fn ca_file(&self, own: Option<&PathBuf>, host: &HostServices) -> Option<PathBuf> {
+        own.map(|p| self.resolve(p))
+            .or_else(|| host.ca_file.clone())
+    }
+}
+
+impl SourceConfig {
+    /// Opens the blob this source names: each kind builds itself (`registry`, `url`, `nas`; a
+    /// local blob is a plain file).
+    pub fn open(
+        &self,
+        site: &Site,
+        host: &HostServices,
+    ) -> Result<Arc<dyn blockfmt::ReadAt>, blockfmt::Error> {
+        let opened = match self {
+            SourceConfig::Local(p) => std::fs::File::open(site.resolve(p))
+                .map(|f| Arc::new(f) as Arc<dyn blockfmt::ReadAt>),
+            SourceConfig::Registry(r) => r.open(site, host),
+            SourceConfig::Http(h) => h.open(site, host),
+            SourceConfig::Nas(n) => n.open(site, host),
+        };
+        opened.map_err(|e| blockfmt::Error::Io {
+            layer: site.name.to_string(),
+            offset: 0,
+            source: e,
+        })
+    }
+}
 
 /// Upper bounds (seconds) of the fetch latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 10] =

@@ -135,3 +135,20 @@ impl blockfmt::ReadAt for NasFile {
         Ok(self.size)
     }
 }
+
+impl crate::config::NasConfig {
+    /// Opens this blob file, its reads bounded by `read_timeout_ms` and retried on the host's
+    /// policy, counted in the host's NAS metrics.
+    pub fn open(
+        &self,
+        site: &super::Site,
+        host: &crate::config::HostServices,
+    ) -> io::Result<Arc<dyn blockfmt::ReadAt>> {
+        Ok(Arc::new(NasFile::open(
+            &site.resolve(&self.path),
+            Duration::from_millis(self.read_timeout_ms),
+            host.retry,
+            host.nas_stats.clone(),
+        )?))
+    }
+}

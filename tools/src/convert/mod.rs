@@ -1,11 +1,15 @@
 //! `lsmctl convert SRC DST`: an OCI image (an image layout directory, as `skopeo copy …
-//! oci:DIR:TAG` or umoci make) becomes block layers in an OCI image layout. Each source layer in
-//! order is applied to a root tree (whiteouts honoured, see `unpack`), the tree is made into an
-//! ext4 filesystem with `mkfs.ext4 -d` and imported as a layer holding only the blocks that
-//! differ from the layers below. The output is reproducible: UUID and hash seed derive from the
-//! base layer's diff ID, the filesystem time is fixed, every inode's change/creation/access
-//! time is set to its modification time (which comes from the layer), and directories a layer
-//! changes without naming keep their time. The result: an OCI manifest
+//! oci:DIR:TAG` or umoci make) becomes block layers in an OCI image layout. Each source layer is
+//! decompressed once (checked against its digest, spooled) and applied to a root tree
+//! (whiteouts honoured, see `unpack`). The bottom layer's tree is made into an ext4 filesystem
+//! with `mkfs.ext4 -d`; every layer above is applied to the previous layer's filesystem in
+//! place by one `debugfs` script replaying what the layer changed (`ext4apply`), so a layer
+//! costs its own bytes. Each filesystem is imported as a layer holding only the 4 KiB blocks
+//! whose hash changed (`rawimport`). The output is reproducible: UUID and hash seed derive from
+//! the base layer's diff ID, the filesystem time and every inode's creation time are fixed,
+//! every inode's change/access time is set to its modification time (which comes from the
+//! layer), and directories a layer changes without naming keep their time. With `--fs erofs`
+//! the final tree becomes one erofs layer instead (`erofs`). The result: an OCI manifest
 //! of lsm layers (each annotated with the source layer it came from and the format version),
 //! the source config, and `lsm-image.json`, an lsm image config over the converted blobs.
 //!
@@ -16,8 +20,11 @@
 //! image per run; no reuse database.
 
 pub mod dict;
+mod erofs;
+mod ext4apply;
 pub mod manifest;
 pub(crate) mod push;
+mod rawimport;
 pub mod report;
 mod unpack;
 mod workdir;
@@ -92,6 +99,11 @@ pub struct ConvertArgs {
     /// from, so registries keep them and clients fetch them. See `lsmctl dedup-report`.
     #[arg(long = "dict", value_name = "REF")]
     dict: Vec<String>,
+    /// Filesystem of the converted image: `ext4` (one lsm layer per source layer, writable
+    /// through an upper layer) or `erofs` (read-only, flattened: one lsm layer holding the
+    /// image's final tree; needs erofs-utils' mkfs.erofs; mount with the kernel's erofs).
+    #[arg(long, value_enum, default_value_t = FsKind::Ext4)]
+    fs: FsKind,
     #[command(flatten)]
     opts: LayerOpts,
     /// No progress lines.
@@ -100,6 +112,13 @@ pub struct ConvertArgs {
     /// Print the converted manifest's digest on stdout (not when converting for a report).
     #[arg(skip = true)]
     print_digest: bool,
+}
+
+/// The filesystem a conversion writes.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FsKind {
+    Ext4,
+    Erofs,
 }
 
 impl ConvertArgs {
@@ -163,9 +182,9 @@ fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>>
 const FS_SEED: &str = "6c736d2d-6673-4d00-8000-000000000001";
 
 /// Makes the filesystem's times a function of the image: `mkfs.ext4 -d` copies each file's
-/// change and access times (when the unpack wrote and mkfs read it); set change, creation and
-/// access times to the modification
-/// time the layer gave it, and the root's to a constant, with one `debugfs` pass.
+/// change and access times (when the unpack wrote and mkfs read it); set change and access
+/// times to the modification time the layer gave it (creation times are the fixed
+/// `E2FSPROGS_FAKE_TIME` already), and the root's to a constant, with one `debugfs` pass.
 /// The same pass gives the filesystem its own UUID (see [`FS_SEED`]).
 fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
     let mut cmds = format!(
@@ -188,7 +207,7 @@ fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
                 continue; // a name debugfs cannot quote keeps its unpack time
             };
             let t = std::os::unix::fs::MetadataExt::mtime(&m);
-            for field in ["ctime", "crtime", "atime"] {
+            for field in ["ctime", "atime"] {
                 cmds.push_str(&format!("sif \"/{rel}\" {field} @{t}\n"));
             }
         }
@@ -214,6 +233,44 @@ fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
         )));
     }
     Ok(())
+}
+
+/// Makes `raw` (`size` bytes, recreated) the ext4 filesystem of the whole tree `root`, with
+/// `mkfs.ext4 -d`: for the bottom layer, and for a layer that cannot be applied in place (see
+/// `ext4apply`).
+fn make_whole_fs(root: &Path, raw: &Path, size: u64, uuid: &str, digest: &str) -> CliResult {
+    {
+        let _step = workdir::step()?;
+        let _ = std::fs::remove_file(raw);
+        File::create(raw)?.set_len(size)?;
+    }
+    let o = workdir::output(
+        std::process::Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-U",
+                FS_SEED,
+                "-O",
+                "metadata_csum_seed",
+            ])
+            .arg("-E")
+            .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
+            .arg("-d")
+            .arg(root)
+            .arg(raw)
+            .env("E2FSPROGS_FAKE_TIME", "1"),
+    )
+    .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
+    if !o.status.success() {
+        return Err(bad(format!(
+            "mkfs.ext4 for layer {digest}: {} (is --size {size} too small?)",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    normalize_times(root, raw, uuid)
 }
 
 /// Where blob `digest` is during a conversion: a layer converted already, or a dictionary blob.
@@ -242,9 +299,13 @@ fn chain_key(
     size: u64,
     opts: &blockfmt::WriterOptions,
     dict: &[String],
+    fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v3\0");
+    h.update(b"lsm-convert-v4\0");
+    if fs == FsKind::Erofs {
+        h.update(b"erofs-flat\0");
+    }
     h.update(size.to_le_bytes());
     h.update(format!("{:?}/{:?}", opts.chunk_size, opts.compression).as_bytes());
     // A dictionary changes what is stored (not what is read): its blobs are part of the key.
@@ -317,11 +378,14 @@ fn link_or_copy(from: &Path, to: &Path) -> CliResult {
     Ok(())
 }
 
-/// A `Write` that only hashes.
-struct HashingSink(Sha256);
+/// A `Write` that hashes, and copies to a file if it has one.
+struct HashingSink(Sha256, Option<std::io::BufWriter<File>>);
 
 impl std::io::Write for HashingSink {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Some(f) = &mut self.1 {
+            std::io::Write::write_all(f, b)?;
+        }
         self.0.update(b);
         Ok(b.len())
     }
@@ -540,10 +604,21 @@ fn convert_layout(
         .collect();
 
     // Every blob is checked before anything is written; the unpacked size sizes the disk; the
-    // uncompressed digests (diff IDs) name the content whatever its compression.
+    // uncompressed digests (diff IDs) name the content whatever its compression. Each layer is
+    // decompressed only here, into a private spool beside DST that the apply passes read.
     let mut unpacked = 0u64;
     let mut diff_ids = Vec::new();
-    for (digest, media) in &layers {
+    let spool_tree = {
+        let mut name = dst.file_name().unwrap_or_default().to_os_string();
+        name.push(".lsm-spool");
+        let spool = dst.with_file_name(name);
+        if let Some(up) = spool.parent().filter(|u| !u.as_os_str().is_empty()) {
+            std::fs::create_dir_all(up).map_err(|e| bad(format!("{}: {e}", up.display())))?;
+        }
+        workdir::WorkTree::create(&spool).map_err(|e| bad(format!("spool: {e}")))?
+    };
+    let spooled = |i: usize| spool_tree.path().join(format!("{i}.tar"));
+    for (i, (digest, media)) in layers.iter().enumerate() {
         let p = blob_path(&src, digest)?;
         if sha256_file(&p)? != *digest {
             return Err(bad(format!(
@@ -551,9 +626,18 @@ fn convert_layout(
             )));
         }
         let mut r = layer_reader(&p, media).map_err(|e| bad(format!("layer {digest}: {e}")))?;
-        let mut h = HashingSink(Sha256::new());
+        let mut h = HashingSink(
+            Sha256::new(),
+            Some(std::io::BufWriter::with_capacity(
+                1 << 20,
+                File::create(spooled(i)).map_err(|e| bad(format!("spool: {e}")))?,
+            )),
+        );
         unpacked += std::io::copy(&mut r, &mut h)
             .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
+        if let Some(w) = h.1.take() {
+            w.into_inner().map_err(|e| bad(format!("spool: {e}")))?;
+        }
         diff_ids.push(h.0.finalize());
     }
     // Default: a power-of-two size class (at least 256 MiB) with room for twice the content;
@@ -635,11 +719,23 @@ fn convert_layout(
         let opts = writer_options(&a.opts, None)?;
         let mut out: Vec<Value> = Vec::new();
         let mut in_dict = 0;
-        for (i, (digest, media)) in layers.iter().enumerate() {
-            let p = blob_path(&src, digest)?;
-            unpack::apply_layer(&root, || layer_reader(&p, media))
-                .map_err(|e| bad(format!("layer {digest}: {e}")))?;
-            let key = chain_key(&diff_ids[..=i], size, &opts, &dict_digests);
+        let raw = work.join("fs.raw");
+        // The block hashes of `raw` when it holds the filesystem of the layers converted so
+        // far (`None` after a reused layer: then it is exported from them when next needed).
+        let mut hashes = Some(rawimport::BlockHashes::zeros(size));
+        for (i, (digest, _)) in layers.iter().enumerate() {
+            let mut changes = ext4apply::Changes::new(&root);
+            let tar = spooled(i);
+            unpack::apply_layer(&root, &mut changes, || {
+                let f = File::open(&tar)?;
+                Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
+            })
+            .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+            let _ = std::fs::remove_file(&tar);
+            if a.fs == FsKind::Erofs && i + 1 < layers.len() {
+                continue; // flattened: one filesystem of the final tree
+            }
+            let key = chain_key(&diff_ids[..=i], size, &opts, &dict_digests, a.fs);
             if let Some(known) = db.as_ref().and_then(|d| d.lookup(&key)) {
                 let (ours, src_blob) = known;
                 let final_path = blob_path(&dst, ours["digest"].as_str().unwrap_or_default())?;
@@ -651,44 +747,12 @@ fn convert_layout(
                     ours["digest"]
                 ));
                 stats.reused += 1;
+                hashes = None;
                 let mut desc = ours;
                 desc["annotations"]["io.lsm.source-layer"] = digest.as_str().into();
                 out.push(desc);
                 continue;
             }
-            let raw = work.join("fs.raw");
-            {
-                let _step = workdir::step()?;
-                let _ = std::fs::remove_file(&raw);
-                File::create(&raw)?.set_len(size)?;
-            }
-            let o = workdir::output(
-                std::process::Command::new("mkfs.ext4")
-                    .args([
-                        "-q",
-                        "-F",
-                        "-b",
-                        "4096",
-                        "-U",
-                        FS_SEED,
-                        "-O",
-                        "metadata_csum_seed",
-                    ])
-                    .arg("-E")
-                    .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
-                    .arg("-d")
-                    .arg(&root)
-                    .arg(&raw)
-                    .env("E2FSPROGS_FAKE_TIME", "1"),
-            )
-            .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
-            if !o.status.success() {
-                return Err(bad(format!(
-                    "mkfs.ext4 for layer {digest}: {} (is --size {size} too small?)",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                )));
-            }
-            normalize_times(&root, &raw, &uuid)?;
             // The layers converted so far: the new one stores only what differs from them.
             let below = out
                 .iter()
@@ -703,6 +767,41 @@ fn convert_layout(
             let base = (!below.is_empty())
                 .then(|| LayerStack::new(below, size, 64 << 20).and_then(|s| Image::new(s, None)))
                 .transpose()?;
+            let mut h = match (hashes.take(), &base) {
+                (Some(h), _) => h,
+                (None, None) => rawimport::BlockHashes::zeros(size),
+                (None, Some(b)) => {
+                    // Layers below were reused: their filesystem, back as a raw file.
+                    let _step = workdir::step()?;
+                    let _ = std::fs::remove_file(&raw);
+                    let f = File::create(&raw)?;
+                    f.set_len(size)?;
+                    rawimport::export(b, &f, size)?
+                }
+            };
+            let in_place = if a.fs == FsKind::Erofs {
+                erofs::make(&root, &raw, size, &uuid)?;
+                true
+            } else if i > 0 && raw.exists() {
+                match changes
+                    .run(&raw)
+                    .map_err(|e| bad(format!("layer {digest}: {e}")))?
+                {
+                    Ok(()) => true,
+                    Err(why) => {
+                        say(format!(
+                            "layer {}: {why}: making its filesystem whole",
+                            i + 1
+                        ));
+                        false
+                    }
+                }
+            } else {
+                false
+            };
+            if !in_place {
+                make_whole_fs(&root, &raw, size, &uuid, digest)?;
+            }
             let tmp = dst.join("blobs/sha256/.layer.partial");
             let rawf = File::open(&raw)?;
             let mut prog = crate::progress::Progress::new(
@@ -727,16 +826,18 @@ fn convert_layout(
             in_dict = out.len();
             let shared = Arc::new(std::mem::take(&mut running));
             let w = write_blob_atomically(&tmp, |o| {
-                blockfmt::commit::import_raw(
-                    BufReader::with_capacity(1 << 20, rawf),
+                rawimport::import_changed(
+                    &rawf,
                     size,
-                    base.as_ref(),
+                    &mut h,
+                    base.is_none(),
                     Some(shared.clone()),
                     o,
                     opts,
                     |d| prog.update(d),
                 )
             })?;
+            hashes = Some(h);
             running = Arc::try_unwrap(shared)
                 .map_err(|_| bad("internal error: the dictionary is still in use"))?;
             let ours = format!("sha256:{}", hex::encode(w.digest));
@@ -804,6 +905,7 @@ fn convert_layout(
     })();
     drop(work_tree);
     drop(dict_tree);
+    drop(spool_tree);
     let (out_layers, borrowed) = match result {
         Ok(l) => l,
         Err(e) => {
@@ -852,7 +954,7 @@ fn convert_layout(
     let source_config = std::fs::read(blob_path(&src, &config_digest)?)
         .map_err(|e| bad(format!("config {config_digest}: {e}")))?;
     let (cfg_digest, cfg_size) = put_blob(&dst, &published.config(&source_config)?)?;
-    let manifest = published.manifest(
+    let mut manifest = published.manifest(
         json!({
             "mediaType": manifest["config"]["mediaType"],
             "digest": cfg_digest,
@@ -861,6 +963,9 @@ fn convert_layout(
         &manifest_digest,
         &config_digest,
     );
+    if a.fs == FsKind::Erofs {
+        manifest["annotations"]["io.lsm.filesystem"] = "erofs".into();
+    }
     let mbytes = serde_json::to_vec_pretty(&manifest)?;
     let (m_digest, m_size) = put_blob(&dst, &mbytes)?;
     let mut mdesc = json!({

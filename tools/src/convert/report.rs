@@ -203,6 +203,7 @@ impl ConvertArgs {
             db: None,
             no_reuse: true,
             dict: Vec::new(),
+            fs: super::FsKind::Ext4,
             opts: crate::LayerOpts::default(),
             quiet: true,
             print_digest: false,

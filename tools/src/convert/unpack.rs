@@ -16,6 +16,7 @@ use std::path::{Component, Path, PathBuf};
 
 use tar::{Archive, EntryType};
 
+use super::ext4apply::Changes;
 use super::workdir;
 
 /// The path of a tar entry as components inside the root; `..` or an empty path is an error.
@@ -133,9 +134,24 @@ impl KeptTimes {
     }
 }
 
-/// Applies one layer, read twice through `open` (whiteouts, then contents), onto `root`.
+/// Creates the missing directories of `dir` (below `root`, resolved), recording each.
+fn make_dirs(root: &Path, dir: &Path, changes: &mut Changes) -> io::Result<()> {
+    if dir == root || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(up) = dir.parent() {
+        make_dirs(root, up, changes)?;
+    }
+    std::fs::create_dir(dir)?;
+    changes.created(dir);
+    Ok(())
+}
+
+/// Applies one layer, read twice through `open` (whiteouts, then contents), onto `root`,
+/// recording in `changes` what it changed (to replay on the layer's filesystem).
 pub fn apply_layer(
     root: &Path,
+    changes: &mut Changes,
     mut open: impl FnMut() -> io::Result<Box<dyn Read>>,
 ) -> io::Result<()> {
     let mut kept = KeptTimes::default();
@@ -152,8 +168,13 @@ pub fn apply_layer(
             let dir = resolve(root, &parts[..parts.len() - 1])?;
             if dir.is_dir() {
                 kept.touch(&dir);
-                for c in std::fs::read_dir(&dir)? {
-                    remove_all(&c?.path())?;
+                let mut kids: Vec<PathBuf> = std::fs::read_dir(&dir)?
+                    .map(|c| c.map(|c| c.path()))
+                    .collect::<Result<_, _>>()?;
+                kids.sort();
+                for c in kids {
+                    changes.removing(&c)?;
+                    remove_all(&c)?;
                 }
             }
         } else if let Some(hidden) = name.strip_prefix(".wh.") {
@@ -172,6 +193,7 @@ pub fn apply_layer(
             if let Some(d) = victim.parent() {
                 kept.touch(d);
             }
+            changes.removing(&victim)?;
             remove_all(&victim)?;
         }
     }
@@ -187,13 +209,14 @@ pub fn apply_layer(
         }
         let _step = workdir::step()?;
         let parent = resolve(root, &parts[..parts.len() - 1])?;
-        std::fs::create_dir_all(&parent)?;
+        make_dirs(root, &parent, changes)?;
         kept.touch(&parent);
         let dst = parent.join(name);
         let kind = e.header().entry_type();
         let existing = std::fs::symlink_metadata(&dst).ok();
         if let Some(m) = &existing {
             if !(kind == EntryType::Directory && m.is_dir()) {
+                changes.removing(&dst)?;
                 remove_all(&dst)?;
             }
         }
@@ -220,6 +243,7 @@ pub fn apply_layer(
                     .ok_or_else(|| io::Error::other("hard link without a target"))?;
                 let tpath = entry_path(root, &clean(&target)?)?;
                 std::fs::hard_link(&tpath, &dst)?;
+                changes.linked(&tpath, &dst);
                 continue; // a hard link shares its target's metadata
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -289,6 +313,11 @@ pub fn apply_layer(
                     &dst,
                 )?;
             }
+        }
+        if kind == EntryType::Directory && existing.as_ref().is_some_and(|m| m.is_dir()) {
+            changes.changed(&dst);
+        } else {
+            changes.created(&dst);
         }
         if kind == EntryType::Directory {
             dirs.push((dst, e.header().clone()));

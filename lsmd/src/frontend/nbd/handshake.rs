@@ -160,7 +160,7 @@ pub(super) fn handshake<S: Read + Write>(
                     option_reply(s, opt, REP_ERR_INVALID, b"LIST takes no data")?;
                     continue;
                 }
-                for name in exports.by_name.keys() {
+                for name in exports.names() {
                     let mut b = (name.len() as u32).to_be_bytes().to_vec();
                     b.extend_from_slice(name.as_bytes());
                     option_reply(s, opt, REP_SERVER, &b)?;

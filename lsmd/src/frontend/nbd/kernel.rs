@@ -145,8 +145,8 @@ impl KernelAttachment {
             let out = ours.try_clone()?;
             let fd = ours.as_raw_fd();
             let mut rd = io::BufReader::with_capacity(256 * 1024, ours);
-            let threads = server.pool.threads();
-            let conn = Arc::new(transmission::Conn::new(out, export, false, false, threads));
+            let lane = server.engine.lane(transmission::MAX_DEFERRED);
+            let conn = Arc::new(transmission::Conn::new(out, export, false, false, lane));
             // The kernel is trusted: no idle timeout (a mounted disk may be idle for days).
             transmission::serve(&mut rd, fd, conn, &server, None)
         });

@@ -30,119 +30,14 @@ mod transmission;
 
 pub use tls::TlsConfig;
 
-use std::collections::BTreeMap;
+pub use crate::engine::{Export, Exports};
+
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfmt::Image;
-
-use crate::metrics::{ExportStats, Frontend};
-use crate::pool::WorkerPool;
-
-/// One named export, shared by every frontend that serves it (NBD connections, a kernel nbd
-/// device, a ublk device, a FUSE file).
-pub struct Export {
-    pub name: String,
-    pub image: Arc<Image>,
-    /// Flushes and failures seen by the frontends, for `/metrics`.
-    pub stats: ExportStats,
-}
-
-impl Export {
-    pub fn new(name: String, image: Arc<Image>) -> Export {
-        Export {
-            name,
-            image,
-            stats: ExportStats::default(),
-        }
-    }
-
-    /// A FLUSH (or the flush after a FUA write) asked for through `via`: syncs the image and
-    /// counts it. Every frontend flushes through here, so `/metrics` shows which ones reach lsmd.
-    /// The caller reports an error to its client and to [`Export::failed_request`].
-    pub fn flush(&self, via: Frontend) -> blockfmt::Result<()> {
-        let r = self.image.flush();
-        self.stats.count_flush(via, r.is_ok());
-        r
-    }
-
-    /// Notes a request that failed with `e`: an upper layer out of space is counted, and one
-    /// that refuses writes after a failed sync ([`blockfmt::Error::Failed`], sticky until the
-    /// layer is reopened) is logged at error level (once) and raises `lsm_upper_failed`.
-    pub fn failed_request(&self, e: &blockfmt::Error) {
-        if e.is_no_space() {
-            self.stats.count_no_space();
-        }
-        if matches!(e, blockfmt::Error::Failed { .. }) && self.stats.mark_failed() {
-            tracing::error!(export = %self.name, error = %e, "the upper layer failed: every write and flush of this export fails (EIO) until lsmd is restarted and the layer recovered");
-        }
-    }
-}
-
-/// The set of exports a server offers; the first is the default (empty name).
-#[derive(Clone)]
-pub struct Exports {
-    by_name: Arc<BTreeMap<String, Arc<Export>>>,
-    default: Option<String>,
-}
-
-impl Exports {
-    /// Exports in order; the first answers to the empty name.
-    pub fn new(list: Vec<Export>) -> Exports {
-        let default = list.first().map(|e| e.name.clone());
-        Exports {
-            by_name: Arc::new(
-                list.into_iter()
-                    .map(|e| (e.name.clone(), Arc::new(e)))
-                    .collect(),
-            ),
-            default,
-        }
-    }
-
-    /// The export called `name` (the empty name: the default export).
-    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
-        let key = if name.is_empty() {
-            self.default.as_deref()?
-        } else {
-            name
-        };
-        self.by_name.get(key).cloned()
-    }
-
-    /// Every export's name and image, in name order.
-    pub fn images(&self) -> impl Iterator<Item = (&str, &Image)> {
-        self.by_name
-            .values()
-            .map(|e| (e.name.as_str(), e.image.as_ref()))
-    }
-
-    /// Every export, in name order.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.by_name.values()
-    }
-
-    /// Every export's name and a shared handle to its image, in name order.
-    pub fn images_shared(&self) -> impl Iterator<Item = (&str, Arc<Image>)> {
-        self.by_name
-            .values()
-            .map(|e| (e.name.as_str(), e.image.clone()))
-    }
-
-    /// Flushes every writable image (graceful shutdown).
-    pub fn flush_all(&self) -> Vec<(String, blockfmt::Error)> {
-        self.by_name
-            .values()
-            .filter_map(|e| {
-                let err = e.flush(Frontend::Shutdown).err()?;
-                e.failed_request(&err);
-                Some((e.name.clone(), err))
-            })
-            .collect()
-    }
-}
+use crate::engine::Engine;
 
 /// A stream that can be split into a reading and a writing half.
 pub trait Duplex: Read + Write + AsRawFd + Send + 'static {
@@ -206,8 +101,8 @@ impl Default for Limits {
 pub struct Server {
     /// The exports offered.
     pub exports: Exports,
-    /// Threads for work that may block.
-    pub pool: WorkerPool,
+    /// The request engine: its pool runs the work that may block.
+    pub engine: Engine,
     /// How long a connection thread polls for the next request before it sleeps. Waking a
     /// sleeping thread from another CPU costs tens of microseconds on virtual machines
     /// (measured here: 4k QD1 read latency 55 µs sleeping, see README); polling a little after
@@ -282,7 +177,7 @@ fn serve_stream<S: Duplex>(
         neg.export,
         neg.structured,
         neg.meta,
-        server.pool.threads(),
+        server.engine.lane(transmission::MAX_DEFERRED),
     ));
     transmission::serve(&mut rd, fd, conn, server, limits.idle)
 }

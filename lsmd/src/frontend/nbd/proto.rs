@@ -89,11 +89,6 @@ pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Largest READ/WRITE payload (advertised as the maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
-pub fn read_u16(r: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
 pub fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;

@@ -1,26 +1,23 @@
 //! The transmission phase of one connection.
 //!
-//! The connection's own thread reads requests and does everything that cannot block for long
-//! right there: reads whose chunks are in the decoded-chunk cache (or in the upper layer, or
-//! holes), writes, zeroes, trims, block status. Their replies collect in one buffer that goes out
-//! in a single `write` when no further request is waiting in the input buffer — a burst of 32
-//! requests costs a couple of syscalls, not 64, and no thread hand-off. What may block (a chunk
-//! to decode or fetch, FLUSH, FUA) goes to the shared [`WorkerPool`], which replies by itself;
-//! replies therefore come in any order, as the protocol allows.
+//! The engine's rule ([`crate::engine`]): the connection's own thread reads requests and does
+//! the hot work right there (cached reads, writes, zeroes, trims, block status). Their replies
+//! collect in one buffer that goes out in a single `write` when no further request is waiting
+//! in the input buffer — a burst of 32 requests costs a couple of syscalls, not 64, and no
+//! thread hand-off. Cold work (a chunk to decode or fetch, FLUSH, FUA) goes to the connection's
+//! [`Lane`] of the shared pool, which replies by itself; replies therefore come in any order,
+//! as the protocol allows.
 //!
-//! Isolation: a connection's pool tasks wait in its own queue and at most all but one of the
-//! pool's workers run tasks of one connection at once, so a connection whose client stopped
-//! reading (its workers blocked writing, or waiting for its reply lock) leaves a worker for
-//! everyone else. The first failed write (the socket's send timeout, set by the caller) marks
+//! Isolation: the lane keeps a connection whose client stopped reading (its workers blocked
+//! writing, or waiting for its reply lock) from taking every worker. The first failed write (the socket's send timeout, set by the caller) marks
 //! the connection dead and shuts the socket down: blocked writers and the reading thread wake
 //! up, queued tasks are skipped. A task that panics is answered with EIO; the worker goes on.
 
-use std::collections::VecDeque;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use blockfmt::{Alloc, Image};
@@ -28,14 +25,13 @@ use blockfmt::{Alloc, Image};
 use super::handshake::protocol;
 use super::proto::*;
 use super::{Export, Server};
-use crate::pool::{panic_message, WorkerPool};
+use crate::engine::pool::panic_message;
+use crate::engine::{self, Lane};
+use crate::metrics::Frontend;
 
 /// Requests handed to the pool and not yet answered, per connection, before the connection
 /// stops reading (back-pressure on a client that floods cold reads).
-const MAX_DEFERRED: usize = 64;
-
-/// Largest read served on the connection thread when its chunks are cached.
-const INLINE_READ_MAX: u32 = 128 * 1024;
+pub(super) const MAX_DEFERRED: usize = 64;
 
 thread_local! {
     /// A pool thread's read buffer, reused: a fresh megabyte per request costs page faults.
@@ -49,23 +45,6 @@ const REQUEST_LEN: usize = 28;
 /// big WRITE) is freed after use.
 const SCRATCH_KEEP: usize = 1 << 20;
 
-/// Work for the pool on behalf of one request: the request's cookie (for the EIO reply if the
-/// work panics) and the work, which replies by itself.
-type Job<W> = (
-    u64,
-    Box<dyn FnOnce(&Conn<W>) -> io::Result<()> + Send + 'static>,
-);
-
-/// A connection's requests handed to the pool and not yet answered.
-struct Deferred<W: Write> {
-    /// Not yet given to the pool (the connection has its share of workers busy).
-    queued: VecDeque<Job<W>>,
-    /// Given to the pool: queued there or running.
-    running: usize,
-    /// `queued.len() + running`.
-    total: usize,
-}
-
 /// The connection state shared by its thread and the pool tasks working for it.
 pub(super) struct Conn<W: Write> {
     out: Mutex<BufWriter<W>>,
@@ -77,10 +56,8 @@ pub(super) struct Conn<W: Write> {
     export: Arc<Export>,
     structured: bool,
     meta: bool,
-    deferred: Mutex<Deferred<W>>,
-    deferred_done: Condvar,
-    /// Most of this connection's jobs given to the pool at once.
-    pool_share: usize,
+    /// This connection's share of the pool.
+    lane: Lane,
 }
 
 fn poisoned() -> io::Error {
@@ -98,13 +75,13 @@ fn errno(e: &blockfmt::Error, write: bool) -> u32 {
 }
 
 impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
-    /// A connection writing to `out`, sharing a pool of `pool_threads` workers.
+    /// A connection writing to `out`, its cold work on `lane`.
     pub(super) fn new(
         out: W,
         export: Arc<Export>,
         structured: bool,
         meta: bool,
-        pool_threads: usize,
+        lane: Lane,
     ) -> Self {
         Conn {
             fd: out.as_raw_fd(),
@@ -113,13 +90,7 @@ impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
             export,
             structured,
             meta,
-            deferred: Mutex::new(Deferred {
-                queued: VecDeque::new(),
-                running: 0,
-                total: 0,
-            }),
-            deferred_done: Condvar::new(),
-            pool_share: pool_threads.saturating_sub(1).max(1),
+            lane,
         }
     }
 
@@ -264,65 +235,28 @@ impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
     fn cold_read(&self, req: &Request) -> io::Result<()> {
         POOL_BUFFER.with_borrow_mut(|buf| {
             buf.resize(req.len as usize, 0);
-            match self.image().read_sparse(req.offset, buf, false) {
-                Ok(Some(map)) => self.send_now(|w| self.read_reply(w, req, buf, map)),
-                Ok(None) => self.send_now(|w| self.error(w, req.cookie, EIO, "read incomplete")),
+            match engine::read_cold(&self.export, Frontend::Nbd, req.offset, buf) {
+                Ok(map) => self.send_now(|w| self.read_reply(w, req, buf, map)),
                 Err(e) => self.send_now(|w| self.done(w, req, Err(e))),
             }
         })
     }
 
-    /// Runs `task` for the request `cookie` on the pool; it replies and flushes by itself.
-    /// Waits first while too many of this connection's requests are already there.
+    /// Runs `task` for the request `cookie` on the connection's lane; it replies and flushes by
+    /// itself. Waits first while too many of this connection's requests are already there.
     fn defer(
         self: &Arc<Self>,
-        pool: &WorkerPool,
         cookie: u64,
         task: impl FnOnce(&Self) -> io::Result<()> + Send + 'static,
     ) -> io::Result<()> {
-        let job: Job<W> = (cookie, Box::new(task));
-        let mut d = self.deferred.lock().map_err(|_| poisoned())?;
-        while d.total >= MAX_DEFERRED {
-            d = self.deferred_done.wait(d).map_err(|_| poisoned())?;
-        }
-        d.total += 1;
-        if d.running < self.pool_share {
-            d.running += 1;
-            drop(d);
-            self.submit(pool, job);
-        } else {
-            d.queued.push_back(job);
-        }
+        let me = self.clone();
+        self.lane.submit(move || me.run(cookie, task));
         Ok(())
     }
 
-    /// Gives `job` to the pool; when it is done, the connection's next queued job follows.
-    fn submit(self: &Arc<Self>, pool: &WorkerPool, job: Job<W>) {
-        let me = self.clone();
-        let next_pool = pool.clone();
-        pool.submit(move || {
-            me.run(job);
-            let next = match me.deferred.lock() {
-                Ok(mut d) => {
-                    d.total -= 1;
-                    let next = d.queued.pop_front();
-                    if next.is_none() {
-                        d.running -= 1;
-                    }
-                    next
-                }
-                Err(_) => None,
-            };
-            me.deferred_done.notify_all();
-            if let Some(job) = next {
-                me.submit(&next_pool, job);
-            }
-        });
-    }
-
-    /// Runs one job on a pool worker: skipped on a dead connection; a failed reply kills the
+    /// Runs one task on a pool worker: skipped on a dead connection; a failed reply kills the
     /// connection; a panic is answered with EIO.
-    fn run(&self, (cookie, task): Job<W>) {
+    fn run(&self, cookie: u64, task: impl FnOnce(&Self) -> io::Result<()>) {
         if self.dead.load(Ordering::Acquire) {
             return;
         }
@@ -348,22 +282,19 @@ impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
 
     /// Waits until every deferred request has been answered (or skipped, the connection dead).
     fn drain(&self) -> io::Result<()> {
-        let mut d = self.deferred.lock().map_err(|_| poisoned())?;
-        while d.total > 0 {
-            d = self.deferred_done.wait(d).map_err(|_| poisoned())?;
-        }
+        self.lane.drain();
         Ok(())
     }
 
     /// Requests handed to the pool and not yet answered.
     fn in_flight(&self) -> usize {
-        self.deferred.lock().map(|d| d.total).unwrap_or(0)
+        self.lane.pending()
     }
 
     /// A flush (for FLUSH, or after a FUA request) on the pool, then the reply.
-    fn defer_flush(self: &Arc<Self>, pool: &WorkerPool, req: Request) -> io::Result<()> {
-        self.defer(pool, req.cookie, move |c| {
-            let r = c.export.flush(crate::metrics::Frontend::Nbd);
+    fn defer_flush(self: &Arc<Self>, req: Request) -> io::Result<()> {
+        self.defer(req.cookie, move |c| {
+            let r = engine::flush(&c.export, Frontend::Nbd);
             c.send_now(|w| c.done(w, &req, r))
         })
     }
@@ -374,7 +305,6 @@ impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
         req: Request,
         rd: &mut R,
         scratch: &mut Vec<u8>,
-        pool: &WorkerPool,
     ) -> io::Result<()> {
         let img = self.image();
         let in_range = req
@@ -396,8 +326,10 @@ impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
                     let msg = "write past the end of the export";
                     return self.error(&mut *self.out()?, req.cookie, ENOSPC, msg);
                 }
-                match img.write(req.offset, scratch) {
-                    Ok(()) if fua => self.defer_flush(pool, req),
+                match engine::hot(&self.export, Frontend::Nbd, |i| {
+                    i.write(req.offset, scratch)
+                }) {
+                    Ok(()) if fua => self.defer_flush(req),
                     r => self.done(&mut *self.out()?, &req, r),
                 }
             }
@@ -410,33 +342,33 @@ impl<W: Write + AsRawFd + Send + 'static> Conn<W> {
                     let msg = "read past the end of the export";
                     return self.error(&mut *self.out()?, req.cookie, EINVAL, msg);
                 }
-                // Large reads go to the pool even when cached: copying megabytes is better
-                // spread over cores than serialised on the connection thread.
-                let hot = if req.len <= INLINE_READ_MAX {
+                let hot = if req.len as usize <= engine::INLINE_READ_MAX {
                     scratch.resize(req.len as usize, 0);
-                    img.read_sparse(req.offset, scratch, true)
+                    engine::read_hot(&self.export, Frontend::Nbd, req.offset, scratch)
                 } else {
-                    Ok(None)
+                    None
                 };
                 match hot {
-                    Ok(Some(map)) => self.read_reply(&mut *self.out()?, &req, scratch, map),
-                    Err(e) => self.done(&mut *self.out()?, &req, Err(e)),
-                    Ok(None) => self.defer(pool, req.cookie, move |c| c.cold_read(&req)),
+                    Some(Ok(map)) => self.read_reply(&mut *self.out()?, &req, scratch, map),
+                    Some(Err(e)) => self.done(&mut *self.out()?, &req, Err(e)),
+                    None => self.defer(req.cookie, move |c| c.cold_read(&req)),
                 }
             }
-            CMD_FLUSH => self.defer_flush(pool, req),
+            CMD_FLUSH => self.defer_flush(req),
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 if !in_range {
                     let msg = "range past the end of the export";
                     return self.error(&mut *self.out()?, req.cookie, ENOSPC, msg);
                 }
-                let r = if req.kind == CMD_TRIM {
-                    img.trim(req.offset, req.len as u64)
-                } else {
-                    img.write_zeroes(req.offset, req.len as u64)
-                };
+                let r = engine::hot(&self.export, Frontend::Nbd, |img| {
+                    if req.kind == CMD_TRIM {
+                        img.trim(req.offset, req.len as u64)
+                    } else {
+                        img.write_zeroes(req.offset, req.len as u64)
+                    }
+                });
                 match r {
-                    Ok(()) if fua => self.defer_flush(pool, req),
+                    Ok(()) if fua => self.defer_flush(req),
                     r => self.done(&mut *self.out()?, &req, r),
                 }
             }
@@ -466,7 +398,6 @@ pub(super) fn serve<R: Read, W: Write + AsRawFd + Send + 'static>(
     server: &Server,
     idle: Option<Duration>,
 ) -> io::Result<()> {
-    let pool = &server.pool;
     let mut scratch = Vec::new();
     let result = (|| loop {
         if rd.buffer().len() < REQUEST_LEN {
@@ -488,7 +419,7 @@ pub(super) fn serve<R: Read, W: Write + AsRawFd + Send + 'static>(
         if req.kind == CMD_DISC {
             return Ok(());
         }
-        conn.request(req, rd, &mut scratch, pool)?;
+        conn.request(req, rd, &mut scratch)?;
         if scratch.capacity() > SCRATCH_KEEP {
             // One large write must not pin its buffer for the connection's lifetime.
             scratch = Vec::new();
@@ -599,15 +530,13 @@ mod tests {
         theirs
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
-        let pool = WorkerPool::new(1);
-        let conn = Arc::new(Conn::new(ours, export, false, false, pool.threads()));
-        conn.defer(&pool, 7, |_| panic!("a bug in a request"))
+        let engine = crate::engine::Engine::new(1);
+        let conn = Arc::new(Conn::new(ours, export, false, false, engine.lane(64)));
+        conn.defer(7, |_| panic!("a bug in a request"))
             .expect("defer");
         assert_eq!(reply(&mut theirs), (EIO, 7));
-        conn.defer(&pool, 8, |c| {
-            c.send_now(|w| w.write_all(&simple_reply(0, 8)))
-        })
-        .expect("defer");
+        conn.defer(8, |c| c.send_now(|w| w.write_all(&simple_reply(0, 8))))
+            .expect("defer");
         assert_eq!(reply(&mut theirs), (0, 8), "the only worker survived");
         conn.drain().expect("drain");
     }

@@ -6,8 +6,11 @@
 //! each fetched request is. Data moves by user copy (pread/pwrite of the request's window on the
 //! char device) where the kernel offers it, else through one page-aligned buffer per tag.
 //!
-//! Each hardware queue (`--ublk-queues`, depth `--ublk-depth`) is served by its own thread,
-//! which completes its requests in order of arrival; the `Image` does the work.
+//! Each hardware queue (`--ublk-queues`, depth `--ublk-depth`) is served by its own thread
+//! under the engine's rule ([`crate::engine`]): hot requests are served and committed right
+//! there; cold ones (a chunk to decode or fetch, FLUSH, FUA) go to the queue's lane of the
+//! shared pool and are committed when done, so tags complete out of order and one registry
+//! round trip on a tag never stalls the queue's other tags. The kernel ABI is in [`sys`].
 //!
 //! Writable devices declare a volatile write cache with FUA (`UBLK_ATTR_VOLATILE_CACHE |
 //! UBLK_ATTR_FUA`): a completed WRITE is in the upper layer's log but not yet synced, so the
@@ -22,78 +25,30 @@
 //! issued again. The device id is remembered in a state file for that.
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::metrics::Frontend;
-use crate::nbd::Export;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use parking_lot::Mutex;
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::engine::{self, Engine, Export, Lane};
+use crate::metrics::Frontend;
+
+mod sys;
+
+use sys::*;
 
 const CTRL_DEV: &str = "/dev/ublk-control";
 
-/// `_IOWR('u', nr, size)`: the ioctl-encoded command numbers.
-const fn iowr(nr: u32, size: u32) -> u32 {
-    (3 << 30) | (size << 16) | ((b'u' as u32) << 8) | nr
-}
-/// `_IOR('u', nr, size)`.
-const fn ior(nr: u32, size: u32) -> u32 {
-    (2 << 30) | (size << 16) | ((b'u' as u32) << 8) | nr
-}
-const CTRL_CMD_LEN: u32 = 32;
-const IO_CMD_LEN: u32 = 16;
-const CMD_ADD_DEV: u32 = iowr(0x04, CTRL_CMD_LEN);
-const CMD_DEL_DEV: u32 = iowr(0x05, CTRL_CMD_LEN);
-const CMD_START_DEV: u32 = iowr(0x06, CTRL_CMD_LEN);
-const CMD_STOP_DEV: u32 = iowr(0x07, CTRL_CMD_LEN);
-const CMD_SET_PARAMS: u32 = iowr(0x08, CTRL_CMD_LEN);
-const CMD_GET_DEV_INFO: u32 = ior(0x02, CTRL_CMD_LEN);
-const CMD_START_USER_RECOVERY: u32 = iowr(0x10, CTRL_CMD_LEN);
-const CMD_END_USER_RECOVERY: u32 = iowr(0x11, CTRL_CMD_LEN);
-const IO_FETCH_REQ: u32 = iowr(0x20, IO_CMD_LEN);
-const IO_COMMIT_AND_FETCH_REQ: u32 = iowr(0x21, IO_CMD_LEN);
-
-const F_USER_RECOVERY: u64 = 1 << 3;
-/// With recovery: requests in flight when the server died are issued again to the next one.
-const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
-const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
-/// Request data moves by pread/pwrite on the char device instead of through buffers the driver
-/// maps: no pinned buffer per tag.
-const F_USER_COPY: u64 = 1 << 7;
-/// Where a request's data sits for user copy: `UBLKSRV_IO_BUF_OFFSET + (q_id << 41) + (tag <<
-/// 25)`.
-fn user_copy_pos(q_id: u16, tag: usize) -> u64 {
-    0x8000_0000 + ((q_id as u64) << 41) + ((tag as u64) << 25)
-}
-/// Device states (`ublksrv_ctrl_dev_info.state`) a restarted server can take over.
-const S_DEV_LIVE: u16 = 1;
-const S_DEV_QUIESCED: u16 = 2;
-const S_DEV_FAIL_IO: u16 = 3;
 /// How long a restarted lsmd waits for the kernel to finish with its killed predecessor: for a
 /// moment after that process is reaped its device is still LIVE (queues being cancelled) and its
 /// char device still open (START_USER_RECOVERY says EBUSY). A supervisor restarting lsmd at
 /// once must get the takeover, not a second device.
 const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-const PARAM_TYPE_BASIC: u32 = 1;
-const ATTR_READ_ONLY: u32 = 1;
-/// The device has a volatile write cache: the kernel sends FLUSH for fsync and sync.
-const ATTR_VOLATILE_CACHE: u32 = 1 << 2;
-/// The device honours FUA on writes (`UBLK_IO_F_FUA` in the descriptor).
-const ATTR_FUA: u32 = 1 << 3;
-/// `ublksrv_io_desc.op_flags`: the operation in the low byte, flags above it.
-const IO_F_FUA: u32 = 1 << 13;
-
-const OP_READ: u8 = 0;
-const OP_WRITE: u8 = 1;
-const OP_FLUSH: u8 = 2;
-const OP_DISCARD: u8 = 3;
-const OP_WRITE_ZEROES: u8 = 5;
-
-/// Most queue depth the driver allows; it also spaces the per-queue descriptor arrays.
-const MAX_QUEUE_DEPTH: usize = 4096;
-const DESC_LEN: usize = 24;
 
 /// Per-request buffer size (and largest request) of the devices lsmd creates.
 const IO_BUF_BYTES: u32 = 512 * 1024;
@@ -117,27 +72,6 @@ impl Default for UblkOptions {
     }
 }
 
-/// struct ublksrv_ctrl_cmd, as bytes.
-fn ctrl_cmd(dev_id: u32, len: u16, addr: u64, data0: u64) -> [u8; 80] {
-    let mut c = [0u8; 80];
-    c[0..4].copy_from_slice(&dev_id.to_le_bytes());
-    c[4..6].copy_from_slice(&u16::MAX.to_le_bytes()); // queue_id: none
-    c[6..8].copy_from_slice(&len.to_le_bytes());
-    c[8..16].copy_from_slice(&addr.to_le_bytes());
-    c[16..24].copy_from_slice(&data0.to_le_bytes());
-    c
-}
-
-/// struct ublksrv_io_cmd, as bytes.
-fn io_cmd(q_id: u16, tag: u16, result: i32, addr: u64) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0..2].copy_from_slice(&q_id.to_le_bytes());
-    c[2..4].copy_from_slice(&tag.to_le_bytes());
-    c[4..8].copy_from_slice(&result.to_le_bytes());
-    c[8..16].copy_from_slice(&addr.to_le_bytes());
-    c
-}
-
 struct Control {
     file: File,
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
@@ -157,9 +91,9 @@ impl Control {
     }
 
     /// Runs one control command; returns the kernel's result.
-    fn run(&mut self, what: &str, op: u32, cmd: [u8; 80]) -> io::Result<i32> {
+    fn run(&mut self, what: &str, op: u32, cmd: CtrlCmd) -> io::Result<i32> {
         let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
-            .cmd(cmd)
+            .cmd(cmd.sqe_bytes())
             .build();
         // SAFETY: the command's `addr` (if any) points at memory the caller keeps alive until
         // this call returns, and we wait for the completion before returning.
@@ -190,9 +124,13 @@ struct Mapping {
     len: usize,
 }
 
-// SAFETY: the mapping is plain memory owned by this value; access is coordinated by the queue
-// thread (it is only ever used there).
+// SAFETY: the mapping is plain memory owned by this value. The descriptor array is only read by
+// the queue thread; the buffers are split by tag, and a tag's buffer is used by one thread at a
+// time: the queue thread until it hands the request to the pool, then that one task until it
+// completes the tag (see `Queue`).
 unsafe impl Send for Mapping {}
+// SAFETY: as above — shared handles never touch the same bytes at once.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn map(len: usize, fd: Option<(&File, i64)>, prot: i32) -> io::Result<Mapping> {
@@ -237,6 +175,7 @@ impl UblkDevice {
         export: Arc<Export>,
         state: &std::path::Path,
         opts: UblkOptions,
+        engine: &Engine,
     ) -> io::Result<UblkDevice> {
         let name = export.name.clone();
         let image = &export.image;
@@ -253,7 +192,7 @@ impl UblkDevice {
         if let Some(id) = previous {
             match wait_recoverable(&mut ctrl, id) {
                 Ok(Some(shape)) => {
-                    let dev = UblkDevice::serve(export, ctrl, id, shape, true)?;
+                    let dev = UblkDevice::serve(export, ctrl, id, shape, true, engine)?;
                     tracing::info!(export = %name, device = %dev.block_device(), "took over the ublk device after a restart");
                     return Ok(dev);
                 }
@@ -263,59 +202,67 @@ impl UblkDevice {
                 }
             }
         }
-        // struct ublksrv_ctrl_dev_info, 64 bytes; the kernel fills in dev_id.
-        let mut info = [0u8; 64];
-        info[0..2].copy_from_slice(&opts.queues.to_le_bytes()); // nr_hw_queues
-        info[2..4].copy_from_slice(&opts.depth.to_le_bytes());
-        info[8..12].copy_from_slice(&IO_BUF_BYTES.to_le_bytes());
-        info[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // dev_id: any
+        // The kernel fills in dev_id.
+        let template = DevInfo {
+            nr_hw_queues: opts.queues,
+            queue_depth: opts.depth,
+            max_io_buf_bytes: IO_BUF_BYTES,
+            dev_id: u32::MAX, // any
+            ..DevInfo::default()
+        };
         let base = F_CMD_IOCTL_ENCODE | F_USER_RECOVERY | F_USER_RECOVERY_REISSUE;
         let mut opts = opts;
-        let template = info;
+        let mut info = template;
         let mut added = Err(io::Error::other("not tried"));
         // User copy where the kernel offers it, else buffers the driver maps.
         for user_copy in [opts.user_copy, false] {
             info = template;
             let flags = base | if user_copy { F_USER_COPY } else { 0 };
-            info[24..32].copy_from_slice(&flags.to_le_bytes());
-            added = ctrl.run(
-                "ADD_DEV",
-                CMD_ADD_DEV,
-                ctrl_cmd(u32::MAX, 64, info.as_mut_ptr() as u64, 0),
-            );
+            info.flags = flags;
+            let len = std::mem::size_of::<DevInfo>() as u16;
+            let addr = info.as_mut_bytes().as_mut_ptr() as u64;
+            added = ctrl.run("ADD_DEV", CMD_ADD_DEV, CtrlCmd::new(u32::MAX, len, addr, 0));
             if added.is_ok() {
                 opts.user_copy = user_copy;
                 break;
             }
         }
         added?;
-        let dev_id = u32::from_le_bytes([info[12], info[13], info[14], info[15]]);
+        let dev_id = info.dev_id;
 
-        // struct ublk_params with the basic part only: 8 + 32 bytes.
-        let mut params = [0u8; 40];
-        params[0..4].copy_from_slice(&40u32.to_le_bytes());
-        params[4..8].copy_from_slice(&PARAM_TYPE_BASIC.to_le_bytes());
         let attrs = if image.read_only() {
             ATTR_READ_ONLY
         } else {
             ATTR_VOLATILE_CACHE | ATTR_FUA
         };
-        params[8..12].copy_from_slice(&attrs.to_le_bytes());
-        params[12] = 9; // logical block 512
-        params[13] = 12; // physical block 4096
-        params[14] = 12; // optimal I/O 4096
-        params[15] = 9; // minimal I/O 512
-        params[16..20].copy_from_slice(&(IO_BUF_BYTES >> 9).to_le_bytes());
-        params[24..32].copy_from_slice(&(image.size() >> 9).to_le_bytes());
+        let mut params = Params {
+            len: std::mem::size_of::<Params>() as u32,
+            types: PARAM_TYPE_BASIC,
+            basic: ParamBasic {
+                attrs,
+                logical_bs_shift: 9,   // 512
+                physical_bs_shift: 12, // 4096
+                io_opt_shift: 12,
+                io_min_shift: 9,
+                max_sectors: IO_BUF_BYTES >> 9,
+                dev_sectors: image.size() >> 9,
+                ..ParamBasic::default()
+            },
+        };
         if let Err(e) = ctrl.run(
             "SET_PARAMS",
             CMD_SET_PARAMS,
-            ctrl_cmd(dev_id, 40, params.as_mut_ptr() as u64, 0),
+            CtrlCmd::new(
+                dev_id,
+                params.len as u16,
+                params.as_mut_bytes().as_mut_ptr() as u64,
+                0,
+            ),
         ) {
-            let _ = ctrl.run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(dev_id, 0, 0, 0));
+            let _ = ctrl.run("DEL_DEV", CMD_DEL_DEV, CtrlCmd::new(dev_id, 0, 0, 0));
             return Err(e);
         }
-        let dev = UblkDevice::serve(export.clone(), ctrl, dev_id, opts, false)?;
+        let dev = UblkDevice::serve(export.clone(), ctrl, dev_id, opts, false, engine)?;
         if let Some(dir) = state.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -333,6 +280,7 @@ impl UblkDevice {
         dev_id: u32,
         shape: UblkOptions,
         recovering: bool,
+        engine: &Engine,
     ) -> io::Result<UblkDevice> {
         let mut dev = UblkDevice {
             dev_id,
@@ -345,7 +293,7 @@ impl UblkDevice {
             while let Err(e) = dev.ctrl.run(
                 "START_USER_RECOVERY",
                 CMD_START_USER_RECOVERY,
-                ctrl_cmd(dev_id, 0, 0, 0),
+                CtrlCmd::new(dev_id, 0, 0, 0),
             ) {
                 // EBUSY: the dead server's char device is not released yet.
                 if e.kind() != io::ErrorKind::ResourceBusy || std::time::Instant::now() > deadline {
@@ -369,8 +317,9 @@ impl UblkDevice {
         let (ready_tx, ready_rx) = mpsc::channel();
         for q in 0..shape.queues {
             let (export, cdev, ready) = (export.clone(), cdev.clone(), ready_tx.clone());
+            let lane = engine.lane(shape.depth as usize);
             dev.queues.push(std::thread::spawn(move || {
-                if let Err(e) = serve_queue(&export, &cdev, q, shape, &ready) {
+                if let Err(e) = serve_queue(&export, &cdev, q, shape, lane, &ready) {
                     tracing::error!(export = %export.name, queue = q, error = %e, "ublk queue failed");
                     let _ = ready.send(Err(e));
                 }
@@ -389,8 +338,11 @@ impl UblkDevice {
         } else {
             ("START_DEV", CMD_START_DEV)
         };
-        dev.ctrl
-            .run(what, op, ctrl_cmd(dev_id, 0, 0, std::process::id() as u64))?;
+        dev.ctrl.run(
+            what,
+            op,
+            CtrlCmd::new(dev_id, 0, 0, std::process::id() as u64),
+        )?;
         Ok(dev)
     }
 
@@ -415,12 +367,12 @@ impl UblkDevice {
         }
         let r = self
             .ctrl
-            .run("STOP_DEV", CMD_STOP_DEV, ctrl_cmd(self.dev_id, 0, 0, 0));
+            .run("STOP_DEV", CMD_STOP_DEV, CtrlCmd::new(self.dev_id, 0, 0, 0));
         for q in self.queues.drain(..) {
             let _ = q.join();
         }
         self.ctrl
-            .run("DEL_DEV", CMD_DEL_DEV, ctrl_cmd(self.dev_id, 0, 0, 0))?;
+            .run("DEL_DEV", CMD_DEL_DEV, CtrlCmd::new(self.dev_id, 0, 0, 0))?;
         r.map(|_| ())
     }
 }
@@ -440,19 +392,20 @@ fn wait_recoverable(ctrl: &mut Control, id: u32) -> io::Result<Option<UblkOption
 
 /// Device `id`'s state, and its shape when it has user recovery and waits for a server.
 fn recoverable(ctrl: &mut Control, id: u32) -> io::Result<(u16, Option<UblkOptions>)> {
-    let mut info = [0u8; 64];
+    let mut info = DevInfo::default();
+    let len = std::mem::size_of::<DevInfo>() as u16;
+    let addr = info.as_mut_bytes().as_mut_ptr() as u64;
     ctrl.run(
         "GET_DEV_INFO",
         CMD_GET_DEV_INFO,
-        ctrl_cmd(id, 64, info.as_mut_ptr() as u64, 0),
+        CtrlCmd::new(id, len, addr, 0),
     )?;
-    let state = u16::from_le_bytes([info[4], info[5]]);
-    let flags = u64::from_le_bytes(info[24..32].try_into().unwrap_or_default());
+    let (state, flags) = (info.state, info.flags);
     let recovery = flags & F_USER_RECOVERY != 0;
     let waiting = recovery && (state == S_DEV_QUIESCED || state == S_DEV_FAIL_IO);
-    let shape = waiting.then(|| UblkOptions {
-        queues: u16::from_le_bytes([info[0], info[1]]),
-        depth: u16::from_le_bytes([info[2], info[3]]),
+    let shape = waiting.then_some(UblkOptions {
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
         user_copy: flags & F_USER_COPY != 0,
     });
     Ok((if recovery { state } else { 0 }, shape))
@@ -466,36 +419,233 @@ impl Drop for UblkDevice {
     }
 }
 
+/// `user_data` of the eventfd read that wakes the queue thread when the pool finished tags.
+const WAKE: u64 = u64::MAX;
+
+/// Tags whose cold work the pool finished, with their results, waiting for the queue thread to
+/// commit them (only the thread owning the ring may submit to it). The eventfd wakes it.
+struct Finished {
+    tags: Mutex<Vec<(usize, i32)>>,
+    wake: File,
+}
+
+impl Finished {
+    fn new() -> io::Result<Finished> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let wake = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(Finished {
+            tags: Mutex::new(Vec::new()),
+            wake,
+        })
+    }
+
+    fn push(&self, tag: usize, result: i32) {
+        self.tags.lock().push((tag, result));
+        if let Err(e) = (&self.wake).write_all(&1u64.to_ne_bytes()) {
+            // Cannot happen short of a bug (the counter would have to overflow).
+            tracing::error!(error = %e, "cannot wake the ublk queue thread");
+        }
+    }
+}
+
+/// A tag's data buffer: its slice of the queue's buffers, or (user copy) a buffer of the
+/// thread that serves it.
+#[derive(Clone)]
+struct TagBuffers {
+    bufs: Arc<Mapping>,
+    user_copy: bool,
+}
+
+impl TagBuffers {
+    /// Runs `f` on a buffer of `len` bytes for `tag` (`len` ≤ [`IO_BUF_BYTES`]).
+    ///
+    /// Only the one thread that owns `tag` right now (the queue thread, or the pool task it
+    /// handed the request to) may call this for `tag`.
+    fn with<T>(&self, tag: usize, len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+        if self.user_copy {
+            thread_local! {
+                static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            BUF.with_borrow_mut(|b| {
+                b.resize(len, 0);
+                f(b)
+            })
+        } else {
+            // SAFETY: `len` ≤ IO_BUF_BYTES bytes of this tag's slot inside `bufs` (`depth`
+            // slots), used by nobody else while this thread owns the tag.
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut(self.bufs.ptr.add(tag * IO_BUF_BYTES as usize), len)
+            };
+            f(buf)
+        }
+    }
+}
+
+/// What one queue thread needs to serve a tag, shareable with the pool tasks it starts.
+#[derive(Clone)]
+struct Queue {
+    export: Arc<Export>,
+    cdev: Arc<File>,
+    q_id: u16,
+    bufs: TagBuffers,
+    finished: Arc<Finished>,
+}
+
+/// A request, read from its descriptor.
+#[derive(Clone, Copy)]
+struct Io {
+    tag: usize,
+    op: u8,
+    fua: bool,
+    off: u64,
+    len: usize,
+}
+
+impl Queue {
+    /// The result the kernel gets for `r`: the byte count, or a negative errno (logged).
+    fn result(&self, io: &Io, r: blockfmt::Result<()>) -> i32 {
+        match r {
+            Ok(()) => io.len as i32,
+            Err(e) => {
+                self.export.failed_request(&e);
+                tracing::warn!(export = %self.export.name, queue = self.q_id, op = io.op, offset = io.off, len = io.len, error = %e, "ublk request failed");
+                -crate::errno(&e)
+            }
+        }
+    }
+
+    fn copy_err(e: io::Error) -> blockfmt::Error {
+        blockfmt::Error::Invalid(format!("ublk user copy: {e}"))
+    }
+
+    /// With user copy, hands a read's bytes to the kernel.
+    fn copy_out(&self, io: &Io, buf: &[u8]) -> blockfmt::Result<()> {
+        if !self.bufs.user_copy {
+            return Ok(());
+        }
+        let pos = user_copy_pos(self.q_id, io.tag);
+        std::os::unix::fs::FileExt::write_all_at(&*self.cdev, buf, pos).map_err(Self::copy_err)
+    }
+
+    /// With user copy, takes a write's bytes from the kernel.
+    fn copy_in(&self, io: &Io, buf: &mut [u8]) -> blockfmt::Result<()> {
+        if !self.bufs.user_copy {
+            return Ok(());
+        }
+        let pos = user_copy_pos(self.q_id, io.tag);
+        std::os::unix::fs::FileExt::read_exact_at(&*self.cdev, buf, pos).map_err(Self::copy_err)
+    }
+
+    /// Serves `io` on the queue thread if it is hot work and returns its result; else hands it
+    /// to `lane`, which completes it through [`Finished`], and returns `None`.
+    fn serve(&self, io: Io, lane: &Lane) -> Option<i32> {
+        let via = Frontend::Ublk;
+        let export = &*self.export;
+        let (off, len) = (io.off, io.len);
+        let r = match io.op {
+            OP_READ => {
+                let hot = self.bufs.with(io.tag, len, |buf| {
+                    Some(match engine::read_hot(export, via, off, buf)? {
+                        Ok(_) => self.copy_out(&io, buf),
+                        Err(e) => Err(e),
+                    })
+                });
+                match hot {
+                    Some(r) => r,
+                    None => {
+                        let me = self.clone();
+                        lane.submit(move || {
+                            let r = me.bufs.with(io.tag, len, |buf| {
+                                engine::read_cold(&me.export, via, off, buf)
+                                    .and_then(|_| me.copy_out(&io, buf))
+                            });
+                            me.finished.push(io.tag, me.result(&io, r));
+                        });
+                        return None;
+                    }
+                }
+            }
+            OP_WRITE => {
+                let r = self.bufs.with(io.tag, len, |buf| {
+                    self.copy_in(&io, buf)?;
+                    engine::hot(export, via, |img| img.write(off, buf))
+                });
+                match r {
+                    // FUA: the write is synced before it completes.
+                    Ok(()) if io.fua => return self.flush_cold(io, lane),
+                    r => r,
+                }
+            }
+            OP_FLUSH => return self.flush_cold(io, lane),
+            OP_DISCARD => engine::hot(export, via, |img| img.trim(off, len as u64)),
+            OP_WRITE_ZEROES => engine::hot(export, via, |img| img.write_zeroes(off, len as u64)),
+            op => Err(blockfmt::Error::Invalid(format!("ublk op {op}"))),
+        };
+        Some(self.result(&io, r))
+    }
+
+    /// A FLUSH (or the sync after a FUA write) on the pool.
+    fn flush_cold(&self, io: Io, lane: &Lane) -> Option<i32> {
+        let me = self.clone();
+        lane.submit(move || {
+            let r = engine::flush(&me.export, Frontend::Ublk);
+            me.finished.push(io.tag, me.result(&io, r));
+        });
+        None
+    }
+}
+
 /// Serves queue `q_id` until the device stops.
+///
+/// Tags complete in any order: hot requests are committed from this thread as soon as they are
+/// served, cold ones when their pool task finishes (it queues the result in [`Finished`] and
+/// wakes this thread through an eventfd read on the same ring), so a cold read on one tag never
+/// delays another.
 fn serve_queue(
-    export: &Export,
-    cdev: &File,
+    export: &Arc<Export>,
+    cdev: &Arc<File>,
     q_id: u16,
     shape: UblkOptions,
+    lane: Lane,
     ready: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
-    let (name, image) = (&export.name, &export.image);
     let depth = shape.depth as usize;
     let user_copy = shape.user_copy;
     // Each queue's descriptors sit at a fixed stride (room for the largest depth); the driver
     // wants exactly the queue's own size, rounded to pages.
-    let stride = (MAX_QUEUE_DEPTH * DESC_LEN).div_ceil(4096) * 4096;
-    let descs_len = (depth * DESC_LEN).div_ceil(4096) * 4096;
+    let desc_len = std::mem::size_of::<IoDesc>();
+    let stride = (MAX_QUEUE_DEPTH * desc_len).div_ceil(4096) * 4096;
+    let descs_len = (depth * desc_len).div_ceil(4096) * 4096;
     let descs = Mapping::map(
         descs_len,
         Some((cdev, q_id as i64 * stride as i64)),
         libc::PROT_READ,
     )?;
-    // Buffers the driver copies through (a tag each), or with user copy one scratch buffer.
-    let bufs = Mapping::map(
+    // Buffers the driver copies through (a tag each); with user copy, threads use their own.
+    let bufs = Arc::new(Mapping::map(
         if user_copy {
-            IO_BUF_BYTES as usize
+            4096
         } else {
             depth * IO_BUF_BYTES as usize
         },
         None,
         libc::PROT_READ | libc::PROT_WRITE,
-    )?;
+    )?);
+    let queue = Queue {
+        export: export.clone(),
+        cdev: cdev.clone(),
+        q_id,
+        bufs: TagBuffers {
+            bufs: bufs.clone(),
+            user_copy,
+        },
+        finished: Arc::new(Finished::new()?),
+    };
     let buf_addr = |tag: usize| {
         if user_copy {
             0
@@ -503,11 +653,19 @@ fn serve_queue(
             bufs.ptr as u64 + (tag * IO_BUF_BYTES as usize) as u64
         }
     };
-    let mut ring: IoUring = IoUring::new((depth * 2) as u32)?;
+    // The eventfd read lands here; declared before the ring so it outlives it.
+    let mut wake_buf = Box::new([0u8; 8]);
+    let mut ring: IoUring = IoUring::new((depth * 2 + 2) as u32)?;
     let fd = types::Fd(cdev.as_raw_fd());
     let push = |ring: &mut IoUring, op: u32, tag: usize, result: i32| -> io::Result<()> {
+        let cmd = IoCmd {
+            q_id,
+            tag: tag as u16,
+            result,
+            addr: buf_addr(tag),
+        };
         let sqe = opcode::UringCmd16::new(fd, op)
-            .cmd(io_cmd(q_id, tag as u16, result, buf_addr(tag)))
+            .cmd(cmd.sqe_bytes())
             .build()
             .user_data(tag as u64);
         // SAFETY: the command names this tag's buffer, which lives (in `bufs`) as long as the
@@ -518,92 +676,83 @@ fn serve_queue(
                 .map_err(|_| io::Error::other("queue ring full"))
         }
     };
+    let wake_fd = types::Fd(queue.finished.wake.as_raw_fd());
+    let arm_wake = |ring: &mut IoUring, buf: &mut [u8; 8]| -> io::Result<()> {
+        let sqe = opcode::Read::new(wake_fd, buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE);
+        // SAFETY: `buf` is boxed and outlives the ring (declared before it); only this read
+        // writes it.
+        unsafe {
+            ring.submission()
+                .push(&sqe)
+                .map_err(|_| io::Error::other("queue ring full"))
+        }
+    };
     for tag in 0..depth {
         push(&mut ring, IO_FETCH_REQ, tag, 0)?;
     }
+    arm_wake(&mut ring, &mut wake_buf)?;
     ring.submit()?;
     let _ = ready.send(Ok(()));
     let mut live = depth;
     while live > 0 {
         ring.submit_and_wait(1)?;
-        let done: Vec<(usize, i32)> = ring
+        let done: Vec<(u64, i32)> = ring
             .completion()
-            .map(|c| (c.user_data() as usize, c.result()))
+            .map(|c| (c.user_data(), c.result()))
             .collect();
-        for (tag, res) in done {
-            if res < 0 {
+        let mut woken = false;
+        for (data, res) in done {
+            if data == WAKE {
+                if res < 0 {
+                    tracing::warn!(queue = q_id, error = %io::Error::from_raw_os_error(-res), "ublk wake-up read failed");
+                }
+                woken = true;
+                continue;
+            }
+            let tag = data as usize;
+            if res < 0 || tag >= depth {
                 // UBLK_IO_RES_ABORT (-ENODEV): the device is stopping; this tag is done.
                 live -= 1;
                 continue;
             }
             // SAFETY: the driver wrote descriptor `tag` before completing its fetch, and the
             // mapping holds `depth` descriptors.
-            let d = unsafe { std::slice::from_raw_parts(descs.ptr.add(tag * DESC_LEN), DESC_LEN) };
-            let op_flags = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-            let op = (op_flags & 0xff) as u8;
-            let fua = op_flags & IO_F_FUA != 0;
-            let sectors = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as u64;
-            let start = u64::from_le_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]);
-            let (off, len) = (start << 9, (sectors << 9) as usize);
-            let result = if len > IO_BUF_BYTES as usize {
-                -libc::EINVAL
-            } else {
-                let slot = if user_copy {
-                    0
-                } else {
-                    tag * IO_BUF_BYTES as usize
-                };
-                // SAFETY: `len` ≤ IO_BUF_BYTES bytes inside `bufs` (this tag's buffer, or the
-                // queue's scratch buffer with user copy), used by nobody else until we commit.
-                let buf = unsafe { std::slice::from_raw_parts_mut(bufs.ptr.add(slot), len) };
-                let pos = user_copy_pos(q_id, tag);
-                let copy_err =
-                    |e: io::Error| blockfmt::Error::Invalid(format!("ublk user copy: {e}"));
-                let r = match op {
-                    OP_READ => image.read(off, buf).and_then(|_| {
-                        if user_copy {
-                            std::os::unix::fs::FileExt::write_all_at(cdev, buf, pos)
-                                .map_err(copy_err)
-                        } else {
-                            Ok(())
-                        }
-                    }),
-                    OP_WRITE => {
-                        let got = if user_copy {
-                            std::os::unix::fs::FileExt::read_exact_at(cdev, buf, pos)
-                                .map_err(copy_err)
-                        } else {
-                            Ok(())
-                        };
-                        // FUA: the write is synced before it completes.
-                        got.and_then(|_| image.write(off, buf))
-                            .and_then(|_| match fua {
-                                true => export.flush(Frontend::Ublk),
-                                false => Ok(()),
-                            })
-                    }
-                    OP_FLUSH => export.flush(Frontend::Ublk),
-                    OP_DISCARD => image.trim(off, len as u64),
-                    OP_WRITE_ZEROES => image.write_zeroes(off, len as u64),
-                    _ => Err(blockfmt::Error::Invalid(format!("ublk op {op}"))),
-                };
-                match r {
-                    Ok(()) => len as i32,
-                    Err(e) => {
-                        export.failed_request(&e);
-                        tracing::warn!(export = %name, queue = q_id, op, offset = off, len, error = %e, "ublk request failed");
-                        -crate::errno(&e)
-                    }
-                }
+            let raw =
+                unsafe { std::slice::from_raw_parts(descs.ptr.add(tag * desc_len), desc_len) };
+            let d = IoDesc::read_from_bytes(raw).unwrap_or_default();
+            let io = Io {
+                tag,
+                op: d.op(),
+                fua: d.fua(),
+                off: d.start_sector << 9,
+                len: (d.nr_sectors as usize) << 9,
             };
-            push(&mut ring, IO_COMMIT_AND_FETCH_REQ, tag, result)?;
+            let result = if io.len > IO_BUF_BYTES as usize {
+                Some(-libc::EINVAL)
+            } else {
+                queue.serve(io, &lane)
+            };
+            if let Some(result) = result {
+                push(&mut ring, IO_COMMIT_AND_FETCH_REQ, tag, result)?;
+            }
+        }
+        if woken {
+            let finished = std::mem::take(&mut *queue.finished.tags.lock());
+            for (tag, result) in finished {
+                push(&mut ring, IO_COMMIT_AND_FETCH_REQ, tag, result)?;
+            }
+            arm_wake(&mut ring, &mut wake_buf)?;
         }
         // Before the kernel hears of these completions, the upper layer's queued records reach
         // the kernel too: a restarted lsmd (recovery) then sees every write it acknowledged.
-        if let Err(e) = image.settle() {
+        if let Err(e) = export.image.settle() {
             export.failed_request(&e);
-            tracing::warn!(export = %name, error = %e, "upper layer log write failed");
+            tracing::warn!(export = %export.name, error = %e, "upper layer log write failed");
         }
     }
+    // Every tag is done, so no task of this queue is left on the pool.
+    lane.drain();
     Ok(())
 }

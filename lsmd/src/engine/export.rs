@@ -1,0 +1,118 @@
+//! An export: one named image and its counters, shared by every frontend that serves it (NBD
+//! connections, a kernel nbd device, a ublk device, a FUSE file), and the set of exports a
+//! server offers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use blockfmt::Image;
+
+use crate::metrics::{ExportStats, Frontend};
+
+/// One named export, shared by every frontend that serves it (NBD connections, a kernel nbd
+/// device, a ublk device, a FUSE file).
+pub struct Export {
+    pub name: String,
+    pub image: Arc<Image>,
+    /// Flushes and failures seen by the frontends, for `/metrics`.
+    pub stats: ExportStats,
+}
+
+impl Export {
+    pub fn new(name: String, image: Arc<Image>) -> Export {
+        Export {
+            name,
+            image,
+            stats: ExportStats::default(),
+        }
+    }
+
+    /// A FLUSH (or the flush after a FUA write) asked for through `via`: syncs the image and
+    /// counts it. Every frontend flushes through here, so `/metrics` shows which ones reach lsmd.
+    /// The caller reports an error to its client and to [`Export::failed_request`].
+    pub fn flush(&self, via: Frontend) -> blockfmt::Result<()> {
+        let r = self.image.flush();
+        self.stats.count_flush(via, r.is_ok());
+        r
+    }
+
+    /// Notes a request that failed with `e`: an upper layer out of space is counted, and one
+    /// that refuses writes after a failed sync ([`blockfmt::Error::Failed`], sticky until the
+    /// layer is reopened) is logged at error level (once) and raises `lsm_upper_failed`.
+    pub fn failed_request(&self, e: &blockfmt::Error) {
+        if e.is_no_space() {
+            self.stats.count_no_space();
+        }
+        if matches!(e, blockfmt::Error::Failed { .. }) && self.stats.mark_failed() {
+            tracing::error!(export = %self.name, error = %e, "the upper layer failed: every write and flush of this export fails (EIO) until lsmd is restarted and the layer recovered");
+        }
+    }
+}
+
+/// The set of exports a server offers; the first is the default (empty name).
+#[derive(Clone)]
+pub struct Exports {
+    by_name: Arc<BTreeMap<String, Arc<Export>>>,
+    default: Option<String>,
+}
+
+impl Exports {
+    /// Exports in order; the first answers to the empty name.
+    pub fn new(list: Vec<Export>) -> Exports {
+        let default = list.first().map(|e| e.name.clone());
+        Exports {
+            by_name: Arc::new(
+                list.into_iter()
+                    .map(|e| (e.name.clone(), Arc::new(e)))
+                    .collect(),
+            ),
+            default,
+        }
+    }
+
+    /// The export called `name` (the empty name: the default export).
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        let key = if name.is_empty() {
+            self.default.as_deref()?
+        } else {
+            name
+        };
+        self.by_name.get(key).cloned()
+    }
+
+    /// Every export's name and image, in name order.
+    pub fn images(&self) -> impl Iterator<Item = (&str, &Image)> {
+        self.by_name
+            .values()
+            .map(|e| (e.name.as_str(), e.image.as_ref()))
+    }
+
+    /// Every export's name, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// Every export, in name order.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.by_name.values()
+    }
+
+    /// Every export's name and a shared handle to its image, in name order.
+    pub fn images_shared(&self) -> impl Iterator<Item = (&str, Arc<Image>)> {
+        self.by_name
+            .values()
+            .map(|e| (e.name.as_str(), e.image.clone()))
+    }
+
+    /// Flushes every writable image (graceful shutdown).
+    pub fn flush_all(&self) -> Vec<(String, blockfmt::Error)> {
+        self.by_name
+            .values()
+            .filter_map(|e| {
+                let err = e.flush(Frontend::Shutdown).err()?;
+                e.failed_request(&err);
+                Some((e.name.clone(), err))
+            })
+            .collect()
+    }
+}
