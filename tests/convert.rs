@@ -289,6 +289,68 @@ fn erofs_conversion_matches_umoci_and_is_reproducible() {
     d.terminate();
 }
 
+/// A layer debugfs cannot replay in place — one path named twice in its tar — has its
+/// filesystem made whole instead; parent directories a tar does not name get a fixed time (the conversion says so), and the layers above
+/// it are applied in place again: the tree still equals umoci's and the conversion stays
+/// reproducible.
+#[test]
+fn layers_debugfs_cannot_replay_are_made_whole() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let l1 = TarLayer::new()
+        .dir("d")
+        .file("d/keep", "kept")
+        .file("d/old", "old")
+        .finish();
+    let l2 = TarLayer::new()
+        .file("d/twice", "first")
+        .file("d/twice", "second")
+        .finish();
+    let l3 = TarLayer::new()
+        .file("d/.wh.old", "")
+        .file("d/new", "in place")
+        .link(tar::EntryType::Link, "d/again", "d/twice")
+        .file("implicit/parents/f", "parents the tar does not name")
+        .finish();
+    let src = t.join("src");
+    oci_layout(&src, &[(l1, true), (l2, true), (l3, false)]);
+    let bundle = t.join("bundle");
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:t", src.display()))
+        .arg(&bundle));
+    let conv = |dst: &Path| {
+        run(lsmctl(["convert", "--no-reuse", "--tag", "t"])
+            .arg(&src)
+            .arg(dst))
+    };
+    let dst = t.join("dst");
+    let o = conv(&dst);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("making its filesystem whole").count(),
+        1,
+        "only layer 2 is made whole: {err}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // another unpack time
+    let o2 = conv(&t.join("dst2"));
+    assert_eq!(o2.stdout, o.stdout, "not reproducible");
+
+    let files = t.join("files");
+    let name = format!("img={}", dst.join("lsm-image.json").display());
+    let d = Lsmd::start_fuse(&t.join("lsmd.sock"), OsStr::new(&name), &files, &[]);
+    {
+        let m = Mounted::with(&files.join("img"), &t.join("mnt"), true);
+        assert_same_tree(&bundle.join("rootfs"), &m.dir, None);
+        assert_eq!(
+            std::fs::read_to_string(m.dir.join("d/again")).expect("again"),
+            "second"
+        );
+    }
+    d.terminate();
+}
+
 #[test]
 fn bad_layers_are_refused_and_leave_no_image() {
     let tmp = tempfile::tempdir().expect("tmp");

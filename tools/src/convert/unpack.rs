@@ -134,18 +134,30 @@ impl KeptTimes {
     }
 }
 
-/// Creates the missing directories of `dir` (below `root`, resolved), recording each.
-fn make_dirs(root: &Path, dir: &Path, changes: &mut Changes) -> io::Result<()> {
+/// Creates the missing directories of `dir` (below `root`, resolved), recording each in
+/// `changes` and `implicit` (a layer that names no such directory gives it no time: it gets
+/// [`IMPLICIT_DIR_MTIME`], not the clock's, so conversions stay reproducible).
+fn make_dirs(
+    root: &Path,
+    dir: &Path,
+    changes: &mut Changes,
+    implicit: &mut Vec<PathBuf>,
+) -> io::Result<()> {
     if dir == root || dir.is_dir() {
         return Ok(());
     }
     if let Some(up) = dir.parent() {
-        make_dirs(root, up, changes)?;
+        make_dirs(root, up, changes, implicit)?;
     }
     std::fs::create_dir(dir)?;
     changes.created(dir);
+    implicit.push(dir.to_path_buf());
     Ok(())
 }
+
+/// Modification time of a directory a layer creates without naming it (a parent its tar
+/// lacks): fixed, as the filesystem root's is.
+const IMPLICIT_DIR_MTIME: u64 = 1;
 
 /// Applies one layer, read twice through `open` (whiteouts, then contents), onto `root`,
 /// recording in `changes` what it changed (to replay on the layer's filesystem).
@@ -199,6 +211,7 @@ pub fn apply_layer(
     }
     // Pass 2: everything else.
     let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();
+    let mut implicit: Vec<PathBuf> = Vec::new();
     let mut a = Archive::new(open()?);
     for e in a.entries()? {
         let mut e = e?;
@@ -209,7 +222,7 @@ pub fn apply_layer(
         }
         let _step = workdir::step()?;
         let parent = resolve(root, &parts[..parts.len() - 1])?;
-        make_dirs(root, &parent, changes)?;
+        make_dirs(root, &parent, changes, &mut implicit)?;
         kept.touch(&parent);
         let dst = parent.join(name);
         let kind = e.header().entry_type();
@@ -332,6 +345,11 @@ pub fn apply_layer(
     for (d, t) in &kept.0 {
         if !named.contains(d) && d.exists() {
             set_mtime(&cstr(d)?, d, *t)?;
+        }
+    }
+    for d in &implicit {
+        if !named.contains(d) && d.exists() {
+            set_mtime(&cstr(d)?, d, IMPLICIT_DIR_MTIME)?;
         }
     }
     for (d, h) in dirs.iter().rev() {
