@@ -203,9 +203,19 @@ impl Session {
         let sep = if loc.contains('?') { '&' } else { '?' };
         let put = format!("{loc}{sep}digest={digest}");
         let open = || std::fs::File::open(file);
+        // With Content-Length, not chunked: registries backed by object storage refuse chunked
+        // uploads, and a server that answers before reading a chunked body cuts the upload.
+        let len = std::fs::metadata(file)
+            .map_err(|e| CliError(format!("PUT blob {digest}: {}: {e}", file.display())))?
+            .len()
+            .to_string();
         self.send(
             &format!("PUT blob {digest}"),
-            |a| a.put(&put).set("Content-Type", "application/octet-stream"),
+            |a| {
+                a.put(&put)
+                    .set("Content-Type", "application/octet-stream")
+                    .set("Content-Length", &len)
+            },
             Some(&open),
             None,
         )?
