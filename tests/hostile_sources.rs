@@ -87,6 +87,19 @@ fn read_all(config: &Path, host: &HostServices) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
+/// [`read_all`], as a reader asking 128 KiB at a time, one after another, would read it.
+fn read_in_pieces(config: &Path, host: &HostServices) -> Result<Vec<u8>, String> {
+    let spec = ImageSpec::load(config).map_err(|e| e.to_string())?;
+    let image = spec.open_image(false, host).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; image.size() as usize];
+    for (i, piece) in buf.chunks_mut(128 << 10).enumerate() {
+        image
+            .read((i as u64) << 17, piece)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(buf)
+}
+
 /// Host services that give up after `secs` instead of a minute.
 fn patient_for(secs: u64) -> HostServices {
     let mut h = HostServices::default();
@@ -488,28 +501,44 @@ fn a_server_ignoring_range_is_refused_at_once_and_the_mirror_serves() {
     assert!(read_all(&c, &HostServices::default()).expect("read") == f.raw);
     let asked = gets(&whole) - before;
     assert!(
-        asked <= 2 && gets(&mirror) >= 3,
+        asked <= 2 && gets(&mirror) >= 1,
         "the server ignoring Range got {asked} GETs, the mirror {}",
         gets(&mirror)
     );
 }
 
-/// A server answering every ranged GET with the bytes `shift` further on; `honest_header`
-/// says the range it really sent, otherwise it claims the one asked for.
+/// A server answering every ranged GET of chunk bytes with other bytes: those `shift` further
+/// on (or back, or — for a merged fetch of every chunk, which leaves no room — the asked bytes
+/// rotated by `shift`); `honest_header` says a range other than the one asked for, otherwise
+/// it claims the one asked for. Reads of the blob's tail (the metadata) are answered right, so
+/// the layer opens.
 fn shifting(f: &Fixture, shift: u64, honest_header: bool) -> Server {
     let blob = f.blob.clone();
     Server::start("127.0.0.1", move |r| {
         let n = blob.len() as u64;
         match r.range() {
-            Some((a, b)) if r.method == "GET" && b + shift < n => {
-                let (sa, sb) = (a + shift, b + shift);
-                let shown = if honest_header { (sa, sb) } else { (a, b) };
+            Some((a, b)) if r.method == "GET" && b + 1 < n => {
+                let body = if b + shift < n {
+                    blob[(a + shift) as usize..=(b + shift) as usize].to_vec()
+                } else if a >= shift {
+                    blob[(a - shift) as usize..=(b - shift) as usize].to_vec()
+                } else {
+                    let mut v = blob[a as usize..=b as usize].to_vec();
+                    let k = (shift % (b - a + 1)) as usize;
+                    v.rotate_left(k.max(1));
+                    v
+                };
+                let shown = if honest_header {
+                    (a + shift, b + shift)
+                } else {
+                    (a, b)
+                };
                 Reply::new(206)
                     .header(
                         "Content-Range",
                         &format!("bytes {}-{}/{n}", shown.0, shown.1),
                     )
-                    .body(blob[sa as usize..=sb as usize].to_vec())
+                    .body(body)
             }
             _ => Reply::honest(&blob, r),
         }
@@ -585,7 +614,7 @@ fn a_bad_p2p_piece_is_dropped_and_the_registry_behind_serves() {
     });
     let p2p = json!({ "p2p": { "proxy": agent.url, "piece_size": 1048576 } });
     let c = f.registry("p2p.json", &reg.url, p2p);
-    assert!(read_all(&c, &HostServices::default()).expect("read") == f.raw);
+    assert!(read_in_pieces(&c, &HostServices::default()).expect("read") == f.raw);
     assert!(
         gets(&reg) > 0,
         "the registry behind the agent was never asked"

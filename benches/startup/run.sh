@@ -3,33 +3,42 @@
 # lsm (lazy, and with a recorded startup trace) against a full OCI pull + unpack, with the
 # registry behind a shaped link. One command from a clean clone (root; installs what it needs):
 #
-#   bash benches/startup/run.sh            # RUNS=5 PROFILES="unlimited 1gbit 100mbit" IMAGES="base py fat"
+#   bash benches/startup/run.sh            # RUNS=5 PROFILES="unlimited 1gbit 100mbit" IMAGES="base py pip"
 #   LOOP_DIO=1 bash benches/startup/run.sh # the loop device with --direct-io=on (several reads in flight)
 #
 # What it does:
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
-#     minbase), `py` (+ python3), `fat` (+ python3-numpy, python3-scipy);
+#     minbase), `py` (+ python3), `pip` (py + numpy and scipy installed by pip from PyPI's
+#     wheels: pip-image.sh) — or, when PyPI is unreachable, `fat` (py + Debian's python3-numpy,
+#     python3-scipy) in its place, which the output says;
 #  2. starts docker-registry inside a network namespace, reached from the host through a veth
 #     pair; the namespace's side is shaped with `tc tbf` and a delaying proxy
 #     (delay_proxy.py: this kernel has no netem) adds the round-trip time:
 #       unlimited — no shaping, no delay;  1gbit — 1 Gbit/s, 1 ms RTT;  100mbit — 100 Mbit/s, 5 ms RTT;
 #  3. pushes the OCI images there with skopeo, converts them from there with `lsmctl convert
-#     --push`, and records a startup trace per image (one untimed lsm run + `lsmctl trace record`);
+#     --push`, records a node startup trace per image (one untimed lsm run + `lsmctl trace
+#     record`) and bakes a shipped one (`lsmctl trace bake`: pushed beside the layers, named
+#     with its digest in the config);
 #  4. for each profile, image and run, from a cold node (empty dirs and cache, page cache dropped):
 #       oci   — skopeo copy (every layer) + tar -x of each layer in order + chroot COMMAND
-#       lazy  — lsmd --fuse with an empty cache, losetup, mount -o ro, chroot COMMAND
-#       trace — the same, lsmd prefetching the recorded trace
+#       bare  — lsmd --fuse with an empty cache and --prefetch none, losetup, mount -o ro,
+#               chroot COMMAND ("lsm lazy, no prefetch")
+#       lazy  — the same with lsmd's default prefetch and no trace: the used ext4 inode tables
+#               are fetched at open ("lsm lazy")
+#       trace — the same, lsmd prefetching the trace this node recorded ("lsm + node trace")
+#       shipped — the same, lsmd fetching the trace shipped in the image, checking its digest
+#                 and prefetching by it ("lsm + shipped trace"; nothing recorded on the node)
 #     and, through containerd 1.6 (a fresh containerd + lsm-snapshotter per run, in its own
 #     directories and sockets; started before the clock):
 #       ctr-oci  — `ctr image pull` (overlayfs snapshotter: every layer fetched and unpacked)
 #                  + `ctr run --rm` COMMAND
 #       ctr-lazy — `lsmctl pull` of the converted image (no layer fetched) + `ctr run --rm
 #                  --snapshotter lsm` COMMAND (lsm-snapshotter attaches the layers lazily)
-#     (MODES="oci lazy trace ctr-oci ctr-lazy" by default; lsm-snapshotter has no startup-trace
-#     prefetch yet, so there is no ctr-trace row)
+#     (lsm-snapshotter has no startup-trace prefetch yet, so there is no ctr-trace row)
 #     timing each from start to the command's exit and counting the bytes the host received
 #     on the veth (TCP/IP headers included);
-#     (lsmd's log and /metrics of each lsm run are kept in $WORK/logs);
+#     (lsmd's log and /metrics of each lsm run are kept in $WORK/logs; the runs CSV also
+#     has lsmd's own count of GETs and bytes from the registry);
 #  5. writes results/startup-runs.csv (every run), results/startup.csv and results/startup.md
 #     (medians, lsm/OCI ratios, bytes fetched and fraction of the image) and results/startup.png.
 # Everything it makes — namespace, veth, mounts, loop devices, processes — is removed on exit,
@@ -39,8 +48,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 RUNS=${RUNS:-5}
 PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
-IMAGES=${IMAGES:-"base py fat"}
-MODES=${MODES:-"oci lazy trace ctr-oci ctr-lazy"}
+IMAGES=${IMAGES:-"base py pip"}
+MODES=${MODES:-"oci bare lazy trace shipped ctr-oci ctr-lazy"}
 OUT=${OUT:-$here/results}
 WORK=${WORK:-/var/tmp/lsm-startup}
 NS=lsmbench
@@ -56,7 +65,7 @@ command_for() {
   case $1 in
     base) echo "/usr/bin/dpkg-query -W coreutils" ;;
     py) echo "/usr/bin/python3 -c 'import json, sqlite3, email.parser, http.client'" ;;
-    fat) echo "/usr/bin/python3 -c 'import numpy, scipy.linalg; numpy.linalg.inv(numpy.eye(4))'" ;;
+    fat | pip) echo "/usr/bin/python3 -c 'import numpy, scipy.linalg; numpy.linalg.inv(numpy.eye(4))'" ;;
   esac
 }
 
@@ -91,6 +100,7 @@ need=()
 command -v gnuplot >/dev/null || need+=(gnuplot-nox)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
+command -v pip >/dev/null || need+=(python3-pip) # pip-image.sh downloads the wheels with it
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -99,7 +109,17 @@ LSMD=$repo/target/release/lsmd
 LSMCTL=$repo/target/release/lsmctl
 SNAPSHOTTER=$repo/target/release/lsm-snapshotter
 echo "startup: building/finding the Debian images (cached in /var/cache/lsm-images)"
-OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
+if [[ " $IMAGES " == *" pip "* ]]; then
+  OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1)
+  if ! OCI=$(bash "$here/pip-image.sh" /var/cache/lsm-images/pip-v1 "$OCI"); then
+    echo "startup: PyPI unreachable (see /var/cache/lsm-images/pip-v1/pip.log): Debian's python3-numpy/scipy image (fat) instead of pip's"
+    IMAGES=${IMAGES/pip/fat}
+    OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
+  fi
+else
+  OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 \
+    "$([[ " $IMAGES " == *" fat "* ]] && echo fat)")
+fi
 
 rm -rf "$WORK" && mkdir -p "$WORK/pids" "$OUT"
 
@@ -273,9 +293,35 @@ for img in $IMAGES; do
   rm -rf "$d"
 done
 
+# A shipped trace per image: `lsmctl trace bake` runs the command once over the image (its own
+# lsmd, cold) and pushes the trace beside the layers; $WORK/shipped/IMAGE.json names it.
+bake_shipped() { # IMAGE
+  local img=$1
+  mkdir -p "$WORK/shipped"
+  cp "$WORK/lsm-$img/lsm-remote.json" "$WORK/shipped/$img.json"
+  "$LSMCTL" trace bake "$WORK/shipped/$img.json" -- "$(command_for "$img")"
+}
+for img in $IMAGES; do
+  echo "startup: baking the shipped startup trace of $img"
+  bake_shipped "$img"
+done
+
+# lsmd's own count of what it fetched in a run: "GETs,bytes" from its saved /metrics.
+lsm_fetches() { # METRICS_FILE
+  python3 - "$1" <<'EOF'
+import sys
+v = {}
+for line in open(sys.argv[1]):
+    for name in ("lsm_source_requests_total", "lsm_source_bytes_total"):
+        if line.startswith(name + '{source="registry"}'):
+            v[name] = int(float(line.split()[-1]))
+print(f'{v.get("lsm_source_requests_total", "")},{v.get("lsm_source_bytes_total", "")}')
+EOF
+}
+
 # --- the runs ------------------------------------------------------------------------------------
 runs=$OUT/startup-runs.csv
-echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes" >"$runs"
+echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes,lsm_gets,lsm_bytes" >"$runs"
 cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
 
@@ -312,8 +358,12 @@ for l in man["layers"]:
 EOF
             chroot "$d/rootfs" sh -c "$cmd" >/dev/null
             ;;
-          lazy)
+          bare)
             lsm_start "$img" "$WORK/lsm-$img/lsm-remote.json" "$d" none
+            chroot "$d/mnt" sh -c "$cmd" >/dev/null
+            ;;
+          lazy)
+            lsm_start "$img" "$WORK/lsm-$img/lsm-remote.json" "$d" trace
             chroot "$d/mnt" sh -c "$cmd" >/dev/null
             ;;
           trace)
@@ -329,6 +379,10 @@ EOF
               "$REG/lsm/$img:1" >/dev/null 2>"$d/pull.log"
             ctr_ run --rm --snapshotter lsm "$REG/lsm/$img:1" "run-$r" sh -c "$cmd" >/dev/null
             ;;
+          shipped)
+            lsm_start "$img" "$WORK/shipped/$img.json" "$d" trace
+            chroot "$d/mnt" sh -c "$cmd" >/dev/null
+            ;;
         esac
         t1=$(now)
         b1=$(rx)
@@ -338,16 +392,18 @@ EOF
           cp "$d/snapshotter.log" "$WORK/logs/$profile-$img-$mode-$r.snapshotter.log"
           ;;
         esac
-        if [ "$mode" = lazy ] || [ "$mode" = trace ]; then
+        fetches=,
+        if [ "$mode" != oci ] && [[ $mode != ctr-* ]]; then
           mkdir -p "$WORK/logs"
           curl -s http://127.0.0.1:9899/metrics >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
+          fetches=$(lsm_fetches "$WORK/logs/$profile-$img-$mode-$r.metrics")
           lsm_stop "$d" "$img"
           cp "$d/lsmd.log" "$WORK/logs/$profile-$img-$mode-$r.log"
         fi
         rm -rf "$d"
         secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
-        echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]}" >>"$runs"
-        echo "startup: $profile $img $mode run $r: ${secs} s, $((b1 - b0)) bytes"
+        echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]},$fetches" >>"$runs"
+        echo "startup: $profile $img $mode run $r: ${secs} s, $((b1 - b0)) bytes (lsmd GETs,bytes: $fetches)"
       done
     done
   done

@@ -14,12 +14,15 @@ runs_csv, out = sys.argv[1], sys.argv[2]
 rows = list(csv.DictReader(open(runs_csv)))
 profiles = list(dict.fromkeys(r["profile"] for r in rows))
 images = list(dict.fromkeys(r["image"] for r in rows))
-MODES = ["oci", "lazy", "trace"]
+MODES = [m for m in ["oci", "bare", "lazy", "trace", "shipped"] if any(r["mode"] == m for r in rows)]
+LSM_MODES = [m for m in MODES if m != "oci"]
+ROW_NAMES = {"bare": "lsm lazy, no prefetch", "lazy": "lsm lazy", "trace": "lsm + node trace", "shipped": "lsm + shipped trace"}
 CTR_MODES = [m for m in ("ctr-oci", "ctr-lazy") if any(r["mode"] == m for r in rows)]
 
 
 def med(profile, image, mode, field):
-    v = [float(r[field]) for r in rows if (r["profile"], r["image"], r["mode"]) == (profile, image, mode)]
+    v = [float(r[field]) for r in rows
+         if (r["profile"], r["image"], r["mode"]) == (profile, image, mode) and r.get(field)]
     return statistics.median(v) if v else None
 
 
@@ -33,7 +36,10 @@ for p in profiles:
         for m in MODES + CTR_MODES:
             s[f"{m}_s"] = med(p, i, m, "seconds")
             s[f"{m}_bytes"] = med(p, i, m, "bytes_fetched")
-        for m in ("lazy", "trace"):
+        for m in LSM_MODES:
+            s[f"{m}_gets"] = med(p, i, m, "lsm_gets")
+            s[f"{m}_lsm_bytes"] = med(p, i, m, "lsm_bytes")
+        for m in LSM_MODES:
             s[f"{m}_time_ratio"] = s[f"{m}_s"] / s["oci_s"] if s[f"{m}_s"] and s["oci_s"] else None
             s[f"{m}_bytes_of_oci_image"] = s[f"{m}_bytes"] / s["oci_image_bytes"] if s[f"{m}_bytes"] is not None else None
             s[f"{m}_bytes_of_lsm_image"] = s[f"{m}_bytes"] / s["lsm_image_bytes"] if s[f"{m}_bytes"] is not None else None
@@ -51,17 +57,30 @@ def mb(b):
     return f"{b / 1e6:.1f}"
 
 
+def pct(x):
+    return f"{100 * x:.1f} %" if x is not None else "–"
+
+
+def num(x, fmt="{:.0f}"):
+    return fmt.format(x) if x is not None else "–"
+
+
+# One row per (profile, image, way to start): OCI, then each lsm mode beside it.
 lines = [
-    "| profile | image | runs | OCI pull+unpack+run s | lsm lazy s | lsm + trace s | lazy / OCI | trace / OCI | OCI MB fetched | lazy MB fetched (of OCI image) | trace MB fetched (of OCI image) |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| profile | image | start | runs | s (median) | of OCI | MB on the wire (of OCI image) | lsmd GETs | lsmd MB |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 for s in summary:
     lines.append(
-        f"| {s['profile']} | {s['image']} | {s['runs']} | {s['oci_s']:.2f} | {s['lazy_s']:.2f} | {s['trace_s']:.2f} "
-        f"| **{s['lazy_time_ratio']:.2f}** | **{s['trace_time_ratio']:.2f}** | {mb(s['oci_bytes'])} "
-        f"| {mb(s['lazy_bytes'])} ({100 * s['lazy_bytes_of_oci_image']:.1f} %) "
-        f"| {mb(s['trace_bytes'])} ({100 * s['trace_bytes_of_oci_image']:.1f} %) |"
+        f"| {s['profile']} | {s['image']} | OCI pull+unpack+run | {s['runs']} | {num(s['oci_s'], '{:.2f}')} | 100 % "
+        f"| {mb(s['oci_bytes'])} | – | – |"
     )
+    for m in LSM_MODES:
+        lines.append(
+            f"| {s['profile']} | {s['image']} | {ROW_NAMES[m]} | {s['runs']} | {num(s[f'{m}_s'], '{:.2f}')} "
+            f"| **{pct(s[f'{m}_time_ratio'])}** | {mb(s[f'{m}_bytes'])} ({pct(s[f'{m}_bytes_of_oci_image'])}) "
+            f"| {num(s[f'{m}_gets'])} | {mb(s[f'{m}_lsm_bytes']) if s[f'{m}_lsm_bytes'] is not None else '–'} |"
+        )
 if CTR_MODES == ["ctr-oci", "ctr-lazy"]:
     lines += [
         "",
@@ -92,7 +111,7 @@ print("\nImage sizes (compressed layers): " + sizes)
 dat = os.path.join(out, "startup.dat")
 with open(dat, "w") as f:
     for s in summary:
-        f.write(f"{s['profile']}/{s['image']} {s['oci_s']:.3f} {s['lazy_s']:.3f} {s['trace_s']:.3f}\n")
+        f.write(f"{s['profile']}/{s['image']} " + " ".join(f"{s[f'{m}_s']:.3f}" for m in MODES) + "\n")
 png = os.path.join(out, "startup.png")
 gp = f"""
 set terminal png size 1100,500
@@ -108,8 +127,8 @@ set xrange [-0.6:*]
 set bmargin 6
 set key top left
 set grid ytics
-plot '{dat}' using 2:xtic(1) title 'OCI pull + unpack + run', '' using 3 title 'lsm lazy', '' using 4 title 'lsm + startup trace'
-"""
+plot '{dat}' using 2:xtic(1) title 'OCI pull + unpack + run'""" + "".join(
+    f", '' using {k + 3} title '{ROW_NAMES[m]}'" for k, m in enumerate(LSM_MODES)) + "\n"
 try:
     subprocess.run(["gnuplot"], input=gp.encode(), check=True)
     print(f"\nwrote {png}, {os.path.join(out, 'startup.csv')}, {os.path.join(out, 'startup.md')}")

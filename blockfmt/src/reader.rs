@@ -233,13 +233,20 @@ impl Layer {
     /// more ([`ReadAt::read_again_at`]: another copy, if the source has one) before the check's
     /// failure is returned. Returns the stored bytes with the decoded ones.
     fn fetch_checked(&self, chunk: u32) -> Result<(Vec<u8>, Vec<u8>)> {
-        let (e, src) = self.chunk_source(chunk)?;
+        let e = self.chunk_entry(chunk)?;
         let decode = |stored: &[u8]| chunk::decode(e, stored, chunk, &self.name, self.verify);
         let stored = self.read_stored(chunk)?;
-        let err = match decode(&stored) {
-            Ok(d) => return Ok((stored, d)),
-            Err(err) => err,
-        };
+        match decode(&stored) {
+            Ok(d) => Ok((stored, d)),
+            Err(err) => self.fetch_again(chunk, err),
+        }
+    }
+
+    /// A chunk whose bytes failed the check with `err`, fetched once more from another copy
+    /// ([`ReadAt::read_again_at`]); `err` stands when there is none or it fails too.
+    fn fetch_again(&self, chunk: u32, err: Error) -> Result<(Vec<u8>, Vec<u8>)> {
+        let (e, src) = self.chunk_source(chunk)?;
+        let decode = |stored: &[u8]| chunk::decode(e, stored, chunk, &self.name, self.verify);
         let mut again = vec![0u8; e.stored_len as usize];
         match src.read_again_at(&mut again, e.offset) {
             None => Err(err),
@@ -277,6 +284,79 @@ impl Layer {
         let (stored, decoded) = self.fetch_checked(chunk)?;
         store.put(&key, &stored);
         Ok(decoded)
+    }
+
+    /// Whether chunk `b` is stored right after chunk `a` in the same blob, so one ranged read
+    /// fetches both.
+    pub fn adjacent(&self, a: u32, b: u32) -> bool {
+        match (
+            self.meta.chunks.get(a as usize),
+            self.meta.chunks.get(b as usize),
+        ) {
+            (Some(x), Some(y)) => x.blob == y.blob && x.offset + x.stored_len as u64 == y.offset,
+            _ => false,
+        }
+    }
+
+    /// Whether the store keeps chunk `chunk` (a hint: see [`ChunkStore::contains`]).
+    pub fn is_kept(&self, chunk: u32) -> bool {
+        match (&self.store, self.meta.chunks.get(chunk as usize)) {
+            (Some(s), Some(e)) => s.contains(&ChunkKey::of(e)),
+            _ => false,
+        }
+    }
+
+    /// Chunks `first..first + n`, stored back to back (see [`Self::adjacent`]), fetched with ONE
+    /// ranged read instead of `n`: a remote source pays one round trip for all of them. Each
+    /// is checked on its own exactly as [`Self::read_chunk`] checks it and kept in the store;
+    /// one that fails its check is fetched once more from another copy, as a single read's
+    /// would be, and a run that is not back to back or whose read fails is read chunk by chunk
+    /// ([`Self::read_chunk`]): a result is never less checked than a single read's.
+    pub fn read_run(&self, first: u32, n: u32) -> Vec<Result<Vec<u8>>> {
+        let chunks: Vec<u32> = (first..first.saturating_add(n.max(1))).collect();
+        let joined = chunks.windows(2).all(|w| self.adjacent(w[0], w[1]));
+        let bytes = match (joined && chunks.len() > 1, self.chunk_source(first)) {
+            (true, Ok((e, src))) => {
+                let last = &self.meta.chunks[*chunks.last().unwrap_or(&first) as usize];
+                let len = (last.offset + last.stored_len as u64 - e.offset) as usize;
+                let mut buf = vec![0u8; len];
+                match src.read_exact_at(&mut buf, e.offset) {
+                    Ok(()) => Some((e.offset, buf)),
+                    Err(err) => {
+                        tracing::debug!(layer = %self.name, first, n, error = %err, "a merged fetch failed; fetching its chunks one by one");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some((base, buf)) = bytes else {
+            return chunks.iter().map(|&c| self.read_chunk(c)).collect();
+        };
+        chunks
+            .iter()
+            .map(|&c| {
+                let e = &self.meta.chunks[c as usize];
+                let at = (e.offset - base) as usize;
+                let stored = &buf[at..at + e.stored_len as usize];
+                match chunk::decode(e, stored, c, &self.name, self.verify) {
+                    Ok(d) => {
+                        if let Some(s) = &self.store {
+                            s.put(&ChunkKey::of(e), stored);
+                        }
+                        Ok(d)
+                    }
+                    // Asked once more from another copy, as a single read's failure is.
+                    Err(err) => {
+                        let (stored, d) = self.fetch_again(c, err)?;
+                        if let Some(s) = &self.store {
+                            s.put(&ChunkKey::of(e), &stored);
+                        }
+                        Ok(d)
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Consults `store` before the source for every chunk, and fills it.

@@ -73,6 +73,21 @@ impl Drop for SlotGuard<'_> {
 /// Chunks one read loads at once (see [`LayerStack::load_range`]).
 const PARALLEL_LOADS: usize = 16;
 
+/// Most chunks one fetch takes: a sequential reader's window doubles up to this.
+const MAX_RUN: u32 = 16;
+/// Most stored bytes one merged fetch asks for.
+const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Sequential streams remembered (several files read at once each keep their own window).
+const STREAMS: usize = 16;
+
+/// A sequential reader seen in a layer: the chunk its next miss would be, and its window.
+#[derive(Clone, Copy)]
+struct Stream {
+    layer: u16,
+    next: u32,
+    window: u32,
+}
+
 /// Layers (bottom first) composed into one readable disk.
 pub struct LayerStack {
     index: MergedIndex,
@@ -92,6 +107,8 @@ struct Chunks {
     inflight: Mutex<HashMap<(u16, u32), Arc<InFlight>>>,
     /// Chunks readers needed, in first-need order (for startup traces), bounded.
     touched: Mutex<Touched>,
+    /// Recent sequential readers, most recent last (see [`Chunks::window_for`]).
+    streams: Mutex<Vec<Stream>>,
 }
 
 /// Most chunks a trace remembers.
@@ -134,6 +151,7 @@ impl LayerStack {
                 cache: ChunkCache::new(cache_bytes, largest_chunk),
                 inflight: Mutex::new(HashMap::new()),
                 touched: Mutex::new(Touched::default()),
+                streams: Mutex::new(Vec::new()),
             }),
             loads: OnceLock::new(),
         })
@@ -177,9 +195,10 @@ impl LayerStack {
     }
 
     /// Loads the chunks of `[off, off + len)` that the decoded-chunk cache lacks all at once,
-    /// each as [`Self::chunk`] would: a read spanning several cold chunks then waits for the
-    /// slowest fetch, not for the sum of them (a remote source pays one round trip per fetch).
-    /// Failures are left for the read that follows to meet and report.
+    /// each as [`Self::chunk`] would: chunks stored back to back are fetched together with one
+    /// ranged read ([`Layer::read_run`]), and separate runs in parallel on the host's threads,
+    /// so a read spanning several cold chunks waits for one round trip, not for the sum of
+    /// them. Failures are left for the read that follows to meet and report.
     pub fn load_range(&self, off: u64, len: u64) {
         let mut missing: Vec<(u16, u32)> = Vec::new();
         for seg in self.index.segments(off, len) {
@@ -193,16 +212,29 @@ impl LayerStack {
         if missing.len() < 2 {
             return;
         }
+        // Runs of consecutive chunks of one layer: (layer, first chunk, count).
+        let mut runs: Vec<(u16, u32, u32)> = Vec::new();
+        for &(l, c) in &missing {
+            self.chunks.note_needed(l, c);
+            match runs.last_mut() {
+                Some((rl, first, n)) if *rl == l && *first + *n == c => *n += 1,
+                _ => runs.push((l, c, 1)),
+            }
+        }
         let Some(loads) = self.loads.get() else {
-            return; // the read loads them one by one
+            // No host threads: each run in turn, still one fetch per run.
+            for (layer, first, n) in runs {
+                let _ = self.chunks.load(layer, first, n, true);
+            }
+            return;
         };
-        for batch in missing.chunks(PARALLEL_LOADS) {
+        for batch in runs.chunks(PARALLEL_LOADS) {
             let tasks = batch
                 .iter()
-                .map(|&(layer, chunk)| {
+                .map(|&(layer, first, n)| {
                     let chunks = self.chunks.clone();
                     Box::new(move || {
-                        let _ = chunks.chunk(layer, chunk);
+                        let _ = chunks.load(layer, first, n, true);
                     }) as LoadTask
                 })
                 .collect();
@@ -281,17 +313,52 @@ impl Chunks {
     /// chunk wait for the first reader instead of fetching it again. Remembered as needed (see
     /// [`LayerStack::touched`]).
     fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
-        {
-            let mut t = self.touched.lock();
-            if t.order.len() < TOUCHED_MAX && t.seen.insert((layer, chunk)) {
-                t.order.push((layer, chunk));
-            }
+        self.note_needed(layer, chunk);
+        self.load(layer, chunk, 1, true)
+    }
+
+    fn note_needed(&self, layer: u16, chunk: u32) {
+        let mut t = self.touched.lock();
+        if t.order.len() < TOUCHED_MAX && t.seen.insert((layer, chunk)) {
+            t.order.push((layer, chunk));
         }
-        self.load_chunk(layer, chunk)
     }
 
     /// [`LayerStack::chunk`] for prefetching: loads without counting as needed.
     fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
+        self.load(layer, chunk, 1, false)
+    }
+
+    /// How many chunks a miss on `chunk` fetches: 1 for a random read; for a miss where a
+    /// reader's last fetch ended (a sequential reader), twice that reader's last window, up to
+    /// [`MAX_RUN`]. Remembers the fetch as ending at `chunk + window`.
+    fn window_for(&self, layer: u16, chunk: u32, at_least: u32) -> u32 {
+        let mut streams = self.streams.lock();
+        let found = streams
+            .iter()
+            .position(|s| s.layer == layer && (s.next == chunk || s.next.wrapping_add(1) == chunk));
+        let window = match found {
+            Some(i) => (streams.remove(i).window * 2).min(MAX_RUN),
+            None => 1,
+        }
+        .max(at_least);
+        if streams.len() >= STREAMS {
+            streams.remove(0);
+        }
+        streams.push(Stream {
+            layer,
+            next: chunk.saturating_add(window),
+            window,
+        });
+        window
+    }
+
+    /// Loads `chunk` (from the decoded-chunk cache, by waiting for a reader already loading it,
+    /// or by reading it), and with it the cold chunks stored right after it, up to `at_least`
+    /// chunks in all or the sequential window ([`Self::window_for`]), in one fetch. When a
+    /// reader `needed` the chunk, the chunks fetched along are remembered as needed too: the
+    /// reader will take them from the decoded-chunk cache, on the hot path that records nothing.
+    fn load(&self, layer: u16, chunk: u32, at_least: u32, needed: bool) -> Result<Arc<Vec<u8>>> {
         let key = (layer, chunk);
         if let Some(c) = self.cache.get(&key) {
             return Ok(c);
@@ -314,7 +381,7 @@ impl Chunks {
             // The first reader failed: try on our own (and report our own error).
             return self.read_chunk_now(layer, chunk);
         }
-        // The guard releases the slot even if the load panics (a bug in a decoder or a
+        // The guards release the slots even if the load panics (a bug in a decoder or a
         // source): waiters then retry on their own instead of waiting forever.
         let mut guard = SlotGuard {
             stack: self,
@@ -322,9 +389,77 @@ impl Chunks {
             slot,
             value: None,
         };
-        let r = self.read_chunk_now(layer, chunk);
-        guard.value = r.as_ref().ok().cloned();
+        let mut extras = self.claim_run(layer, chunk, at_least);
+        if needed {
+            for g in &extras {
+                self.note_needed(g.key.0, g.key.1);
+            }
+        }
+        if extras.is_empty() {
+            let r = self.read_chunk_now(layer, chunk);
+            guard.value = r.as_ref().ok().cloned();
+            return r;
+        }
+        let l = &self.layers[layer as usize];
+        let mut results = l.read_run(chunk, 1 + extras.len() as u32).into_iter();
+        let r = match results.next() {
+            Some(r) => r.map(Arc::new),
+            None => Err(Error::Invalid(format!("no chunk {chunk} in layer {layer}"))),
+        };
+        for (g, res) in extras.iter_mut().zip(results) {
+            if let Ok(d) = res {
+                let d = Arc::new(d);
+                self.cache.insert(g.key, d.clone());
+                g.value = Some(d);
+            }
+        }
+        if let Ok(d) = &r {
+            self.cache.insert(key, d.clone());
+            guard.value = Some(d.clone());
+        }
         r
+    }
+
+    /// Claims (as in-flight, so concurrent readers wait for this fetch) the chunks after
+    /// `chunk` that one fetch should take along: stored right after it, not cached, not
+    /// being loaded, not kept in the host store; none when `chunk` itself is kept there.
+    fn claim_run(&self, layer: u16, chunk: u32, at_least: u32) -> Vec<SlotGuard<'_>> {
+        let Some(l) = self.layers.get(layer as usize) else {
+            return Vec::new();
+        };
+        let window = self.window_for(layer, chunk, at_least);
+        if window < 2 || l.is_kept(chunk) {
+            return Vec::new();
+        }
+        let chunks = &l.metadata().chunks;
+        let mut bytes = chunks
+            .get(chunk as usize)
+            .map_or(0, |e| e.stored_len as u64);
+        let mut out = Vec::new();
+        let mut inflight = self.inflight.lock();
+        for c in chunk + 1..chunk.saturating_add(window) {
+            let Some(e) = chunks.get(c as usize) else {
+                break;
+            };
+            bytes += e.stored_len as u64;
+            if bytes > MAX_RUN_BYTES
+                || !l.adjacent(c - 1, c)
+                || inflight.contains_key(&(layer, c))
+                || self.cache.get(&(layer, c)).is_some()
+                || l.is_kept(c)
+            {
+                break;
+            }
+            let slot = Arc::new(InFlight::default());
+            inflight.insert((layer, c), slot.clone());
+            out.push(SlotGuard {
+                stack: self,
+                key: (layer, c),
+                slot,
+                value: None,
+            });
+        }
+        out
     }
 
     fn read_chunk_now(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {

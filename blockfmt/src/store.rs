@@ -60,6 +60,11 @@ pub trait ChunkStore: Send + Sync {
     fn put(&self, key: &ChunkKey, stored: &[u8]);
     /// Drops an entry that failed its check.
     fn discard(&self, key: &ChunkKey);
+    /// Whether an entry is kept under `key` (a hint, without reading it: a layer fetching
+    /// neighbouring chunks together skips those kept). Default: unknown, so `false`.
+    fn contains(&self, _key: &ChunkKey) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -570,3 +570,91 @@ fn a_panicking_chunk_load_releases_its_slot() {
         .expect("the second reader waited for the panicked load's slot");
     assert!(got.is_ok(), "{got:?}");
 }
+
+/// Counts reads (and bytes) asked of a blob; flips a byte at `bad_at` in every read covering it
+/// except `read_again_at`'s.
+struct CountingSource {
+    blob: Vec<u8>,
+    reads: std::sync::atomic::AtomicUsize,
+    bad_at: Option<u64>,
+}
+
+impl blockfmt::ReadAt for CountingSource {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.blob.read_exact_at(buf, off)?;
+        if let Some(b) = self
+            .bad_at
+            .filter(|&b| b >= off && b < off + buf.len() as u64)
+        {
+            buf[(b - off) as usize] ^= 0x10;
+        }
+        Ok(())
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.blob.len() as u64)
+    }
+    fn read_again_at(&self, buf: &mut [u8], off: u64) -> Option<std::io::Result<()>> {
+        Some(self.blob.read_exact_at(buf, off))
+    }
+}
+
+#[test]
+fn sequential_reads_fetch_neighbouring_chunks_together_and_random_reads_do_not() {
+    use std::sync::atomic::Ordering;
+    let disk: Vec<u8> = {
+        let mut rng = StdRng::seed_from_u64(21);
+        (0..(4 << 20)).map(|_| rng.gen::<u8>() & 0x3f).collect()
+    };
+    let blob = build(&disk, WriterOptions::default());
+    let open = |bad_at| {
+        let src = Arc::new(CountingSource {
+            blob: blob.clone(),
+            reads: Default::default(),
+            bad_at,
+        });
+        let l = Layer::open("seq", src.clone(), None).unwrap();
+        let opened = src.reads.load(Ordering::SeqCst);
+        (
+            src,
+            opened,
+            LayerStack::new(vec![l], disk.len() as u64, 64 << 20).unwrap(),
+        )
+    };
+    // Sequential 4 KiB reads, as a page-cache miss stream: far fewer fetches than chunks.
+    let (src, opened, s) = open(None);
+    let chunks = s.layers()[0].metadata().chunks.len();
+    let mut out = vec![0u8; disk.len()];
+    for (i, piece) in out.chunks_mut(4096).enumerate() {
+        s.read(i as u64 * 4096, piece).unwrap();
+    }
+    assert_eq!(out, disk);
+    let fetches = src.reads.load(Ordering::SeqCst) - opened;
+    assert!(
+        fetches * 3 <= chunks,
+        "{fetches} fetches for {chunks} chunks"
+    );
+    // Every other chunk, backwards: no neighbour is ever read, so none is fetched along.
+    let (src, opened, s) = open(None);
+    let cs = 128 * 1024;
+    for c in (0..chunks).rev().step_by(2) {
+        let mut b = vec![0u8; 4096];
+        s.read((c * cs) as u64, &mut b).unwrap();
+        assert_eq!(b, disk[c * cs..c * cs + 4096]);
+    }
+    assert_eq!(
+        src.reads.load(Ordering::SeqCst) - opened,
+        chunks.div_ceil(2)
+    );
+    // A chunk failing its check inside a merged fetch is fetched again on its own; its
+    // neighbours from the merged fetch are served, and every byte read is the disk's.
+    let meta = s.layers()[0].metadata();
+    let bad_chunk = meta.chunks[5];
+    let (src, _, s) = open(Some(bad_chunk.offset + bad_chunk.stored_len as u64 / 2));
+    let mut out = vec![0u8; disk.len()];
+    for (i, piece) in out.chunks_mut(4096).enumerate() {
+        s.read(i as u64 * 4096, piece).unwrap();
+    }
+    assert_eq!(out, disk);
+    drop(src);
+}

@@ -287,6 +287,11 @@ pub struct ImageConfig {
     /// §1.7), found by digest. Not stacked: only the chunks the layers name are read from them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dictionary: Vec<LayerConfig>,
+    /// A startup trace shipped with the image (FORMAT.md §6, made by `lsmctl trace bake`): a
+    /// blob found like a layer (`source`) and checked against `digest` before use; lsmd
+    /// prefetches in its order at open unless the node has its own `<config>.trace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<LayerConfig>,
 }
 
 impl ImageConfig {
@@ -300,6 +305,7 @@ impl ImageConfig {
             compression_level: default_level(),
             cache_bytes: default_cache(),
             dictionary: Vec::new(),
+            trace: None,
         }
     }
 
@@ -332,6 +338,9 @@ impl ImageConfig {
             let i = n.entry(field).or_insert(0usize);
             check_layer(field, *i, l, field == "dictionary")?;
             *i += 1;
+        }
+        if let Some(t) = &self.trace {
+            check_layer("trace", 0, t, true).map_err(|e| e.replace("trace[0]", "trace"))?;
         }
         Ok(())
     }
@@ -622,8 +631,9 @@ impl ImageSpec {
         })
     }
 
-    /// Opens where a layer's or dictionary blob's bytes come from (`name` is for errors).
-    fn open_source(
+    /// Opens where a layer's, dictionary's or trace blob's bytes come from (`name` is for
+    /// errors).
+    pub fn open_source(
         &self,
         l: &LayerConfig,
         name: &str,

@@ -104,8 +104,10 @@ enum Cmd {
         #[arg(long)]
         metrics: Option<String>,
         /// What to fetch in the background at start: `trace` replays `<config>.trace` (made
-        /// by `lsmctl trace record`) if there is one; `all` does that, then fetches every
-        /// other chunk at low priority; `none` fetches only what reads need.
+        /// by `lsmctl trace record`) if there is one, else the trace shipped in the image
+        /// (config `trace`, made by `lsmctl trace bake`; digest-checked), else the used part
+        /// of the ext4 inode tables; `all` does that, then fetches every other chunk at low
+        /// priority; `none` fetches only what reads need.
         #[arg(long, default_value = "trace", value_parser = ["none", "trace", "all"])]
         prefetch: String,
         /// Also mount every export as a regular file named after it in this directory (FUSE),
@@ -177,37 +179,72 @@ fn open_exports(
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         let image = Arc::new(image);
-        start_prefetch(&name, &path, &image, prefetch);
+        start_prefetch(&name, &spec, host, &image, prefetch);
         list.push(Export::new(name, image));
     }
     Ok(Exports::new(list))
 }
 
-/// Starts the background fetches `--prefetch` asks for.
-fn start_prefetch(name: &str, config: &std::path::Path, image: &Arc<blockfmt::Image>, mode: &str) {
+/// Starts the background fetches `--prefetch` asks for: the node's recorded trace
+/// (`<config>.trace`) if there is one, else the trace shipped in the image (checked against
+/// its digest first; refused → lazy, and said so), else the filesystem's metadata (the used
+/// part of ext4's inode tables: `cache::fsmeta`); then with `all` the rest of the image.
+fn start_prefetch(
+    name: &str,
+    spec: &ImageSpec,
+    host: &HostServices,
+    image: &Arc<blockfmt::Image>,
+    mode: &str,
+) {
     if mode == "none" {
         return;
     }
-    let trace_file = lsmd::trace::trace_path(config);
-    let traced = match std::fs::read(&trace_file) {
+    let trace_file = lsmd::trace::trace_path(&spec.path);
+    let node = match std::fs::read(&trace_file) {
         Ok(b) => match lsmd::trace::Trace::decode(&b) {
-            Ok(t) => t.resolve(image),
+            Ok(t) => Some(t),
             Err(e) => {
                 tracing::warn!(trace = %trace_file.display(), error = %e, "ignoring a bad trace");
-                Vec::new()
+                None
             }
         },
-        Err(_) => Vec::new(),
+        Err(_) => None,
     };
     let all = mode == "all";
-    if traced.is_empty() && !all {
-        return;
-    }
-    let (name, image) = (name.to_string(), image.clone());
+    let (name, image, spec, host) = (name.to_string(), image.clone(), spec.clone(), host.clone());
     std::thread::spawn(move || {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = &lsmd::trace::STATS;
+        let traced = match node {
+            Some(t) => {
+                stats.node_used.fetch_add(1, Relaxed);
+                tracing::info!(export = %name, "replaying the startup trace");
+                t.resolve(&image)
+            }
+            None => match lsmd::trace::fetch_shipped(&spec, &host) {
+                Ok(Some(t)) => {
+                    stats.shipped_used.fetch_add(1, Relaxed);
+                    tracing::info!(export = %name, chunks = t.entries.len(), "replaying the startup trace shipped in the image (digest checked)");
+                    t.resolve(&image)
+                }
+                Ok(None) => Vec::new(),
+                Err(e) => {
+                    stats.shipped_refused.fetch_add(1, Relaxed);
+                    tracing::warn!(export = %name, error = %e, "refusing the startup trace shipped in the image; serving lazily");
+                    Vec::new()
+                }
+            },
+        };
         if !traced.is_empty() {
-            tracing::info!(export = %name, chunks = traced.len(), "replaying the startup trace");
             lsmd::trace::prefetch(&name, &image, traced, 8);
+        } else {
+            let tables = lsmd::cache::fsmeta::ext4_inode_tables(&image);
+            let chunks = lsmd::cache::fsmeta::chunks_of(&image, &tables);
+            if !chunks.is_empty() {
+                let bytes: u64 = tables.iter().map(|t| t.1).sum();
+                tracing::info!(export = %name, chunks = chunks.len(), inode_table_bytes = bytes, "no startup trace: prefetching the filesystem's metadata (ext4 inode tables in use)");
+                lsmd::trace::prefetch(&name, &image, chunks, 8);
+            }
         }
         if all {
             lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1);

@@ -162,6 +162,7 @@ fn export_metrics(m: &mut String, exports: &Exports) {
 /// Renders every metric.
 pub fn render(host: &HostServices, exports: &Exports) -> String {
     let mut m = String::new();
+    trace_metrics(&mut m);
     source_metrics(
         &mut m,
         &[
@@ -279,6 +280,28 @@ fn upper_metrics(m: &mut String, exports: &Exports) {
             let _ = writeln!(m, "{family}{{export=\"{name}\"}} {}", get(st));
         }
     }
+}
+
+/// Startup traces: shipped ones used or refused, node ones used, chunks prefetched.
+fn trace_metrics(m: &mut String) {
+    let s = &crate::trace::STATS;
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let _ = writeln!(
+        m,
+        "# HELP lsm_trace_total Startup traces replayed (shipped in the image and digest-checked, \
+         or recorded on this node), and shipped ones refused (then served lazily).\n\
+         # TYPE lsm_trace_total counter\n\
+         lsm_trace_total{{trace=\"shipped\",result=\"used\"}} {}\n\
+         lsm_trace_total{{trace=\"shipped\",result=\"refused\"}} {}\n\
+         lsm_trace_total{{trace=\"node\",result=\"used\"}} {}\n\
+         # HELP lsm_prefetch_chunks_total Chunks loaded by background prefetch.\n\
+         # TYPE lsm_prefetch_chunks_total counter\n\
+         lsm_prefetch_chunks_total {}",
+        n(&s.shipped_used),
+        n(&s.shipped_refused),
+        n(&s.node_used),
+        n(&s.prefetched_chunks)
+    );
 }
 
 /// One family per metric, a sample per kind of source.

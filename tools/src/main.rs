@@ -8,6 +8,7 @@ mod check;
 mod convert;
 mod progress;
 mod pull;
+mod trace_bake;
 
 use std::process::ExitCode;
 
@@ -101,14 +102,25 @@ pub enum TraceCmd {
         #[arg(long, default_value = "127.0.0.1:9810")]
         metrics: String,
     },
+    /// Ship a startup trace inside the image: serve it (private lsmd, FUSE file, loop, mount
+    /// read-only), run COMMAND once in a sandbox (chroot + unshare, no network) over it, and
+    /// store the chunks it read, in order, as a blob beside the layers (pushed to the first
+    /// layer's registry, else a file next to IMAGE); IMAGE's `trace` names it and its digest,
+    /// which lsmd checks before prefetching by it. Needs root (loop devices, mounts).
+    ///
+    /// Example: lsmctl trace bake lsm-remote.json -- /usr/bin/python3 -c 'import json'
+    Bake(trace_bake::BakeArgs),
 }
 
 fn trace(cmd: TraceCmd) -> CliResult {
-    let TraceCmd::Record {
-        image,
-        export,
-        metrics,
-    } = cmd;
+    let (image, export, metrics) = match cmd {
+        TraceCmd::Bake(a) => return trace_bake::bake(a),
+        TraceCmd::Record {
+            image,
+            export,
+            metrics,
+        } => (image, export, metrics),
+    };
     let export = export.unwrap_or_else(|| {
         image
             .file_stem()

@@ -4,6 +4,7 @@
 //! carry their own checksum (FORMAT.md §5); the layer checks every entry in full again before
 //! use, and a damaged one is discarded and fetched anew — never served.
 
+pub mod fsmeta;
 pub mod trace;
 
 use std::collections::{BTreeMap, HashMap};
@@ -287,6 +288,10 @@ impl ChunkStore for DiskCache {
                 tracing::warn!(cache = %self.dir.display(), error = %e, "cannot keep a chunk")
             }
         }
+    }
+
+    fn contains(&self, k: &ChunkKey) -> bool {
+        self.index.lock().entries.contains_key(k)
     }
 
     fn discard(&self, k: &ChunkKey) {

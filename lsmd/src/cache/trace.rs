@@ -6,12 +6,44 @@
 //!
 //! Layers are named in a trace by their metadata digest, not their position, so a trace stays
 //! valid when layers are added on top; entries of layers no longer in the stack are skipped.
+//!
+//! A trace can also ship inside the image (`lsmctl trace bake`): the image config's `trace`
+//! names a blob and its digest ([`fetch_shipped`]). It is fetched whole at open and used only
+//! if its sha256 is that digest; otherwise it is refused, counted, logged, and lsmd serves
+//! lazily. The node's own recording, when there is one, goes first (it is this node's start).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use blockfmt::format::{oci_digest, parse_oci_digest, sha256};
 use blockfmt::Image;
+
+use crate::config::{HostServices, ImageSpec};
+
+/// The largest shipped trace fetched (8 bytes an entry: 8 M entries).
+pub const MAX_SHIPPED_TRACE: u64 = 64 << 20;
+
+/// What became of startup traces since lsmd started, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct TraceStats {
+    /// Shipped traces that passed their digest check and were replayed.
+    pub shipped_used: AtomicU64,
+    /// Shipped traces refused (digest mismatch, unreadable, unparsable).
+    pub shipped_refused: AtomicU64,
+    /// Node traces (`<config>.trace`) replayed.
+    pub node_used: AtomicU64,
+    /// Chunks loaded by prefetching (from the host cache or the source).
+    pub prefetched_chunks: AtomicU64,
+}
+
+/// The daemon's trace counters.
+pub static STATS: TraceStats = TraceStats {
+    shipped_used: AtomicU64::new(0),
+    shipped_refused: AtomicU64::new(0),
+    node_used: AtomicU64::new(0),
+    prefetched_chunks: AtomicU64::new(0),
+};
 
 const MAGIC: &[u8; 8] = b"LSMTRACE";
 const VERSION: u16 = 1;
@@ -137,8 +169,13 @@ pub fn prefetch(name: &str, image: &Arc<Image>, chunks: Vec<(u16, u32)>, threads
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(l, c)) = chunks.get(i) else { return };
-                if let Err(e) = image.lower().load_chunk(l, c) {
-                    tracing::debug!(layer = l, chunk = c, error = %e, "prefetch skipped a chunk");
+                match image.lower().load_chunk(l, c) {
+                    Ok(_) => {
+                        STATS.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(layer = l, chunk = c, error = %e, "prefetch skipped a chunk")
+                    }
                 }
             })
         })
@@ -147,6 +184,45 @@ pub fn prefetch(name: &str, image: &Arc<Image>, chunks: Vec<(u16, u32)>, threads
         let _ = w.join();
     }
     tracing::info!(export = %name, chunks = chunks.len(), secs = start.elapsed().as_secs_f64(), "prefetch done");
+}
+
+/// The trace shipped with the image `spec` describes (its config's `trace`), fetched whole from
+/// its source and checked: `Ok(None)` when there is none; an error (say why) when it cannot be
+/// read, is larger than [`MAX_SHIPPED_TRACE`], its sha256 is not the config's digest, or it
+/// does not parse. Never trusted before the digest check.
+pub fn fetch_shipped(spec: &ImageSpec, host: &HostServices) -> Result<Option<Trace>, String> {
+    let Some(t) = &spec.config.trace else {
+        return Ok(None);
+    };
+    let want = t
+        .digest
+        .as_deref()
+        .ok_or("the trace entry has no digest")
+        .and_then(|d| parse_oci_digest(d).map_err(|_| "bad trace digest"))?;
+    let name = spec.source_name(t);
+    let src = spec
+        .open_source(t, &name, host)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let size = src.size().map_err(|e| format!("{name}: {e}"))?;
+    if size > MAX_SHIPPED_TRACE {
+        return Err(format!(
+            "{name}: {size} bytes is larger than a trace may be ({MAX_SHIPPED_TRACE})"
+        ));
+    }
+    let mut b = vec![0u8; size as usize];
+    src.read_exact_at(&mut b, 0)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let got = sha256(&b);
+    if got != want {
+        return Err(format!(
+            "{name}: digest {} is not the {} the image config names",
+            oci_digest(&got),
+            oci_digest(&want)
+        ));
+    }
+    Trace::decode(&b)
+        .map(Some)
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// Every chunk of every layer, top layer first (what a whole-image prefetch fetches).

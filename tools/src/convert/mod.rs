@@ -23,7 +23,7 @@ pub mod dict;
 mod erofs;
 mod ext4apply;
 pub mod manifest;
-mod push;
+pub(crate) mod push;
 mod rawimport;
 pub mod report;
 mod unpack;

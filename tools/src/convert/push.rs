@@ -203,9 +203,19 @@ impl Session {
         let sep = if loc.contains('?') { '&' } else { '?' };
         let put = format!("{loc}{sep}digest={digest}");
         let open = || std::fs::File::open(file);
+        // With Content-Length, not chunked: registries backed by object storage refuse chunked
+        // uploads, and a server that answers before reading a chunked body cuts the upload.
+        let len = std::fs::metadata(file)
+            .map_err(|e| CliError(format!("PUT blob {digest}: {}: {e}", file.display())))?
+            .len()
+            .to_string();
         self.send(
             &format!("PUT blob {digest}"),
-            |a| a.put(&put).set("Content-Type", "application/octet-stream"),
+            |a| {
+                a.put(&put)
+                    .set("Content-Type", "application/octet-stream")
+                    .set("Content-Length", &len)
+            },
             Some(&open),
             None,
         )?
@@ -215,7 +225,7 @@ impl Session {
 
     /// Downloads `what` (`manifests/<ref>` or `blobs/<digest>`) into `out`; returns its
     /// Content-Type.
-    fn get(&self, what: &str, accept: &str, out: &Path) -> CliResult<String> {
+    pub(crate) fn get(&self, what: &str, accept: &str, out: &Path) -> CliResult<String> {
         let url = self.url(what);
         let resp = self
             .send(

@@ -1,0 +1,282 @@
+//! A startup trace shipped inside the image (`lsmctl trace bake`), against a real registry:
+//! baked by running a command once over the image (lsmd FUSE file, loop device, read-only
+//! ext4 mount, chroot + unshare), pushed as a blob beside the layers and named with its digest
+//! in the config; a cold lsmd fetches it, checks the digest and prefetches by it; a tampered
+//! blob in the registry is refused, and lsmd serves lazily and says so (log and metrics).
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lsm_e2e::nbd::*;
+use lsm_e2e::registry::Registry;
+use lsm_e2e::*;
+
+/// Copies `bin` and the shared libraries `ldd` names into `root` at the same paths.
+fn copy_with_libs(bin: &str, root: &Path) {
+    let ldd = ok(Command::new("ldd").arg(bin));
+    let libs = ldd
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(str::to_string);
+    for f in std::iter::once(bin.to_string()).chain(libs) {
+        let dst = root.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&f, &dst).expect("copy");
+    }
+}
+
+/// An ext4 disk with a shell, `cat`, /dev, /proc and 8 data files of 2 MiB: a tiny root
+/// filesystem.
+/// Returns (raw disk, local image config).
+fn rootfs_image(t: &Path) -> (PathBuf, PathBuf) {
+    use rand::{Rng, SeedableRng};
+    let root = t.join("root");
+    copy_with_libs("/bin/dash", &root);
+    copy_with_libs("/bin/cat", &root);
+    std::fs::rename(root.join("bin/dash"), root.join("bin/sh")).expect("sh");
+    for d in ["data", "dev", "proc"] {
+        std::fs::create_dir_all(root.join(d)).expect("dir");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    for name in "abcdefgh".chars() {
+        let mut b = vec![0u8; 2 << 20];
+        rng.fill(&mut b[..]);
+        std::fs::write(root.join("data").join(name.to_string()), b).expect("file");
+    }
+    let raw = t.join("disk.raw");
+    mkfs_ext4(&raw, 64, &root);
+    let blob = t.join("layer.blob");
+    ok(lsmctl(["import", "-q"]).arg(&raw).arg("-o").arg(&blob));
+    let img = t.join("img.json");
+    ok(lsmctl(["create"]).arg(&img).arg("--layer").arg(&blob));
+    (raw, img)
+}
+
+/// Pushes the layer to `reg` and writes `remote.json` reading it from there; tags an image
+/// `lsm/shipped:1` whose manifest lists the layer blob (with the OCI layer media type and role
+/// annotation, as `convert --push` writes it) and whose config has its diff_id.
+fn push_layers(t: &Path, img: &Path, reg: &Registry) -> PathBuf {
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img).expect("config")).expect("json");
+    let mut descs = Vec::new();
+    for l in c["layers"].as_array_mut().expect("layers") {
+        let path = t.join(l["source"]["local"].as_str().expect("local"));
+        let blob = std::fs::read(path).expect("blob");
+        let digest = reg.push_blob("lsm/shipped", &blob);
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest,
+            "size": blob.len(), "annotations": { "io.lsm.layer.role": "layer" } }));
+        l["source"] = serde_json::json!({ "registry": {
+            "url": reg.url, "repository": "lsm/shipped", "insecure": true } });
+    }
+    let diff_ids: Vec<_> = descs.iter().map(|d| d["digest"].clone()).collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        "history": [{ "created_by": "lsm: layer" }] }))
+    .expect("json");
+    let cfg_digest = reg.push_blob("lsm/shipped", &config);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": cfg_digest, "size": config.len() },
+        "layers": descs });
+    ureq::put(&format!("{}/v2/lsm/shipped/manifests/1", reg.url))
+        .set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .send_bytes(&serde_json::to_vec(&manifest).expect("json"))
+        .expect("put manifest");
+    let out = t.join("remote.json");
+    std::fs::write(&out, serde_json::to_vec_pretty(&c).expect("json")).expect("write");
+    out
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    ureq::get(url)
+        .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .call()
+        .expect(url)
+        .into_string()
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .expect("json")
+}
+
+/// The manifest of `lsm/shipped:1` lists the trace `digest` once, as a layer with role
+/// `trace`, and its config's diff_ids and history match the layers one for one.
+fn assert_manifest_lists_trace(reg: &Registry, digest: &str) {
+    let m = get_json(&format!("{}/v2/lsm/shipped/manifests/1", reg.url));
+    let layers = m["layers"].as_array().expect("layers");
+    let traces: Vec<_> = layers
+        .iter()
+        .filter(|l| l["annotations"]["io.lsm.layer.role"] == "trace")
+        .collect();
+    assert_eq!(traces.len(), 1, "{m}");
+    let tr = traces[0];
+    assert_eq!(tr["digest"].as_str(), Some(digest));
+    assert_eq!(tr["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+    assert_eq!(
+        tr["annotations"]["containerd.io/snapshot/lsm.role"],
+        "trace"
+    );
+    let cfg_digest = m["config"]["digest"].as_str().expect("config digest");
+    let c = get_json(&format!("{}/v2/lsm/shipped/blobs/{cfg_digest}", reg.url));
+    let diff_ids: Vec<&str> = c["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("diff_ids")
+        .iter()
+        .filter_map(|d| d.as_str())
+        .collect();
+    let digests: Vec<&str> = layers.iter().filter_map(|l| l["digest"].as_str()).collect();
+    assert_eq!(diff_ids, digests, "config {c}");
+    assert_eq!(c["history"].as_array().map(Vec::len), Some(layers.len()));
+}
+
+fn metric(port: u16, name: &str) -> f64 {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))
+}
+
+/// lsmd on `config` with an empty cache, until its background prefetch is over (or there was
+/// nothing to prefetch: `expect_prefetch` false).
+fn serve_cold(t: &Path, config: &Path, cache: &str, port: u16, expect_prefetch: bool) -> Lsmd {
+    let metrics = format!("127.0.0.1:{port}");
+    let d = Lsmd::start(
+        &t.join("lsmd.sock"),
+        &[
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("--cache-dir"),
+            t.join(cache).as_os_str(),
+            OsStr::new("--metrics"),
+            OsStr::new(&metrics),
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    let done = |log: &str| match expect_prefetch {
+        true => log.contains("prefetch done"),
+        false => log.contains("serving lazily"),
+    };
+    while !done(&d.log()) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    d
+}
+
+#[test]
+fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (raw, img) = rootfs_image(t);
+    let reg = Registry::start(&t.join("registry"), None);
+    let remote = push_layers(t, &img, &reg);
+
+    // Bake: the command reads two of the eight files; the pushed image's manifest lists the
+    // trace. Baked again (another command), the new trace replaces the old in the manifest.
+    let image_ref = format!("{}/lsm/shipped:1", reg.url);
+    let bake = |cmd: &str| {
+        ok(lsmctl(["trace", "bake", "--image-ref", &image_ref])
+            .arg(&remote)
+            .args(["--", cmd]))
+    };
+    let out = bake("cat /data/a >/dev/null");
+    assert!(out.contains("trace sha256:"), "{out}");
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&remote).expect("config")).expect("json");
+    assert_manifest_lists_trace(&reg, first["trace"]["digest"].as_str().expect("digest"));
+    let out = bake("cat /data/c /data/f >/dev/null");
+    assert!(out.contains("trace sha256:"), "{out}");
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&remote).expect("config")).expect("json");
+    let digest = c["trace"]["digest"]
+        .as_str()
+        .expect("trace digest")
+        .to_string();
+    assert_ne!(first["trace"]["digest"], c["trace"]["digest"]);
+    assert_manifest_lists_trace(&reg, &digest);
+    assert_eq!(
+        c["trace"]["source"]["registry"]["repository"].as_str(),
+        Some("lsm/shipped"),
+        "{c}"
+    );
+    let blob = ureq::get(&format!("{}/v2/lsm/shipped/blobs/{digest}", reg.url))
+        .call()
+        .expect("the trace blob is in the registry");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut blob.into_reader(), &mut bytes).expect("read");
+    let trace = lsmd::trace::Trace::decode(&bytes).expect("a trace");
+    // Two 2 MiB files are 32 chunks of 128 KiB, plus the filesystem's metadata.
+    assert!(trace.entries.len() >= 32, "{} chunks", trace.entries.len());
+
+    // Cold node: the shipped trace is fetched, checked, replayed in full.
+    let port = free_port();
+    let d = serve_cold(t, &remote, "cache-a", port, true);
+    assert!(
+        d.log()
+            .contains("replaying the startup trace shipped in the image"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        metric(port, "lsm_trace_total{trace=\"shipped\",result=\"used\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(port, "lsm_prefetch_chunks_total"),
+        trace.entries.len() as f64
+    );
+    // Prefetched into the host cache: reading the traced chunks now costs no fetch.
+    let fetched = metric(port, "lsm_source_requests_total{source=\"registry\"}");
+    assert!(metric(port, "lsm_cache_entries") >= trace.entries.len() as f64);
+    let copy = t.join("copy.raw");
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    assert!(metric(port, "lsm_source_requests_total{source=\"registry\"}") > fetched);
+    d.terminate();
+
+    // Tampered in the registry's storage (its digest no longer matches): refused, lazy.
+    let data = t
+        .join("registry/data/docker/registry/v2/blobs/sha256")
+        .join(&digest[7..9])
+        .join(&digest[7..])
+        .join("data");
+    let mut b = std::fs::read(&data).expect("stored trace blob");
+    let n = b.len();
+    b[n / 2] ^= 0x01;
+    std::fs::write(&data, b).expect("tamper");
+    let d = serve_cold(t, &remote, "cache-b", port, false);
+    let log = d.log();
+    assert!(
+        log.contains("refusing the startup trace shipped in the image") && log.contains("digest"),
+        "{log}"
+    );
+    assert_eq!(
+        metric(
+            port,
+            "lsm_trace_total{trace=\"shipped\",result=\"refused\"}"
+        ),
+        1.0
+    );
+    // Nothing of the trace is used (what lazy serving prefetches, the ext4 inode tables, may
+    // still come in).
+    assert_eq!(
+        metric(port, "lsm_trace_total{trace=\"shipped\",result=\"used\"}"),
+        0.0
+    );
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    d.terminate();
+}

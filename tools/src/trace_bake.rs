@@ -1,0 +1,473 @@
+//! `lsmctl trace bake`: ship a startup trace inside the image, so the first start on any node
+//! is already prefetched. The image is served by a private lsmd (FUSE file, empty cache, no
+//! prefetch), attached read-only with `losetup` and mounted; the command runs once in a sandbox
+//! over it (`unshare` of mount, network, PID, IPC and UTS namespaces, the host's /dev and a
+//! fresh /proc, `chroot`); the chunks it needed,
+//! in first-need order, are the trace (FORMAT.md §6). The trace becomes a blob beside the
+//! layers — pushed to the registry and repository of the image's first layer when that is a
+//! registry, else a file next to the config — and the config's `trace` names it with its
+//! digest, which lsmd checks before using it. With `--image-ref` the pushed image's manifest
+//! lists the blob too (CONTRACT.md: an OCI layer media type, role `trace`, the config's
+//! diff_ids and history kept one per layer).
+//!
+//! Everything set up (lsmd, loop device, mounts) is torn down on every path out, error or not.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockfmt::format::{oci_digest, sha256};
+use lsmd::config::{LayerConfig, SourceConfig};
+use lsmd::source::auth::Credentials;
+use lsmd::ImageConfig;
+
+use crate::convert::manifest::{lsm_role, Role, OCI_LAYER_MEDIA_TYPE, SNAPSHOT_LABEL_PREFIX};
+use crate::convert::push::{Client, Session, Target};
+use crate::{CliError, CliResult};
+
+/// Arguments of `lsmctl trace bake`.
+#[derive(clap::Args)]
+pub struct BakeArgs {
+    /// The image config (as `lsmctl convert` writes it: `lsm-remote.json` for a pushed image).
+    /// Its `trace` is set to the baked trace.
+    pub image: PathBuf,
+    /// The startup command, run by `/bin/sh -c` inside the image (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+    /// The lsmd binary (default: the one beside lsmctl, else `lsmd` on PATH).
+    #[arg(long)]
+    pub lsmd: Option<PathBuf>,
+    /// Give up on the command after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// The pushed lsm image (`http(s)://host[:port]/repository:tag`, as given to `convert
+    /// --push`): the trace blob is added to its manifest as a layer with role `trace` (replacing
+    /// an earlier one) and to its config's diff_ids and history, and the manifest is put again.
+    #[arg(long)]
+    pub image_ref: Option<String>,
+}
+
+/// What is set up, torn down in reverse on drop.
+struct Sandbox {
+    dir: PathBuf,
+    lsmd: Option<Child>,
+    loop_dev: Option<String>,
+    mounted: bool,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let mnt = self.dir.join("mnt");
+        if self.mounted {
+            let _ = Command::new("umount").arg(&mnt).status();
+        }
+        if let Some(l) = self.loop_dev.take() {
+            let _ = Command::new("losetup").args(["-d", &l]).status();
+            // The loop device lets go of the FUSE file asynchronously.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(5) && loop_holds(&l) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(mut c) = self.lsmd.take() {
+            // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let files = self.dir.join("files");
+        if is_mountpoint(&files) {
+            let _ = Command::new("umount").arg("-l").arg(&files).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn loop_holds(dev: &str) -> bool {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).is_ok()
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    let p = p.to_string_lossy();
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&p)))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command, what: &str) -> CliResult<String> {
+    let out = cmd.output().map_err(|e| CliError(format!("{what}: {e}")))?;
+    if !out.status.success() {
+        return Err(CliError(format!(
+            "{what}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn free_port() -> CliResult<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn lsmd_binary(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("lsmd")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("lsmd"))
+    })
+}
+
+/// Serves `image` from a private lsmd and mounts it read-only under the sandbox's `mnt`.
+fn mount_image(sb: &mut Sandbox, image: &Path, lsmd: &Path, metrics: &str) -> CliResult {
+    let (files, mnt) = (sb.dir.join("files"), sb.dir.join("mnt"));
+    std::fs::create_dir_all(&files)?;
+    std::fs::create_dir_all(&mnt)?;
+    let log = std::fs::File::create(sb.dir.join("lsmd.log"))?;
+    let mut config = std::ffi::OsString::from("image=");
+    config.push(image.canonicalize()?);
+    let child = Command::new(lsmd)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--fuse")
+        .arg(&files)
+        .arg("--cache-dir")
+        .arg(sb.dir.join("cache"))
+        .arg("--socket")
+        .arg(sb.dir.join("sock"))
+        .args(["--prefetch", "none", "--metrics", metrics])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| CliError(format!("{}: {e}", lsmd.display())))?;
+    sb.lsmd = Some(child);
+    let file = files.join("image");
+    let t0 = Instant::now();
+    while !file.exists() {
+        let exited = sb
+            .lsmd
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if exited == Some(true) || t0.elapsed() > Duration::from_secs(60) {
+            let log = std::fs::read_to_string(sb.dir.join("lsmd.log")).unwrap_or_default();
+            return Err(CliError(format!("lsmd did not serve the image: {log}")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dev = run(
+        Command::new("losetup")
+            .args(["-r", "-f", "--show"])
+            .arg(&file),
+        "losetup",
+    )?;
+    sb.loop_dev = Some(dev.clone());
+    // ext4 without replaying a journal (read-only device); other filesystems plain read-only.
+    let ext4 = run(
+        Command::new("mount")
+            .args(["-o", "ro,noload", &dev])
+            .arg(&mnt),
+        "mount",
+    );
+    if ext4.is_err() {
+        run(
+            Command::new("mount").args(["-o", "ro", &dev]).arg(&mnt),
+            "mount",
+        )?;
+    }
+    sb.mounted = true;
+    Ok(())
+}
+
+/// Runs `command` once in the sandbox over `mnt`, failing if it fails or outlives `timeout`.
+fn run_command(mnt: &Path, command: &[String], timeout: Duration) -> CliResult {
+    // In its own mount namespace (private: nothing leaks to the host, all gone when it
+    // exits), the image gets the host's /dev and a /proc of its PID namespace where it has
+    // those directories, as a container runtime would give them.
+    const SETUP: &str = "[ -d \"$1/dev\" ] && mount --rbind /dev \"$1/dev\"; \
+        [ -d \"$1/proc\" ] && mount -t proc proc \"$1/proc\"; \
+        exec chroot \"$1\" /bin/sh -c \"$2\"";
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"])
+        .args(["/bin/sh", "-c", SETUP, "sh"])
+        .arg(mnt)
+        .arg(command.join(" "))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| CliError(format!("unshare: {e}")))?;
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if !st.success() {
+                return Err(CliError(format!(
+                    "the command failed inside the image ({st}): {}",
+                    command.join(" ")
+                )));
+            }
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CliError(format!("the command ran longer than {timeout:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where the trace blob goes: pushed beside the first layer's registry blob (returning that
+/// source), or written next to the config.
+fn store_trace(
+    image: &Path,
+    config: &ImageConfig,
+    bytes: &[u8],
+    digest: &str,
+) -> CliResult<SourceConfig> {
+    match config.layers.first().map(|l| &l.source) {
+        Some(SourceConfig::Registry(r)) => {
+            let target = Target {
+                base: r.url.trim_end_matches('/').to_string(),
+                repository: r.repository.clone(),
+                tag: String::new(),
+            };
+            let creds = match (&r.username, &r.password) {
+                (Some(u), Some(p)) => Some(Credentials {
+                    username: u.clone(),
+                    password: p.clone(),
+                }),
+                _ => None,
+            };
+            let client = Client {
+                ca_file: r.ca_file.clone(),
+                token_hosts: r.token_hosts.clone(),
+            };
+            let session = Session::new(target, creds, &client)?;
+            let tmp = image.with_extension("trace-blob.tmp");
+            std::fs::write(&tmp, bytes)?;
+            let put = session.put_blob(digest, &tmp);
+            let _ = std::fs::remove_file(&tmp);
+            put?;
+            let mut src = r.clone();
+            src.size = Some(bytes.len() as u64);
+            src.p2p = None;
+            Ok(SourceConfig::Registry(src))
+        }
+        _ => {
+            let name = format!("trace-{}.blob", &digest[7..19]);
+            let dir = image.parent().unwrap_or(Path::new("."));
+            std::fs::write(dir.join(&name), bytes)?;
+            Ok(SourceConfig::Local(PathBuf::from(name)))
+        }
+    }
+}
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// The manifest layer descriptor of a trace blob (CONTRACT.md: the OCI layer media type — any
+/// other descriptor containerd fetches whole — and the annotations containerd forwards to a
+/// remote snapshotter; no metadata digest: a trace is not a layer blob).
+fn trace_descriptor(
+    digest: &str,
+    size: u64,
+    disk_size: u64,
+    repository: &str,
+) -> serde_json::Value {
+    let l = |k: &str| format!("{SNAPSHOT_LABEL_PREFIX}lsm.{k}");
+    let role = Role::Trace.as_str();
+    let mut a = serde_json::Map::new();
+    for (k, v) in [
+        (blockfmt::ROLE_ANNOTATION.to_string(), role.to_string()),
+        (l("role"), role.to_string()),
+        (l("digest"), digest.to_string()),
+        (l("size"), size.to_string()),
+        (l("disk-size"), disk_size.to_string()),
+        (l("repository"), repository.to_string()),
+    ] {
+        a.insert(k, v.into());
+    }
+    serde_json::json!({
+        "mediaType": OCI_LAYER_MEDIA_TYPE,
+        "digest": digest,
+        "size": size,
+        "annotations": a,
+    })
+}
+
+/// Adds the trace blob (`bytes`, `digest`) to the pushed image `reference`: a manifest layer
+/// with role `trace` (an earlier trace layer is replaced), its digest as that layer's diff_id in
+/// a new config (with a `lsm: trace` history entry when added), then the manifest put again
+/// under its tag. The config fetched is checked against the manifest's digest first.
+fn add_to_manifest(
+    reference: &str,
+    creds: Option<Credentials>,
+    client: &Client,
+    dir: &Path,
+    trace: (&[u8], &str),
+    disk_size: u64,
+) -> CliResult {
+    let (bytes, digest) = trace;
+    let target = Target::parse(reference)?;
+    let repository = format!("{}/{}", target.host(), target.repository);
+    let tag = target.tag.clone();
+    let s = Session::new(target, creds, client)?;
+    let (mf, cf, tf) = (dir.join("manifest"), dir.join("config"), dir.join("trace"));
+    let kind = s.get(&format!("manifests/{tag}"), MANIFEST_TYPES, &mf)?;
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mf)?)?;
+    let cfg_digest = m["config"]["digest"]
+        .as_str()
+        .ok_or_else(|| CliError(format!("{reference}: the manifest has no config")))?
+        .to_string();
+    s.get(&format!("blobs/{cfg_digest}"), "*/*", &cf)?;
+    let cfg_bytes = std::fs::read(&cf)?;
+    if oci_digest(&sha256(&cfg_bytes)) != cfg_digest {
+        return Err(CliError(format!(
+            "{reference}: the config blob does not match its digest {cfg_digest}"
+        )));
+    }
+    let mut c: serde_json::Value = serde_json::from_slice(&cfg_bytes)?;
+    std::fs::write(&tf, bytes)?;
+    s.put_blob(digest, &tf)?;
+    let desc = trace_descriptor(digest, bytes.len() as u64, disk_size, &repository);
+    let (Some(layers), Some(diff_ids)) = (
+        m["layers"].as_array_mut(),
+        c["rootfs"]["diff_ids"].as_array_mut(),
+    ) else {
+        return Err(CliError(format!(
+            "{reference}: not an image manifest with layers and a config with diff_ids"
+        )));
+    };
+    if layers.len() != diff_ids.len() {
+        return Err(CliError(format!(
+            "{reference}: {} layers but {} diff_ids",
+            layers.len(),
+            diff_ids.len()
+        )));
+    }
+    let old = layers.iter().position(|l| lsm_role(l) == Some(Role::Trace));
+    match old {
+        Some(i) => {
+            layers[i] = desc;
+            diff_ids[i] = digest.into();
+        }
+        None => {
+            layers.push(desc);
+            diff_ids.push(digest.into());
+            if let Some(h) = c["history"].as_array_mut() {
+                h.push(serde_json::json!({ "created_by": "lsm: trace" }));
+            }
+        }
+    }
+    let new_cfg = serde_json::to_vec(&c)?;
+    let new_digest = oci_digest(&sha256(&new_cfg));
+    std::fs::write(&cf, &new_cfg)?;
+    s.put_blob(&new_digest, &cf)?;
+    m["config"]["digest"] = new_digest.into();
+    m["config"]["size"] = new_cfg.len().into();
+    let media = m["mediaType"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            kind.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        });
+    s.put_manifest(&serde_json::to_vec(&m)?, &media)
+}
+
+/// `lsmctl trace bake`.
+pub fn bake(a: BakeArgs) -> CliResult {
+    let mut config = ImageConfig::load(&a.image).map_err(|e| CliError(e.to_string()))?;
+    let lsmd = lsmd_binary(a.lsmd);
+    let port = free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let dir = std::env::temp_dir().join(format!("lsmctl-bake-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut sb = Sandbox {
+        dir,
+        lsmd: None,
+        loop_dev: None,
+        mounted: false,
+    };
+    mount_image(&mut sb, &a.image, &lsmd, &metrics)?;
+    let t0 = Instant::now();
+    run_command(
+        &sb.dir.join("mnt"),
+        &a.command,
+        Duration::from_secs(a.timeout),
+    )?;
+    let took = t0.elapsed();
+    let url = format!("http://{metrics}/trace?export=image");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut ureq::get(&url)
+            .timeout(Duration::from_secs(30))
+            .call()
+            .map_err(|e| CliError(format!("{url}: {e}")))?
+            .into_reader(),
+        &mut bytes,
+    )?;
+    drop(sb);
+    let t = lsmd::trace::Trace::decode(&bytes).map_err(|e| CliError(format!("{url}: {e}")))?;
+    let digest = oci_digest(&sha256(&bytes));
+    let source = store_trace(&a.image, &config, &bytes, &digest)?;
+    if let Some(reference) = &a.image_ref {
+        let (creds, client) = match &source {
+            SourceConfig::Registry(r) => (
+                match (&r.username, &r.password) {
+                    (Some(u), Some(p)) => Some(Credentials {
+                        username: u.clone(),
+                        password: p.clone(),
+                    }),
+                    _ => None,
+                },
+                Client {
+                    ca_file: r.ca_file.clone(),
+                    token_hosts: r.token_hosts.clone(),
+                },
+            ),
+            _ => (None, Client::default()),
+        };
+        let dir = std::env::temp_dir().join(format!("lsmctl-bake-m-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let r = add_to_manifest(
+            reference,
+            creds,
+            &client,
+            &dir,
+            (&bytes, &digest),
+            config.size,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        r?;
+        println!("{reference}: the manifest lists the trace (role `trace`)");
+    }
+    config.trace = Some(LayerConfig {
+        source,
+        digest: Some(digest.clone()),
+        meta_digest: None,
+    });
+    config.save(&a.image).map_err(|e| CliError(e.to_string()))?;
+    println!(
+        "{}: trace {digest} ({} chunks of {} layers, {} bytes; the command took {:.2} s cold)",
+        a.image.display(),
+        t.entries.len(),
+        t.layers.len(),
+        bytes.len(),
+        took.as_secs_f64()
+    );
+    Ok(())
+}
