@@ -231,34 +231,38 @@ impl Changes {
             Ok(s) => s,
             Err(why) => return Ok(Err(why)),
         };
-        let f = raw.with_extension("apply");
-        {
-            let _step = workdir::step()?;
-            std::fs::write(&f, script)?;
-        }
-        let o = workdir::output(
-            std::process::Command::new("debugfs")
-                .arg("-w")
-                .arg("-f")
-                .arg(&f)
-                .arg(raw)
-                .env("E2FSPROGS_FAKE_TIME", "1"),
-        )?;
-        // debugfs reports a failed command on stderr and goes on (exit status 0): any line
-        // but its banner is an error.
-        let errors: Vec<&str> = std::str::from_utf8(&o.stderr)
-            .unwrap_or("(unreadable debugfs output)")
-            .lines()
-            .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
-            .collect();
-        if !o.status.success() || !errors.is_empty() {
-            return Err(io::Error::other(format!(
-                "debugfs applying a layer: {} (is --size too small?)",
-                errors.join("; ")
-            )));
-        }
+        run_script(raw, &script, "apply", "debugfs applying a layer")
+            .map_err(|e| io::Error::other(format!("{e} (is --size too small?)")))?;
         Ok(Ok(()))
     }
+}
+
+/// Runs `script` with `debugfs -w -f` on the filesystem `raw` at the fixed time conversions use
+/// (the script is kept beside `raw` with extension `ext`). debugfs reports a failed command on
+/// stderr and goes on with exit status 0, so any line but its banner is an error, named `what`.
+pub fn run_script(raw: &Path, script: &str, ext: &str, what: &str) -> io::Result<()> {
+    let f = raw.with_extension(ext);
+    {
+        let _step = workdir::step()?;
+        std::fs::write(&f, script)?;
+    }
+    let o = workdir::output(
+        std::process::Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&f)
+            .arg(raw)
+            .env("E2FSPROGS_FAKE_TIME", "1"),
+    )?;
+    let errors: Vec<&str> = std::str::from_utf8(&o.stderr)
+        .unwrap_or("(unreadable debugfs output)")
+        .lines()
+        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+        .collect();
+    if !o.status.success() || !errors.is_empty() {
+        return Err(io::Error::other(format!("{what}: {}", errors.join("; "))));
+    }
+    Ok(())
 }
 
 /// Whether debugfs's quoted-argument parser passes `s` through unchanged.

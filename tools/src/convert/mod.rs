@@ -212,26 +212,8 @@ fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
             }
         }
     }
-    let f = raw.with_extension("debugfs");
-    {
-        let _step = workdir::step()?;
-        std::fs::write(&f, cmds)?;
-    }
-    let o = workdir::output(
-        std::process::Command::new("debugfs")
-            .arg("-w")
-            .arg("-f")
-            .arg(&f)
-            .arg(raw)
-            .env("E2FSPROGS_FAKE_TIME", "1"),
-    )
-    .map_err(|e| bad(format!("debugfs: {e}")))?;
-    if !o.status.success() {
-        return Err(bad(format!(
-            "debugfs: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )));
-    }
+    ext4apply::run_script(raw, &cmds, "debugfs", "debugfs setting times")
+        .map_err(|e| bad(e.to_string()))?;
     Ok(())
 }
 
