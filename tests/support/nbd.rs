@@ -39,7 +39,8 @@ impl Lsmd {
             child,
             socket: socket.to_path_buf(),
         };
-        for _ in 0..200 {
+        // 30 s: opening reads each layer's metadata, which a slow or flaky source retries.
+        for _ in 0..1200 {
             if UnixStream::connect(socket).is_ok() {
                 return d;
             }

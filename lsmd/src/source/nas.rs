@@ -86,8 +86,29 @@ impl NasFile {
     }
 }
 
+/// Most bytes one NAS read asks for. A merged fetch (several cold chunks in one range) is read
+/// in pieces of this size, each retried on its own: a flaky mount that fails some reads fails a
+/// long one almost surely, so retrying the whole range would only start over.
+const PIECE: usize = 256 << 10;
+
 impl blockfmt::ReadAt for NasFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut off = offset;
+        for piece in buf.chunks_mut(PIECE) {
+            self.read_piece(piece, off)?;
+            off += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size)
+    }
+}
+
+impl NasFile {
+    /// One piece of a read, retried with back-off until `give_up_after`.
+    fn read_piece(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let start = Instant::now();
         let mut backoff = self.policy.first_backoff;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -129,10 +150,6 @@ impl blockfmt::ReadAt for NasFile {
                 *self.file.lock() = Arc::new(f);
             }
         }
-    }
-
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.size)
     }
 }
 
