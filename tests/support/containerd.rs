@@ -218,17 +218,7 @@ impl Containerd {
 
     /// Runs `ctr` that must succeed; returns stdout.
     pub fn ctr_ok<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(&self, args: I) -> String {
-        let mut cmd = self.ctr(args);
-        let o = run(&mut cmd);
-        assert!(
-            o.status.success(),
-            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            self.logs()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.succeed(self.ctr(args))
     }
 
     /// Runs `ctr` in namespace `namespace` (e.g. CRI's `k8s.io`); it must succeed. Returns
@@ -239,6 +229,12 @@ impl Containerd {
             .arg(&self.address)
             .args(["--namespace", namespace])
             .args(args);
+        self.succeed(cmd)
+    }
+
+    /// Runs `cmd`, which must succeed (else the failure, both outputs and the daemons' logs);
+    /// returns stdout.
+    fn succeed(&self, mut cmd: Command) -> String {
         let o = run(&mut cmd);
         assert!(
             o.status.success(),
