@@ -14,7 +14,7 @@ use lsmd::source::http::ClientOptions;
 use lsmd::source::redact;
 use lsmd::source::registry::{Body, RepositoryClient, RequestError};
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// An image in a registry: `http(s)://host[:port]/repository:tag`.
 pub struct Target {

@@ -11,7 +11,7 @@ use lsmd::source::redact;
 use lsmd::source::registry::{Body, RepositoryClient, RequestError};
 use sha2::{Digest, Sha256};
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// Manifest media types asked for when resolving a reference.
 pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
