@@ -33,7 +33,7 @@ impl RegistryConfig {
             site.digest.unwrap_or_default(),
             self.size,
             host.retry,
-            host.registry_stats.clone(),
+            host.sources.register("registry"),
             &host.registry_auth,
             &client,
         )?;
