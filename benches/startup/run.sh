@@ -42,7 +42,9 @@
 #  5. writes results/startup-runs.csv (every run), results/startup.csv and results/startup.md
 #     (medians, lsm/OCI ratios, bytes fetched and fraction of the image) and results/startup.png.
 # Everything it makes — namespace, veth, mounts, loop devices, processes — is removed on exit,
-# also on Ctrl-C or an error.
+# also on Ctrl-C or an error. Two runs may go at once: each takes its own slot (namespace,
+# addresses, ports, /var/tmp/lsm-startup-SLOT, results-SLOT past slot 0), and every run's row
+# records the host's load average as it started (the `load` column of the table).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -50,16 +52,32 @@ RUNS=${RUNS:-5}
 PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
 IMAGES=${IMAGES:-"base py pip"}
 MODES=${MODES:-"oci bare lazy trace shipped ctr-oci ctr-lazy"}
-OUT=${OUT:-$here/results}
-WORK=${WORK:-/var/tmp/lsm-startup}
-NS=lsmbench
-VH=lsmb0 # host side of the veth pair
-VN=lsmb1 # namespace side
-HOST_IP=10.231.0.1
-NS_IP=10.231.0.2
-REG=$NS_IP:5001 # the delaying proxy in front of the registry (127.0.0.1:5000 in the namespace)
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, mounts, drop_caches)" >&2; exit 1; }
+
+# Two runs may go at once (another worktree's containerd rows, say): each takes a free slot N —
+# a lock file held for the run's life — and its own namespace, veth pair, subnet, lsmd metrics
+# port, work dir and (past slot 0) results dir from it. What two runs still share: the CPU,
+# the page cache (each run's `drop_caches` empties the other's too) and the image cache (built
+# under a lock).
+mkdir -p /run/lsm-startup
+for SLOT in $(seq 0 31); do
+  exec {slot_fd}>"/run/lsm-startup/slot-$SLOT.lock"
+  flock -n "$slot_fd" && break
+  exec {slot_fd}>&-
+  [ "$SLOT" = 31 ] && { echo "startup: all 32 bench slots are taken" >&2; exit 1; }
+done
+OUT=${OUT:-$here/results$([ "$SLOT" = 0 ] || echo "-$SLOT")}
+WORK=${WORK:-/var/tmp/lsm-startup-$SLOT}
+NS=lsmbench$SLOT
+VH=lsmb${SLOT}h # host side of the veth pair
+VN=lsmb${SLOT}n # namespace side
+HOST_IP=10.231.$SLOT.1
+NS_IP=10.231.$SLOT.2
+METRICS=127.0.0.1:$((9899 + SLOT * 10)) # lsmd's /metrics during a run
+REG=$NS_IP:5001 # the delaying proxy in front of the registry (127.0.0.1:5000 in the namespace)
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+echo "startup: slot $SLOT (namespace $NS, work dir $WORK, results in $OUT); load average $(load)"
 
 command_for() {
   case $1 in
@@ -104,11 +122,14 @@ command -v pip >/dev/null || need+=(python3-pip) # pip-image.sh downloads the wh
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-(cd "$repo" && cargo build --release --bins -q)
+(cd "$repo" && nice -n 15 cargo build --release --bins -q) # niced like every build on a shared host
 LSMD=$repo/target/release/lsmd
 LSMCTL=$repo/target/release/lsmctl
 SNAPSHOTTER=$repo/target/release/lsm-snapshotter
 echo "startup: building/finding the Debian images (cached in /var/cache/lsm-images)"
+mkdir -p /var/cache/lsm-images
+exec {images_fd}>/var/cache/lsm-images/.lock
+flock "$images_fd" # one builder at a time; released below, once the images exist
 if [[ " $IMAGES " == *" pip "* ]]; then
   OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1)
   if ! OCI=$(bash "$here/pip-image.sh" /var/cache/lsm-images/pip-v1 "$OCI"); then
@@ -121,6 +142,7 @@ else
     "$([[ " $IMAGES " == *" fat "* ]] && echo fat)")
 fi
 
+exec {images_fd}>&-
 rm -rf "$WORK" && mkdir -p "$WORK/pids" "$OUT"
 
 # --- the registry in its namespace -----------------------------------------------------------
@@ -212,7 +234,7 @@ lsm_start() {
   local img=$1 cfg=$2 d=$3 prefetch=$4
   mkdir -p "$d/files" "$d/mnt"
   "$LSMD" serve --config "$img=$cfg" --fuse "$d/files" --cache-dir "$d/cache" \
-    --prefetch "$prefetch" --socket "$d/sock" --metrics "127.0.0.1:9899" >"$d/lsmd.log" 2>&1 &
+    --prefetch "$prefetch" --socket "$d/sock" --metrics "$METRICS" >"$d/lsmd.log" 2>&1 &
   echo $! >"$WORK/pids/lsmd"
   for _ in $(seq 2000); do
     [ -e "$d/files/$img" ] && break
@@ -288,7 +310,7 @@ for img in $IMAGES; do
   d=$WORK/run/record-$img
   lsm_start "$img" "$WORK/traced/$img.json" "$d" none
   chroot "$d/mnt" sh -c "$(command_for "$img")" >/dev/null
-  "$LSMCTL" trace record "$WORK/traced/$img.json" --export "$img" --metrics 127.0.0.1:9899 >/dev/null
+  "$LSMCTL" trace record "$WORK/traced/$img.json" --export "$img" --metrics "$METRICS" >/dev/null
   lsm_stop "$d" "$img"
   rm -rf "$d"
 done
@@ -321,7 +343,7 @@ EOF
 
 # --- the runs ------------------------------------------------------------------------------------
 runs=$OUT/startup-runs.csv
-echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes,lsm_gets,lsm_bytes" >"$runs"
+echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes,lsm_gets,lsm_bytes,load1" >"$runs"
 cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
 
@@ -340,6 +362,7 @@ for profile in $PROFILES; do
         rm -rf "$d" && mkdir -p "$d"
         case $mode in ctr-*) ctr_start "$d" ;; esac
         cold
+        load1=$(cut -d' ' -f1 /proc/loadavg) # the host's load as the run starts
         b0=$(rx)
         t0=$(now)
         case $mode in
@@ -395,15 +418,15 @@ EOF
         fetches=,
         if [ "$mode" != oci ] && [[ $mode != ctr-* ]]; then
           mkdir -p "$WORK/logs"
-          curl -s http://127.0.0.1:9899/metrics >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
+          curl -s "http://$METRICS/metrics" >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
           fetches=$(lsm_fetches "$WORK/logs/$profile-$img-$mode-$r.metrics")
           lsm_stop "$d" "$img"
           cp "$d/lsmd.log" "$WORK/logs/$profile-$img-$mode-$r.log"
         fi
         rm -rf "$d"
         secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
-        echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]},$fetches" >>"$runs"
-        echo "startup: $profile $img $mode run $r: ${secs} s, $((b1 - b0)) bytes (lsmd GETs,bytes: $fetches)"
+        echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]},$fetches,$load1" >>"$runs"
+        echo "startup: $profile $img $mode run $r: ${secs} s, $((b1 - b0)) bytes (lsmd GETs,bytes: $fetches), load $load1"
       done
     done
   done
