@@ -96,6 +96,11 @@ const LAST_ROUND_BYTES: u64 = 4 << 20;
 /// copy cannot keep compaction from ending).
 const MAX_COMPACTION_ROUNDS: u32 = 8;
 
+/// Data bytes a compaction round copies between two looks at what was written meanwhile.
+const COMPACTION_BATCH: u64 = 4 << 20;
+/// A compaction round syncs the new files after about this many bytes.
+const COMPACTION_SYNC_EVERY: u64 = 64 << 20;
+
 /// Log space reserved ahead of the records, so appending one never runs out of space.
 const LOG_RESERVE: u64 = 256 * 1024;
 
@@ -678,8 +683,8 @@ impl UpperLayer {
         };
         let mut round = 1;
         loop {
-            let copied = gen
-                .copy_pieces(&files, &todo)
+            let copied = self
+                .copy_unchanged(&mut gen, &files, &todo)
                 .and_then(|()| gen.sync())
                 .and_then(|()| self.compaction_round_fault());
             let mut st = self.state.write();
@@ -732,6 +737,55 @@ impl UpperLayer {
                 Err(compact::CompactError::During(e)) => Err(self.fail(&mut st, e)),
             };
         }
+    }
+
+    /// One unlocked round: copies `todo` in batches, leaving out what was written since the
+    /// round began (the next round copies it, as it is then; copying it now would be waste in
+    /// the new files), and syncs every few batches so the new file's dirty pages do not pile up
+    /// into one long writeback that the writers' flushes would queue behind.
+    fn copy_unchanged(
+        &self,
+        gen: &mut compact::Generation,
+        files: &Files,
+        todo: &[(u64, u64, UpperTarget)],
+    ) -> Result<()> {
+        let mut rest = todo;
+        let mut unsynced = 0u64;
+        while !rest.is_empty() {
+            let (mut n, mut bytes) = (0, 0u64);
+            while n < rest.len() && bytes < COMPACTION_BATCH {
+                if let UpperTarget::Data { .. } = rest[n].2 {
+                    bytes += rest[n].1;
+                }
+                n += 1;
+            }
+            let (batch, tail) = rest.split_at(n);
+            rest = tail;
+            let kept: Vec<(u64, u64, UpperTarget)> = {
+                let st = self.state.read();
+                let Some(changed) = st.compacting.as_ref() else {
+                    return Err(Error::Invalid("compaction state lost".into()));
+                };
+                batch
+                    .iter()
+                    .flat_map(|&(off, len, t)| {
+                        changed
+                            .pieces(off, len)
+                            .into_iter()
+                            .filter_map(move |(o, l, c)| {
+                                c.is_none().then(|| (o, l, t.advance(o - off)))
+                            })
+                    })
+                    .collect()
+            };
+            gen.copy_pieces(files, &kept)?;
+            unsynced += bytes;
+            if unsynced >= COMPACTION_SYNC_EVERY {
+                gen.sync()?;
+                unsynced = 0;
+            }
+        }
+        Ok(())
     }
 
     /// The failpoint `upper-compact-round` (`--features failpoints`): a callback there runs
