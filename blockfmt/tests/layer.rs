@@ -114,6 +114,48 @@ fn writing_is_deterministic() {
     assert_eq!(a, b);
 }
 
+/// Runs each batch on threads of its own, in reverse order (a host pool gives no order).
+struct ThreadsReversed;
+
+impl blockfmt::ParallelLoads for ThreadsReversed {
+    fn run_all(&self, tasks: Vec<blockfmt::LoadTask>) {
+        let handles: Vec<_> = tasks.into_iter().rev().map(std::thread::spawn).collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn parallel_encoding_writes_the_same_blob() {
+    let disk = sample_disk(3 << 20, 5);
+    for chunk_size in [4096u32, 64 << 10, 128 << 10] {
+        let opts = WriterOptions {
+            chunk_size,
+            ..WriterOptions::default()
+        };
+        let write = |parallel: Option<usize>| {
+            let mut w = LayerWriter::new(Vec::new(), disk.len() as u64, opts).unwrap();
+            if let Some(batch) = parallel {
+                w.set_parallel(Arc::new(ThreadsReversed), batch);
+            }
+            // Pieces of 12 KiB, so chunk cuts and writes do not line up.
+            for (i, piece) in disk.chunks(12_288).enumerate() {
+                w.write_data((i * 12_288) as u64, piece).unwrap();
+            }
+            w.finish().unwrap().1
+        };
+        let sequential = write(None);
+        for batch in [2, 3, 16] {
+            let parallel = write(Some(batch));
+            assert!(
+                parallel == sequential,
+                "chunk size {chunk_size}, batch {batch}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_stack_of_three_diff_layers_reads_as_the_last_version() {
     let v1 = sample_disk(2 << 20, 3);
