@@ -10,7 +10,9 @@
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
 #     minbase), `py` (+ python3), `pip` (py + numpy and scipy installed by pip from PyPI's
 #     wheels: pip-image.sh) — or, when PyPI is unreachable, `fat` (py + Debian's python3-numpy,
-#     python3-scipy) in its place, which the output says;
+#     python3-scipy) in its place, which the output says; an image named `X-erofs` (e.g.
+#     IMAGES="py py-erofs") is image X converted with `lsmctl convert --fs erofs` (one
+#     flattened read-only erofs layer) instead of ext4, run with X's command;
 #  2. starts docker-registry inside a network namespace, reached from the host through a veth
 #     pair; the namespace's side is shaped with `tc tbf` and a delaying proxy
 #     (delay_proxy.py: this kernel has no netem) adds the round-trip time:
@@ -79,8 +81,11 @@ REG=$NS_IP:5001 # the delaying proxy in front of the registry (127.0.0.1:5000 in
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 echo "startup: slot $SLOT (namespace $NS, work dir $WORK, results in $OUT); load average $(load)"
 
+base_of() { echo "${1%-erofs}"; } # the OCI image an lsm image is converted from
+fs_of() { case $1 in *-erofs) echo erofs ;; *) echo ext4 ;; esac; }
+BASES=$(for i in $IMAGES; do base_of "$i"; done | awk '!seen[$0]++' | tr '\n' ' ')
 command_for() {
-  case $1 in
+  case $(base_of "$1") in
     base) echo "/usr/bin/dpkg-query -W coreutils" ;;
     py) echo "/usr/bin/python3 -c 'import json, sqlite3, email.parser, http.client'" ;;
     fat | pip) echo "/usr/bin/python3 -c 'import numpy, scipy.linalg; numpy.linalg.inv(numpy.eye(4))'" ;;
@@ -130,16 +135,16 @@ echo "startup: building/finding the Debian images (cached in /var/cache/lsm-imag
 mkdir -p /var/cache/lsm-images
 exec {images_fd}>/var/cache/lsm-images/.lock
 flock "$images_fd" # one builder at a time; released below, once the images exist
-if [[ " $IMAGES " == *" pip "* ]]; then
+if [[ " $BASES " == *" pip "* ]]; then
   OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1)
   if ! OCI=$(bash "$here/pip-image.sh" /var/cache/lsm-images/pip-v1 "$OCI"); then
     echo "startup: PyPI unreachable (see /var/cache/lsm-images/pip-v1/pip.log): Debian's python3-numpy/scipy image (fat) instead of pip's"
-    IMAGES=${IMAGES/pip/fat}
+    IMAGES=${IMAGES//pip/fat} BASES=${BASES//pip/fat}
     OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
   fi
 else
   OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 \
-    "$([[ " $IMAGES " == *" fat "* ]] && echo fat)")
+    "$([[ " $BASES " == *" fat "* ]] && echo fat)")
 fi
 
 exec {images_fd}>&-
@@ -206,12 +211,15 @@ shape unlimited
 
 # --- push, convert, record traces --------------------------------------------------------------
 declare -A OCI_BYTES LSM_BYTES
-for img in $IMAGES; do
-  echo "startup: pushing $img (OCI) and converting it"
+for img in $BASES; do
+  echo "startup: pushing $img (OCI)"
   skopeo copy -q --insecure-policy --dest-tls-verify=false "oci:$OCI:$img" "docker://$REG/debian/$img:1"
-  "$LSMCTL" convert -q --insecure --no-reuse "http://$REG/debian/$img:1" "$WORK/lsm-$img" \
-    --push "http://$REG/lsm/$img:1" >/dev/null
-  OCI_BYTES[$img]=$(python3 - "$OCI" "$img" <<'EOF'
+done
+for img in $IMAGES; do
+  echo "startup: converting $img ($(fs_of "$img"))"
+  "$LSMCTL" convert -q --insecure --no-reuse --fs "$(fs_of "$img")" \
+    "http://$REG/debian/$(base_of "$img"):1" "$WORK/lsm-$img" --push "http://$REG/lsm/$img:1" >/dev/null
+  OCI_BYTES[$img]=$(python3 - "$OCI" "$(base_of "$img")" <<'EOF'
 import json, sys
 oci, tag = sys.argv[1], sys.argv[2]
 idx = json.load(open(f"{oci}/index.json"))
@@ -244,7 +252,7 @@ lsm_start() {
   local loop
   loop=$(losetup -r -f --show ${LOOP_DIO:+--direct-io=on} "$d/files/$img")
   echo "$loop" >"$d/loop"
-  mount -o ro,noload "$loop" "$d/mnt"
+  mount -o "ro$([ "$(fs_of "$img")" = ext4 ] && echo ,noload)" "$loop" "$d/mnt"
 }
 lsm_stop() { # RUN_DIR IMAGE
   local d=$1 img=$2
@@ -368,7 +376,7 @@ for profile in $PROFILES; do
         case $mode in
           oci)
             skopeo copy -q --insecure-policy --src-tls-verify=false \
-              "docker://$REG/debian/$img:1" "oci:$d/oci:$img"
+              "docker://$REG/debian/$(base_of "$img"):1" "oci:$d/oci:$img"
             mkdir -p "$d/rootfs"
             python3 - "$d/oci" "$img" <<'EOF' | while read -r layer; do tar -xzf "$layer" -C "$d/rootfs" --numeric-owner; done
 import json, sys
@@ -394,8 +402,8 @@ EOF
             chroot "$d/mnt" sh -c "$cmd" >/dev/null
             ;;
           ctr-oci)
-            ctr_ image pull --plain-http "$REG/debian/$img:1" >/dev/null
-            ctr_ run --rm "$REG/debian/$img:1" "run-$r" sh -c "$cmd" >/dev/null
+            ctr_ image pull --plain-http "$REG/debian/$(base_of "$img"):1" >/dev/null
+            ctr_ run --rm "$REG/debian/$(base_of "$img"):1" "run-$r" sh -c "$cmd" >/dev/null
             ;;
           ctr-lazy)
             "$LSMCTL" pull --plain-http --address "$d/containerd.sock" --namespace bench \
