@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::build::{write_blob_atomically, writer_options};
-use crate::{parse_size, CliError, CliResult, LayerOpts};
+use crate::cli::{parse_size, CliError, CliResult, LayerOpts};
 
 /// Arguments of `lsmctl convert`.
 #[derive(clap::Args, Clone)]

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::dict::{image_blobs, lsm_blobs, open_checked, DictBlob};
 use super::ConvertArgs;
-use crate::CliResult;
+use crate::cli::CliResult;
 
 /// Arguments of `lsmctl dedup-report`.
 #[derive(clap::Args)]
@@ -205,7 +205,7 @@ impl ConvertArgs {
             dict: Vec::new(),
             fs: super::FsKind::Ext4,
             work_dir: None,
-            opts: crate::LayerOpts::default(),
+            opts: crate::cli::LayerOpts::default(),
             quiet: true,
             print_digest: false,
         }
