@@ -208,6 +208,7 @@ pub fn normalize(raw: &File) -> io::Result<u64> {
         .checked_mul(g.desc as u64)
         .filter(|l| *l <= 64 << 20)
         .ok_or_else(|| bad("group descriptor table size"))?;
+    let file_len = raw.metadata()?.len();
     let mut gdt = vec![0u8; gdt_len as usize];
     raw.read_exact_at(&mut gdt, g.gdt_off)?;
     let mut fixed = 0u64;
@@ -225,10 +226,14 @@ pub fn normalize(raw: &File) -> io::Result<u64> {
         if used == 0 {
             continue;
         }
-        let mut buf = vec![0u8; used * g.inode_size];
         let off = table
             .checked_mul(g.block)
             .ok_or_else(|| bad("table offset"))?;
+        let len = (used as u64)
+            .checked_mul(g.inode_size as u64)
+            .filter(|l| off.checked_add(*l).is_some_and(|end| end <= file_len))
+            .ok_or_else(|| bad("inode table outside the filesystem"))?;
+        let mut buf = vec![0u8; len as usize];
         raw.read_exact_at(&mut buf, off)?;
         let mut changed = false;
         for (i, inode) in buf.chunks_mut(g.inode_size).enumerate() {
@@ -246,4 +251,93 @@ pub fn normalize(raw: &File) -> io::Result<u64> {
         }
     }
     Ok(fixed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn stat(raw: &std::path::Path, path: &str) -> String {
+        let o = Command::new("debugfs")
+            .args(["-R", &format!("stat {path}")])
+            .arg(raw)
+            .output()
+            .expect("debugfs");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn field(stat: &str, name: &str) -> String {
+        stat.lines()
+            .find_map(|l| l.trim().split_once(&format!("{name}: ")).map(|x| x.1))
+            .and_then(|v| v.split(" --").next())
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// On a real `mkfs.ext4 -d` filesystem: change and access times become the modification
+    /// time, the root's become 1, and e2fsck finds every inode checksum right.
+    #[test]
+    fn times_follow_mtime_and_checksums_stay_valid() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), b"x").unwrap();
+        Command::new("touch")
+            .args(["-m", "-d", "@1600000000.25"])
+            .arg(root.join("d/f"))
+            .status()
+            .unwrap();
+        let raw = t.path().join("fs.raw");
+        File::create(&raw).unwrap().set_len(64 << 20).unwrap();
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-O", "metadata_csum_seed", "-d"])
+            .arg(&root)
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&raw)
+            .unwrap();
+        assert!(normalize(&f).unwrap() >= 3);
+        drop(f);
+        let s = stat(&raw, "/d/f");
+        let m = field(&s, "mtime");
+        assert!(m.starts_with("0x5f5e1000:"), "{s}");
+        assert_eq!(field(&s, "ctime"), m);
+        assert_eq!(field(&s, "atime"), m);
+        let r = stat(&raw, "/");
+        assert!(field(&r, "ctime").starts_with("0x00000001:00000000"), "{r}");
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the superblock and descriptors say, no panic: an error or some count.
+        #[test]
+        fn fuzz_normalize(sb in proptest::collection::vec(proptest::prelude::any::<u8>(), 1024),
+                          gdt in proptest::collection::vec(proptest::prelude::any::<u8>(), 256),
+                          log in 0u32..3) {
+            let t = tempfile::tempfile().unwrap();
+            let mut sb = sb;
+            sb[0x38..0x3A].copy_from_slice(&EXT4_MAGIC.to_le_bytes());
+            sb[0x18..0x1C].copy_from_slice(&log.to_le_bytes());
+            t.write_all_at(&sb, SUPERBLOCK).unwrap();
+            t.write_all_at(&gdt, 4096).unwrap();
+            t.set_len(1 << 20).unwrap();
+            let _ = normalize(&t);
+        }
+    }
 }
