@@ -13,6 +13,7 @@
 # remote rows (lsmd only): the layers 5 ms away over HTTP Range, empty cache, QD1 vs QD32 over
 # NBD and over the FUSE file.
 # Usage: bash benches/nbd-vs.sh [workdir]     (BENCH_SECS per row, default 10)
+#        BENCH_ROWS=randwrite bash benches/nbd-vs.sh   only the rows matching a regex, no table
 #        UPDATE_README=1 bash benches/nbd-vs.sh   also rewrites README's table (between markers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -134,6 +135,9 @@ nbd_fio() { # server rw bs qd fsync jobs
 # rw bs iodepth fsync-every jobs (each job its own connection)
 rows=("randread 4k 1 0 1" "randread 4k 32 0 1" "randread 4k 32 0 4" "read 1M 8 0 1"
       "randwrite 4k 32 0 1" "randwrite 4k 32 32 1")
+if [ -n "${BENCH_ROWS:-}" ]; then # a regex: run only the matching rows (and no remote rows)
+  kept=(); for r in "${rows[@]}"; do [[ $r =~ $BENCH_ROWS ]] && kept+=("$r"); done; rows=("${kept[@]}")
+fi
 servers=(lsmd qemu-nbd nbdkit)
 results="$w/run/results.tsv"
 : >"$results"
@@ -162,6 +166,7 @@ wait 2>/dev/null || true; pids=()
 # fio reads 4k at random at QD1 and QD32 over NBD and over the FUSE file (libaio, O_DIRECT),
 # each read in a chunk no earlier read touched (so every one is a fetch): BENCH_REMOTE_IOS
 # reads at QD1 (default 200), 16× that at QD32.
+if [ -n "${BENCH_ROWS:-}" ]; then cat "$results"; exit 0; fi
 RIOS=${BENCH_REMOTE_IOS:-200}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 FP=$(port); PP=$(port)

@@ -760,4 +760,52 @@ fn ctr_run_starts_a_container_from_a_lazily_served_converted_image() {
         fetched * 2 < layer_bytes,
         "ctr run fetched {fetched} of {layer_bytes} layer bytes"
     );
+
+    // A container on an lsm disk keeps its filesystem through a containerd kill -9 + restart
+    // and then a snapshotter kill -9 + restart, and what it writes in between persists.
+    let mut c = c;
+    c.ctr_ok([
+        "run",
+        "-d",
+        "--snapshotter",
+        "lsm",
+        "localhost/lsm-app:v1",
+        "keep",
+        "/bin/busybox",
+        "sleep",
+        "600",
+    ]);
+    let sh = |c: &Containerd, id: &str, script: &str| {
+        c.ctr_ok([
+            "tasks",
+            "exec",
+            "--exec-id",
+            id,
+            "keep",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+    sh(&c, "w1", "echo before > /before && sync");
+    c.restart_containerd();
+    sh(&c, "w2", "echo after-containerd > /a1 && sync");
+    c.snapshotter().kill().expect("kill -9 snapshotter");
+    c.wait_snapshotter_exit();
+    sh(&c, "w3", "echo snapshotter-down > /a2 && sync");
+    c.start_snapshotter(&[]);
+    c.ctr_ok_reconnecting(&["snapshots", "--snapshotter", "lsm", "info", "keep"]);
+    sh(&c, "w4", "echo after-snapshotter > /a3 && sync");
+    let out = sh(
+        &c,
+        "r",
+        "/bin/busybox cat /etc/greeting /before /a1 /a2 /a3",
+    );
+    assert_eq!(
+        out,
+        "hello, lazily\nbefore\nafter-containerd\nsnapshotter-down\nafter-snapshotter\n",
+        "{}",
+        c.logs()
+    );
 }

@@ -10,7 +10,9 @@
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
 #     minbase), `py` (+ python3), `pip` (py + numpy and scipy installed by pip from PyPI's
 #     wheels: pip-image.sh) — or, when PyPI is unreachable, `fat` (py + Debian's python3-numpy,
-#     python3-scipy) in its place, which the output says;
+#     python3-scipy) in its place, which the output says; an image named `X-erofs` (e.g.
+#     IMAGES="py py-erofs") is image X converted with `lsmctl convert --fs erofs` (one
+#     flattened read-only erofs layer) instead of ext4, run with X's command;
 #  2. starts docker-registry inside a network namespace, reached from the host through a veth
 #     pair; the namespace's side is shaped with `tc tbf` and a delaying proxy
 #     (delay_proxy.py: this kernel has no netem) adds the round-trip time:
@@ -42,7 +44,9 @@
 #  5. writes results/startup-runs.csv (every run), results/startup.csv and results/startup.md
 #     (medians, lsm/OCI ratios, bytes fetched and fraction of the image) and results/startup.png.
 # Everything it makes — namespace, veth, mounts, loop devices, processes — is removed on exit,
-# also on Ctrl-C or an error.
+# also on Ctrl-C or an error. Two runs may go at once: each takes its own slot (namespace,
+# addresses, ports, /var/tmp/lsm-startup-SLOT, results-SLOT past slot 0), and every run's row
+# records the host's load average as it started (the `load` column of the table).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -50,19 +54,38 @@ RUNS=${RUNS:-5}
 PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
 IMAGES=${IMAGES:-"base py pip"}
 MODES=${MODES:-"oci bare lazy trace shipped ctr-oci ctr-lazy"}
-OUT=${OUT:-$here/results}
-WORK=${WORK:-/var/tmp/lsm-startup}
-NS=lsmbench
-VH=lsmb0 # host side of the veth pair
-VN=lsmb1 # namespace side
-HOST_IP=10.231.0.1
-NS_IP=10.231.0.2
-REG=$NS_IP:5001 # the delaying proxy in front of the registry (127.0.0.1:5000 in the namespace)
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, mounts, drop_caches)" >&2; exit 1; }
 
+# Two runs may go at once (another worktree's containerd rows, say): each takes a free slot N —
+# a lock file held for the run's life — and its own namespace, veth pair, subnet, lsmd metrics
+# port, work dir and (past slot 0) results dir from it. What two runs still share: the CPU,
+# the page cache (each run's `drop_caches` empties the other's too) and the image cache (built
+# under a lock).
+mkdir -p /run/lsm-startup
+for SLOT in $(seq 0 31); do
+  exec {slot_fd}>"/run/lsm-startup/slot-$SLOT.lock"
+  flock -n "$slot_fd" && break
+  exec {slot_fd}>&-
+  [ "$SLOT" = 31 ] && { echo "startup: all 32 bench slots are taken" >&2; exit 1; }
+done
+OUT=${OUT:-$here/results$([ "$SLOT" = 0 ] || echo "-$SLOT")}
+WORK=${WORK:-/var/tmp/lsm-startup-$SLOT}
+NS=lsmbench$SLOT
+VH=lsmb${SLOT}h # host side of the veth pair
+VN=lsmb${SLOT}n # namespace side
+HOST_IP=10.231.$SLOT.1
+NS_IP=10.231.$SLOT.2
+METRICS=127.0.0.1:$((9899 + SLOT * 10)) # lsmd's /metrics during a run
+REG=$NS_IP:5001 # the delaying proxy in front of the registry (127.0.0.1:5000 in the namespace)
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+echo "startup: slot $SLOT (namespace $NS, work dir $WORK, results in $OUT); load average $(load)"
+
+base_of() { echo "${1%-erofs}"; } # the OCI image an lsm image is converted from
+fs_of() { case $1 in *-erofs) echo erofs ;; *) echo ext4 ;; esac; }
+BASES=$(for i in $IMAGES; do base_of "$i"; done | awk '!seen[$0]++' | tr '\n' ' ')
 command_for() {
-  case $1 in
+  case $(base_of "$1") in
     base) echo "/usr/bin/dpkg-query -W coreutils" ;;
     py) echo "/usr/bin/python3 -c 'import json, sqlite3, email.parser, http.client'" ;;
     fat | pip) echo "/usr/bin/python3 -c 'import numpy, scipy.linalg; numpy.linalg.inv(numpy.eye(4))'" ;;
@@ -104,23 +127,27 @@ command -v pip >/dev/null || need+=(python3-pip) # pip-image.sh downloads the wh
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-(cd "$repo" && cargo build --release --bins -q)
+(cd "$repo" && nice -n 15 cargo build --release --bins -q) # niced like every build on a shared host
 LSMD=$repo/target/release/lsmd
 LSMCTL=$repo/target/release/lsmctl
 SNAPSHOTTER=$repo/target/release/lsm-snapshotter
 echo "startup: building/finding the Debian images (cached in /var/cache/lsm-images)"
-if [[ " $IMAGES " == *" pip "* ]]; then
+mkdir -p /var/cache/lsm-images
+exec {images_fd}>/var/cache/lsm-images/.lock
+flock "$images_fd" # one builder at a time; released below, once the images exist
+if [[ " $BASES " == *" pip "* ]]; then
   OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1)
   if ! OCI=$(bash "$here/pip-image.sh" /var/cache/lsm-images/pip-v1 "$OCI"); then
     echo "startup: PyPI unreachable (see /var/cache/lsm-images/pip-v1/pip.log): Debian's python3-numpy/scipy image (fat) instead of pip's"
-    IMAGES=${IMAGES/pip/fat}
+    IMAGES=${IMAGES//pip/fat} BASES=${BASES//pip/fat}
     OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 fat)
   fi
 else
   OCI=$(bash "$repo/tests/support/debian-images.sh" /var/cache/lsm-images/debian-v1 \
-    "$([[ " $IMAGES " == *" fat "* ]] && echo fat)")
+    "$([[ " $BASES " == *" fat "* ]] && echo fat)")
 fi
 
+exec {images_fd}>&-
 rm -rf "$WORK" && mkdir -p "$WORK/pids" "$OUT"
 
 # --- the registry in its namespace -----------------------------------------------------------
@@ -184,12 +211,15 @@ shape unlimited
 
 # --- push, convert, record traces --------------------------------------------------------------
 declare -A OCI_BYTES LSM_BYTES
-for img in $IMAGES; do
-  echo "startup: pushing $img (OCI) and converting it"
+for img in $BASES; do
+  echo "startup: pushing $img (OCI)"
   skopeo copy -q --insecure-policy --dest-tls-verify=false "oci:$OCI:$img" "docker://$REG/debian/$img:1"
-  "$LSMCTL" convert -q --insecure --no-reuse "http://$REG/debian/$img:1" "$WORK/lsm-$img" \
-    --push "http://$REG/lsm/$img:1" >/dev/null
-  OCI_BYTES[$img]=$(python3 - "$OCI" "$img" <<'EOF'
+done
+for img in $IMAGES; do
+  echo "startup: converting $img ($(fs_of "$img"))"
+  "$LSMCTL" convert -q --insecure --no-reuse --fs "$(fs_of "$img")" \
+    "http://$REG/debian/$(base_of "$img"):1" "$WORK/lsm-$img" --push "http://$REG/lsm/$img:1" >/dev/null
+  OCI_BYTES[$img]=$(python3 - "$OCI" "$(base_of "$img")" <<'EOF'
 import json, sys
 oci, tag = sys.argv[1], sys.argv[2]
 idx = json.load(open(f"{oci}/index.json"))
@@ -212,7 +242,7 @@ lsm_start() {
   local img=$1 cfg=$2 d=$3 prefetch=$4
   mkdir -p "$d/files" "$d/mnt"
   "$LSMD" serve --config "$img=$cfg" --fuse "$d/files" --cache-dir "$d/cache" \
-    --prefetch "$prefetch" --socket "$d/sock" --metrics "127.0.0.1:9899" >"$d/lsmd.log" 2>&1 &
+    --prefetch "$prefetch" --socket "$d/sock" --metrics "$METRICS" >"$d/lsmd.log" 2>&1 &
   echo $! >"$WORK/pids/lsmd"
   for _ in $(seq 2000); do
     [ -e "$d/files/$img" ] && break
@@ -222,7 +252,7 @@ lsm_start() {
   local loop
   loop=$(losetup -r -f --show ${LOOP_DIO:+--direct-io=on} "$d/files/$img")
   echo "$loop" >"$d/loop"
-  mount -o ro,noload "$loop" "$d/mnt"
+  mount -o "ro$([ "$(fs_of "$img")" = ext4 ] && echo ,noload)" "$loop" "$d/mnt"
 }
 lsm_stop() { # RUN_DIR IMAGE
   local d=$1 img=$2
@@ -288,7 +318,7 @@ for img in $IMAGES; do
   d=$WORK/run/record-$img
   lsm_start "$img" "$WORK/traced/$img.json" "$d" none
   chroot "$d/mnt" sh -c "$(command_for "$img")" >/dev/null
-  "$LSMCTL" trace record "$WORK/traced/$img.json" --export "$img" --metrics 127.0.0.1:9899 >/dev/null
+  "$LSMCTL" trace record "$WORK/traced/$img.json" --export "$img" --metrics "$METRICS" >/dev/null
   lsm_stop "$d" "$img"
   rm -rf "$d"
 done
@@ -321,7 +351,7 @@ EOF
 
 # --- the runs ------------------------------------------------------------------------------------
 runs=$OUT/startup-runs.csv
-echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes,lsm_gets,lsm_bytes" >"$runs"
+echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes,lsm_gets,lsm_bytes,load1" >"$runs"
 cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
 
@@ -340,12 +370,13 @@ for profile in $PROFILES; do
         rm -rf "$d" && mkdir -p "$d"
         case $mode in ctr-*) ctr_start "$d" ;; esac
         cold
+        load1=$(cut -d' ' -f1 /proc/loadavg) # the host's load as the run starts
         b0=$(rx)
         t0=$(now)
         case $mode in
           oci)
             skopeo copy -q --insecure-policy --src-tls-verify=false \
-              "docker://$REG/debian/$img:1" "oci:$d/oci:$img"
+              "docker://$REG/debian/$(base_of "$img"):1" "oci:$d/oci:$img"
             mkdir -p "$d/rootfs"
             python3 - "$d/oci" "$img" <<'EOF' | while read -r layer; do tar -xzf "$layer" -C "$d/rootfs" --numeric-owner; done
 import json, sys
@@ -371,8 +402,8 @@ EOF
             chroot "$d/mnt" sh -c "$cmd" >/dev/null
             ;;
           ctr-oci)
-            ctr_ image pull --plain-http "$REG/debian/$img:1" >/dev/null
-            ctr_ run --rm "$REG/debian/$img:1" "run-$r" sh -c "$cmd" >/dev/null
+            ctr_ image pull --plain-http "$REG/debian/$(base_of "$img"):1" >/dev/null
+            ctr_ run --rm "$REG/debian/$(base_of "$img"):1" "run-$r" sh -c "$cmd" >/dev/null
             ;;
           ctr-lazy)
             "$LSMCTL" pull --plain-http --address "$d/containerd.sock" --namespace bench \
@@ -395,15 +426,15 @@ EOF
         fetches=,
         if [ "$mode" != oci ] && [[ $mode != ctr-* ]]; then
           mkdir -p "$WORK/logs"
-          curl -s http://127.0.0.1:9899/metrics >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
+          curl -s "http://$METRICS/metrics" >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
           fetches=$(lsm_fetches "$WORK/logs/$profile-$img-$mode-$r.metrics")
           lsm_stop "$d" "$img"
           cp "$d/lsmd.log" "$WORK/logs/$profile-$img-$mode-$r.log"
         fi
         rm -rf "$d"
         secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
-        echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]},$fetches" >>"$runs"
-        echo "startup: $profile $img $mode run $r: ${secs} s, $((b1 - b0)) bytes (lsmd GETs,bytes: $fetches)"
+        echo "$profile,$img,$mode,$r,$secs,$((b1 - b0)),${OCI_BYTES[$img]},${LSM_BYTES[$img]},$fetches,$load1" >>"$runs"
+        echo "startup: $profile $img $mode run $r: ${secs} s, $((b1 - b0)) bytes (lsmd GETs,bytes: $fetches), load $load1"
       done
     done
   done

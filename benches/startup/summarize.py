@@ -36,11 +36,12 @@ for p in profiles:
         for m in MODES + CTR_MODES:
             s[f"{m}_s"] = med(p, i, m, "seconds")
             s[f"{m}_bytes"] = med(p, i, m, "bytes_fetched")
+            s[f"{m}_load"] = med(p, i, m, "load1")
         for m in LSM_MODES:
             s[f"{m}_gets"] = med(p, i, m, "lsm_gets")
             s[f"{m}_lsm_bytes"] = med(p, i, m, "lsm_bytes")
         for m in LSM_MODES:
-            s[f"{m}_time_ratio"] = s[f"{m}_s"] / s["oci_s"] if s[f"{m}_s"] and s["oci_s"] else None
+            s[f"{m}_time_ratio"] = s[f"{m}_s"] / s["oci_s"] if s[f"{m}_s"] and s.get("oci_s") else None
             s[f"{m}_bytes_of_oci_image"] = s[f"{m}_bytes"] / s["oci_image_bytes"] if s[f"{m}_bytes"] is not None else None
             s[f"{m}_bytes_of_lsm_image"] = s[f"{m}_bytes"] / s["lsm_image_bytes"] if s[f"{m}_bytes"] is not None else None
         summary.append(s)
@@ -54,7 +55,7 @@ with open(os.path.join(out, "startup.csv"), "w", newline="") as f:
 
 
 def mb(b):
-    return f"{b / 1e6:.1f}"
+    return f"{b / 1e6:.1f}" if b is not None else "–"
 
 
 def pct(x):
@@ -67,19 +68,21 @@ def num(x, fmt="{:.0f}"):
 
 # One row per (profile, image, way to start): OCI, then each lsm mode beside it.
 lines = [
-    "| profile | image | start | runs | s (median) | of OCI | MB on the wire (of OCI image) | lsmd GETs | lsmd MB |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| profile | image | start | runs | s (median) | of OCI | MB on the wire (of OCI image) | lsmd GETs | lsmd MB | load |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 for s in summary:
+    s.setdefault("oci_s", None), s.setdefault("oci_bytes", None), s.setdefault("oci_load", None)
     lines.append(
         f"| {s['profile']} | {s['image']} | OCI pull+unpack+run | {s['runs']} | {num(s['oci_s'], '{:.2f}')} | 100 % "
-        f"| {mb(s['oci_bytes'])} | – | – |"
+        f"| {mb(s['oci_bytes'])} | – | – | {num(s['oci_load'], '{:.1f}')} |"
     )
     for m in LSM_MODES:
         lines.append(
             f"| {s['profile']} | {s['image']} | {ROW_NAMES[m]} | {s['runs']} | {num(s[f'{m}_s'], '{:.2f}')} "
             f"| **{pct(s[f'{m}_time_ratio'])}** | {mb(s[f'{m}_bytes'])} ({pct(s[f'{m}_bytes_of_oci_image'])}) "
-            f"| {num(s[f'{m}_gets'])} | {mb(s[f'{m}_lsm_bytes']) if s[f'{m}_lsm_bytes'] is not None else '–'} |"
+            f"| {num(s[f'{m}_gets'])} | {mb(s[f'{m}_lsm_bytes']) if s[f'{m}_lsm_bytes'] is not None else '–'} "
+            f"| {num(s[f'{m}_load'], '{:.1f}')} |"
         )
 if CTR_MODES == ["ctr-oci", "ctr-lazy"]:
     lines += [
@@ -102,16 +105,21 @@ sizes = ", ".join(
     f"{s['image']}: OCI {mb(s['oci_image_bytes'])} MB, lsm {mb(s['lsm_image_bytes'])} MB"
     for s in summary if s["profile"] == profiles[0]
 )
+loads = [float(r["load1"]) for r in rows if r.get("load1")]
+load_note = (f"Host load average (1 min) as the runs started: {min(loads):.1f}–{max(loads):.1f}, "
+             f"median {statistics.median(loads):.1f} (the `load` column: median of that row's runs)."
+             if loads else "Host load average: not recorded.")
 with open(os.path.join(out, "startup.md"), "w") as f:
-    f.write(table + "\n\nImage sizes (compressed layers): " + sizes + "\n")
+    f.write(table + "\n\nImage sizes (compressed layers): " + sizes + "\n\n" + load_note + "\n")
 print(table)
 print("\nImage sizes (compressed layers): " + sizes)
+print(load_note)
 
 # Chart: grouped bars of median seconds per (profile, image).
 dat = os.path.join(out, "startup.dat")
 with open(dat, "w") as f:
     for s in summary:
-        f.write(f"{s['profile']}/{s['image']} " + " ".join(f"{s[f'{m}_s']:.3f}" for m in MODES) + "\n")
+        f.write(f"{s['profile']}/{s['image']} " + " ".join(f"{s[f'{m}_s'] or 0:.3f}" for m in MODES) + "\n")
 png = os.path.join(out, "startup.png")
 gp = f"""
 set terminal png size 1100,500

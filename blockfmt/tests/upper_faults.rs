@@ -128,3 +128,119 @@ fn failed_data_write_is_undone_or_sticky() {
     let up = reopen(dir);
     assert_eq!(read(&up, o, 4096), d, "flushed write kept");
 }
+
+/// Writes, zeroes, trims and flushes that land while a compaction copies without the lock —
+/// including rewrites of bytes no flush had claimed, which would otherwise go in place under
+/// the copy — are all in the compacted layer, and after reopening.
+#[test]
+fn writes_during_a_compaction_are_kept() {
+    const BIG: u64 = 16 << 20;
+    let scenario = fail::FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let up = std::sync::Arc::new(UpperLayer::create(dir, BIG).expect("create"));
+    up.set_compaction(blockfmt::upper::CompactionPolicy::never());
+    let model = std::sync::Arc::new(std::sync::Mutex::new(vec![0u8; BIG as usize]));
+    let put = |up: &UpperLayer, model: &mut [u8], off: u64, v: u8, len: usize| {
+        up.write(off, &vec![v; len]).expect("write");
+        model[off as usize..off as usize + len].fill(v);
+    };
+    {
+        let mut m = model.lock().expect("model");
+        for i in 0..BIG / 4096 {
+            put(&up, &mut m, i * 4096, (i % 251) as u8 + 1, 4096);
+        }
+        up.flush().expect("flush");
+        // Not flushed: a rewrite of exactly these bytes would go in place.
+        for i in 0..64 {
+            put(&up, &mut m, i * 8192, 0xee, 4096);
+        }
+    }
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (up2, model2, calls2) = (up.clone(), model.clone(), calls.clone());
+    fail::cfg_callback("upper-compact-round", move || {
+        let mut m = model2.lock().expect("model");
+        let n = calls2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match n {
+            // Round 1: more than the last round takes (another unlocked round follows),
+            // rewrites in place-able bytes, zeroes, a trim and a flush.
+            0 => {
+                for i in 0..64 {
+                    put(&up2, &mut m, i * 8192, 0xdd, 4096);
+                }
+                for i in 0..1600 {
+                    put(&up2, &mut m, (i * 7 % (BIG / 4096)) * 4096, 0x5a, 4096);
+                }
+                up2.write_zeroes(1 << 20, 65536, false).expect("zeroes");
+                m[1 << 20..(1 << 20) + 65536].fill(0);
+                up2.flush().expect("flush");
+                up2.write_zeroes(3 << 20, 8192, true).expect("trim");
+                m[3 << 20..(3 << 20) + 8192].fill(0);
+            }
+            // Round 2: a few writes, copied by the last round under the lock.
+            1 => {
+                put(&up2, &mut m, 5 << 20, 0x77, 12288);
+                put(&up2, &mut m, 0, 0x66, 4096);
+            }
+            _ => {}
+        }
+    })
+    .expect("cfg");
+    up.compact().expect("compact");
+    fail::remove("upper-compact-round");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "two rounds"
+    );
+    let want = model.lock().expect("model").clone();
+    assert!(
+        read(&up, 0, BIG as usize) == want,
+        "content after compaction"
+    );
+    assert_eq!(up.stats().compactions, 1);
+    // Everything acknowledged before compact returned is durable: the log ends in a flush
+    // mark covering it, and the new files hold it.
+    drop(up);
+    scenario.teardown();
+    let (up, rec) = UpperLayer::open(dir, BIG).expect("reopen");
+    assert_eq!((rec.log_bytes_dropped, rec.data_bytes_dropped), (0, 0));
+    assert!(read(&up, 0, BIG as usize) == want, "content after reopen");
+}
+
+/// A compaction that fails midway (while writes go on) leaves the layer as it was: no leftover
+/// files, not failed, writes and flushes work, a later compaction succeeds.
+#[test]
+fn a_compaction_failing_midway_leaves_the_layer_as_it_was() {
+    let scenario = fail::FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let up = UpperLayer::create(dir, SIZE).expect("create");
+    up.set_compaction(blockfmt::upper::CompactionPolicy::never());
+    for i in 0..3 * SIZE / 4096 {
+        let (o, d) = block(i % (SIZE / 4096), i as u8);
+        up.write(o, &d).expect("write");
+        if i % 8 == 0 {
+            up.flush().expect("flush");
+        }
+    }
+    let want = read(&up, 0, SIZE as usize);
+    fail::cfg("upper-compact-round", "1*return").expect("cfg");
+    up.compact().expect_err("compaction must fail");
+    assert!(
+        up.stats().failed.is_none(),
+        "a failed compaction is not fatal"
+    );
+    assert!(!dir.join(blockfmt::upper::COMPACT_DATA_FILE).exists());
+    assert!(!dir.join(blockfmt::upper::COMPACT_LOG_FILE).exists());
+    assert!(read(&up, 0, SIZE as usize) == want);
+    let (o, d) = block(3, 0x99);
+    up.write(o, &d).expect("write after a failed compaction");
+    up.flush().expect("flush after a failed compaction");
+    up.compact().expect("a later compaction");
+    drop(up);
+    scenario.teardown();
+    let mut want = want;
+    want[o as usize..o as usize + 4096].copy_from_slice(&d);
+    assert!(read(&reopen(dir), 0, SIZE as usize) == want);
+}

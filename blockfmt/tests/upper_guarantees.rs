@@ -272,3 +272,50 @@ fn copy_dir(from: &Path, to: &Path) {
         fs::copy(from.join(f), to.join(f)).expect("copy");
     }
 }
+
+/// Compaction beside writers: one thread compacts over and over while another writes, zeroes
+/// and flushes at random; the content always follows the writes, and survives a reopen.
+#[test]
+fn compaction_beside_writers_keeps_every_write() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let up = std::sync::Arc::new(UpperLayer::create(dir, SIZE).expect("create"));
+    up.set_compaction(CompactionPolicy::never());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compactor = {
+        let (up, stop) = (up.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 3 {
+                up.compact().expect("compact");
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut model = vec![0u8; SIZE as usize];
+    let mut rng = StdRng::seed_from_u64(11);
+    let blocks = SIZE / 4096;
+    for i in 0..4 * blocks {
+        let b = rng.gen_range(0..blocks - 2);
+        let v = rng.gen::<u8>() | 1;
+        if i % 13 == 0 {
+            up.write_zeroes(b * 4096, 8192, i % 2 == 0).expect("zeroes");
+            model[(b * 4096) as usize..(b * 4096 + 8192) as usize].fill(0);
+        } else {
+            up.write(b * 4096, &[v; 4096]).expect("write");
+            model[(b * 4096) as usize..(b * 4096 + 4096) as usize].fill(v);
+        }
+        if i % 32 == 31 {
+            up.flush().expect("flush");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = compactor.join().expect("compactor");
+    eprintln!("{n} compactions beside the writer");
+    assert!(read(&up, 0, SIZE as usize) == model, "content");
+    up.flush().expect("flush");
+    drop(up);
+    let (up, _) = UpperLayer::open(dir, SIZE).expect("reopen");
+    assert!(read(&up, 0, SIZE as usize) == model, "content after reopen");
+}

@@ -13,7 +13,7 @@ use crate::cache::DiskCache;
 use crate::error::{Error, Result};
 use crate::source::auth::{AuthCache, Credentials};
 use crate::source::http::{Mirror, RetryPolicy};
-use crate::source::{Site, SourceStats};
+use crate::source::{Site, SourceMetrics};
 
 /// Where a layer blob's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,9 +223,8 @@ impl RegistryConfig {
 #[derive(Clone, Default)]
 pub struct HostServices {
     pub cache: Option<Arc<DiskCache>>,
-    pub registry_stats: Arc<SourceStats>,
-    pub http_stats: Arc<SourceStats>,
-    pub nas_stats: Arc<SourceStats>,
+    /// Counters of each kind of source, registered by the kind at its first open.
+    pub sources: SourceMetrics,
     pub retry: RetryPolicy,
     /// Registry auth state (tokens) shared by all layers of a repository.
     pub registry_auth: AuthCache,

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::HostServices;
@@ -163,14 +164,7 @@ fn export_metrics(m: &mut String, exports: &Exports) {
 pub fn render(host: &HostServices, exports: &Exports) -> String {
     let mut m = String::new();
     trace_metrics(&mut m);
-    source_metrics(
-        &mut m,
-        &[
-            ("registry", &host.registry_stats),
-            ("http", &host.http_stats),
-            ("nas", &host.nas_stats),
-        ],
-    );
+    source_metrics(&mut m, &host.sources.all());
     if let Some(c) = &host.cache {
         let s = &c.stats;
         let (hits, misses) = (
@@ -305,7 +299,7 @@ fn trace_metrics(m: &mut String) {
 }
 
 /// One family per metric, a sample per kind of source.
-fn source_metrics(m: &mut String, sources: &[(&str, &SourceStats)]) {
+fn source_metrics(m: &mut String, sources: &[(&str, Arc<SourceStats>)]) {
     type Get = fn(&SourceStats) -> i64;
     let families: [(&str, &str, &str, Get); 5] = [
         (
@@ -495,7 +489,7 @@ pub fn status_json(host: &HostServices, exports: &Exports) -> String {
             "misses": c.stats.misses.load(Ordering::Relaxed),
         })
     });
-    let s = &host.registry_stats;
+    let s = host.sources.get("registry").unwrap_or_default();
     serde_json::json!({
         "exports": ex,
         "cache": cache,

@@ -47,6 +47,19 @@ pub struct LsmOptions {
     pub cache_dir: Option<PathBuf>,
     /// Readahead (KiB) set on a snapshot disk's block device; 0 leaves the kernel's.
     pub read_ahead_kb: u32,
+    /// Mirrors: (registry `host[:port]`, mirror base URL), in the order to try them.
+    pub mirrors: Vec<(String, String)>,
+    /// A P2P agent every registry blob request goes through first.
+    pub p2p: Option<P2p>,
+}
+
+/// A P2P agent used as an HTTP proxy (lsmd's `p2p` source option).
+#[derive(Debug, Clone)]
+pub struct P2p {
+    /// `http://host:port`.
+    pub proxy: String,
+    /// Requests are widened to whole pieces of this size.
+    pub piece_size: u64,
 }
 
 /// Where a blob is read from.
@@ -165,6 +178,29 @@ pub fn image_config(blobs: &[LsmBlob], disk_size: u64, upper: bool, opts: &LsmOp
                 });
                 if let Some(ca) = &opts.registry_ca {
                     r["ca_file"] = ca.display().to_string().into();
+                }
+                let host = url.split("://").nth(1).unwrap_or_default();
+                let mirrors: Vec<&String> = opts
+                    .mirrors
+                    .iter()
+                    .filter(|(h, _)| h == host)
+                    .map(|(_, m)| m)
+                    .collect();
+                if !mirrors.is_empty() {
+                    // Mirrors first: the registry is the fallback.
+                    r["url"] = mirrors[0].clone().into();
+                    r["mirrors"] = mirrors[1..]
+                        .iter()
+                        .map(|m| Value::from(m.as_str()))
+                        .chain(std::iter::once(Value::from(url.as_str())))
+                        .collect::<Vec<_>>()
+                        .into();
+                    r["insecure"] = (url.starts_with("http://")
+                        || mirrors.iter().any(|m| m.starts_with("http://")))
+                    .into();
+                }
+                if let Some(p) = &opts.p2p {
+                    r["p2p"] = json!({ "proxy": p.proxy, "piece_size": p.piece_size });
                 }
                 json!({ "registry": r })
             }
@@ -564,5 +600,45 @@ mod tests {
             .is_none());
         assert_eq!(strip_tag("h:1/r@sha256:x"), "h:1/r");
         assert_eq!(strip_tag("h:1/r"), "h:1/r");
+    }
+
+    /// Mirrors go first (the registry is the fallback), each host's own; the P2P agent fronts
+    /// every registry blob; and lsmd accepts the config made.
+    #[test]
+    fn mirrors_and_p2p_reach_the_lsmd_config() {
+        let opts = LsmOptions {
+            mirrors: vec![
+                ("reg.example".into(), "https://m1.example".into()),
+                ("other.example".into(), "https://m9.example".into()),
+                ("reg.example".into(), "http://127.0.0.1:5001".into()),
+            ],
+            p2p: Some(P2p {
+                proxy: "http://127.0.0.1:65001".into(),
+                piece_size: 1 << 20,
+            }),
+            ..Default::default()
+        };
+        let blob = LsmBlob {
+            role: "layer".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            meta_digest: Some(format!("sha256:{}", "b".repeat(64))),
+            size: 4096,
+            source: BlobSource::Registry {
+                url: "https://reg.example".into(),
+                repository: "app".into(),
+            },
+        };
+        let c = image_config(&[blob], 1 << 20, false, &opts);
+        let r = &c["layers"][0]["source"]["registry"];
+        assert_eq!(r["url"], "https://m1.example");
+        assert_eq!(
+            r["mirrors"],
+            json!(["http://127.0.0.1:5001", "https://reg.example"])
+        );
+        assert_eq!(r["insecure"], true);
+        assert_eq!(r["p2p"]["proxy"], "http://127.0.0.1:65001");
+        let parsed: lsmd::config::ImageConfig =
+            serde_json::from_value(c).expect("lsmd reads the config");
+        parsed.check().expect("lsmd accepts the config");
     }
 }

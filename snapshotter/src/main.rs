@@ -60,6 +60,36 @@ struct Cli {
     /// fetches"). 0 keeps what the kernel chose.
     #[arg(long, value_name = "KIB", default_value_t = 128)]
     read_ahead_kb: u32,
+    /// A mirror of a registry: `HOST[:PORT]=URL` (the registry as in image references, the
+    /// mirror's `http(s)://host[:port]`), asked first for that registry's layer blobs; the
+    /// registry serves when the mirror fails. Repeat for more (tried in order). Credentials
+    /// for a mirror come from docker's config.json entry for the mirror's host, never the
+    /// registry's.
+    #[arg(long = "mirror", value_name = "HOST=URL", value_parser = parse_mirror)]
+    mirrors: Vec<(String, String)>,
+    /// A P2P agent (e.g. Dragonfly's dfdaemon) used as an HTTP proxy for every layer blob
+    /// request (`http://host:port`); when it fails, lsmd goes to the registry.
+    #[arg(long, value_name = "URL")]
+    p2p_proxy: Option<String>,
+    /// Piece size the P2P agent's requests are widened to (bytes; default 4 MiB, Dragonfly's).
+    #[arg(long, value_name = "BYTES", requires = "p2p_proxy", default_value_t = 4 << 20)]
+    p2p_piece_size: u64,
+}
+
+/// `HOST[:PORT]=URL` of `--mirror`.
+fn parse_mirror(s: &str) -> Result<(String, String), String> {
+    let (host, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: want HOST[:PORT]=http(s)://mirror[:port]"))?;
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{s:?}: {host:?} is not a registry host[:port]"));
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "{s:?}: the mirror {url:?} is not an http(s):// URL"
+        ));
+    }
+    Ok((host.to_string(), url.trim_end_matches('/').to_string()))
 }
 
 fn main() -> ExitCode {
@@ -99,6 +129,11 @@ async fn serve(cli: &Cli) -> Result<(), String> {
         registry_ca: cli.registry_ca.as_ref().map(abs),
         cache_dir: cli.cache_dir.as_ref().map(abs),
         read_ahead_kb: cli.read_ahead_kb,
+        mirrors: cli.mirrors.clone(),
+        p2p: cli.p2p_proxy.clone().map(|proxy| lsm::P2p {
+            proxy,
+            piece_size: cli.p2p_piece_size,
+        }),
     };
     let service = snapshots::Service::open(&abs(&cli.root), options)?;
     let listener = bind(&cli.socket)?;

@@ -22,6 +22,7 @@ pub struct Containerd {
     pub snap_socket: PathBuf,
     pub snap_root: PathBuf,
     containerd: Option<Child>,
+    containerd_runs: usize,
     snapshotter: Option<Child>,
     snapshotter_runs: usize,
     /// Extra `lsm-snapshotter` arguments, on every (re)start.
@@ -101,6 +102,7 @@ impl Containerd {
             snap_socket: dir.join("lsm.sock"),
             snap_root: dir.join("lsm-root"),
             containerd: None,
+            containerd_runs: 0,
             snapshotter: None,
             snapshotter_runs: 0,
             snapshotter_args: snapshotter_args.iter().map(|a| a.to_string()).collect(),
@@ -133,24 +135,50 @@ impl Containerd {
             ),
         )
         .expect("write containerd config");
-        let log = dir.join("containerd.log");
+        c.start_containerd();
+        c
+    }
+
+    /// (Re)starts containerd with the config written at start; returns once it answers.
+    fn start_containerd(&mut self) {
+        self.containerd_runs += 1;
+        let log = self.dir.join(self.containerd_log(self.containerd_runs));
+        let _ = std::fs::remove_file(&self.address);
         let mut child = Command::new("containerd")
             .arg("--config")
-            .arg(&config)
+            .arg(self.dir.join("config.toml"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("containerd log"))
             .spawn()
             .expect("start containerd (installed by tests/install-deps.sh)");
-        wait_for_socket(&c.address, &mut child, "containerd", &log);
-        c.containerd = Some(child);
+        wait_for_socket(&self.address, &mut child, "containerd", &log);
+        self.containerd = Some(child);
         // The socket exists slightly before the API answers.
         for _ in 0..100 {
-            if run(&mut c.ctr(["version"])).status.success() {
-                return c;
+            if run(&mut self.ctr(["version"])).status.success() {
+                return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("containerd does not answer `ctr version`: {}", c.logs());
+        panic!("containerd does not answer `ctr version`: {}", self.logs());
+    }
+
+    /// Kills containerd with SIGKILL and starts it again on the same root, state and config
+    /// (running containers' shims live on, as on a real host).
+    pub fn restart_containerd(&mut self) {
+        if let Some(mut child) = self.containerd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.start_containerd();
+    }
+
+    /// containerd's log of its `run`-th start.
+    fn containerd_log(&self, run: usize) -> String {
+        match run {
+            1 => "containerd.log".to_string(),
+            n => format!("containerd.{n}.log"),
+        }
     }
 
     /// (Re)starts `lsm-snapshotter` with extra environment variables.
@@ -263,7 +291,9 @@ impl Containerd {
     /// The tails of containerd's and the snapshotter's logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        let mut names = vec!["containerd.log".to_string()];
+        let mut names: Vec<String> = (1..=self.containerd_runs)
+            .map(|i| self.containerd_log(i))
+            .collect();
         names.extend((1..=self.snapshotter_runs).map(|i| format!("snapshotter.{i}.log")));
         for name in names {
             let text = std::fs::read_to_string(self.dir.join(&name)).unwrap_or_default();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// Arguments of `lsmctl attach`.
 #[derive(clap::Args)]

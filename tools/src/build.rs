@@ -12,8 +12,8 @@ use clap::Args;
 use lsmd::{ImageConfig, ImageSpec, LayerConfig, SourceConfig};
 use serde_json::json;
 
+use crate::cli::{parse_size, CliError, CliResult, LayerOpts};
 use crate::progress::Progress;
-use crate::{parse_size, CliError, CliResult, LayerOpts};
 
 #[derive(Args)]
 pub struct CreateArgs {

@@ -10,7 +10,7 @@ use clap::Args;
 use lsmd::ImageSpec;
 use serde_json::json;
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 #[derive(Args)]
 pub struct InspectArgs {

@@ -5,14 +5,19 @@
 mod attach;
 mod build;
 mod check;
+mod cli;
 mod convert;
 mod progress;
 mod pull;
+mod status;
+mod trace;
 mod trace_bake;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
+
+use cli::CliError;
 
 /// Build, inspect and verify layered block images.
 #[derive(Parser)]
@@ -20,21 +25,6 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// Layer writing options shared by the commands that write layers.
-#[derive(Args, Clone, Debug, Default)]
-pub struct LayerOpts {
-    /// Chunk window in bytes (power of two, 4K..4M; suffixes K, M). Default: the image config's,
-    /// else 128K.
-    #[arg(long, value_parser = parse_size)]
-    chunk_size: Option<u64>,
-    /// zstd compression level 1..=22 (default: the image config's, else 6).
-    #[arg(long, conflicts_with = "no_compress")]
-    level: Option<i32>,
-    /// Store chunks uncompressed.
-    #[arg(long)]
-    no_compress: bool,
 }
 
 #[derive(Subcommand)]
@@ -63,7 +53,7 @@ enum Cmd {
     /// (start lsmd, start the container or VM, then record) as `<IMAGE>.trace`, which lsmd
     /// fetches first, in the background, the next time it serves IMAGE.
     #[command(subcommand)]
-    Trace(TraceCmd),
+    Trace(trace::TraceCmd),
     /// Convert an OCI image (an image layout directory) into lsm block layers in another image
     /// layout: each source layer applied (whiteouts honoured) to a tree, made into ext4
     /// deterministically, and stored as the blocks that differ from the layers below.
@@ -81,162 +71,12 @@ enum Cmd {
     List(attach::ListArgs),
     /// Show what a running lsmd serves: exports, upper-layer sizes, host cache use, bytes
     /// fetched (from its `--metrics` address).
-    Status(StatusArgs),
+    Status(status::StatusArgs),
     /// Pull an image into containerd with unpack, through its API: layers that lsm-snapshotter
     /// serves lazily (images made by `convert`) are not downloaded; plain OCI layers are
     /// fetched and unpacked as containerd does. Prints the image name containerd records.
     Pull(pull::PullArgs),
 }
-
-/// `lsmctl trace` actions.
-#[derive(clap::Subcommand)]
-pub enum TraceCmd {
-    /// Save the chunks the export has needed since lsmd started as `<IMAGE>.trace`.
-    Record {
-        /// The image config lsmd serves.
-        image: std::path::PathBuf,
-        /// Export name in lsmd (default: IMAGE's file name without `.json`, as lsmd names it).
-        #[arg(long)]
-        export: Option<String>,
-        /// lsmd's `--metrics` address.
-        #[arg(long, default_value = "127.0.0.1:9810")]
-        metrics: String,
-    },
-    /// Ship a startup trace inside the image: serve it (private lsmd, FUSE file, loop, mount
-    /// read-only), run COMMAND once in a sandbox (chroot + unshare, no network) over it, and
-    /// store the chunks it read, in order, as a blob beside the layers (pushed to the first
-    /// layer's registry, else a file next to IMAGE); IMAGE's `trace` names it and its digest,
-    /// which lsmd checks before prefetching by it. Needs root (loop devices, mounts).
-    ///
-    /// Example: lsmctl trace bake lsm-remote.json -- /usr/bin/python3 -c 'import json'
-    Bake(trace_bake::BakeArgs),
-}
-
-fn trace(cmd: TraceCmd) -> CliResult {
-    let (image, export, metrics) = match cmd {
-        TraceCmd::Bake(a) => return trace_bake::bake(a),
-        TraceCmd::Record {
-            image,
-            export,
-            metrics,
-        } => (image, export, metrics),
-    };
-    let export = export.unwrap_or_else(|| {
-        image
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    });
-    let url = format!("http://{metrics}/trace?export={export}");
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut ureq::get(&url)
-            .timeout(std::time::Duration::from_secs(30))
-            .call()
-            .map_err(|e| CliError(format!("{url}: {e}")))?
-            .into_reader(),
-        &mut bytes,
-    )?;
-    let t = lsmd::trace::Trace::decode(&bytes).map_err(|e| CliError(format!("{url}: {e}")))?;
-    let out = lsmd::trace::trace_path(&image);
-    let tmp = out.with_extension("trace.tmp");
-    std::fs::write(&tmp, &bytes)?;
-    std::fs::rename(&tmp, &out)?;
-    println!(
-        "{}: {} chunks of {} layers",
-        out.display(),
-        t.entries.len(),
-        t.layers.len()
-    );
-    Ok(())
-}
-
-/// Arguments of `lsmctl status`.
-#[derive(clap::Args)]
-pub struct StatusArgs {
-    /// lsmd's `--metrics` address.
-    #[arg(long, default_value = "127.0.0.1:9810")]
-    metrics: String,
-    /// Print lsmd's JSON as is.
-    #[arg(long)]
-    json: bool,
-}
-
-fn status(a: StatusArgs) -> CliResult {
-    let url = format!("http://{}/status", a.metrics);
-    let text = ureq::get(&url)
-        .timeout(std::time::Duration::from_secs(5))
-        .call()
-        .map_err(|e| {
-            CliError(format!(
-                "{url}: {e} (is lsmd running with --metrics {}?)",
-                a.metrics
-            ))
-        })?
-        .into_string()?;
-    if a.json {
-        println!("{text}");
-        return Ok(());
-    }
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    for e in v["exports"].as_array().into_iter().flatten() {
-        println!(
-            "export {:<16} {:>14} bytes  {} layers  {}  upper data {} bytes  cached {} bytes",
-            e["name"].as_str().unwrap_or("?"),
-            e["size"],
-            e["layers"],
-            if e["read_only"].as_bool() == Some(true) {
-                "read-only"
-            } else {
-                "writable "
-            },
-            e["upper_data_bytes"].as_u64().unwrap_or(0),
-            e["cache_bytes"].as_u64().unwrap_or(0)
-        );
-    }
-    match v.get("cache").filter(|c| !c.is_null()) {
-        Some(c) => {
-            println!(
-                "cache  {} of {} bytes, {} chunks, {} hits, {} misses",
-                c["bytes"], c["limit"], c["entries"], c["hits"], c["misses"]
-            );
-            let (phys, logical) = (
-                c["bytes"].as_u64().unwrap_or(0),
-                c["logical_bytes"].as_u64().unwrap_or(0),
-            );
-            println!(
-                "cache  physical {phys} bytes, logical {logical} bytes (each export's cached chunks \
-                 counted as if it had its own cache){}",
-                if phys > 0 && logical > phys {
-                    format!("; shared chunks save {:.1} %", 100.0 * (1.0 - phys as f64 / logical as f64))
-                } else {
-                    String::new()
-                }
-            );
-        }
-        None => println!("cache  none (lsmd runs without --cache-dir)"),
-    }
-    println!(
-        "registry  {} bytes fetched in {} reads, {} errors",
-        v["registry"]["bytes_fetched"], v["registry"]["requests"], v["registry"]["errors"]
-    );
-    Ok(())
-}
-
-pub use lsmd::parse_size;
-
-/// Error type of the CLI: a message for a human.
-#[derive(Debug)]
-pub struct CliError(pub String);
-
-impl<E: std::fmt::Display> From<E> for CliError {
-    fn from(e: E) -> Self {
-        CliError(e.to_string())
-    }
-}
-
-/// Result alias for subcommands.
-pub type CliResult<T = ()> = Result<T, CliError>;
 
 fn main() -> ExitCode {
     // Output piped into `head` and closed early ends the process quietly, as for other Unix
@@ -254,8 +94,8 @@ fn main() -> ExitCode {
         Cmd::Commit(a) => build::commit(a),
         Cmd::Inspect(a) => check::inspect(a),
         Cmd::Verify(a) => check::verify(a),
-        Cmd::Status(a) => status(a),
-        Cmd::Trace(c) => trace(c),
+        Cmd::Status(a) => status::status(a),
+        Cmd::Trace(c) => trace::trace(c),
         Cmd::Attach(a) => attach::attach(a),
         Cmd::Convert(a) => convert::convert(a),
         Cmd::DedupReport(a) => convert::report::dedup_report(a),
@@ -275,6 +115,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::parse_size;
 
     #[test]
     fn sizes() {

@@ -21,9 +21,9 @@ use lsmd::config::{LayerConfig, SourceConfig};
 use lsmd::source::auth::Credentials;
 use lsmd::ImageConfig;
 
+use crate::cli::{CliError, CliResult};
 use crate::convert::manifest::{lsm_role, Role, OCI_LAYER_MEDIA_TYPE, SNAPSHOT_LABEL_PREFIX};
 use crate::convert::push::{Client, Session, Target};
-use crate::{CliError, CliResult};
 
 /// Arguments of `lsmctl trace bake`.
 #[derive(clap::Args)]

@@ -11,13 +11,20 @@
 //!   switch by renaming `data.compact` (a read-only open just reads `data.compact`);
 //! - after both, it is an ordinary layer.
 //!
-//! The caller holds the layer's state lock throughout (writes wait; readers keep the old files
-//! open through their snapshots, so reads in flight stay right). A failure before the switch
-//! leaves the layer as it was (the caller may try again later); a failure during it is sticky.
+//! Writes go on while it copies (the caller, `UpperLayer::compact`, drives the rounds): the
+//! first round copies a snapshot of the map without the state lock, each later round copies the
+//! ranges written meanwhile (later records in the new log replace earlier ones on replay), and
+//! only the last, small round — with the flush mark, the syncs and the switch — holds the lock.
+//! A write may rewrite bytes in place while a round copies them (the copy's record then carries
+//! the crc32c of what it copied, consistent but stale); every write since the round began is
+//! in the changed set, so a later round copies it again and its record replaces the stale one.
+//! Readers keep the old files open through their snapshots, so reads in flight stay right. A failure
+//! before the switch leaves the layer as it was (the caller may try again later); a failure
+//! during it is sticky.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::log::{FileHeader, Record, RecordKind, FILE_HEADER_LEN, UPPER_VERSION};
 use super::log::{DATA_MAGIC, LOG_MAGIC};
@@ -89,105 +96,12 @@ pub(super) enum CompactError {
     During(Error),
 }
 
-/// Writes the live ranges of `map` (bytes read from `old`) as a new generation and switches
-/// the directory to it.
-pub(super) fn compact(
-    dir: &Path,
-    logical_size: u64,
-    old: &Files,
-    map: &RangeMap,
-) -> std::result::Result<Compacted, CompactError> {
-    let n = super::name(dir);
-    let (cdata, clog) = (dir.join(COMPACT_DATA_FILE), dir.join(COMPACT_LOG_FILE));
-    let new = write_generation(&n, dir, logical_size, old, map).map_err(|e| {
-        let _ = std::fs::remove_file(&cdata);
-        let _ = std::fs::remove_file(&clog);
-        CompactError::Before(e)
-    })?;
-    let io = |what: &str, e: std::io::Error| Error::io(format!("{n}/{what}"), 0, e);
-    std::fs::rename(&clog, dir.join(LOG_FILE)).map_err(|e| {
-        let _ = std::fs::remove_file(&cdata);
-        let _ = std::fs::remove_file(&clog);
-        CompactError::Before(io(LOG_FILE, e))
-    })?;
-    std::fs::rename(&cdata, dir.join(DATA_FILE))
-        .and_then(|_| sync_dir(dir))
-        .map_err(|e| CompactError::During(io(DATA_FILE, e)))?;
-    Ok(new)
-}
-
-/// Writes `data.compact` and `index.log.compact` and syncs them and the directory.
-fn write_generation(
-    n: &str,
-    dir: &Path,
-    logical_size: u64,
-    old: &Files,
-    map: &RangeMap,
-) -> Result<Compacted> {
-    let create = |f: &str| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join(f))
-            .map_err(|e| Error::io(format!("{n}/{f}"), 0, e))
-    };
-    let data = create(COMPACT_DATA_FILE)?;
-    let log = create(COMPACT_LOG_FILE)?;
-    let pair_id: [u8; 16] = rand::random();
-    let header = |size| FileHeader {
-        version: UPPER_VERSION,
-        pair_id,
-        logical_size: size,
-    };
-    let werr = |f: &str, at: u64, e: std::io::Error| Error::io(format!("{n}/{f}"), at, e);
-    data.write_all_at(&header(0).encode(DATA_MAGIC), 0)
-        .map_err(|e| werr(COMPACT_DATA_FILE, 0, e))?;
-    log.write_all_at(&header(logical_size).encode(LOG_MAGIC), 0)
-        .map_err(|e| werr(COMPACT_LOG_FILE, 0, e))?;
-    let align = super::log::data_alignment(UPPER_VERSION);
-    let mut out = Generation {
-        n,
-        data: &data,
-        log: &log,
-        map: RangeMap::default(),
-        records: Vec::with_capacity(COPY_PIECE),
-        seq: 0,
-        log_len: FILE_HEADER_LEN as u64,
-        data_len: FILE_HEADER_LEN as u64,
-        align,
-        buf: vec![0u8; COPY_PIECE],
-    };
-    for (start, len, t) in map.iter() {
-        let mut done = 0;
-        while done < len {
-            let l = (len - done).min(MAX_RECORD);
-            out.range(old, start + done, l, t, done)?;
-            done += l;
-        }
-    }
-    let covered = out.seq;
-    out.record(RecordKind::FlushMark, covered, 0, 0, 0)?;
-    out.write_records()?;
-    sync_data(&data, COMPACT_DATA_FILE).map_err(|e| werr(COMPACT_DATA_FILE, 0, e))?;
-    sync_data(&log, COMPACT_LOG_FILE).map_err(|e| werr(COMPACT_LOG_FILE, 0, e))?;
-    sync_dir(dir).map_err(|e| Error::io(n.to_string(), 0, e))?;
-    let (seq, log_len, data_len, map) = (out.seq, out.log_len, out.data_len, out.map);
-    Ok(Compacted {
-        files: Files { data, log, align },
-        map,
-        seq,
-        log_len,
-        data_len,
-    })
-}
-
-/// The generation being written.
-struct Generation<'a> {
-    n: &'a str,
-    data: &'a File,
-    log: &'a File,
+/// The next generation while compaction writes it (`data.compact`, `index.log.compact`).
+pub(super) struct Generation {
+    n: String,
+    dir: PathBuf,
+    data: File,
+    log: File,
     map: RangeMap,
     /// Encoded records not yet written.
     records: Vec<u8>,
@@ -198,7 +112,109 @@ struct Generation<'a> {
     buf: Vec<u8>,
 }
 
-impl Generation<'_> {
+impl Generation {
+    /// Creates the next generation's files (replacing leftovers of an earlier attempt).
+    pub fn create(dir: &Path, logical_size: u64) -> Result<Generation> {
+        let n = super::name(dir);
+        let create = |f: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join(f))
+                .map_err(|e| Error::io(format!("{n}/{f}"), 0, e))
+        };
+        let data = create(COMPACT_DATA_FILE)?;
+        let log = create(COMPACT_LOG_FILE)?;
+        let pair_id: [u8; 16] = rand::random();
+        let header = |size| FileHeader {
+            version: UPPER_VERSION,
+            pair_id,
+            logical_size: size,
+        };
+        let werr = |f: &str, e: std::io::Error| Error::io(format!("{n}/{f}"), 0, e);
+        data.write_all_at(&header(0).encode(DATA_MAGIC), 0)
+            .map_err(|e| werr(COMPACT_DATA_FILE, e))?;
+        log.write_all_at(&header(logical_size).encode(LOG_MAGIC), 0)
+            .map_err(|e| werr(COMPACT_LOG_FILE, e))?;
+        Ok(Generation {
+            n,
+            dir: dir.to_path_buf(),
+            data,
+            log,
+            map: RangeMap::default(),
+            records: Vec::with_capacity(COPY_PIECE),
+            seq: 0,
+            log_len: FILE_HEADER_LEN as u64,
+            data_len: FILE_HEADER_LEN as u64,
+            align: super::log::data_alignment(UPPER_VERSION),
+            buf: vec![0u8; COPY_PIECE],
+        })
+    }
+
+    /// Deletes the next generation's files (compaction gave up before the switch).
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(self.dir.join(COMPACT_DATA_FILE));
+        let _ = std::fs::remove_file(self.dir.join(COMPACT_LOG_FILE));
+    }
+
+    /// Appends the ranges `pieces` (as the map says them, bytes read from `old`): each one
+    /// replaces what earlier rounds wrote for it.
+    pub fn copy_pieces(&mut self, old: &Files, pieces: &[(u64, u64, UpperTarget)]) -> Result<()> {
+        for &(start, len, t) in pieces {
+            let mut done = 0;
+            while done < len {
+                let l = (len - done).min(MAX_RECORD);
+                self.range(old, start + done, l, t, done)?;
+                done += l;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the queued records and syncs both files, so the last round syncs only its own.
+    pub fn sync(&mut self) -> Result<()> {
+        self.write_records()?;
+        let werr = |f: &str, e: std::io::Error| Error::io(format!("{}/{f}", self.n), 0, e);
+        sync_data(&self.data, COMPACT_DATA_FILE).map_err(|e| werr(COMPACT_DATA_FILE, e))?;
+        sync_data(&self.log, COMPACT_LOG_FILE).map_err(|e| werr(COMPACT_LOG_FILE, e))
+    }
+
+    /// Seals the generation (a flush mark covering every record), syncs it and the directory,
+    /// and switches the directory to it (see the module docs for why each step is crash safe).
+    pub fn finish(mut self) -> std::result::Result<Compacted, CompactError> {
+        let covered = self.seq;
+        let sealed = self
+            .record(RecordKind::FlushMark, covered, 0, 0, 0)
+            .and_then(|_| self.sync())
+            .and_then(|_| sync_dir(&self.dir).map_err(|e| Error::io(self.n.clone(), 0, e)));
+        if let Err(e) = sealed {
+            self.abandon();
+            return Err(CompactError::Before(e));
+        }
+        let (dir, n) = (self.dir.clone(), self.n.clone());
+        let io = |what: &str, e: std::io::Error| Error::io(format!("{n}/{what}"), 0, e);
+        if let Err(e) = std::fs::rename(dir.join(COMPACT_LOG_FILE), dir.join(LOG_FILE)) {
+            self.abandon();
+            return Err(CompactError::Before(io(LOG_FILE, e)));
+        }
+        std::fs::rename(dir.join(COMPACT_DATA_FILE), dir.join(DATA_FILE))
+            .and_then(|_| sync_dir(&dir))
+            .map_err(|e| CompactError::During(io(DATA_FILE, e)))?;
+        Ok(Compacted {
+            files: Files {
+                data: self.data,
+                log: self.log,
+                align: self.align,
+            },
+            map: self.map,
+            seq: self.seq,
+            log_len: self.log_len,
+            data_len: self.data_len,
+        })
+    }
+
     /// Copies one live range (`skip` bytes into the map's range `t`).
     fn range(
         &mut self,

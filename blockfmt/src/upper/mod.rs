@@ -15,7 +15,10 @@
 //! - One writer: opening for writing takes an exclusive `flock` (see `lock.rs`); read-only opens
 //!   change nothing on disk.
 //! - The files are bounded by the live data: compaction (see `compact.rs`) rewrites them when
-//!   the waste passes the [`CompactionPolicy`].
+//!   the waste passes the [`CompactionPolicy`]. It copies while writes go on and holds the lock
+//!   only for its last, small round; a host with threads of its own (lsmd) runs it beside the
+//!   writers ([`UpperLayer::set_background_compaction`]), otherwise the write that finds it due
+//!   runs it.
 //!
 //! Concurrency: all methods take `&self`. Writers append under the state's write lock; readers
 //! take a snapshot (map pieces plus the files they point into) under the read lock and read
@@ -38,9 +41,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use log::{DATA_MAGIC, LOG_MAGIC};
@@ -84,6 +88,18 @@ pub struct UpperStats {
 /// in a crash anyway; the buffer only ever drops a suffix of them, so recovery still finds a
 /// prefix of the acknowledged operations.
 const PENDING_RECORDS: usize = 64;
+
+/// A compaction round that finds no more than this many bytes written meanwhile is the last:
+/// it copies them under the lock (writes wait for that copy and two small syncs).
+const LAST_ROUND_BYTES: u64 = 4 << 20;
+/// Rounds before the last one copies whatever is left under the lock (a writer outrunning the
+/// copy cannot keep compaction from ending).
+const MAX_COMPACTION_ROUNDS: u32 = 8;
+
+/// Data bytes a compaction round copies between two looks at what was written meanwhile.
+const COMPACTION_BATCH: u64 = 4 << 20;
+/// A compaction round syncs the new files after about this many bytes.
+const COMPACTION_SYNC_EVERY: u64 = 64 << 20;
 
 /// Log space reserved ahead of the records, so appending one never runs out of space.
 const LOG_RESERVE: u64 = 256 * 1024;
@@ -151,6 +167,9 @@ struct State {
     next_compaction_check: u64,
     /// Set once a failure may have lost acknowledged bytes: sticky until reopened.
     failed: Option<String>,
+    /// While a compaction copies without the lock: the disk ranges written since its current
+    /// round began (the next round copies them again).
+    compacting: Option<RangeMap>,
 }
 
 impl State {
@@ -170,6 +189,7 @@ impl State {
             compactions: 0,
             next_compaction_check: 0,
             failed: None,
+            compacting: None,
         }
     }
 }
@@ -182,6 +202,14 @@ pub struct UpperLayer {
     lock: Option<lock::WriterLock>,
     policy: RwLock<CompactionPolicy>,
     state: RwLock<State>,
+    /// Held by the compaction running (one at a time).
+    compaction: Mutex<()>,
+    /// Set by [`Self::set_background_compaction`]: writes only ask for compaction.
+    background: AtomicBool,
+    /// A compaction is due and nobody has taken the request yet.
+    compaction_asked: AtomicBool,
+    /// A compaction was asked for and has not finished: writes ask no more.
+    compaction_queued: AtomicBool,
 }
 
 impl std::fmt::Debug for UpperLayer {
@@ -279,6 +307,10 @@ impl UpperLayer {
             lock: Some(lock),
             policy: RwLock::new(CompactionPolicy::default()),
             state: RwLock::new(State::new(files, RangeMap::default(), 0, hdr, hdr)),
+            compaction: Mutex::new(()),
+            background: AtomicBool::new(false),
+            compaction_asked: AtomicBool::new(false),
+            compaction_queued: AtomicBool::new(false),
         })
     }
 
@@ -299,6 +331,10 @@ impl UpperLayer {
             lock,
             policy: RwLock::new(CompactionPolicy::default()),
             state: RwLock::new(st),
+            compaction: Mutex::new(()),
+            background: AtomicBool::new(false),
+            compaction_asked: AtomicBool::new(false),
+            compaction_queued: AtomicBool::new(false),
         };
         Ok((up, r.report))
     }
@@ -320,6 +356,21 @@ impl UpperLayer {
     pub fn set_compaction(&self, policy: CompactionPolicy) {
         *self.policy.write() = policy;
         self.state.write().next_compaction_check = 0;
+    }
+
+    /// With `on`, a write or flush that finds compaction due only asks for it
+    /// ([`Self::take_compaction_request`]); the host runs [`Self::compact`] on a thread of its
+    /// own, so no write waits for the copy. Off (the default), the write that finds it due runs
+    /// it (blockfmt starts no threads).
+    pub fn set_background_compaction(&self, on: bool) {
+        self.background.store(on, Ordering::Relaxed);
+    }
+
+    /// True once per compaction a write or flush found due (with background compaction on):
+    /// the caller should run [`Self::compact`] off the request path.
+    pub fn take_compaction_request(&self) -> bool {
+        self.compaction_asked.load(Ordering::Relaxed)
+            && self.compaction_asked.swap(false, Ordering::AcqRel)
     }
 
     fn check(&self, off: u64, len: u64) -> Result<()> {
@@ -494,7 +545,12 @@ impl UpperLayer {
             st.map
                 .insert(off, len, UpperTarget::Data { file_offset: at });
         }
-        self.maybe_compact(&mut st);
+        if let Some(changed) = st.compacting.as_mut() {
+            changed.insert(off, len, UpperTarget::Zero);
+        }
+        let due = self.compaction_due(&mut st);
+        drop(st);
+        self.compact_if(due);
         Ok(())
     }
 
@@ -522,7 +578,12 @@ impl UpperLayer {
         };
         self.append(&mut st, r)?;
         st.map.insert(off, len, target);
-        self.maybe_compact(&mut st);
+        if let Some(changed) = st.compacting.as_mut() {
+            changed.insert(off, len, UpperTarget::Zero);
+        }
+        let due = self.compaction_due(&mut st);
+        drop(st);
+        self.compact_if(due);
         Ok(())
     }
 
@@ -590,65 +651,202 @@ impl UpperLayer {
         if st.generation == generation {
             st.durable_seq = st.durable_seq.max(covered);
         }
-        self.maybe_compact(&mut st);
+        let due = self.compaction_due(&mut st);
+        drop(st);
+        self.compact_if(due);
         Ok(())
     }
 
     /// Rewrites the files to hold only the live ranges now, whatever the policy says (see
-    /// `compact.rs`); everything acknowledged before is durable when it returns.
+    /// `compact.rs`); everything acknowledged before the call is durable when it returns.
+    /// Reads, writes and flushes go on while it copies; only its last round (the ranges written
+    /// during the round before, the syncs and the switch) holds the lock. A failure before the
+    /// switch leaves the layer as it was; one during it fails the layer.
     pub fn compact(&self) -> Result<()> {
-        let mut st = self.state.write();
-        self.usable(&st)?;
-        let total = st.data_len + st.log_len;
-        self.run_compaction(&mut st, total)
+        let _one = self.compaction.lock();
+        let res = self.compact_rounds();
+        self.compaction_queued.store(false, Ordering::Release);
+        res
     }
 
-    /// Compacts when the policy says the files waste too much. A failure before the switch is
-    /// logged and tried again after more growth; one during it fails the layer.
-    fn maybe_compact(&self, st: &mut State) {
+    fn compact_rounds(&self) -> Result<()> {
+        let (files, mut todo, total) = {
+            let mut st = self.state.write();
+            self.usable(&st)?;
+            st.compacting = Some(RangeMap::default());
+            let total = st.data_len + st.log_len;
+            (st.files.clone(), st.map.iter().collect::<Vec<_>>(), total)
+        };
+        let mut gen = match compact::Generation::create(&self.dir, self.logical_size) {
+            Ok(g) => g,
+            Err(e) => return Err(self.compaction_failed(&mut self.state.write(), e)),
+        };
+        let mut round = 1;
+        loop {
+            let copied = self
+                .copy_unchanged(&mut gen, &files, &todo)
+                .and_then(|()| gen.sync())
+                .and_then(|()| self.compaction_round_fault());
+            let mut st = self.state.write();
+            if let Err(e) = copied.and_then(|()| self.usable(&st)) {
+                gen.abandon();
+                return Err(self.compaction_failed(&mut st, e));
+            }
+            let changed = st.compacting.replace(RangeMap::default());
+            todo = changed
+                .iter()
+                .flat_map(|c| c.iter())
+                .flat_map(|(off, len, _)| st.map.pieces(off, len))
+                .filter_map(|(off, len, t)| t.map(|t| (off, len, t)))
+                .collect();
+            let bytes: u64 = todo.iter().map(|&(_, len, _)| len).sum();
+            if bytes > LAST_ROUND_BYTES && round < MAX_COMPACTION_ROUNDS {
+                round += 1;
+                continue;
+            }
+            // The last round, under the lock: nothing changes until the switch.
+            st.compacting = None;
+            let done = match gen.copy_pieces(&st.files, &todo) {
+                Ok(()) => gen.finish(),
+                Err(e) => {
+                    gen.abandon();
+                    Err(compact::CompactError::Before(e))
+                }
+            };
+            return match done {
+                Ok(c) => {
+                    let to = c.data_len + c.log_len;
+                    st.files = Arc::new(c.files);
+                    st.map = c.map;
+                    st.seq = c.seq;
+                    st.log_len = c.log_len;
+                    st.log_reserved = 0;
+                    st.pending.clear();
+                    st.data_len = c.data_len;
+                    st.sealed_len = c.data_len;
+                    st.durable_seq = c.seq;
+                    st.last_op = c.seq.saturating_sub(1);
+                    st.generation += 1;
+                    st.compactions += 1;
+                    st.next_compaction_check = 0;
+                    tracing::info!(layer = %self.dir.display(), from = total, to, rounds = round,
+                        last_round_bytes = bytes, "upper layer compacted");
+                    Ok(())
+                }
+                Err(compact::CompactError::Before(e)) => Err(self.compaction_failed(&mut st, e)),
+                Err(compact::CompactError::During(e)) => Err(self.fail(&mut st, e)),
+            };
+        }
+    }
+
+    /// One unlocked round: copies `todo` in batches, leaving out what was written since the
+    /// round began (the next round copies it, as it is then; copying it now would be waste in
+    /// the new files), and syncs every few batches so the new file's dirty pages do not pile up
+    /// into one long writeback that the writers' flushes would queue behind.
+    fn copy_unchanged(
+        &self,
+        gen: &mut compact::Generation,
+        files: &Files,
+        todo: &[(u64, u64, UpperTarget)],
+    ) -> Result<()> {
+        let mut rest = todo;
+        let mut unsynced = 0u64;
+        while !rest.is_empty() {
+            let (mut n, mut bytes) = (0, 0u64);
+            while n < rest.len() && bytes < COMPACTION_BATCH {
+                if let UpperTarget::Data { .. } = rest[n].2 {
+                    bytes += rest[n].1;
+                }
+                n += 1;
+            }
+            let (batch, tail) = rest.split_at(n);
+            rest = tail;
+            let kept: Vec<(u64, u64, UpperTarget)> = {
+                let st = self.state.read();
+                let Some(changed) = st.compacting.as_ref() else {
+                    return Err(Error::Invalid("compaction state lost".into()));
+                };
+                batch
+                    .iter()
+                    .flat_map(|&(off, len, t)| {
+                        changed
+                            .pieces(off, len)
+                            .into_iter()
+                            .filter_map(move |(o, l, c)| {
+                                c.is_none().then(|| (o, l, t.advance(o - off)))
+                            })
+                    })
+                    .collect()
+            };
+            gen.copy_pieces(files, &kept)?;
+            unsynced += bytes;
+            if unsynced >= COMPACTION_SYNC_EVERY {
+                gen.sync()?;
+                unsynced = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// The failpoint `upper-compact-round` (`--features failpoints`): a callback there runs
+    /// between a round's unlocked copy and its check (tests write meanwhile); `return` stands
+    /// for a copy failing midway.
+    fn compaction_round_fault(&self) -> Result<()> {
+        fail::fail_point!("upper-compact-round", |_| Err(Error::io(
+            format!("{}/{COMPACT_DATA_FILE}", name(&self.dir)),
+            0,
+            io::Error::from_raw_os_error(5)
+        )));
+        Ok(())
+    }
+
+    /// A compaction gave up before the switch: the layer is as it was; try again after more
+    /// growth (a failed layer says so itself).
+    fn compaction_failed(&self, st: &mut State, e: Error) -> Error {
+        st.compacting = None;
+        if st.failed.is_none() {
+            tracing::warn!(layer = %self.dir.display(), error = %e,
+                "upper layer compaction failed; the layer is unchanged");
+            let min_waste = self.policy.read().min_waste;
+            st.next_compaction_check = st.data_len + st.log_len + min_waste.max(1 << 20);
+        }
+        e
+    }
+
+    /// True when the policy says the files waste too much and no compaction is queued or
+    /// running.
+    fn compaction_due(&self, st: &mut State) -> bool {
         let total = st.data_len + st.log_len;
-        if total < st.next_compaction_check || st.failed.is_some() {
-            return;
+        if total < st.next_compaction_check
+            || st.failed.is_some()
+            || st.compacting.is_some()
+            || self.compaction_queued.load(Ordering::Acquire)
+        {
+            return false;
         }
         let policy = *self.policy.read();
-        let live = live_size(&st.map);
-        if !policy.due(total, live) {
-            // Nothing to do until the files grow by a step (live size changes slowly).
-            st.next_compaction_check = total + (policy.min_waste / 8).clamp(4096, 8 << 20);
-            return;
+        if policy.due(total, live_size(&st.map)) {
+            return true;
         }
-        if let Err(e) = self.run_compaction(st, total) {
-            if st.failed.is_none() {
-                tracing::warn!(layer = %self.dir.display(), error = %e,
-                    "upper layer compaction failed; the layer is unchanged");
-                st.next_compaction_check = total + policy.min_waste.max(1 << 20);
-            }
-        }
+        // Nothing to do until the files grow by a step (live size changes slowly).
+        st.next_compaction_check = total + (policy.min_waste / 8).clamp(4096, 8 << 20);
+        false
     }
 
-    fn run_compaction(&self, st: &mut State, total: u64) -> Result<()> {
-        match compact::compact(&self.dir, self.logical_size, &st.files, &st.map) {
-            Ok(c) => {
-                st.files = Arc::new(c.files);
-                st.map = c.map;
-                st.seq = c.seq;
-                st.log_len = c.log_len;
-                st.log_reserved = 0;
-                st.pending.clear();
-                st.data_len = c.data_len;
-                st.sealed_len = c.data_len;
-                st.durable_seq = c.seq;
-                st.last_op = c.seq.saturating_sub(1);
-                st.generation += 1;
-                st.compactions += 1;
-                st.next_compaction_check = 0;
-                tracing::info!(layer = %self.dir.display(), from = total,
-                    to = c.data_len + c.log_len, "upper layer compacted");
-                Ok(())
-            }
-            Err(compact::CompactError::Before(e)) => Err(e),
-            Err(compact::CompactError::During(e)) => Err(self.fail(st, e)),
+    /// Runs a due compaction here, or (background compaction) asks the host to. Called without
+    /// the state lock; a failure is logged and leaves the layer as it was or failed.
+    fn compact_if(&self, due: bool) {
+        if !due {
+            return;
         }
+        if self.background.load(Ordering::Relaxed) {
+            if !self.compaction_queued.swap(true, Ordering::AcqRel) {
+                self.compaction_asked.store(true, Ordering::Release);
+            }
+            return;
+        }
+        // The error is logged (and sticky if the switch failed); the write itself succeeded.
+        let _ = self.compact();
     }
 
     /// Pieces of `[off, off + len)`: `None` where the upper layer has nothing (lower shows).

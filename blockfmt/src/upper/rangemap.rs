@@ -16,7 +16,8 @@ pub enum UpperTarget {
 }
 
 impl UpperTarget {
-    fn advance(self, d: u64) -> UpperTarget {
+    /// The same target `d` bytes further into its range.
+    pub(crate) fn advance(self, d: u64) -> UpperTarget {
         match self {
             UpperTarget::Data { file_offset } => UpperTarget::Data {
                 file_offset: file_offset + d,

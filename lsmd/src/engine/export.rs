@@ -20,6 +20,10 @@ pub struct Export {
 
 impl Export {
     pub fn new(name: String, image: Arc<Image>) -> Export {
+        if let Some(up) = image.upper() {
+            // Compaction copies on a thread of its own (see `compact_if_asked`), beside writes.
+            up.set_background_compaction(true);
+        }
         Export {
             name,
             image,
@@ -33,7 +37,37 @@ impl Export {
     pub fn flush(&self, via: Frontend) -> blockfmt::Result<()> {
         let r = self.image.flush();
         self.stats.count_flush(via, r.is_ok());
+        self.compact_if_asked();
         r
+    }
+
+    /// Starts the upper layer's compaction on a thread of its own when a write or flush found
+    /// it due, so no request waits for the copy (the layer holds its lock only for the last,
+    /// small round). One thread per compaction: compactions are rare and each runs for seconds.
+    pub fn compact_if_asked(&self) {
+        let Some(up) = self.image.upper() else {
+            return;
+        };
+        if !up.take_compaction_request() {
+            return;
+        }
+        let (image, name) = (self.image.clone(), self.name.clone());
+        let run = move || {
+            if let Some(Err(e)) = image.upper().map(|up| up.compact()) {
+                // The layer logged it and is unchanged, or failed (sticky, seen by requests).
+                tracing::debug!(export = %name, error = %e, "upper layer compaction ended");
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("upper-compact".into())
+            .spawn(run);
+        if let Err(e) = spawned {
+            tracing::warn!(export = %self.name, error = %e,
+                "cannot start a compaction thread; compacting on the request's thread");
+            if let Err(e) = up.compact() {
+                tracing::debug!(export = %self.name, error = %e, "upper layer compaction ended");
+            }
+        }
     }
 
     /// Notes a request that failed with `e`: an upper layer out of space is counted, and one

@@ -106,7 +106,9 @@ pub fn read_cold(
 /// Hot work that changes the image (write, zeroes, trim), counted.
 pub fn hot<T>(export: &Export, via: Frontend, work: impl FnOnce(&blockfmt::Image) -> T) -> T {
     export.stats.count_request(via, false);
-    work(&export.image)
+    let r = work(&export.image);
+    export.compact_if_asked();
+    r
 }
 
 /// FLUSH (or the sync after a FUA write) as cold work: syncs the image and counts it.

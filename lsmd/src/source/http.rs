@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::auth::{AuthCache, Credentials, RegistryAuth};
-use super::{redact, tls, SourceStats};
+use super::registry::{self, RequestError};
+use super::{redact, SourceStats};
 
 /// The longest `Retry-After` honoured; a server asking for more is waited on this long.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -315,52 +316,35 @@ impl HttpBlob {
         method: &str,
         range: Option<(u64, u64)>,
     ) -> Result<ureq::Response, Failure> {
-        for attempt in 0..2 {
-            let mut req = agent.request(method, &ep.url);
-            if let Some((off, len)) = range {
-                req = req.set("Range", &format!("bytes={}-{}", off, off + len - 1));
-            }
-            match ep.auth.header(&self.agent) {
-                Ok(Some(h)) => req = req.set("Authorization", &h),
-                Ok(None) => {}
-                Err(e) => return Err(Failure::Transient(format!("{}: {e}", ep.shown), None)),
-            }
-            match req.call() {
-                Ok(r) => return Ok(r),
-                Err(ureq::Error::Status(401, r))
-                    if redact::host_of(r.get_url()) != redact::host_of(&ep.url) =>
-                {
-                    return Err(Failure::Fatal(format!(
-                        "{}: 401 from the redirect target {} (not the registry's challenge: \
-                         no credentials are sent there)",
-                        ep.shown,
-                        redact::url(r.get_url())
-                    )))
-                }
-                Err(ureq::Error::Status(401, r)) if attempt == 0 => {
-                    if let Err(why) = ep.auth.challenged(r.header("www-authenticate")) {
-                        return Err(Failure::Fatal(format!(
-                            "{}: 401 unauthorized ({why})",
-                            ep.shown
-                        )));
+        let r = registry::send(
+            agent,
+            &ep.auth,
+            &ep.url,
+            |a| {
+                let req = a.request(method, &ep.url);
+                match range {
+                    Some((off, len)) => {
+                        req.set("Range", &format!("bytes={}-{}", off, off + len - 1))
                     }
+                    None => req,
                 }
-                Err(ureq::Error::Status(code, r)) if code == 429 || code >= 500 => {
-                    return Err(Failure::Transient(
-                        format!("{}: HTTP {code}", ep.shown),
-                        retry_after(&r),
-                    ))
-                }
-                Err(ureq::Error::Status(code, _)) => {
-                    return Err(Failure::Fatal(format!("{}: HTTP {code}", ep.shown)))
-                }
-                Err(ureq::Error::Transport(t)) => return Err(transport_failure(ep, &t)),
+            },
+            &registry::Body::Empty,
+        );
+        r.map_err(|e| {
+            let text = match &e {
+                RequestError::Transport(_) if !e.is_transient() => format!(
+                    "{}: {e} (is the server's CA in the source's `ca_file` or lsmd's \
+                     --registry-ca?)",
+                    ep.shown
+                ),
+                _ => format!("{}: {e}", ep.shown),
+            };
+            match e.is_transient() {
+                true => Failure::Transient(text, e.retry_after()),
+                false => Failure::Fatal(text),
             }
-        }
-        Err(Failure::Fatal(format!(
-            "{}: 401 unauthorized after authenticating",
-            ep.shown
-        )))
+        })
     }
 
     fn head(&self, ep: &Endpoint) -> Result<u64, Failure> {
@@ -530,27 +514,6 @@ impl HttpBlob {
             std::thread::sleep(wait);
             backoff = (backoff * 2).min(self.policy.max_backoff);
         }
-    }
-}
-
-/// The wait a 429/503 asks for (`Retry-After: <seconds>`; an HTTP date is not honoured).
-fn retry_after(r: &ureq::Response) -> Option<Duration> {
-    r.header("retry-after")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER.as_secs())))
-}
-
-/// A transport error as a failure: a TLS failure (a certificate that does not verify) will not
-/// pass by retrying; connection trouble may.
-fn transport_failure(ep: &Endpoint, t: &ureq::Transport) -> Failure {
-    let text = redact::text(&t.to_string());
-    match tls::tls_failure(t) {
-        Some(why) => Failure::Fatal(format!(
-            "{}: TLS: {why} (is the server's CA in the source's `ca_file` or lsmd's \
-             --registry-ca?)",
-            ep.shown
-        )),
-        None => Failure::Transient(format!("{}: {text}", ep.shown), None),
     }
 }
 

@@ -73,6 +73,42 @@ impl SourceConfig {
     }
 }
 
+/// The counters of every kind of source a daemon has opened. Each kind registers itself at its
+/// first open (`host.sources.register("nas")`), so `/metrics` names exactly the kinds in use and
+/// a new kind of source needs no edit in `metrics` or `config`. Cloning shares it.
+#[derive(Clone, Default)]
+pub struct SourceMetrics(Arc<parking_lot::Mutex<Vec<KindStats>>>);
+
+/// A kind of source and its counters.
+pub type KindStats = (&'static str, Arc<SourceStats>);
+
+impl SourceMetrics {
+    /// The counters of `kind`, made at its first registration; every blob of the kind shares them.
+    pub fn register(&self, kind: &'static str) -> Arc<SourceStats> {
+        let mut all = self.0.lock();
+        if let Some((_, s)) = all.iter().find(|(k, _)| *k == kind) {
+            return s.clone();
+        }
+        let s = Arc::new(SourceStats::default());
+        all.push((kind, s.clone()));
+        s
+    }
+
+    /// The counters of `kind`, if it was opened.
+    pub fn get(&self, kind: &str) -> Option<Arc<SourceStats>> {
+        self.0
+            .lock()
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Every registered kind, in registration order.
+    pub fn all(&self) -> Vec<KindStats> {
+        self.0.lock().clone()
+    }
+}
+
 /// Upper bounds (seconds) of the fetch latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 10] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];

@@ -165,7 +165,7 @@ impl crate::config::NasConfig {
             &site.resolve(&self.path),
             Duration::from_millis(self.read_timeout_ms),
             host.retry,
-            host.nas_stats.clone(),
+            host.sources.register("nas"),
         )?))
     }
 }

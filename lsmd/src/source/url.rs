@@ -31,7 +31,7 @@ impl HttpConfig {
             &urls,
             self.size,
             host.retry,
-            host.http_stats.clone(),
+            host.sources.register("http"),
             &client,
         )?))
     }

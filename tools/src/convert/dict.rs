@@ -12,7 +12,7 @@ use blockfmt::{Dictionary, Layer};
 use serde_json::Value;
 
 use super::{bad, blob_path, push, read_json, sha256_file};
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// One lsm blob of a dictionary image: what a converted manifest lists for it and where it is.
 #[derive(Debug, Clone)]

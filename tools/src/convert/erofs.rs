@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{bad, workdir};
-use crate::CliResult;
+use crate::cli::CliResult;
 
 const SB: u64 = 1024;
 const MAGIC: u32 = 0xE0F5_E1E2;

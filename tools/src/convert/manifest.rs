@@ -13,7 +13,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// Media type every blob of a converted image is listed with (as overlaybd does): the one
 /// containerd treats as a layer and hands to the snapshotter instead of fetching.

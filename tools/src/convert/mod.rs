@@ -22,6 +22,7 @@
 pub mod dict;
 mod erofs;
 mod ext4apply;
+mod ext4times;
 pub mod manifest;
 pub(crate) mod push;
 mod rawimport;
@@ -39,7 +40,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::build::{write_blob_atomically, writer_options};
-use crate::{parse_size, CliError, CliResult, LayerOpts};
+use crate::cli::{parse_size, CliError, CliResult, LayerOpts};
 
 /// Arguments of `lsmctl convert`.
 #[derive(clap::Args, Clone)]
@@ -181,39 +182,24 @@ fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>>
 /// UUID (derived from its base layer) in the superblock.
 const FS_SEED: &str = "6c736d2d-6673-4d00-8000-000000000001";
 
-/// Makes the filesystem's times a function of the image: `mkfs.ext4 -d` copies each file's
-/// change and access times (when the unpack wrote and mkfs read it); set change and access
-/// times to the modification time the layer gave it (creation times are the fixed
-/// `E2FSPROGS_FAKE_TIME` already), and the root's to a constant, with one `debugfs` pass.
-/// The same pass gives the filesystem its own UUID (see [`FS_SEED`]).
-fn normalize_times(root: &Path, raw: &Path, uuid: &str) -> CliResult {
-    let mut cmds = format!(
-        "ssv uuid {uuid}\nsif / ctime @1\nsif / crtime @1\nsif / mtime @1\nsif / atime @1\n"
-    );
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let p = e.path();
-            let m = std::fs::symlink_metadata(&p)?;
-            if m.is_dir() {
-                stack.push(p.clone());
-            }
-            let rel = p
-                .strip_prefix(root)
-                .map_err(|_| bad("path outside the tree"))?;
-            let Some(rel) = rel.to_str().filter(|r| !r.contains(['"', '\n', '\\'])) else {
-                continue; // a name debugfs cannot quote keeps its unpack time
-            };
-            let t = std::os::unix::fs::MetadataExt::mtime(&m);
-            for field in ["ctime", "atime"] {
-                cmds.push_str(&format!("sif \"/{rel}\" {field} @{t}\n"));
-            }
-        }
+/// Makes the filesystem's times a function of the image (`ext4times`: change and access
+/// times = the modification time the layer gave each inode, the root's times fixed) and gives
+/// the filesystem its own UUID (see [`FS_SEED`]) with one `debugfs` command.
+fn normalize_times(raw: &Path, uuid: &str) -> CliResult {
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(raw)?;
+        ext4times::normalize(&f).map_err(|e| bad(e.to_string()))?;
     }
-    ext4apply::run_script(raw, &cmds, "debugfs", "debugfs setting times")
-        .map_err(|e| bad(e.to_string()))?;
+    ext4apply::run_script(
+        raw,
+        &format!("ssv uuid {uuid}\n"),
+        "debugfs",
+        "debugfs setting the UUID",
+    )
+    .map_err(|e| bad(e.to_string()))?;
     Ok(())
 }
 
@@ -252,7 +238,7 @@ fn make_whole_fs(root: &Path, raw: &Path, size: u64, uuid: &str, digest: &str) -
             String::from_utf8_lossy(&o.stderr).trim()
         )));
     }
-    normalize_times(root, raw, uuid)
+    normalize_times(raw, uuid)
 }
 
 /// Where blob `digest` is during a conversion: a layer converted already, or a dictionary blob.
@@ -284,7 +270,7 @@ fn chain_key(
     fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v4\0");
+    h.update(b"lsm-convert-v5\0");
     if fs == FsKind::Erofs {
         h.update(b"erofs-flat\0");
     }

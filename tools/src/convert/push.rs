@@ -8,12 +8,13 @@
 //! never show a URL's query string (upload state, signatures).
 
 use std::path::Path;
-use std::sync::Arc;
 
-use lsmd::source::auth::{Credentials, RegistryAuth};
+use lsmd::source::auth::Credentials;
+use lsmd::source::http::ClientOptions;
 use lsmd::source::redact;
+use lsmd::source::registry::{Body, RepositoryClient, RequestError};
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// An image in a registry: `http(s)://host[:port]/repository:tag`.
 pub struct Target {
@@ -73,91 +74,60 @@ pub struct Client {
     pub token_hosts: Vec<String>,
 }
 
-/// An authenticated session with one registry repository.
+/// An authenticated session with one registry repository, over lsmd's registry client (its
+/// auth-challenge loop, credential rules and retry rule are the blob source's).
 pub struct Session {
-    agent: ureq::Agent,
-    auth: Arc<RegistryAuth>,
+    client: RepositoryClient,
     target: Target,
 }
 
 impl Session {
     /// A session with `target`, set up as `client` says.
     pub fn new(target: Target, creds: Option<Credentials>, client: &Client) -> CliResult<Session> {
-        let creds = creds.or_else(|| Credentials::from_docker_config(target.host()));
-        let mut agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(600));
-        if let Some(tls) = lsmd::source::tls::client_config(client.ca_file.as_deref())
-            .map_err(|e| CliError(e.to_string()))?
-        {
-            agent = agent.tls_config(tls);
-        }
+        let options = ClientOptions {
+            tls: lsmd::source::tls::client_config(client.ca_file.as_deref())
+                .map_err(|e| CliError(e.to_string()))?,
+            credential_hosts: client.token_hosts.clone(),
+        };
         Ok(Session {
-            agent: agent.build(),
-            auth: Arc::new(RegistryAuth::new(creds, &target.base, &client.token_hosts)),
+            client: RepositoryClient::new(
+                &target.base,
+                &target.repository,
+                creds,
+                &options,
+                std::time::Duration::from_secs(600),
+            ),
             target,
         })
     }
 
-    /// Sends a request built by `make`, meeting one auth challenge; `Ok(None)` for a 404.
-    /// Only a request to the registry's own host carries `Authorization`.
+    /// Sends a request built by `make` (retried while its failure may pass when `idempotent`);
+    /// `Ok(None)` for a 404.
     fn send(
         &self,
         what: &str,
-        mut make: impl FnMut(&ureq::Agent) -> ureq::Request,
-        body: Option<&dyn Fn() -> std::io::Result<std::fs::File>>,
-        bytes: Option<&[u8]>,
+        make: impl FnMut(&ureq::Agent) -> ureq::Request,
+        body: Body,
+        idempotent: bool,
     ) -> CliResult<Option<ureq::Response>> {
-        let what = redact::text(what);
-        for attempt in 0..2 {
-            let mut req = make(&self.agent);
-            let ours = redact::host_of(req.url()) == redact::host_of(&self.target.base);
-            if ours {
-                if let Some(h) = self.auth.header(&self.agent).map_err(CliError)? {
-                    req = req.set("Authorization", &h);
-                }
-            }
-            let r = match (body, bytes) {
-                (Some(open), _) => req.send(open().map_err(|e| CliError(format!("{what}: {e}")))?),
-                (None, Some(b)) => req.send_bytes(b),
-                (None, None) => req.call(),
-            };
-            match r {
-                Ok(resp) => return Ok(Some(resp)),
-                Err(ureq::Error::Status(404, _)) => return Ok(None),
-                Err(ureq::Error::Status(401, resp))
-                    if !ours
-                        || redact::host_of(resp.get_url())
-                            != redact::host_of(&self.target.base) =>
-                {
-                    return Err(CliError(format!(
-                        "{what}: 401 from {}, which is not the registry (credentials are not sent there)",
-                        redact::url(resp.get_url())
-                    )));
-                }
-                Err(ureq::Error::Status(401, resp)) if attempt == 0 => {
-                    if let Err(why) = self.auth.challenged(resp.header("www-authenticate")) {
-                        return Err(CliError(format!("{what}: 401 unauthorized ({why})")));
-                    }
-                }
-                Err(e) => {
-                    return Err(CliError(format!(
-                        "{what}: {}",
-                        redact::text(&e.to_string())
-                    )))
-                }
-            }
+        let r = match idempotent {
+            true => self.client.send_retrying(make, &body),
+            false => self.client.send(make, &body),
+        };
+        match r {
+            Ok(resp) => Ok(Some(resp)),
+            Err(RequestError::NotFound) => Ok(None),
+            Err(e) => Err(CliError(format!("{}: {e}", redact::text(what)))),
         }
-        Err(CliError(format!(
-            "{what}: unauthorized after authenticating"
-        )))
     }
 
     fn url(&self, tail: &str) -> String {
-        format!("{}/v2/{}/{tail}", self.target.base, self.target.repository)
+        self.client.url(tail)
     }
 
     /// The registry's base URL.
     pub fn base(&self) -> &str {
-        &self.target.base
+        self.client.base()
     }
 
     /// Uploads blob `digest` from `file` unless the registry has it; true if uploaded.
@@ -170,14 +140,24 @@ impl Session {
     pub fn put_blob_from(&self, digest: &str, file: &Path, from: Option<&str>) -> CliResult<Put> {
         let head = self.url(&format!("blobs/{digest}"));
         if self
-            .send(&format!("HEAD {head}"), |a| a.head(&head), None, None)?
+            .send(
+                &format!("HEAD {head}"),
+                |a| a.head(&head),
+                Body::Empty,
+                true,
+            )?
             .is_some()
         {
             return Ok(Put::Present);
         }
         if let Some(repo) = from {
             let url = self.url(&format!("blobs/uploads/?mount={digest}&from={repo}"));
-            let r = self.send(&format!("POST {url}"), |a| a.post(&url), None, Some(&[]))?;
+            let r = self.send(
+                &format!("POST {url}"),
+                |a| a.post(&url),
+                Body::Bytes(&[]),
+                false,
+            )?;
             if r.is_some_and(|r| r.status() == 201) {
                 return Ok(Put::Mounted);
             }
@@ -188,8 +168,8 @@ impl Session {
             .send(
                 &format!("POST {start}"),
                 |a| a.post(&start),
-                None,
-                Some(&[]),
+                Body::Bytes(&[]),
+                false,
             )?
             .ok_or_else(|| CliError(format!("POST {start}: 404")))?;
         let loc = resp
@@ -216,8 +196,8 @@ impl Session {
                     .set("Content-Type", "application/octet-stream")
                     .set("Content-Length", &len)
             },
-            Some(&open),
-            None,
+            Body::File(&open),
+            false,
         )?
         .ok_or_else(|| CliError(format!("PUT blob {digest}: 404")))?;
         Ok(Put::Uploaded)
@@ -231,8 +211,8 @@ impl Session {
             .send(
                 &format!("GET {url}"),
                 |a| a.get(&url).set("Accept", accept),
-                None,
-                None,
+                Body::Empty,
+                true,
             )?
             .ok_or_else(|| CliError(format!("GET {url}: not found")))?;
         let kind = resp.content_type().to_string();
@@ -304,8 +284,8 @@ impl Session {
         self.send(
             &format!("PUT {url}"),
             |a| a.put(&url).set("Content-Type", media_type),
-            None,
-            Some(bytes),
+            Body::Bytes(bytes),
+            true,
         )?
         .ok_or_else(|| CliError(format!("PUT {url}: 404")))?;
         Ok(())

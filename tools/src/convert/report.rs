@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::dict::{image_blobs, lsm_blobs, open_checked, DictBlob};
 use super::ConvertArgs;
-use crate::CliResult;
+use crate::cli::CliResult;
 
 /// Arguments of `lsmctl dedup-report`.
 #[derive(clap::Args)]
@@ -204,7 +204,7 @@ impl ConvertArgs {
             no_reuse: true,
             dict: Vec::new(),
             fs: super::FsKind::Ext4,
-            opts: crate::LayerOpts::default(),
+            opts: crate::cli::LayerOpts::default(),
             quiet: true,
             print_digest: false,
         }

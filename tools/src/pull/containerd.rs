@@ -15,7 +15,7 @@ use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::{Descriptor, Mount};
 use containerd_client::Client;
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// Bytes per content write message (containerd accepts up to 16 MiB per message).
 const WRITE_CHUNK: usize = 1 << 20;

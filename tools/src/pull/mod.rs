@@ -29,7 +29,7 @@ use containerd_client::types::Descriptor;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 use containerd::Containerd;
 use registry::{is_sha256, ImageRef, Registry};
 

@@ -1,17 +1,17 @@
 //! The registry side of `lsmctl pull`: image references, and GETs of manifests and blobs with
 //! lsmd's registry auth (Basic or a Bearer token from the `WWW-Authenticate` challenge,
-//! credentials from docker's `config.json`). Only GET is needed here, so this is a smaller
-//! sibling of `convert`'s push session rather than a reuse of it (its `get` writes files; a pull
-//! streams blobs into containerd).
+//! credentials from docker's `config.json`), through lsmd's [`RepositoryClient`] as `convert`'s
+//! push session does; this side streams blobs into containerd instead of writing files.
 
 use std::io::Read;
-use std::sync::Arc;
 
-use lsmd::source::auth::{Credentials, RegistryAuth};
+use lsmd::source::auth::Credentials;
+use lsmd::source::http::ClientOptions;
 use lsmd::source::redact;
+use lsmd::source::registry::{Body, RepositoryClient, RequestError};
 use sha2::{Digest, Sha256};
 
-use crate::{CliError, CliResult};
+use crate::cli::{CliError, CliResult};
 
 /// Manifest media types asked for when resolving a reference.
 pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
@@ -115,12 +115,9 @@ pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// An authenticated reader of one repository.
+/// An authenticated reader of one repository, over lsmd's registry client.
 pub struct Registry {
-    agent: ureq::Agent,
-    auth: Arc<RegistryAuth>,
-    base: String,
-    repository: String,
+    client: RepositoryClient,
 }
 
 /// A fetched manifest or index: its bytes, digest and media type.
@@ -133,56 +130,29 @@ pub struct Fetched {
 impl Registry {
     /// A reader of `image`'s repository; credentials from docker's `config.json`.
     pub fn new(image: &ImageRef, plain_http: bool) -> Registry {
-        let base = image.base(plain_http);
-        let creds = Credentials::from_docker_config(&image.host);
         Registry {
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(std::time::Duration::from_secs(30))
-                .timeout_read(std::time::Duration::from_secs(120))
-                .build(),
-            auth: Arc::new(RegistryAuth::new(creds, &base, &[])),
-            base,
-            repository: image.repository.clone(),
+            client: RepositoryClient::new(
+                &image.base(plain_http),
+                &image.repository,
+                Credentials::from_docker_config(&image.host),
+                &ClientOptions::default(),
+                std::time::Duration::from_secs(120),
+            ),
         }
     }
 
-    /// GETs `/v2/<repo>/<tail>`, meeting one auth challenge.
+    /// GETs `/v2/<repo>/<tail>`, retried while the failure may pass.
     fn get(&self, tail: &str, accept: &str) -> CliResult<ureq::Response> {
-        let url = format!("{}/v2/{}/{tail}", self.base, self.repository);
-        for attempt in 0..2 {
-            let mut req = self.agent.get(&url).set("Accept", accept);
-            if let Some(h) = self.auth.header(&self.agent).map_err(CliError)? {
-                req = req.set("Authorization", &h);
-            }
-            match req.call() {
-                Ok(resp) => return Ok(resp),
-                Err(ureq::Error::Status(404, _)) => {
-                    return Err(CliError(format!("GET {}: not found", redact::url(&url))))
-                }
-                // A redirect to blob storage that answers 401 is not the registry's challenge.
-                Err(ureq::Error::Status(401, resp))
-                    if attempt == 0 && redact::host_of(resp.get_url()) == redact::host_of(&url) =>
-                {
-                    if let Err(why) = self.auth.challenged(resp.header("www-authenticate")) {
-                        return Err(CliError(format!(
-                            "GET {}: 401 unauthorized ({why}; credentials come from docker's config.json)",
-                            redact::url(&url)
-                        )));
-                    }
-                }
-                Err(e) => {
-                    return Err(CliError(format!(
-                        "GET {}: {}",
-                        redact::url(&url),
-                        redact::text(&e.to_string())
-                    )))
-                }
-            }
-        }
-        Err(CliError(format!(
-            "GET {}: unauthorized after authenticating",
-            redact::url(&url)
-        )))
+        let url = self.client.url(tail);
+        self.client
+            .send_retrying(|a| a.get(&url).set("Accept", accept), &Body::Empty)
+            .map_err(|e| {
+                let hint = match e {
+                    RequestError::Unauthorized(_) => "; credentials come from docker's config.json",
+                    _ => "",
+                };
+                CliError(format!("GET {}: {e}{hint}", redact::url(&url)))
+            })
     }
 
     /// A manifest or index by tag or digest (a digest is checked).
