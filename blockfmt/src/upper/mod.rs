@@ -772,9 +772,8 @@ impl UpperLayer {
                         changed
                             .pieces(off, len)
                             .into_iter()
-                            .filter_map(move |(o, l, c)| {
-                                c.is_none().then(|| (o, l, t.advance(o - off)))
-                            })
+                            .filter(|(_, _, c)| c.is_none())
+                            .map(move |(o, l, _)| (o, l, t.advance(o - off)))
                     })
                     .collect()
             };
