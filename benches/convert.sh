@@ -11,6 +11,8 @@
 #   weights — base + one layer with a WEIGHTS_MIB float32-like file (2 layers)
 # Each run: page cache warm (the source blobs were just read by the previous tool), output on
 # the same disk as the source. Peak RSS from /usr/bin/time (%M). Writes results/convert.md.
+# Each image is converted twice: with the work tree inside DST (the default) and with
+# `--work-dir $SHM` (a tmpfs: the unpacked tree and raw filesystem never touch the disk).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -21,6 +23,7 @@ WORK=${WORK:-/var/tmp/lsm-convert-bench}
 OUT=${OUT:-$here/results}
 LSMCTL=${LSMCTL:-$repo/target/release/lsmctl}
 CACHE=/var/cache/lsm-images
+SHM=${SHM:-/dev/shm}
 
 [ -x "$LSMCTL" ] || (cd "$repo" && cargo build --release -p lsm-tools)
 for t in umoci skopeo; do command -v $t >/dev/null || { echo "needs $t (tests/install-deps.sh)" >&2; exit 1; }; done
@@ -62,8 +65,8 @@ timed() { # FILE CMD... : appends "seconds peak_kb" to FILE
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 {
-  echo "| image | layers | unpacked MB | lsmctl convert s | MB/s | peak RSS MB | umoci unpack s | MB/s | skopeo copy s | convert / umoci |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| image | layers | unpacked MB | lsmctl convert s | MB/s | convert --work-dir $SHM s | MB/s | peak RSS MB | umoci unpack s | MB/s | skopeo copy s | convert / umoci | convert --work-dir $SHM / umoci |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$WORK/table"
 for img in $IMAGES; do
   read -r nl bytes < <(facts "$img")
@@ -72,18 +75,21 @@ for img in $IMAGES; do
     rm -rf "$WORK/c" "$WORK/u" "$WORK/s"
     timed "$WORK/$img.convert" "$LSMCTL" convert -q --no-reuse --tag "$img" "$OCI" "$WORK/c"
     rm -rf "$WORK/c"
+    timed "$WORK/$img.shm" "$LSMCTL" convert -q --no-reuse --work-dir "$SHM" --tag "$img" "$OCI" "$WORK/c"
+    rm -rf "$WORK/c"
     timed "$WORK/$img.umoci" umoci unpack --image "$OCI:$img" "$WORK/u"
     rm -rf "$WORK/u"
     timed "$WORK/$img.skopeo" skopeo copy -q "oci:$OCI:$img" "oci:$WORK/s:$img"
     rm -rf "$WORK/s"
   done
   c=$(cut -d' ' -f1 "$WORK/$img.convert" | median)
-  rss=$(cut -d' ' -f2 "$WORK/$img.convert" | sort -g | tail -1)
+  m=$(cut -d' ' -f1 "$WORK/$img.shm" | median)
+  rss=$(cat "$WORK/$img.convert" "$WORK/$img.shm" | cut -d' ' -f2 | sort -g | tail -1)
   u=$(cut -d' ' -f1 "$WORK/$img.umoci" | median)
   s=$(cut -d' ' -f1 "$WORK/$img.skopeo" | median)
-  awk -v i="$img" -v n="$nl" -v b="$bytes" -v c="$c" -v rss="$rss" -v u="$u" -v s="$s" 'BEGIN {
+  awk -v i="$img" -v n="$nl" -v b="$bytes" -v c="$c" -v m="$m" -v rss="$rss" -v u="$u" -v s="$s" 'BEGIN {
     mb = b / 1e6
-    printf "| %s | %d | %.0f | %.1f | %.0f | %.0f | %.1f | %.0f | %.1f | %.2f× |\n", i, n, mb, c, mb / c, rss / 1024, u, mb / u, s, c / u
+    printf "| %s | %d | %.0f | %.1f | %.0f | %.1f | %.0f | %.0f | %.1f | %.0f | %.1f | %.2f× | %.2f× |\n", i, n, mb, c, mb / c, m, mb / m, rss / 1024, u, mb / u, s, c / u, m / u
   }' >>"$WORK/table"
 done
 {

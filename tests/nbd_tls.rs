@@ -143,6 +143,29 @@ fn plain_tcp_on_a_non_loopback_address_needs_insecure_tcp_and_warns() {
 
 /// A CA, and a server certificate for localhost/127.0.0.1 that it signed, in `dir`; a client
 /// directory (`dir/client`, the layout qemu and libnbd read: `ca-cert.pem`).
+/// lsmd serving `img` over TCP on `addr`'s host and a free port, with the server certificate
+/// and key `make_certs` wrote under `certs`, plus `extra` arguments; returns once the port
+/// listens.
+fn serve_tls(t: &Path, addr: &str, img: &Path, certs: &Path, extra: &[&OsStr]) -> (Lsmd, u16) {
+    let port = free_port();
+    let listen = format!("{addr}:{port}");
+    let (cert, key) = (certs.join("server-cert.pem"), certs.join("server-key.pem"));
+    let mut args = vec![
+        OsStr::new("--config"),
+        img.as_os_str(),
+        OsStr::new("--tcp"),
+        OsStr::new(&listen),
+        OsStr::new("--tls-cert"),
+        cert.as_os_str(),
+        OsStr::new("--tls-key"),
+        key.as_os_str(),
+    ];
+    args.extend_from_slice(extra);
+    let d = Lsmd::start(&t.join(format!("lsmd-{port}.sock")), &args);
+    wait_tcp(port);
+    (d, port)
+}
+
 fn make_certs(dir: &Path, ca_name: &str) -> PathBuf {
     std::fs::create_dir_all(dir.join("client")).expect("mkdir");
     let ext = dir.join("ext.cnf");
@@ -213,22 +236,7 @@ fn starttls_with_qemu_and_libnbd_clients() {
     let other = make_certs(&t.join("other-pki"), "other-ca");
 
     // TLS makes a non-loopback address acceptable without --insecure-tcp.
-    let port = free_port();
-    let any = format!("0.0.0.0:{port}");
-    let _d = Lsmd::start(
-        &t.join("lsmd.sock"),
-        &[
-            OsStr::new("--config"),
-            img.as_os_str(),
-            OsStr::new("--tcp"),
-            OsStr::new(&any),
-            OsStr::new("--tls-cert"),
-            certs.join("server-cert.pem").as_os_str(),
-            OsStr::new("--tls-key"),
-            certs.join("server-key.pem").as_os_str(),
-        ],
-    );
-    wait_tcp(port);
+    let (_d, port) = serve_tls(t, "0.0.0.0", &img, &certs, &[]);
     let nbds = format!(
         "nbds://localhost:{port}/?tls-certificates={}",
         client.display()
@@ -311,25 +319,18 @@ fn starttls_with_qemu_and_libnbd_clients() {
         ok(Command::new("openssl").current_dir(&certs).args(args));
     }
     std::fs::copy(certs.join("ca-cert.pem"), with_cert.join("ca-cert.pem")).expect("copy");
-    let port = free_port();
-    let lo = format!("127.0.0.1:{port}");
-    let _m = Lsmd::start(
-        &t.join("mutual.sock"),
+    let ca = certs.join("ca-cert.pem");
+    let (_m, port) = serve_tls(
+        t,
+        "127.0.0.1",
+        &img,
+        &certs,
         &[
-            OsStr::new("--config"),
-            img.as_os_str(),
             OsStr::new("--read-only"),
-            OsStr::new("--tcp"),
-            OsStr::new(&lo),
-            OsStr::new("--tls-cert"),
-            certs.join("server-cert.pem").as_os_str(),
-            OsStr::new("--tls-key"),
-            certs.join("server-key.pem").as_os_str(),
             OsStr::new("--tls-client-ca"),
-            certs.join("ca-cert.pem").as_os_str(),
+            ca.as_os_str(),
         ],
     );
-    wait_tcp(port);
     let uri = |dir: &Path| {
         format!(
             "nbds://localhost:{port}/?tls-certificates={}",
@@ -379,26 +380,18 @@ fn a_tls_client_that_stops_reading_stalls_no_one() {
     let (img, _) = image(t);
     let certs = t.join("pki");
     let client = make_certs(&certs, "lsm-test-ca");
-    let port = free_port();
-    let lo = format!("127.0.0.1:{port}");
-    let d = Lsmd::start(
-        &t.join("lsmd.sock"),
+    let (d, port) = serve_tls(
+        t,
+        "127.0.0.1",
+        &img,
+        &certs,
         &[
-            OsStr::new("--config"),
-            img.as_os_str(),
-            OsStr::new("--tcp"),
-            OsStr::new(&lo),
-            OsStr::new("--tls-cert"),
-            certs.join("server-cert.pem").as_os_str(),
-            OsStr::new("--tls-key"),
-            certs.join("server-key.pem").as_os_str(),
             OsStr::new("--workers"),
             OsStr::new("2"),
             OsStr::new("--write-timeout"),
             OsStr::new("20"),
         ],
     );
-    wait_tcp(port);
     let mut stuck = Command::new("python3")
         .args(["-c", STUCK_TLS_CLIENT, &port.to_string()])
         .arg(client.join("ca-cert.pem"))

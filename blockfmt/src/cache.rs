@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -23,7 +24,8 @@ struct Shard<K> {
 /// Decoded-chunk cache keyed by `K`, bounded by total bytes.
 pub struct ChunkCache<K> {
     shards: Vec<Mutex<Shard<K>>>,
-    shard_limit: usize,
+    /// Each shard's share of the limit; only ever raised ([`Self::reserve`]).
+    shard_limit: AtomicUsize,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -42,7 +44,7 @@ impl<K: Hash + Eq + Clone> ChunkCache<K> {
                     })
                 })
                 .collect(),
-            shard_limit: limit_bytes / shards,
+            shard_limit: AtomicUsize::new(limit_bytes / shards),
             hasher: Default::default(),
         }
     }
@@ -62,7 +64,8 @@ impl<K: Hash + Eq + Clone> ChunkCache<K> {
 
     /// Adds a chunk, evicting others if the shard is over its share of the limit.
     pub fn insert(&self, k: K, v: Arc<Vec<u8>>) {
-        if v.len() > self.shard_limit {
+        let shard_limit = self.shard_limit.load(Ordering::Relaxed);
+        if v.len() > shard_limit {
             return;
         }
         let mut s = self.shard(&k).lock();
@@ -73,7 +76,7 @@ impl<K: Hash + Eq + Clone> ChunkCache<K> {
         s.bytes += v.len();
         s.map.insert(k.clone(), (v, false));
         s.clock.push_back(k);
-        while s.bytes > self.shard_limit {
+        while s.bytes > shard_limit {
             let Some(victim) = s.clock.pop_front() else {
                 break;
             };
@@ -90,6 +93,18 @@ impl<K: Hash + Eq + Clone> ChunkCache<K> {
                 None => {}
             }
         }
+    }
+
+    /// Raises the limit to about `limit_bytes` if it is lower (never lowers it): room for what
+    /// a host knows readers are about to need, such as a startup trace it prefetches.
+    pub fn reserve(&self, limit_bytes: usize) {
+        let share = limit_bytes / self.shards.len();
+        self.shard_limit.fetch_max(share, Ordering::Relaxed);
+    }
+
+    /// The limit, bytes.
+    pub fn limit(&self) -> usize {
+        self.shard_limit.load(Ordering::Relaxed) * self.shards.len()
     }
 
     /// Bytes held.
@@ -110,6 +125,23 @@ mod tests {
             assert!(c.get(&0).is_some() || i < 16, "hot entry evicted at {i}");
         }
         assert!(c.bytes() <= 16 * 64 * 1024);
+    }
+
+    #[test]
+    fn reserve_raises_the_limit_and_never_lowers_it() {
+        let c: ChunkCache<u32> = ChunkCache::new(1 << 20, 1000);
+        for i in 0..4000 {
+            c.insert(i, Arc::new(vec![0; 1000]));
+        }
+        assert!(c.bytes() <= 1 << 20);
+        c.reserve(8 << 20);
+        assert!(c.limit() >= (8 << 20) - 16);
+        for i in 0..4000 {
+            c.insert(i, Arc::new(vec![0; 1000]));
+        }
+        assert_eq!(c.bytes(), 4000 * 1000, "all of them fit now");
+        c.reserve(1 << 10);
+        assert!(c.limit() >= (8 << 20) - 16, "never lowered");
     }
 
     #[test]

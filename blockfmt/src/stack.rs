@@ -253,6 +253,33 @@ impl LayerStack {
         self.chunks.load_chunk(layer, chunk)
     }
 
+    /// Makes the decoded-chunk cache hold at least `bytes` (never shrinks it): a host about to
+    /// prefetch what a start will read sizes it so the prefetched chunks are still there when
+    /// the start reads them, instead of being decoded twice.
+    pub fn reserve_cache(&self, bytes: usize) {
+        self.chunks.cache.reserve(bytes);
+    }
+
+    /// Prefetches chunks `first..first + n` of `layer` (a stretch of a startup trace): those
+    /// neither decoded nor being loaded are fetched, as few fetches as they allow (one for
+    /// chunks stored back to back, at most [`MAX_RUN_BYTES`] each), checked and cached as
+    /// [`Self::chunk`] would. Neither counted as needed nor taken as a sequential reader.
+    /// Returns the first failure (prefetch is a hint: the caller logs it and goes on).
+    pub fn prefetch_run(&self, layer: u16, first: u32, n: u32) -> Result<()> {
+        let end = first.saturating_add(n);
+        let mut failure = Ok(());
+        for c in first..end {
+            let busy = self.chunks.cache.get(&(layer, c)).is_some()
+                || self.chunks.inflight.lock().contains_key(&(layer, c));
+            if !busy {
+                if let Err(e) = self.chunks.load(layer, c, end - c, false) {
+                    failure = failure.and(Err(e));
+                }
+            }
+        }
+        failure
+    }
+
     /// The decoded chunk if the cache holds it; never touches the layer.
     pub fn cached_chunk(&self, layer: u16, chunk: u32) -> Option<Arc<Vec<u8>>> {
         self.chunks.cache.get(&(layer, chunk))
@@ -389,7 +416,12 @@ impl Chunks {
             slot,
             value: None,
         };
-        let mut extras = self.claim_run(layer, chunk, at_least);
+        // A reader's fetch takes its sequential window along; a prefetch takes what it asks.
+        let window = match needed {
+            true => self.window_for(layer, chunk, at_least),
+            false => at_least,
+        };
+        let mut extras = self.claim_run(layer, chunk, window);
         if needed {
             for g in &extras {
                 self.note_needed(g.key.0, g.key.1);
@@ -422,13 +454,13 @@ impl Chunks {
     }
 
     /// Claims (as in-flight, so concurrent readers wait for this fetch) the chunks after
-    /// `chunk` that one fetch should take along: stored right after it, not cached, not
-    /// being loaded, not kept in the host store; none when `chunk` itself is kept there.
-    fn claim_run(&self, layer: u16, chunk: u32, at_least: u32) -> Vec<SlotGuard<'_>> {
+    /// `chunk`, up to `window` chunks in all, that one fetch should take along: stored right
+    /// after it, not cached, not being loaded, not kept in the host store; none when `chunk`
+    /// itself is kept there.
+    fn claim_run(&self, layer: u16, chunk: u32, window: u32) -> Vec<SlotGuard<'_>> {
         let Some(l) = self.layers.get(layer as usize) else {
             return Vec::new();
         };
-        let window = self.window_for(layer, chunk, at_least);
         if window < 2 || l.is_kept(chunk) {
             return Vec::new();
         }

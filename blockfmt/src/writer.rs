@@ -16,6 +16,7 @@ use crate::format::{
     check_chunk_size, sha256, BlobRef, ChunkEntry, Extent, ExtentKind, Header, Metadata, Trailer,
     HEADER_LEN, NO_CHUNK,
 };
+use crate::stack::{LoadTask, ParallelLoads};
 
 /// While writing, extents into borrowed chunks carry this bit plus the borrowed chunk's number;
 /// `finish` renumbers them after the layer's own chunks (own chunks are numbered as they are
@@ -117,7 +118,14 @@ pub struct LayerWriter<W: Write> {
     /// Dictionary blob index → this layer's blob number.
     blob_number_of: HashMap<u32, u32>,
     borrowed_bytes: u64,
+    /// Chunks cut but not yet encoded and written (numbered after `meta.chunks`), when the
+    /// host lends threads to encode them at once ([`LayerWriter::set_parallel`]).
+    pending: Vec<Vec<u8>>,
+    parallel: Option<(Arc<dyn ParallelLoads>, usize)>,
 }
+
+/// One chunk's encoding, filled by a task on the host's threads.
+type EncodeSlot = Arc<std::sync::Mutex<Option<Result<(Vec<u8>, ChunkEntry)>>>>;
 
 impl<W: Write> LayerWriter<W> {
     /// Starts a blob for a disk of `logical_size` bytes and writes its header.
@@ -148,6 +156,8 @@ impl<W: Write> LayerWriter<W> {
             borrowed_of: HashMap::new(),
             blob_number_of: HashMap::new(),
             borrowed_bytes: 0,
+            pending: Vec::new(),
+            parallel: None,
         };
         let h = Header {
             chunk_size: opts.chunk_size,
@@ -163,6 +173,21 @@ impl<W: Write> LayerWriter<W> {
         if !dict.is_empty() {
             self.dict = Some(dict);
         }
+    }
+
+    /// Encodes up to `batch` chunks at once on the host's threads (the format crate starts
+    /// none: the host lends them through the same hook as parallel chunk loads). The blob is
+    /// byte-identical to a sequential write: chunks are encoded independently and written in
+    /// order.
+    pub fn set_parallel(&mut self, threads: Arc<dyn ParallelLoads>, batch: usize) {
+        if batch > 1 {
+            self.parallel = Some((threads, batch));
+        }
+    }
+
+    /// The number the chunk being filled will get.
+    fn next_chunk(&self) -> u32 {
+        (self.meta.chunks.len() + self.pending.len()) as u32
     }
 
     fn check_range(&mut self, off: u64, len: u64) -> Result<()> {
@@ -254,7 +279,7 @@ impl<W: Write> LayerWriter<W> {
             self.push_data(off, block)?;
             // The block now sits at the end of the pending chunk, whose index is the next one.
             let at = (self.buf.len() - block.len()) as u32;
-            self.seen.insert(h, (self.meta.chunks.len() as u32, at));
+            self.seen.insert(h, (self.next_chunk(), at));
             return Ok(());
         };
         self.push_data_extent(off, block.len() as u32, chunk, chunk_offset);
@@ -330,7 +355,7 @@ impl<W: Write> LayerWriter<W> {
                 self.window = window;
             }
             let n = rest.len().min(((window + 1) * cs - pos) as usize);
-            let (chunk, chunk_offset) = (self.meta.chunks.len() as u32, self.buf.len() as u32);
+            let (chunk, chunk_offset) = (self.next_chunk(), self.buf.len() as u32);
             self.push_data_extent(pos, n as u32, chunk, chunk_offset);
             self.buf.extend_from_slice(&rest[..n]);
             self.data_bytes += n as u64;
@@ -344,15 +369,62 @@ impl<W: Write> LayerWriter<W> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        if self.meta.chunks.len() as u64 >= BORROWED as u64 {
+        if self.next_chunk() as u64 >= BORROWED as u64 {
             return Err(Error::Invalid("layer writer: too many chunks".into()));
         }
-        let (stored, mut entry) = chunk::encode(&self.buf, self.opts.compression)?;
+        match &self.parallel {
+            Some((_, batch)) => {
+                let next = Vec::with_capacity(self.opts.chunk_size as usize);
+                self.pending.push(std::mem::replace(&mut self.buf, next));
+                if self.pending.len() >= *batch {
+                    self.encode_pending()?;
+                }
+            }
+            None => {
+                let encoded = chunk::encode(&self.buf, self.opts.compression)?;
+                self.put_chunk(encoded)?;
+                self.buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn put_chunk(&mut self, (stored, mut entry): (Vec<u8>, ChunkEntry)) -> Result<()> {
         entry.offset = self.out.pos;
         self.out.put(&stored)?;
         self.stored_bytes += stored.len() as u64;
         self.meta.chunks.push(entry);
-        self.buf.clear();
+        Ok(())
+    }
+
+    /// Encodes the pending chunks at once on the host's threads, then writes them in order.
+    fn encode_pending(&mut self) -> Result<()> {
+        let Some((threads, _)) = &self.parallel else {
+            return Ok(());
+        };
+        let compression = self.opts.compression;
+        let slots: Vec<EncodeSlot> = self.pending.iter().map(|_| EncodeSlot::default()).collect();
+        let tasks: Vec<LoadTask> = self
+            .pending
+            .drain(..)
+            .zip(&slots)
+            .map(|(raw, slot)| {
+                let slot = slot.clone();
+                Box::new(move || {
+                    let r = chunk::encode(&raw, compression);
+                    if let Ok(mut s) = slot.lock() {
+                        *s = Some(r);
+                    }
+                }) as LoadTask
+            })
+            .collect();
+        threads.run_all(tasks);
+        for slot in slots {
+            let r = slot.lock().ok().and_then(|mut s| s.take()).ok_or_else(|| {
+                Error::Invalid("layer writer: a chunk encode did not finish".into())
+            })?;
+            self.put_chunk(r?)?;
+        }
         Ok(())
     }
 
@@ -360,6 +432,7 @@ impl<W: Write> LayerWriter<W> {
     /// the inner writer (flushed).
     pub fn finish(mut self) -> Result<(WrittenLayer, W)> {
         self.flush_chunk()?;
+        self.encode_pending()?;
         let own = self.meta.chunks.len() as u32;
         for x in &mut self.meta.extents {
             if x.chunk != NO_CHUNK && x.chunk & BORROWED != 0 {

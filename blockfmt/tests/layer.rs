@@ -114,6 +114,48 @@ fn writing_is_deterministic() {
     assert_eq!(a, b);
 }
 
+/// Runs each batch on threads of its own, in reverse order (a host pool gives no order).
+struct ThreadsReversed;
+
+impl blockfmt::ParallelLoads for ThreadsReversed {
+    fn run_all(&self, tasks: Vec<blockfmt::LoadTask>) {
+        let handles: Vec<_> = tasks.into_iter().rev().map(std::thread::spawn).collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn parallel_encoding_writes_the_same_blob() {
+    let disk = sample_disk(3 << 20, 5);
+    for chunk_size in [4096u32, 64 << 10, 128 << 10] {
+        let opts = WriterOptions {
+            chunk_size,
+            ..WriterOptions::default()
+        };
+        let write = |parallel: Option<usize>| {
+            let mut w = LayerWriter::new(Vec::new(), disk.len() as u64, opts).unwrap();
+            if let Some(batch) = parallel {
+                w.set_parallel(Arc::new(ThreadsReversed), batch);
+            }
+            // Pieces of 12 KiB, so chunk cuts and writes do not line up.
+            for (i, piece) in disk.chunks(12_288).enumerate() {
+                w.write_data((i * 12_288) as u64, piece).unwrap();
+            }
+            w.finish().unwrap().1
+        };
+        let sequential = write(None);
+        for batch in [2, 3, 16] {
+            let parallel = write(Some(batch));
+            assert!(
+                parallel == sequential,
+                "chunk size {chunk_size}, batch {batch}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_stack_of_three_diff_layers_reads_as_the_last_version() {
     let v1 = sample_disk(2 << 20, 3);
@@ -657,4 +699,53 @@ fn sequential_reads_fetch_neighbouring_chunks_together_and_random_reads_do_not()
     }
     assert_eq!(out, disk);
     drop(src);
+}
+
+/// A prefetched stretch of chunks stored back to back costs one read of the source; chunks
+/// already decoded are not read again; prefetched chunks are cached but not counted as needed
+/// by a reader (they are not part of a startup trace).
+#[test]
+fn prefetch_run_reads_a_stretch_once_and_skips_what_is_cached() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Counting(Vec<u8>, AtomicUsize);
+    impl blockfmt::ReadAt for Counting {
+        fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.read_exact_at(buf, off)
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+    }
+    let mut disk = vec![0u8; 1 << 20];
+    StdRng::seed_from_u64(11).fill(&mut disk[..]);
+    let src = Arc::new(Counting(build(&disk, WriterOptions::default()), 0.into()));
+    let layer = Layer::open("p", src.clone(), None).unwrap();
+    let chunk = layer.chunk_size() as usize;
+    let n = layer.metadata().chunks.len() as u32;
+    assert_eq!(n as usize, disk.len() / chunk);
+    let stack = LayerStack::new(vec![layer], disk.len() as u64, 8 << 20).unwrap();
+    let reads = || src.1.swap(0, Ordering::SeqCst);
+    reads();
+    stack.prefetch_run(0, 1, 5).unwrap();
+    assert_eq!(reads(), 1, "five chunks stored back to back: one read");
+    for c in 1..6 {
+        let got = stack
+            .cached_chunk(0, c)
+            .expect("prefetched chunk is decoded");
+        assert_eq!(
+            &got[..],
+            &disk[c as usize * chunk..(c as usize + 1) * chunk]
+        );
+    }
+    // The whole layer: chunk 0 alone (its neighbour is cached), then 6.. in one read.
+    stack.prefetch_run(0, 0, n).unwrap();
+    assert_eq!(reads(), 2);
+    assert!((0..n).all(|c| stack.cached_chunk(0, c).is_some()));
+    stack.prefetch_run(0, 0, n).unwrap();
+    assert_eq!(reads(), 0, "nothing left to fetch");
+    assert!(
+        stack.touched().is_empty(),
+        "prefetching is not a reader's need"
+    );
 }

@@ -236,18 +236,18 @@ fn start_prefetch(
             },
         };
         if !traced.is_empty() {
-            lsmd::trace::prefetch(&name, &image, traced, 8);
+            lsmd::trace::prefetch(&name, &image, traced, 8, true);
         } else {
             let tables = lsmd::cache::fsmeta::ext4_inode_tables(&image);
             let chunks = lsmd::cache::fsmeta::chunks_of(&image, &tables);
             if !chunks.is_empty() {
                 let bytes: u64 = tables.iter().map(|t| t.1).sum();
                 tracing::info!(export = %name, chunks = chunks.len(), inode_table_bytes = bytes, "no startup trace: prefetching the filesystem's metadata (ext4 inode tables in use)");
-                lsmd::trace::prefetch(&name, &image, chunks, 8);
+                lsmd::trace::prefetch(&name, &image, chunks, 8, true);
             }
         }
         if all {
-            lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1);
+            lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1, false);
         }
     });
 }

@@ -772,7 +772,7 @@ impl UpperLayer {
                         changed
                             .pieces(off, len)
                             .into_iter()
-                            .filter(|(_, _, c)| c.is_none())
+                            .filter(|&(_, _, c)| c.is_none())
                             .map(move |(o, l, _)| (o, l, t.advance(o - off)))
                     })
                     .collect()

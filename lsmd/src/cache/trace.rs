@@ -157,24 +157,100 @@ pub fn trace_path(config: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Fetches `chunks` of `image` on `threads` background threads, in order (each thread takes the
-/// next), then returns. Failures are logged and skipped: prefetch is only a hint.
-pub fn prefetch(name: &str, image: &Arc<Image>, chunks: Vec<(u16, u32)>, threads: usize) {
-    let chunks = Arc::new(chunks);
+/// Most stored bytes one prefetch fetch asks for. Large enough that a trace goes out in few
+/// GETs (a registry spends milliseconds of CPU on each, and each waits a round trip); small
+/// enough that a reader needing one of its chunks does not wait long for the whole of it.
+pub const PREFETCH_RUN_BYTES: u64 = 1 << 20;
+
+/// Most decoded bytes an image's decoded-chunk cache grows to for a prefetch (the startup
+/// trace's chunks, decoded, stay there until the start reads them).
+pub const PREFETCH_CACHE_MAX: u64 = 512 << 20;
+
+/// `chunks` (in the order a start needs them) as prefetch fetches: (layer, first chunk,
+/// count). Chunks stored back to back go in one fetch of at most [`PREFETCH_RUN_BYTES`],
+/// whatever their places in the list; the fetches are ordered by the earliest place any of
+/// their chunks has, so what a start needs first still comes first.
+pub fn plan_runs(image: &Image, chunks: &[(u16, u32)]) -> Vec<(u16, u32, u32)> {
+    let layers = image.lower().layers();
+    let mut first_needed = std::collections::HashMap::new();
+    for (i, &k) in chunks.iter().enumerate() {
+        first_needed.entry(k).or_insert(i);
+    }
+    let mut sorted: Vec<(u16, u32)> = first_needed.keys().copied().collect();
+    sorted.sort_unstable();
+    // (earliest place, layer, first chunk, count, stored bytes)
+    let mut runs: Vec<(usize, u16, u32, u32, u64)> = Vec::new();
+    for (l, c) in sorted {
+        let Some(e) = layers
+            .get(l as usize)
+            .and_then(|layer| layer.metadata().chunks.get(c as usize))
+        else {
+            continue;
+        };
+        let (stored, place) = (e.stored_len as u64, first_needed[&(l, c)]);
+        match runs.last_mut() {
+            Some(r)
+                if r.1 == l
+                    && r.2 + r.3 == c
+                    && r.4 + stored <= PREFETCH_RUN_BYTES
+                    && layers[l as usize].adjacent(c - 1, c) =>
+            {
+                r.0 = r.0.min(place);
+                r.3 += 1;
+                r.4 += stored;
+            }
+            _ => runs.push((place, l, c, 1, stored)),
+        }
+    }
+    runs.sort_unstable_by_key(|r| r.0);
+    runs.into_iter().map(|r| (r.1, r.2, r.3)).collect()
+}
+
+/// Fetches `chunks` of `image` (in the order a start needs them) on `threads` background
+/// threads, as the fetches [`plan_runs`] makes of them, each thread taking the next; then
+/// returns. With `hold`, the image's decoded-chunk cache is first grown to hold them (up to
+/// [`PREFETCH_CACHE_MAX`]): for what a start is about to read, not for a whole image.
+/// Failures are logged and skipped: prefetch is only a hint.
+pub fn prefetch(
+    name: &str,
+    image: &Arc<Image>,
+    chunks: Vec<(u16, u32)>,
+    threads: usize,
+    hold: bool,
+) {
+    let runs = Arc::new(plan_runs(image, &chunks));
+    let stack = image.lower();
+    let raw: u64 = runs
+        .iter()
+        .flat_map(|&(l, c, n)| (c..c + n).map(move |c| (l, c)))
+        .filter_map(|(l, c)| {
+            stack
+                .layers()
+                .get(l as usize)?
+                .metadata()
+                .chunks
+                .get(c as usize)
+        })
+        .map(|e| e.raw_len as u64)
+        .sum();
+    // Room for what is prefetched, a quarter more for what the start reads besides.
+    if hold {
+        stack.reserve_cache(raw.saturating_add(raw / 4).min(PREFETCH_CACHE_MAX) as usize);
+    }
     let next = Arc::new(AtomicUsize::new(0));
     let start = std::time::Instant::now();
     let workers: Vec<_> = (0..threads.max(1))
         .map(|_| {
-            let (image, chunks, next) = (image.clone(), chunks.clone(), next.clone());
+            let (image, runs, next) = (image.clone(), runs.clone(), next.clone());
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(l, c)) = chunks.get(i) else { return };
-                match image.lower().load_chunk(l, c) {
-                    Ok(_) => {
-                        STATS.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+                let Some(&(l, c, n)) = runs.get(i) else { return };
+                match image.lower().prefetch_run(l, c, n) {
+                    Ok(()) => {
+                        STATS.prefetched_chunks.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        tracing::debug!(layer = l, chunk = c, error = %e, "prefetch skipped a chunk")
+                        tracing::debug!(layer = l, chunk = c, count = n, error = %e, "prefetch skipped chunks")
                     }
                 }
             })
@@ -183,7 +259,7 @@ pub fn prefetch(name: &str, image: &Arc<Image>, chunks: Vec<(u16, u32)>, threads
     for w in workers {
         let _ = w.join();
     }
-    tracing::info!(export = %name, chunks = chunks.len(), secs = start.elapsed().as_secs_f64(), "prefetch done");
+    tracing::info!(export = %name, chunks = chunks.len(), fetches = runs.len(), secs = start.elapsed().as_secs_f64(), "prefetch done");
 }
 
 /// The trace shipped with the image `spec` describes (its config's `trace`), fetched whole from
@@ -237,7 +313,64 @@ pub fn all_chunks(image: &Image) -> Vec<(u16, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockfmt::{Layer, LayerStack};
     use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+
+    /// An image over `mib` MiB of incompressible data: every 128 KiB chunk stored as it is,
+    /// back to back.
+    fn random_image(mib: usize) -> Image {
+        let mut disk = vec![0u8; mib << 20];
+        rand::rngs::StdRng::seed_from_u64(7).fill(&mut disk[..]);
+        let (_, blob) = blockfmt::commit::import_raw(
+            &disk[..],
+            disk.len() as u64,
+            None,
+            None,
+            Vec::new(),
+            Default::default(),
+            |_| {},
+        )
+        .expect("import");
+        let l = Layer::open("t", Arc::new(blob), None).expect("open");
+        let s = LayerStack::new(vec![l], disk.len() as u64, 1 << 20).expect("stack");
+        Image::new(s, None).expect("image")
+    }
+
+    #[test]
+    fn plan_merges_neighbours_wherever_they_are_listed_and_keeps_the_first_need_first() {
+        let img = random_image(4);
+        // Chunk 20 first, then a stretch 2..=5 listed backwards, 20 again, and 0.
+        let trace = [(0, 20), (0, 5), (0, 4), (0, 3), (0, 2), (0, 20), (0, 0)];
+        assert_eq!(
+            plan_runs(&img, &trace),
+            vec![(0, 20, 1), (0, 2, 4), (0, 0, 1)]
+        );
+        // Chunks out of range or of layers the image lacks are left out.
+        assert_eq!(
+            plan_runs(&img, &[(0, 1 << 20), (3, 0), (0, 1)]),
+            vec![(0, 1, 1)]
+        );
+    }
+
+    #[test]
+    fn plan_bounds_each_fetch_and_covers_every_chunk_once() {
+        let img = random_image(4);
+        let all: Vec<(u16, u32)> = (0..32).rev().map(|c| (0, c)).collect();
+        let runs = plan_runs(&img, &all);
+        let chunks = &img.lower().layers()[0].metadata().chunks;
+        for &(_, first, n) in &runs {
+            let bytes: u64 = (first..first + n)
+                .map(|c| chunks[c as usize].stored_len as u64)
+                .sum();
+            assert!(bytes <= PREFETCH_RUN_BYTES, "{bytes} bytes in one fetch");
+        }
+        let mut covered: Vec<u32> = runs.iter().flat_map(|&(_, f, n)| f..f + n).collect();
+        covered.sort_unstable();
+        assert_eq!(covered, (0..32).collect::<Vec<_>>());
+        assert!(runs.len() < 32 / 2, "{} fetches for 32 chunks", runs.len());
+        assert_eq!(runs[0].1 + runs[0].2, 32, "the last chunk was listed first");
+    }
 
     proptest! {
         /// Fuzz: traces round-trip; any flipped byte or arbitrary bytes are rejected without panic.

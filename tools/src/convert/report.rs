@@ -204,6 +204,7 @@ impl ConvertArgs {
             no_reuse: true,
             dict: Vec::new(),
             fs: super::FsKind::Ext4,
+            work_dir: None,
             opts: crate::cli::LayerOpts::default(),
             quiet: true,
             print_digest: false,
