@@ -243,10 +243,31 @@ fn converted_debian_python(reg: &Registry, t: &Path) -> (String, Vec<String>, u6
     (format!("{host}/lsm/py:1"), digests, total)
 }
 
-/// Most of the layer bytes a lazy start may fetch, percent. Issue 15 asks for < 5 %; today the
-/// python3 start fetches 5.8–7.0 % of this image's layer bytes (the same with 32 KiB chunks, so it
-/// is not chunk over-read; see README "What works today"), so the bound that holds is 10 %.
-const LAZY_BOUND_PERCENT: u64 = 10;
+/// Most of the layer bytes a lazy start may fetch, percent. Issue 15 asks for < 5 %; the python3
+/// start now fetches 5.27 % (README "What a lazy start fetches": 0.79 % is the layers'
+/// metadata, read at open; the rest is the pages python and its libraries fault in, each
+/// costing its whole 32 KiB chunk, widened by 128 KiB of readahead); 6 % leaves a margin
+/// for a loaded machine.
+const LAZY_BOUND_PERCENT: u64 = 6;
+
+/// With `LSM_TEST_KEEP_LSMD_LOGS=DIR`, copies the snapshots' lsmd logs there (they go with the
+/// test's temporary directory otherwise): with `LSM_TEST_RUST_LOG=info,lsm::fetch=debug` they
+/// list every fetch of the start, for the README's byte analysis.
+fn keep_lsmd_logs(c: &Containerd) {
+    let Some(keep) = std::env::var_os("LSM_TEST_KEEP_LSMD_LOGS") else {
+        return;
+    };
+    let keep = Path::new(&keep);
+    std::fs::create_dir_all(keep).expect("mkdir");
+    for e in std::fs::read_dir(c.snap_root.join("attach"))
+        .expect("attach dir")
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().ends_with(".log") {
+            std::fs::copy(e.path(), keep.join(e.file_name())).expect("copy log");
+        }
+    }
+}
 
 /// Bytes of `digests` the registry served so far.
 fn layer_bytes_served(reg: &Registry, digests: &[String]) -> u64 {
@@ -289,6 +310,7 @@ fn converted_debian_python_pulls_lazily_with_lsmctl_and_runs() {
     );
     assert_eq!(out, "ok\n", "{}", c.logs());
     let served = layer_bytes_served(&reg, &digests) - before;
+    keep_lsmd_logs(&c);
     eprintln!(
         "lazy run: registry served {served} of {total} layer bytes ({:.2} %)",
         100.0 * served as f64 / total as f64
@@ -340,5 +362,123 @@ fn converted_debian_python_pulls_lazily_through_cri() {
     assert!(
         served * 100 < total * LAZY_BOUND_PERCENT,
         "served {served} of {total} layer bytes: not lazy"
+    );
+}
+
+/// The lsmd image config of the converted image `repo:tag` in `reg` (its `layer` blobs, from
+/// the registry), as `lsmctl trace bake` takes it.
+fn remote_config(reg: &Registry, repo: &str, tag: &str, path: &Path) {
+    let manifest: serde_json::Value = reg
+        .agent()
+        .get(&format!("{}/v2/{repo}/manifests/{tag}", reg.url))
+        .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .call()
+        .expect("manifest")
+        .into_string()
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .expect("manifest JSON");
+    let label = |l: &serde_json::Value, k: &str| {
+        l["annotations"][format!("containerd.io/snapshot/lsm.{k}")].clone()
+    };
+    let layers: Vec<&serde_json::Value> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter(|l| label(l, "role") == "layer")
+        .collect();
+    let size: u64 = label(layers[0], "disk-size")
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("disk size");
+    let entries: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "source": { "registry": { "url": reg.url, "repository": repo,
+                    "size": l["size"], "insecure": true } },
+                "digest": l["digest"],
+                "meta_digest": label(l, "meta-digest"),
+            })
+        })
+        .collect();
+    let config = serde_json::json!({ "size": size, "layers": entries });
+    std::fs::write(path, serde_json::to_vec_pretty(&config).expect("json")).expect("config");
+}
+
+/// The snapshots' lsmd logs, joined.
+fn lsmd_logs(c: &Containerd) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(c.snap_root.join("attach"))
+        .expect("attach dir")
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().ends_with(".log") {
+            out += &std::fs::read_to_string(e.path()).unwrap_or_default();
+        }
+    }
+    out
+}
+
+/// A trace baked into the image (`lsmctl trace bake --image-ref`: a manifest layer with role
+/// `trace`) is recorded by the snapshotter at pull and handed to the lsmd of the container's
+/// snapshot, which checks its digest and prefetches by it; the same trace blob tampered with
+/// in the registry is refused by the next container's lsmd, which serves lazily and says so.
+#[test]
+fn shipped_trace_is_used_through_containerd_and_a_tampered_one_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let reg = Registry::start(&t.join("registry"), None);
+    let (name, _, _) = converted_debian_python(&reg, t);
+    let remote = t.join("lsm-remote.json");
+    remote_config(&reg, "lsm/py", "1", &remote);
+    let out = ok(lsmctl([
+        "trace",
+        "bake",
+        "--image-ref",
+        &format!("{}/lsm/py:1", reg.url),
+    ])
+    .arg(&remote)
+    .args(["--", "/usr/bin/python3 -c 'import json, sqlite3'"]));
+    assert!(out.contains("trace sha256:"), "{out}");
+    let c = Containerd::start_plain_http(t, reg.url.trim_start_matches("http://"));
+    let err = lsmctl_pull(&c, &name);
+    assert!(err.contains("(0 bytes downloaded)"), "{err}");
+
+    let out = c.ctr_ok(
+        ["run", "--rm", "--snapshotter", "lsm", &name, "py1"]
+            .into_iter()
+            .chain(PYTHON),
+    );
+    assert_eq!(out, "ok\n", "{}", c.logs());
+    let logs = lsmd_logs(&c);
+    assert!(
+        logs.contains("replaying the startup trace shipped in the image (digest checked)"),
+        "{logs}"
+    );
+
+    // Tamper with the trace blob where the registry keeps it.
+    let conf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&remote).expect("config")).expect("json");
+    let digest = conf["trace"]["digest"].as_str().expect("trace digest");
+    let hex = digest.trim_start_matches("sha256:");
+    let data = t.join(format!(
+        "registry/data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut bytes = std::fs::read(&data).expect("trace blob");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&data, bytes).expect("tamper");
+    let out = c.ctr_ok(
+        ["run", "--rm", "--snapshotter", "lsm", &name, "py2"]
+            .into_iter()
+            .chain(PYTHON),
+    );
+    assert_eq!(out, "ok\n", "lazily served without the trace\n{}", c.logs());
+    let logs = lsmd_logs(&c);
+    assert!(
+        logs.contains("refusing the startup trace shipped in the image; serving lazily"),
+        "{logs}"
     );
 }

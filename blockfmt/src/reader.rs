@@ -111,9 +111,17 @@ impl Layer {
             let s = (t.meta_offset - tail_off) as usize;
             tail[s..s + t.meta_len as usize].to_vec()
         } else {
+            // Only the part the tail read missed: the rest of the metadata is in `tail`
+            // (reading it all again cost a large layer's open 256 KiB more from the registry).
+            let head_len = (tail_off - t.meta_offset) as usize;
             let mut m = vec![0u8; t.meta_len as usize];
-            src.read_exact_at(&mut m, t.meta_offset)
+            let (head, rest) = m.split_at_mut(head_len.min(t.meta_len as usize));
+            src.read_exact_at(head, t.meta_offset)
                 .map_err(|e| Error::io(&name, t.meta_offset, e))?;
+            let from_tail = tail.get(..rest.len()).ok_or_else(|| {
+                Error::corrupt(&name, "trailer", tail_off, "metadata runs past the trailer")
+            })?;
+            rest.copy_from_slice(from_tail);
             m
         };
         if sha256(&meta_bytes) != t.meta_sha256 {

@@ -427,6 +427,7 @@ impl Chunks {
                 self.note_needed(g.key.0, g.key.1);
             }
         }
+        self.log_fetch(layer, chunk, extras.len() as u32, at_least, needed);
         if extras.is_empty() {
             let r = self.read_chunk_now(layer, chunk);
             guard.value = r.as_ref().ok().cloned();
@@ -492,6 +493,31 @@ impl Chunks {
             });
         }
         out
+    }
+
+    /// One line per fetch at debug level (target `lsm::fetch`): which chunks, how many stored
+    /// bytes, and why: `demand` (a reader's miss), `window` (a sequential reader's miss with the
+    /// chunks after it), `span` (one read's cold chunks), `prefetch` (trace or metadata). What
+    /// the README's byte analysis of a lazy start is made from.
+    fn log_fetch(&self, layer: u16, chunk: u32, extras: u32, at_least: u32, needed: bool) {
+        if !tracing::enabled!(target: "lsm::fetch", tracing::Level::DEBUG) {
+            return;
+        }
+        let Some(l) = self.layers.get(layer as usize) else {
+            return;
+        };
+        let entries = &l.metadata().chunks;
+        let stored: u64 = (chunk..=chunk.saturating_add(extras))
+            .filter_map(|c| entries.get(c as usize))
+            .map(|e| e.stored_len as u64)
+            .sum();
+        let why = match (needed, at_least > 1, extras > 0) {
+            (false, _, _) => "prefetch",
+            (true, true, _) => "span",
+            (true, false, true) => "window",
+            (true, false, false) => "demand",
+        };
+        tracing::debug!(target: "lsm::fetch", layer, chunk, chunks = 1 + extras, stored, why, "fetch");
     }
 
     fn read_chunk_now(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {

@@ -45,6 +45,8 @@ pub struct LsmOptions {
     pub registry_ca: Option<PathBuf>,
     /// lsmd's host cache, shared by every snapshot.
     pub cache_dir: Option<PathBuf>,
+    /// Readahead (KiB) set on a snapshot disk's block device; 0 leaves the kernel's.
+    pub read_ahead_kb: u32,
     /// Mirrors: (registry `host[:port]`, mirror base URL), in the order to try them.
     pub mirrors: Vec<(String, String)>,
     /// A P2P agent every registry blob request goes through first.
@@ -217,6 +219,12 @@ pub fn image_config(blobs: &[LsmBlob], disk_size: u64, upper: bool, opts: &LsmOp
     if !dict.is_empty() {
         c["dictionary"] = dict.into();
     }
+    // A shipped startup trace (`lsmctl trace bake --image-ref`): lsmd fetches it, checks it
+    // against this digest (refusing a tampered one, and serving lazily) and prefetches by it.
+    // The topmost one wins (a rebaked image's trace is the one of its layers).
+    if let Some(t) = blobs.iter().rev().find(|b| b.role == "trace") {
+        c["trace"] = entry(t);
+    }
     if upper {
         c["upper"] = "upper".into();
     }
@@ -337,9 +345,45 @@ impl Disk {
         if !opts.is_empty() {
             cmd.arg("-o").arg(opts.join(","));
         }
+        self.limit_read_ahead(&device);
         run(cmd.arg(&device).arg(self.rootfs()), "mount")?;
+        // `mount -o loop` made the loop device only now.
+        self.limit_read_ahead(&device);
         tracing::info!(dir = %self.dir.display(), device, fstype, "snapshot disk mounted");
         Ok(())
+    }
+
+    /// Sets the readahead of the block device behind `device` (itself, or the loop device over
+    /// it when it is a FUSE file) to [`LsmOptions::read_ahead_kb`]: what the kernel reads
+    /// ahead is fetched from the registry, chunk by chunk. A device that is not there yet (the
+    /// loop before `mount -o loop`) is skipped; failing to set it is logged, not fatal (the
+    /// disk works, only fetches more).
+    fn limit_read_ahead(&self, device: &str) {
+        let kb = self.opts.read_ahead_kb;
+        if kb == 0 {
+            return;
+        }
+        let block = if device.starts_with(&self.dir.display().to_string()) {
+            match run(Command::new("losetup").arg("-j").arg(device), "losetup -j") {
+                // `/dev/loop3: [0041]:2 (/path)`
+                Ok(out) => out.split(':').next().unwrap_or_default().trim().to_string(),
+                Err(_) => String::new(),
+            }
+        } else {
+            device.to_string()
+        };
+        let Some(name) = Path::new(&block)
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        else {
+            return;
+        };
+        let knob = format!("/sys/block/{name}/queue/read_ahead_kb");
+        match std::fs::write(&knob, kb.to_string()) {
+            Ok(()) => tracing::debug!(device = %block, read_ahead_kb = kb, "readahead limited"),
+            Err(e) => tracing::warn!(knob, error = %e, "cannot limit the disk's readahead"),
+        }
     }
 
     fn attach(&self) -> Result<String, String> {

@@ -53,6 +53,13 @@ struct Cli {
     /// lsmd's host cache of fetched chunks, shared by every snapshot's lsmd.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Readahead (KiB) of the block devices a snapshot's filesystem is mounted from (the loop
+    /// over a FUSE file, the nbd or ublk device). Every page the kernel reads ahead is a
+    /// chunk fetched from the registry; a loop device over a FUSE file gets 2560 KiB from
+    /// the kernel, which made a python start fetch a third more (README "What a lazy start
+    /// fetches"). 0 keeps what the kernel chose.
+    #[arg(long, value_name = "KIB", default_value_t = 128)]
+    read_ahead_kb: u32,
     /// A mirror of a registry: `HOST[:PORT]=URL` (the registry as in image references, the
     /// mirror's `http(s)://host[:port]`), asked first for that registry's layer blobs; the
     /// registry serves when the mirror fails. Repeat for more (tried in order). Credentials
@@ -121,6 +128,7 @@ async fn serve(cli: &Cli) -> Result<(), String> {
         plain_http: cli.plain_http.clone(),
         registry_ca: cli.registry_ca.as_ref().map(abs),
         cache_dir: cli.cache_dir.as_ref().map(abs),
+        read_ahead_kb: cli.read_ahead_kb,
         mirrors: cli.mirrors.clone(),
         p2p: cli.p2p_proxy.clone().map(|proxy| lsm::P2p {
             proxy,

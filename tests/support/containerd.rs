@@ -193,7 +193,12 @@ impl Containerd {
             .arg("--root")
             .arg(&self.snap_root)
             .args(&self.snapshotter_args)
-            .env("RUST_LOG", "info")
+            // `LSM_TEST_RUST_LOG=info,lsm::fetch=debug` logs every fetch of the snapshots'
+            // lsmds (in `lsm-root/attach/lsmd-*.log`; see README "What a lazy start fetches").
+            .env(
+                "RUST_LOG",
+                std::env::var("LSM_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("snapshotter log"));
         for (k, v) in env {
