@@ -224,7 +224,7 @@ impl LayerStack {
         let Some(loads) = self.loads.get() else {
             // No host threads: each run in turn, still one fetch per run.
             for (layer, first, n) in runs {
-                let _ = self.chunks.load(layer, first, n, true);
+                let _ = self.chunks.load(layer, first, n, true, true);
             }
             return;
         };
@@ -234,7 +234,7 @@ impl LayerStack {
                 .map(|&(layer, first, n)| {
                     let chunks = self.chunks.clone();
                     Box::new(move || {
-                        let _ = chunks.load(layer, first, n, true);
+                        let _ = chunks.load(layer, first, n, true, true);
                     }) as LoadTask
                 })
                 .collect();
@@ -248,7 +248,8 @@ impl LayerStack {
         self.chunks.touched.lock().order.clone()
     }
 
-    /// [`Self::chunk`] for prefetching: loads without counting as needed.
+    /// [`Self::chunk`] for prefetching: loads without counting as needed, widening like a
+    /// sequential reader when its neighbours come next (chunks prefetched in disk order).
     pub fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
         self.chunks.load_chunk(layer, chunk)
     }
@@ -272,7 +273,7 @@ impl LayerStack {
             let busy = self.chunks.cache.get(&(layer, c)).is_some()
                 || self.chunks.inflight.lock().contains_key(&(layer, c));
             if !busy {
-                if let Err(e) = self.chunks.load(layer, c, end - c, false) {
+                if let Err(e) = self.chunks.load(layer, c, end - c, false, false) {
                     failure = failure.and(Err(e));
                 }
             }
@@ -341,7 +342,7 @@ impl Chunks {
     /// [`LayerStack::touched`]).
     fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
         self.note_needed(layer, chunk);
-        self.load(layer, chunk, 1, true)
+        self.load(layer, chunk, 1, true, true)
     }
 
     fn note_needed(&self, layer: u16, chunk: u32) {
@@ -353,7 +354,7 @@ impl Chunks {
 
     /// [`LayerStack::chunk`] for prefetching: loads without counting as needed.
     fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
-        self.load(layer, chunk, 1, false)
+        self.load(layer, chunk, 1, false, true)
     }
 
     /// How many chunks a miss on `chunk` fetches: 1 for a random read; for a miss where a
@@ -385,7 +386,14 @@ impl Chunks {
     /// chunks in all or the sequential window ([`Self::window_for`]), in one fetch. When a
     /// reader `needed` the chunk, the chunks fetched along are remembered as needed too: the
     /// reader will take them from the decoded-chunk cache, on the hot path that records nothing.
-    fn load(&self, layer: u16, chunk: u32, at_least: u32, needed: bool) -> Result<Arc<Vec<u8>>> {
+    fn load(
+        &self,
+        layer: u16,
+        chunk: u32,
+        at_least: u32,
+        needed: bool,
+        widen: bool,
+    ) -> Result<Arc<Vec<u8>>> {
         let key = (layer, chunk);
         if let Some(c) = self.cache.get(&key) {
             return Ok(c);
@@ -416,8 +424,9 @@ impl Chunks {
             slot,
             value: None,
         };
-        // A reader's fetch takes its sequential window along; a prefetch takes what it asks.
-        let window = match needed {
+        // A widening fetch (a reader's, or a prefetch of single chunks in disk order) takes
+        // its sequential window along; a planned prefetch run takes exactly what it asks.
+        let window = match widen {
             true => self.window_for(layer, chunk, at_least),
             false => at_least,
         };

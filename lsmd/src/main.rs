@@ -243,7 +243,7 @@ fn start_prefetch(
             if !chunks.is_empty() {
                 let bytes: u64 = tables.iter().map(|t| t.1).sum();
                 tracing::info!(export = %name, chunks = chunks.len(), inode_table_bytes = bytes, "no startup trace: prefetching the filesystem's metadata (ext4 inode tables in use)");
-                lsmd::trace::prefetch(&name, &image, chunks, 8, true);
+                lsmd::trace::prefetch_widening(&name, &image, chunks, 8);
             }
         }
         if all {

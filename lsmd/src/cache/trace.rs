@@ -262,6 +262,38 @@ pub fn prefetch(
     tracing::info!(export = %name, chunks = chunks.len(), fetches = runs.len(), secs = start.elapsed().as_secs_f64(), "prefetch done");
 }
 
+/// Fetches `chunks` of `image` (in disk order) one at a time on `threads` background threads,
+/// each load widening like a sequential reader's: for filesystem metadata, whose neighbouring
+/// blocks (directories, small files) a start often reads next, and whose fetches leave
+/// sequential windows the start's own reads continue. Measured on the python image: 109 GETs
+/// for its lazy start this way, 124 with [`prefetch`]'s exact runs. Failures are skipped.
+pub fn prefetch_widening(name: &str, image: &Arc<Image>, chunks: Vec<(u16, u32)>, threads: usize) {
+    let chunks = Arc::new(chunks);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = std::time::Instant::now();
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let (image, chunks, next) = (image.clone(), chunks.clone(), next.clone());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(l, c)) = chunks.get(i) else { return };
+                match image.lower().load_chunk(l, c) {
+                    Ok(_) => {
+                        STATS.prefetched_chunks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(layer = l, chunk = c, error = %e, "prefetch skipped a chunk")
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    tracing::info!(export = %name, chunks = chunks.len(), secs = start.elapsed().as_secs_f64(), "prefetch done");
+}
+
 /// The trace shipped with the image `spec` describes (its config's `trace`), fetched whole from
 /// its source and checked: `Ok(None)` when there is none; an error (say why) when it cannot be
 /// read, is larger than [`MAX_SHIPPED_TRACE`], its sha256 is not the config's digest, or it
