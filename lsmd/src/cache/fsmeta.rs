@@ -117,24 +117,10 @@ pub fn chunks_of(image: &Image, ranges: &[(u64, u64)]) -> Vec<(u16, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockfmt::{Layer, LayerStack};
     use proptest::prelude::*;
-    use std::sync::Arc;
 
     fn image_of(disk: &[u8]) -> Image {
-        let (_, blob) = blockfmt::commit::import_raw(
-            disk,
-            disk.len() as u64,
-            None,
-            None,
-            Vec::new(),
-            Default::default(),
-            |_| {},
-        )
-        .expect("import");
-        let l = Layer::open("t", Arc::new(blob), None).expect("open");
-        let s = LayerStack::new(vec![l], disk.len() as u64, 1 << 20).expect("stack");
-        Image::new(s, None).expect("image")
+        crate::cache::test_image(disk)
     }
 
     #[test]

@@ -302,6 +302,24 @@ impl ChunkStore for DiskCache {
     }
 }
 
+/// An image of one layer imported from `disk` (for the tests of the cache modules).
+#[cfg(test)]
+pub(crate) fn test_image(disk: &[u8]) -> blockfmt::Image {
+    let (_, blob) = blockfmt::commit::import_raw(
+        disk,
+        disk.len() as u64,
+        None,
+        None,
+        Vec::new(),
+        Default::default(),
+        |_| {},
+    )
+    .expect("import");
+    let l = blockfmt::Layer::open("t", std::sync::Arc::new(blob), None).expect("open");
+    let s = blockfmt::LayerStack::new(vec![l], disk.len() as u64, 1 << 20).expect("stack");
+    blockfmt::Image::new(s, None).expect("image")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

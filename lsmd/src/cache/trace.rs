@@ -345,7 +345,6 @@ pub fn all_chunks(image: &Image) -> Vec<(u16, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockfmt::{Layer, LayerStack};
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng};
 
@@ -354,19 +353,7 @@ mod tests {
     fn random_image(mib: usize) -> Image {
         let mut disk = vec![0u8; mib << 20];
         rand::rngs::StdRng::seed_from_u64(7).fill(&mut disk[..]);
-        let (_, blob) = blockfmt::commit::import_raw(
-            &disk[..],
-            disk.len() as u64,
-            None,
-            None,
-            Vec::new(),
-            Default::default(),
-            |_| {},
-        )
-        .expect("import");
-        let l = Layer::open("t", Arc::new(blob), None).expect("open");
-        let s = LayerStack::new(vec![l], disk.len() as u64, 1 << 20).expect("stack");
-        Image::new(s, None).expect("image")
+        crate::cache::test_image(&disk)
     }
 
     #[test]
