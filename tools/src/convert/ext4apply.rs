@@ -220,7 +220,15 @@ impl Changes {
 
     /// Applies the changes to the ext4 image `raw` in place with one debugfs run. `Ok(Err(why))`:
     /// these changes cannot be said to debugfs; make the filesystem whole instead.
-    pub fn run(&self, raw: &Path) -> io::Result<Result<(), String>> {
+    ///
+    /// With `track_writes`, debugfs keeps an undo file (`-z`, beside `raw`) and the answer is
+    /// the runs of 4 KiB blocks it wrote (`e2undo`); without, `None`. The filesystem is the
+    /// same either way (its lifetime-writes counter is kept at 0, see `ext4times`).
+    pub fn run(
+        &self,
+        raw: &Path,
+        track_writes: bool,
+    ) -> io::Result<Result<Option<Vec<(u64, u64)>>, String>> {
         let scratch = raw.with_extension("xattrs");
         {
             let _step = workdir::step()?;
@@ -231,9 +239,30 @@ impl Changes {
             Ok(s) => s,
             Err(why) => return Ok(Err(why)),
         };
-        run_script(raw, &script, "apply", "debugfs applying a layer")
-            .map_err(|e| io::Error::other(format!("{e} (is --size too small?)")))?;
-        Ok(Ok(()))
+        let undo = track_writes.then(|| raw.with_extension("undo"));
+        if let Some(u) = &undo {
+            // debugfs would append to an undo file that is there already.
+            let _step = workdir::step()?;
+            match std::fs::remove_file(u) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        run_script_tracked(
+            raw,
+            &script,
+            "apply",
+            "debugfs applying a layer",
+            undo.as_deref(),
+        )
+        .map_err(|e| io::Error::other(format!("{e} (is --size too small?)")))?;
+        let Some(u) = undo else {
+            return Ok(Ok(None));
+        };
+        let runs = super::e2undo::written_blocks(&std::fs::File::open(&u)?, 4096);
+        let _step = workdir::step()?;
+        std::fs::remove_file(&u)?;
+        Ok(Ok(Some(runs?)))
     }
 }
 
@@ -241,15 +270,29 @@ impl Changes {
 /// (the script is kept beside `raw` with extension `ext`). debugfs reports a failed command on
 /// stderr and goes on with exit status 0, so any line but its banner is an error, named `what`.
 pub fn run_script(raw: &Path, script: &str, ext: &str, what: &str) -> io::Result<()> {
+    run_script_tracked(raw, script, ext, what, None)
+}
+
+/// [`run_script`], with debugfs keeping the undo file `undo` (`-z`) when given.
+pub(super) fn run_script_tracked(
+    raw: &Path,
+    script: &str,
+    ext: &str,
+    what: &str,
+    undo: Option<&Path>,
+) -> io::Result<()> {
     let f = raw.with_extension(ext);
     {
         let _step = workdir::step()?;
         std::fs::write(&f, script)?;
     }
+    let mut cmd = std::process::Command::new("debugfs");
+    cmd.arg("-w");
+    if let Some(u) = undo {
+        cmd.arg("-z").arg(u);
+    }
     let o = workdir::output(
-        std::process::Command::new("debugfs")
-            .arg("-w")
-            .arg("-f")
+        cmd.arg("-f")
             .arg(&f)
             .arg(raw)
             .env("E2FSPROGS_FAKE_TIME", "1"),

@@ -25,6 +25,9 @@ const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const BG_INODE_UNINIT: u16 = 0x1;
 const ROOT_INO: u32 = 2;
+/// Superblock field offsets (struct ext4_super_block).
+const S_KBYTES_WRITTEN: usize = 0x178;
+const S_CHECKSUM: usize = 0x3FC;
 
 // Inode field offsets (struct ext4_inode).
 const I_MODE: usize = 0x00;
@@ -199,9 +202,29 @@ fn fix_inode(ino: u32, inode: &mut [u8], seed: Option<u32>) -> io::Result<bool> 
     Ok(true)
 }
 
+/// Sets the superblock's lifetime-writes counter (`s_kbytes_written`) to 0 and its checksum
+/// to match. The counter says how many bytes the tools that made the filesystem happened to
+/// write — with `debugfs -z` (undo file, `e2undo`) more than without, for the same result —
+/// and libext2fs leaves a counter of 0 at 0, so every later debugfs run keeps it there: the
+/// filesystem is a function of the image, however its blocks were tracked.
+fn clear_lifetime_writes(raw: &File) -> io::Result<()> {
+    let mut sb = vec![0u8; 1024];
+    raw.read_exact_at(&mut sb, SUPERBLOCK)?;
+    if u16_at(&sb, 0x38)? != EXT4_MAGIC {
+        return Err(bad("not ext4"));
+    }
+    sb[S_KBYTES_WRITTEN..S_KBYTES_WRITTEN + 8].fill(0);
+    if u32_at(&sb, 0x64)? & RO_COMPAT_METADATA_CSUM != 0 {
+        let c = ext4_crc(!0, &sb[..S_CHECKSUM]);
+        put_u32(&mut sb, S_CHECKSUM, c);
+    }
+    raw.write_all_at(&sb, SUPERBLOCK)
+}
+
 /// Fixes the times of every in-use inode of the ext4 filesystem in `raw` (see the module
-/// docs); returns how many inodes it set.
+/// docs) and clears its lifetime-writes counter; returns how many inodes it set.
 pub fn normalize(raw: &File) -> io::Result<u64> {
+    clear_lifetime_writes(raw)?;
     let g = geometry(raw)?;
     let gdt_len = g
         .groups
@@ -312,6 +335,13 @@ mod tests {
         assert_eq!(field(&s, "atime"), m);
         let r = stat(&raw, "/");
         assert!(field(&r, "ctime").starts_with("0x00000001:00000000"), "{r}");
+        let sb = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&raw)
+            .output()
+            .unwrap();
+        let sb = String::from_utf8_lossy(&sb.stdout);
+        assert!(!sb.contains("Lifetime writes"), "{sb}");
         let fsck = Command::new("e2fsck")
             .arg("-fn")
             .arg(&raw)

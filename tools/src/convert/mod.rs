@@ -20,6 +20,7 @@
 //! image per run; no reuse database.
 
 pub mod dict;
+mod e2undo;
 mod erofs;
 mod ext4apply;
 mod ext4times;
@@ -247,6 +248,21 @@ fn make_whole_fs(root: &Path, raw: &Path, size: u64, uuid: &str, digest: &str) -
     normalize_times(raw, uuid)
 }
 
+/// How many times more a block costs when debugfs records it in an undo file than when it is
+/// hashed from the page cache with the rest of the image (measured: about 10–20×; the undo
+/// manager copies each block's old contents and rewrites its index per block).
+const UNDO_COST: u64 = 16;
+
+/// Whether a layer of `tar_bytes` is cheaper to apply with an undo file naming the blocks it
+/// writes (`rawimport::Scan::Written`, costs the layer) than to find its blocks by hashing the
+/// whole filesystem `raw` (costs the image): small layers over big images. Either way gives
+/// the same blob.
+fn worth_tracking(tar_bytes: u64, raw: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let image = std::fs::metadata(raw).map_or(0, |m| m.blocks() * 512);
+    tar_bytes.saturating_mul(UNDO_COST) < image
+}
+
 /// Where blob `digest` is during a conversion: a layer converted already, or a dictionary blob.
 fn path_of(dst: &Path, out: &[Value], dict: &[dict::DictBlob], digest: &str) -> Option<PathBuf> {
     if out.iter().any(|l| l["digest"].as_str() == Some(digest)) {
@@ -276,7 +292,7 @@ fn chain_key(
     fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v5\0");
+    h.update(b"lsm-convert-v6\0");
     if fs == FsKind::Erofs {
         h.update(b"erofs-flat\0");
     }
@@ -715,6 +731,7 @@ fn convert_layout(
                 Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
             })
             .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+            let tar_bytes = std::fs::metadata(&tar).map_or(u64::MAX, |m| m.len());
             let _ = std::fs::remove_file(&tar);
             if a.fs == FsKind::Erofs && i + 1 < layers.len() {
                 continue; // flattened: one filesystem of the final tree
@@ -763,15 +780,21 @@ fn convert_layout(
                     rawimport::export(b, &f, size)?
                 }
             };
+            let mut scan = rawimport::Scan::Whole;
             let in_place = if a.fs == FsKind::Erofs {
                 erofs::make(&root, &raw, size, &uuid)?;
                 true
             } else if i > 0 && raw.exists() {
                 match changes
-                    .run(&raw)
+                    .run(&raw, worth_tracking(tar_bytes, &raw))
                     .map_err(|e| bad(format!("layer {digest}: {e}")))?
                 {
-                    Ok(()) => true,
+                    Ok(written) => {
+                        if let Some(runs) = written {
+                            scan = rawimport::Scan::Written(runs);
+                        }
+                        true
+                    }
                     Err(why) => {
                         say(format!(
                             "layer {}: {why}: making its filesystem whole",
@@ -818,6 +841,7 @@ fn convert_layout(
                     Some(shared.clone()),
                     o,
                     opts,
+                    &scan,
                     |d| prog.update(d),
                 )
             })?;
