@@ -703,6 +703,9 @@ fn convert_layout(
             .sum(),
         ..Summary::default()
     };
+    // The host tree, removed while the top layer is imported (it is not read after its
+    // filesystem is made).
+    let mut tree_removal: Option<workdir::Removal> = None;
     let result = (|| -> CliResult<(Vec<Value>, Vec<dict::DictBlob>)> {
         // Deterministic filesystem identity: from the base layer's content (its diff ID), so
         // the same base converts to the same filesystem whatever image or registry it came
@@ -809,6 +812,9 @@ fn convert_layout(
             if !in_place {
                 make_whole_fs(&root, &raw, size, &uuid, digest)?;
             }
+            if i + 1 == layers.len() {
+                tree_removal = Some(workdir::Removal::start(&root));
+            }
             let tmp = dst.join("blobs/sha256/.layer.partial");
             let rawf = File::open(&raw)?;
             let mut prog = crate::progress::Progress::new(
@@ -911,6 +917,9 @@ fn convert_layout(
         }
         Ok((out, borrowed))
     })();
+    if let Some(r) = tree_removal.take() {
+        r.wait();
+    }
     drop(work_tree);
     drop(dict_tree);
     drop(spool_tree);

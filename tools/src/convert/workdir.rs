@@ -118,6 +118,24 @@ impl Drop for WorkTree {
     }
 }
 
+/// A part of a work tree being removed on another thread, so that the removal (slow on a disk
+/// mounted with `discard`: each freed extent is trimmed) overlaps work that no longer needs it.
+pub struct Removal(std::thread::JoinHandle<()>);
+
+impl Removal {
+    /// Starts removing `path` (inside a [`WorkTree`], which still removes whatever is left,
+    /// and at a signal everything).
+    pub fn start(path: &Path) -> Removal {
+        let p = path.to_path_buf();
+        Removal(std::thread::spawn(move || remove(&p)))
+    }
+
+    /// Waits until the removal is done.
+    pub fn wait(self) {
+        let _ = self.0.join();
+    }
+}
+
 fn unsafe_geteuid() -> u32 {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() }
