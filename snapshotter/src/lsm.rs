@@ -87,6 +87,9 @@ pub struct LsmBlob {
     pub role: String,
     pub digest: String,
     pub meta_digest: Option<String>,
+    /// Stored metadata length (label `lsm.meta-len`): lsmd opens the blob in one exact read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_len: Option<u64>,
     pub size: u64,
     pub source: BlobSource,
 }
@@ -154,6 +157,10 @@ pub fn remote_layer(
         role: role.clone(),
         digest,
         meta_digest: labels.get(&format!("{LABEL}meta-digest")).cloned(),
+        // A hint only (a wrong one costs lsmd a second read): unparsable means absent.
+        meta_len: labels
+            .get(&format!("{LABEL}meta-len"))
+            .and_then(|v| v.parse().ok()),
         size: num("size")?,
         source: BlobSource::Registry {
             url: format!("{scheme}://{host}"),
@@ -219,7 +226,11 @@ pub fn image_config(blobs: &[LsmBlob], disk_size: u64, upper: bool, opts: &LsmOp
                 json!({ "registry": r })
             }
         };
-        json!({ "source": source, "digest": b.digest, "meta_digest": b.meta_digest })
+        let mut e = json!({ "source": source, "digest": b.digest, "meta_digest": b.meta_digest });
+        if let Some(n) = b.meta_len {
+            e["meta_len"] = n.into();
+        }
+        e
     };
     let mut c = json!({
         "size": disk_size,
@@ -513,6 +524,7 @@ impl Disk {
                 role: "layer".into(),
                 digest: l["digest"].as_str().unwrap_or_default().to_string(),
                 meta_digest: l["meta_digest"].as_str().map(str::to_string),
+                meta_len: l["meta_len"].as_u64(),
                 size,
                 source: BlobSource::Local { path },
             });
@@ -608,7 +620,11 @@ mod tests {
             "containerd.io/snapshot/lsm.repository".into(),
             "reg.example:443/x".into(),
         );
+        l.insert("containerd.io/snapshot/lsm.meta-len".into(), "1234".into());
         let (_, s) = remote_layer(&l, &opts).expect("ok").expect("lsm");
+        assert_eq!(s.blobs[0].meta_len, Some(1234));
+        let c = image_config(&s.blobs, 4096, false, &opts);
+        assert_eq!(c["layers"][0]["meta_len"], 1234);
         assert_eq!(
             s.blobs[0].source,
             BlobSource::Registry {
@@ -647,6 +663,7 @@ mod tests {
             role: "layer".into(),
             digest: format!("sha256:{}", "a".repeat(64)),
             meta_digest: Some(format!("sha256:{}", "b".repeat(64))),
+            meta_len: None,
             size: 4096,
             source: BlobSource::Registry {
                 url: "https://reg.example".into(),
