@@ -148,7 +148,6 @@ fn read_json(p: &Path) -> CliResult<Value> {
     serde_json::from_slice(&text).map_err(|e| bad(format!("{}: {e}", p.display())))
 }
 
-/// `blobs/sha256/<hex>` of a layout, for a `sha256:` digest (anything else is refused).
 /// A layer descriptor's stored metadata length (`io.lsm.layer.meta-len`), when it has one.
 fn meta_len_of(desc: &Value) -> Option<u64> {
     desc["annotations"][blockfmt::META_LEN_ANNOTATION]
@@ -156,6 +155,7 @@ fn meta_len_of(desc: &Value) -> Option<u64> {
         .and_then(|s| s.parse().ok())
 }
 
+/// `blobs/sha256/<hex>` of a layout, for a `sha256:` digest (anything else is refused).
 fn blob_path(layout: &Path, digest: &str) -> CliResult<PathBuf> {
     let hex = digest
         .strip_prefix("sha256:")
@@ -299,7 +299,7 @@ fn chain_key(
     fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v6\0");
+    h.update(b"lsm-convert-v7\0");
     if fs == FsKind::Erofs {
         h.update(b"erofs-flat\0");
     }
