@@ -50,9 +50,12 @@ fn crc(data: &[u8]) -> u32 {
     !crc32c::crc32c_append(0, data)
 }
 
+/// Runs of blocks, `(first, count)`, sorted and not overlapping.
+pub type Runs = Vec<(u64, u64)>;
+
 /// The blocks (of `fs_block` bytes) a debugfs run recorded in the undo file `f`: sorted,
 /// merged runs of `(first block, count)`.
-pub fn written_blocks(f: &File, fs_block: u64) -> io::Result<Vec<(u64, u64)>> {
+pub fn written_blocks(f: &File, fs_block: u64) -> io::Result<Runs> {
     let mut hdr = [0u8; HEADER];
     f.read_exact_at(&mut hdr, 0)?;
     if &hdr[..8] != MAGIC {
@@ -77,7 +80,7 @@ pub fn written_blocks(f: &File, fs_block: u64) -> io::Result<Vec<(u64, u64)>> {
     }
     if u32_at(&hdr, 36) as u64 != fs_block
         || !(1024..=1 << 20).contains(&block)
-        || block % fs_block != 0
+        || !block.is_multiple_of(fs_block)
     {
         return Err(bad("block sizes"));
     }

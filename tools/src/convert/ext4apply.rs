@@ -228,7 +228,7 @@ impl Changes {
         &self,
         raw: &Path,
         track_writes: bool,
-    ) -> io::Result<Result<Option<Vec<(u64, u64)>>, String>> {
+    ) -> io::Result<Result<Option<super::e2undo::Runs>, String>> {
         let scratch = raw.with_extension("xattrs");
         {
             let _step = workdir::step()?;
