@@ -270,6 +270,60 @@ fn worth_tracking(tar_bytes: u64, raw: &Path) -> bool {
     tar_bytes.saturating_mul(UNDO_COST) < image
 }
 
+/// What [`layer_filesystem`] works from: one layer, applied to the host tree already.
+struct LayerFs<'a> {
+    fs: FsKind,
+    root: &'a Path,
+    raw: &'a Path,
+    size: u64,
+    uuid: &'a str,
+    digest: &'a str,
+    /// Position of the layer, 0 = bottom.
+    index: usize,
+    changes: &'a ext4apply::Changes,
+    tar_bytes: u64,
+    say: &'a dyn Fn(String),
+}
+
+/// Makes `raw` the filesystem of the tree after layer `l.index`: erofs of the whole tree; the
+/// layer's changes applied in place to the filesystem below (`ext4apply`); or, for the bottom
+/// layer and a layer debugfs cannot express, ext4 of the whole tree (`mkfs.ext4 -d`). Returns
+/// which blocks the import must look at.
+fn layer_filesystem(l: &LayerFs) -> CliResult<rawimport::Scan> {
+    let (raw, i, digest) = (l.raw, l.index, l.digest);
+    let mut scan = rawimport::Scan::Whole;
+    let in_place = if l.fs == FsKind::Erofs {
+        erofs::make(l.root, raw, l.size, l.uuid)?;
+        true
+    } else if i > 0 && raw.exists() {
+        match l
+            .changes
+            .run(raw, worth_tracking(l.tar_bytes, raw))
+            .map_err(|e| bad(format!("layer {digest}: {e}")))?
+        {
+            Ok(written) => {
+                if let Some(runs) = written {
+                    scan = rawimport::Scan::Written(runs);
+                }
+                true
+            }
+            Err(why) => {
+                (l.say)(format!(
+                    "layer {}: {why}: making its filesystem whole",
+                    i + 1
+                ));
+                false
+            }
+        }
+    } else {
+        false
+    };
+    if !in_place {
+        make_whole_fs(l.root, raw, l.size, l.uuid, digest)?;
+    }
+    Ok(scan)
+}
+
 /// Where blob `digest` is during a conversion: a layer converted already, or a dictionary blob.
 fn path_of(dst: &Path, out: &[Value], dict: &[dict::DictBlob], digest: &str) -> Option<PathBuf> {
     if out.iter().any(|l| l["digest"].as_str() == Some(digest)) {
@@ -790,35 +844,18 @@ fn convert_layout(
                     rawimport::export(b, &f, size)?
                 }
             };
-            let mut scan = rawimport::Scan::Whole;
-            let in_place = if a.fs == FsKind::Erofs {
-                erofs::make(&root, &raw, size, &uuid)?;
-                true
-            } else if i > 0 && raw.exists() {
-                match changes
-                    .run(&raw, worth_tracking(tar_bytes, &raw))
-                    .map_err(|e| bad(format!("layer {digest}: {e}")))?
-                {
-                    Ok(written) => {
-                        if let Some(runs) = written {
-                            scan = rawimport::Scan::Written(runs);
-                        }
-                        true
-                    }
-                    Err(why) => {
-                        say(format!(
-                            "layer {}: {why}: making its filesystem whole",
-                            i + 1
-                        ));
-                        false
-                    }
-                }
-            } else {
-                false
-            };
-            if !in_place {
-                make_whole_fs(&root, &raw, size, &uuid, digest)?;
-            }
+            let scan = layer_filesystem(&LayerFs {
+                fs: a.fs,
+                root: &root,
+                raw: &raw,
+                size,
+                uuid: &uuid,
+                digest,
+                index: i,
+                changes: &changes,
+                tar_bytes,
+                say: &say,
+            })?;
             if i + 1 == layers.len() {
                 tree_removal = Some(workdir::Removal::start(&root));
             }
