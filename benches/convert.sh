@@ -40,6 +40,7 @@ if [ ! -f "$CACHE/convert-v1-$WEIGHTS_MIB/done" ]; then
 fi
 
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 trap 'rm -rf "$WORK"' EXIT
 # unpacked bytes and layer count of an image
 facts() { # TAG -> "LAYERS BYTES"
@@ -94,7 +95,7 @@ for img in $IMAGES; do
 done
 {
   echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $RUNS runs per tool, medians (peak RSS: max)."
-  echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "Load average at the start: $load_start; at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
   cat "$WORK/table"
 } | tee "$OUT/convert.md"
