@@ -11,6 +11,9 @@
 //! with `metadata_csum_seed`, else the crc of the UUID; then inode number, generation, and the
 //! inode with its checksum fields zeroed).
 //!
+//! The superblock's lifetime-writes counter is cleared too (see [`clear_lifetime_writes`]): it
+//! counts what the tools wrote, not what the image holds.
+//!
 //! The raw file is the conversion's own mkfs output, but it is still read defensively: every
 //! offset is bounds-checked and anything that does not add up is an error, never a panic.
 

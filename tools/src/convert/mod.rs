@@ -5,7 +5,9 @@
 //! with `mkfs.ext4 -d`; every layer above is applied to the previous layer's filesystem in
 //! place by one `debugfs` script replaying what the layer changed (`ext4apply`), so a layer
 //! costs its own bytes. Each filesystem is imported as a layer holding only the 4 KiB blocks
-//! whose hash changed (`rawimport`). The output is reproducible: UUID and hash seed derive from
+//! whose hash changed (`rawimport`); for a layer small next to the image only the blocks
+//! debugfs's undo file names are hashed (`e2undo`), so finding them costs the layer too. The
+//! output is reproducible: UUID and hash seed derive from
 //! the base layer's diff ID, the filesystem time and every inode's creation time are fixed,
 //! every inode's change/access time is set to its modification time (which comes from the
 //! layer), and directories a layer changes without naming keep their time. With `--fs erofs`
