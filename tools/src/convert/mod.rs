@@ -355,7 +355,7 @@ fn chain_key(
     fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v7\0");
+    h.update(b"lsm-convert-v8\0");
     if fs == FsKind::Erofs {
         h.update(b"erofs-flat\0");
     }
