@@ -5,6 +5,7 @@
 #
 #   bash benches/startup/run.sh            # RUNS=5 PROFILES="unlimited 1gbit 100mbit" IMAGES="base py pip"
 #   LOOP_DIO=1 bash benches/startup/run.sh # the loop device with --direct-io=on (several reads in flight)
+#   READ_AHEAD_KB=2560 bash benches/startup/run.sh # the loop devices' readahead (default 128 KiB)
 #
 # What it does:
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
@@ -56,6 +57,7 @@ RUNS=${RUNS:-5}
 PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
 IMAGES=${IMAGES:-"base py pip"}
 MODES=${MODES:-"oci bare lazy trace shipped ctr-oci ctr-lazy ctr-shipped"}
+READ_AHEAD_KB=${READ_AHEAD_KB:-128} # of the loop devices of the lsm rows and of trace bake
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, mounts, drop_caches)" >&2; exit 1; }
 
@@ -254,6 +256,9 @@ lsm_start() {
   local loop
   loop=$(losetup -r -f --show ${LOOP_DIO:+--direct-io=on} "$d/files/$img")
   echo "$loop" >"$d/loop"
+  # The readahead lsm gives its disks (lsmctl attach --loop, trace bake, lsm-snapshotter), not
+  # the loop's 2560 KiB: every page read ahead is fetched.
+  [ "$READ_AHEAD_KB" = 0 ] || echo "$READ_AHEAD_KB" >"/sys/block/${loop#/dev/}/queue/read_ahead_kb"
   mount -o "ro$([ "$(fs_of "$img")" = ext4 ] && echo ,noload)" "$loop" "$d/mnt"
 }
 lsm_stop() { # RUN_DIR IMAGE
@@ -276,7 +281,7 @@ lsm_stop() { # RUN_DIR IMAGE
 ctr_start() {
   local d=$1
   mkdir -p "$d"
-  "$SNAPSHOTTER" --socket "$d/lsm.sock" --root "$d/lsm-root" --plain-http "$REG" \
+  "$SNAPSHOTTER" --socket "$d/lsm.sock" --root "$d/lsm-root" --plain-http "$REG" --read-ahead-kb "$READ_AHEAD_KB" \
     >"$d/snapshotter.log" 2>&1 &
   echo $! >"$WORK/pids/snapshotter"
   for _ in $(seq 600); do [ -S "$d/lsm.sock" ] && break; sleep 0.05; done
@@ -331,7 +336,7 @@ bake_shipped() { # IMAGE
   local img=$1
   mkdir -p "$WORK/shipped"
   cp "$WORK/lsm-$img/lsm-remote.json" "$WORK/shipped/$img.json"
-  "$LSMCTL" trace bake "$WORK/shipped/$img.json" -- "$(command_for "$img")"
+  "$LSMCTL" trace bake --read-ahead-kb "$READ_AHEAD_KB" "$WORK/shipped/$img.json" -- "$(command_for "$img")"
 }
 for img in $IMAGES; do
   echo "startup: baking the shipped startup trace of $img"
@@ -348,7 +353,7 @@ if [[ " $MODES " == *" ctr-shipped "* ]]; then
       "http://$REG/v2/lsm/$img/manifests/shipped" >/dev/null
     mkdir -p "$WORK/ctr-shipped"
     cp "$WORK/lsm-$img/lsm-remote.json" "$WORK/ctr-shipped/$img.json"
-    "$LSMCTL" trace bake "$WORK/ctr-shipped/$img.json" --image-ref "http://$REG/lsm/$img:shipped" \
+    "$LSMCTL" trace bake --read-ahead-kb "$READ_AHEAD_KB" "$WORK/ctr-shipped/$img.json" --image-ref "http://$REG/lsm/$img:shipped" \
       -- "$(command_for "$img")"
   done
 fi
