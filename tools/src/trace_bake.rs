@@ -156,7 +156,7 @@ fn mount_image(
         .arg(sb.dir.join("cache"))
         .arg("--socket")
         .arg(sb.dir.join("sock"))
-        .args(["--prefetch", "none", "--metrics", metrics])
+        .args(["--prefetch", "none", "--exact-trace", "--metrics", metrics])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -162,6 +162,9 @@ pub fn trace_path(config: &Path) -> PathBuf {
 /// enough that a reader needing one of its chunks does not wait long for the whole of it.
 pub const PREFETCH_RUN_BYTES: u64 = 1 << 20;
 
+/// Fetches a trace prefetch keeps in flight (`lsmd serve --prefetch-threads`).
+pub const PREFETCH_THREADS: u32 = 8;
+
 /// Most decoded bytes an image's decoded-chunk cache grows to for a prefetch (the startup
 /// trace's chunks, decoded, stay there until the start reads them).
 pub const PREFETCH_CACHE_MAX: u64 = 512 << 20;
