@@ -197,7 +197,7 @@ fn lsmctl_attach_loop_sets_the_readahead_and_detach_removes_the_loop() {
         ok(lsmctl(["attach"])
             .arg(&img)
             .args(["--name", name, "--read-only", "--loop", "--fuse"])
-            .arg(&files)
+            .arg(files.join(name))
             .args(extra)
             .arg("--state-dir")
             .arg(&state))
@@ -210,7 +210,7 @@ fn lsmctl_attach_loop_sets_the_readahead_and_detach_removes_the_loop() {
     let name = dev.trim_start_matches("/dev/");
     let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
         .expect("a loop device");
-    assert_eq!(backing.trim(), files.join("app").to_string_lossy());
+    assert_eq!(backing.trim(), files.join("app/app").to_string_lossy());
     let wide = attach("wide", &["--read-ahead-kb", "512"]);
     assert_eq!(read_ahead_kb(&wide), 512);
     let list = ok(lsmctl(["list", "--state-dir"]).arg(&state));
@@ -243,5 +243,8 @@ fn lsmctl_attach_loop_sets_the_readahead_and_detach_removes_the_loop() {
             "{d} outlived detach"
         );
     }
-    assert!(!files.join("app").exists(), "the FUSE file outlived detach");
+    assert!(
+        !files.join("app/app").exists(),
+        "the FUSE file outlived detach"
+    );
 }

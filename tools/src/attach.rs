@@ -288,8 +288,6 @@ pub fn attach(a: AttachArgs) -> CliResult {
         "ublk"
     } else if let Some(dir) = &a.fuse {
         std::fs::create_dir_all(dir)?;
-        // Absolute: the loop device names its backing file so, and `detach` compares them.
-        let dir = &std::fs::canonicalize(dir)?;
         args.push("--fuse".into());
         args.push(dir.clone().into());
         "fuse"
@@ -333,8 +331,7 @@ pub fn attach(a: AttachArgs) -> CliResult {
             Path::new(&dev).exists().then_some(dev)
         })?,
         _ => {
-            let dir = a.fuse.as_deref().unwrap_or(Path::new("."));
-            let file = std::fs::canonicalize(dir)?.join(&name);
+            let file = a.fuse.clone().unwrap_or_default().join(&name);
             wait_for(&mut child, &log, || {
                 file.exists().then(|| file.display().to_string())
             })?
@@ -392,8 +389,14 @@ fn detach_loop_of(r: &Attachment) -> CliResult {
     };
     // Only a loop device still backed by this attachment's FUSE file is ours to detach.
     let name = dev.trim_start_matches("/dev/");
+    // The kernel names the backing file by its absolute path; the record has it as given.
     let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
-    if backing.map(|b| b.trim() != r.device).unwrap_or(true) {
+    let absolute = std::fs::canonicalize(&r.device).ok();
+    let ours = backing.is_ok_and(|b| {
+        let b = PathBuf::from(b.trim());
+        b == Path::new(&r.device) || Some(&b) == absolute.as_ref()
+    });
+    if !ours {
         return Ok(());
     }
     // A device being cleared (autoclear after its last unmount) may refuse `-d`: what

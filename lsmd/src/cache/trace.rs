@@ -411,7 +411,10 @@ mod tests {
     fn an_exact_trace_has_only_the_chunks_reads_touched() {
         // Plain traces count what a widened fetch took along as needed (chunk 2, 4, 5, 6)...
         let plain = trace_of_reads(false, false);
-        assert!(plain.contains(&(0, 2)) && plain.contains(&(0, 6)), "{plain:?}");
+        assert!(
+            plain.contains(&(0, 2)) && plain.contains(&(0, 6)),
+            "{plain:?}"
+        );
         // ...exact ones only what was read, in the order it was first read, also when the
         // read found the chunk already decoded.
         assert_eq!(trace_of_reads(true, false), vec![(0, 0), (0, 1), (0, 3)]);
