@@ -16,8 +16,13 @@ pub fn is_zero(b: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
-/// Format version written and read by this build.
-pub const VERSION: u16 = 1;
+/// Format version written by this build (2: the metadata section may be one zstd frame,
+/// FORMAT.md §1.2). Version 1 blobs are read as well.
+pub const VERSION: u16 = 2;
+/// Oldest format version this build reads.
+pub const MIN_VERSION: u16 = 1;
+/// Trailer flag (version 2): the metadata section is stored as one zstd frame.
+pub const TRAILER_META_ZSTD: u32 = 1;
 /// Header length (FORMAT.md §1.1).
 pub const HEADER_LEN: usize = 64;
 /// Trailer length (FORMAT.md §1.2).
@@ -99,6 +104,7 @@ pub fn parse_oci_digest(s: &str) -> std::result::Result<[u8; 32], String> {
 
 /// Check that a fixed structure starts with `magic`, has a known version and the given length,
 /// and ends with a valid crc32c over the rest.
+/// Returns the version.
 fn check_fixed(
     b: &[u8],
     magic: &[u8; 8],
@@ -106,7 +112,7 @@ fn check_fixed(
     layer: &str,
     what: &'static str,
     offset: u64,
-) -> Result<()> {
+) -> Result<u16> {
     if b.len() != len {
         return Err(Error::corrupt(
             layer,
@@ -134,7 +140,7 @@ fn check_fixed(
         ));
     }
     let version = le_u16(b, 8);
-    if version != VERSION {
+    if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(Error::Unsupported {
             layer: layer.to_string(),
             what,
@@ -144,7 +150,7 @@ fn check_fixed(
     if le_u16(b, 10) as usize != len {
         return Err(Error::corrupt(layer, what, offset, "length field mismatch"));
     }
-    Ok(())
+    Ok(version)
 }
 
 fn seal_crc(b: &mut [u8]) {
@@ -192,10 +198,15 @@ impl Header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Trailer {
     pub meta_offset: u64,
+    /// Stored bytes of the metadata section (what a reader fetches).
     pub meta_len: u64,
+    /// SHA-256 of the stored metadata bytes (checked before they are decompressed).
     pub meta_sha256: [u8; 32],
     pub logical_size: u64,
     pub chunk_size: u32,
+    /// Version 2: the metadata is one zstd frame decoding to this many bytes (≤ 1 GiB);
+    /// `None`: stored as is.
+    pub meta_raw_len: Option<u64>,
 }
 
 impl Trailer {
@@ -205,6 +216,10 @@ impl Trailer {
         b[0..8].copy_from_slice(TRAILER_MAGIC);
         b[8..10].copy_from_slice(&VERSION.to_le_bytes());
         b[10..12].copy_from_slice(&(TRAILER_LEN as u16).to_le_bytes());
+        if let Some(raw) = self.meta_raw_len {
+            b[12..16].copy_from_slice(&TRAILER_META_ZSTD.to_le_bytes());
+            b[76..84].copy_from_slice(&raw.to_le_bytes());
+        }
         b[16..24].copy_from_slice(&self.meta_offset.to_le_bytes());
         b[24..32].copy_from_slice(&self.meta_len.to_le_bytes());
         b[32..64].copy_from_slice(&self.meta_sha256);
@@ -217,16 +232,40 @@ impl Trailer {
     /// Parses and checks the trailer of a blob of `blob_size` bytes.
     pub fn decode(b: &[u8], blob_size: u64, layer: &str) -> Result<Trailer> {
         let at = blob_size.saturating_sub(TRAILER_LEN as u64);
-        check_fixed(b, TRAILER_MAGIC, TRAILER_LEN, layer, "trailer", at)?;
-        if le_u32(b, 12) != 0 {
+        let version = check_fixed(b, TRAILER_MAGIC, TRAILER_LEN, layer, "trailer", at)?;
+        let flags = le_u32(b, 12);
+        let known = if version >= 2 { TRAILER_META_ZSTD } else { 0 };
+        if flags & !known != 0 {
             return Err(Error::corrupt(layer, "trailer", at + 12, "unknown flags"));
         }
+        let raw = le_u64(b, 76);
+        let meta_raw_len = if flags & TRAILER_META_ZSTD != 0 {
+            if !(META_HEADER_LEN as u64..=MAX_META_LEN).contains(&raw) {
+                return Err(Error::corrupt(
+                    layer,
+                    "trailer",
+                    at + 76,
+                    format!("decoded metadata length {raw} outside {META_HEADER_LEN}..=1 GiB"),
+                ));
+            }
+            Some(raw)
+        } else if raw != 0 {
+            return Err(Error::corrupt(
+                layer,
+                "trailer",
+                at + 76,
+                "decoded metadata length without the zstd flag",
+            ));
+        } else {
+            None
+        };
         let t = Trailer {
             meta_offset: le_u64(b, 16),
             meta_len: le_u64(b, 24),
             meta_sha256: arr32(b, 32),
             logical_size: le_u64(b, 64),
             chunk_size: le_u32(b, 72),
+            meta_raw_len,
         };
         check_chunk_size(t.chunk_size).map_err(|e| Error::corrupt(layer, "trailer", at + 72, e))?;
         if t.meta_len > MAX_META_LEN
@@ -553,6 +592,7 @@ mod tests {
             meta_sha256: sha256(meta),
             logical_size: 1 << 30,
             chunk_size: 65536,
+            meta_raw_len: None,
         }
     }
 
@@ -566,6 +606,30 @@ mod tests {
         let t = trailer_for(b"x");
         let size = t.meta_offset + t.meta_len + TRAILER_LEN as u64;
         assert_eq!(Trailer::decode(&t.encode(), size, "t").unwrap(), t);
+    }
+
+    #[test]
+    fn version_1_trailers_are_read_and_cannot_claim_compressed_metadata() {
+        let mut t = trailer_for(b"x");
+        let size = t.meta_offset + t.meta_len + TRAILER_LEN as u64;
+        let mut v1 = t.encode();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        seal_crc(&mut v1);
+        assert_eq!(Trailer::decode(&v1, size, "t").unwrap(), t);
+        t.meta_raw_len = Some(4096);
+        let v2 = t.encode();
+        assert_eq!(Trailer::decode(&v2, size, "t").unwrap(), t);
+        let mut v1 = v2;
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        seal_crc(&mut v1);
+        assert!(Trailer::decode(&v1, size, "t").is_err());
+        let mut v3 = v2;
+        v3[8..10].copy_from_slice(&3u16.to_le_bytes());
+        seal_crc(&mut v3);
+        assert!(matches!(
+            Trailer::decode(&v3, size, "t"),
+            Err(Error::Unsupported { version: 3, .. })
+        ));
     }
 
     #[test]
@@ -608,7 +672,7 @@ mod tests {
         /// Fuzz: a trailer with valid framing but arbitrary fields.
         #[test]
         fn fuzz_trailer_fields(mo in any::<u64>(), ml in any::<u64>(), cs in any::<u32>(), size in any::<u64>()) {
-            let t = Trailer { meta_offset: mo, meta_len: ml, meta_sha256: [0; 32], logical_size: 0, chunk_size: cs };
+            let t = Trailer { meta_offset: mo, meta_len: ml, meta_sha256: [0; 32], logical_size: 0, chunk_size: cs, meta_raw_len: (ml % 3 == 0).then_some(ml / 2) };
             if let Ok(p) = Trailer::decode(&t.encode(), size, "fuzz") {
                 prop_assert_eq!(p.meta_offset + p.meta_len + TRAILER_LEN as u64, size);
             }

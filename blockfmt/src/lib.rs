@@ -45,6 +45,9 @@ pub use writer::{LayerWriter, WriterOptions, WrittenLayer, ZeroPolicy};
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.lsm.layer.v1";
 /// OCI annotation carrying the metadata digest of a layer.
 pub const META_DIGEST_ANNOTATION: &str = "io.lsm.layer.meta-digest";
+/// Layer annotation: the stored length of the blob's metadata section (FORMAT.md §1.2), so a
+/// reader opens a remote layer in one exact read.
+pub const META_LEN_ANNOTATION: &str = "io.lsm.layer.meta-len";
 /// OCI annotation saying what a listed lsm blob is for; absent = a layer of the stack.
 pub const ROLE_ANNOTATION: &str = "io.lsm.layer.role";
 /// [`ROLE_ANNOTATION`] value of a blob that layers borrow chunks from but that is not stacked.

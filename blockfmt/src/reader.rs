@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 use crate::chunk::{self, Verify};
 use crate::error::{Error, Result};
 use crate::format::{
-    oci_digest, sha256, ChunkEntry, Header, Metadata, Trailer, HEADER_LEN, TRAILER_LEN,
+    oci_digest, sha256, ChunkEntry, Header, Metadata, Trailer, HEADER_LEN, MAX_META_LEN,
+    TRAILER_LEN,
 };
 use crate::store::{ChunkKey, ChunkStore};
 
@@ -59,6 +60,22 @@ impl ReadAt for Vec<u8> {
 /// metadata of a layer with a few thousand extents, so most opens take one read.
 pub const TAIL_READ: u64 = 256 * 1024;
 
+/// Decodes a version 2 metadata section stored as one zstd frame (its digest already checked):
+/// exactly `raw` bytes or an error, never more than `raw` allocated.
+fn decompress_metadata(stored: &[u8], raw: u64, t: &Trailer, name: &str) -> Result<Vec<u8>> {
+    let bad = |detail: String| Error::corrupt(name, "metadata", t.meta_offset, detail);
+    let cap = usize::try_from(raw).map_err(|_| bad(format!("{raw} bytes do not fit memory")))?;
+    let out = zstd::bulk::decompress(stored, cap)
+        .map_err(|e| bad(format!("zstd frame does not decode to {raw} bytes: {e}")))?;
+    if out.len() as u64 != raw {
+        return Err(bad(format!(
+            "zstd frame decodes to {} bytes, the trailer says {raw}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
 /// An open, validated layer: trailer and metadata in memory, chunks read on demand.
 pub struct Layer {
     name: String,
@@ -91,6 +108,19 @@ impl Layer {
         src: Arc<dyn ReadAt>,
         expect_meta: Option<[u8; 32]>,
     ) -> Result<Layer> {
+        Layer::open_with_hint(name, src, expect_meta, None)
+    }
+
+    /// As [`Layer::open`]; `meta_len_hint` (the stored metadata length, e.g. from the image's
+    /// annotations) sizes the first read to exactly the metadata and the trailer, so a remote
+    /// layer opens in one request that carries no chunk bytes. A wrong hint costs a second
+    /// read, never a wrong answer: the trailer and the metadata digest decide.
+    pub fn open_with_hint(
+        name: impl Into<String>,
+        src: Arc<dyn ReadAt>,
+        expect_meta: Option<[u8; 32]>,
+        meta_len_hint: Option<u64>,
+    ) -> Result<Layer> {
         let name = name.into();
         let blob_size = src.size().map_err(|e| Error::io(&name, 0, e))?;
         if blob_size < (HEADER_LEN + TRAILER_LEN) as u64 {
@@ -101,7 +131,10 @@ impl Layer {
                 format!("{blob_size} bytes is too short for a layer blob"),
             ));
         }
-        let tail_len = blob_size.min(TAIL_READ);
+        let want = meta_len_hint
+            .filter(|&m| m <= MAX_META_LEN)
+            .map_or(TAIL_READ, |m| m + TRAILER_LEN as u64);
+        let tail_len = blob_size.min(want);
         let tail_off = blob_size - tail_len;
         let mut tail = vec![0u8; tail_len as usize];
         src.read_exact_at(&mut tail, tail_off)
@@ -146,6 +179,10 @@ impl Layer {
                 ));
             }
         }
+        let meta_bytes = match t.meta_raw_len {
+            None => meta_bytes,
+            Some(raw) => decompress_metadata(&meta_bytes, raw, &t, &name)?,
+        };
         let meta = Metadata::decode(&meta_bytes, &t, &name)?;
         let borrowed = vec![None; meta.blobs.len()];
         Ok(Layer {

@@ -66,8 +66,10 @@ pub struct WrittenLayer {
     pub size: u64,
     /// sha256 of the whole blob (the OCI digest).
     pub digest: [u8; 32],
-    /// sha256 of the metadata section (the `io.lsm.layer.meta-digest` annotation).
+    /// sha256 of the metadata section as stored (the `io.lsm.layer.meta-digest` annotation).
     pub meta_digest: [u8; 32],
+    /// Stored bytes of the metadata section (the `io.lsm.layer.meta-len` annotation).
+    pub meta_len: u64,
     pub chunks: u64,
     pub extents: u64,
     /// Logical bytes held as data (not zero, not hole).
@@ -440,7 +442,7 @@ impl<W: Write> LayerWriter<W> {
             }
         }
         self.meta.chunks.append(&mut self.borrowed);
-        let meta = self.meta.encode();
+        let (meta, meta_raw_len) = compress_metadata(self.meta.encode());
         let meta_digest = sha256(&meta);
         let t = Trailer {
             meta_offset: self.out.pos,
@@ -448,6 +450,7 @@ impl<W: Write> LayerWriter<W> {
             meta_sha256: meta_digest,
             logical_size: self.logical_size,
             chunk_size: self.opts.chunk_size,
+            meta_raw_len,
         };
         debug_assert!(t.meta_offset >= HEADER_LEN as u64);
         self.out.put(&meta)?;
@@ -461,6 +464,7 @@ impl<W: Write> LayerWriter<W> {
             size: self.out.pos,
             digest: self.out.hash.finalize().into(),
             meta_digest,
+            meta_len: t.meta_len,
             chunks: self.meta.chunks.len() as u64,
             extents: self.meta.extents.len() as u64,
             data_bytes: self.data_bytes,
@@ -469,5 +473,19 @@ impl<W: Write> LayerWriter<W> {
             blobs: self.meta.blobs.clone(),
         };
         Ok((written, self.out.inner))
+    }
+}
+
+/// Level of the metadata's zstd frame: its chunk digests do not compress at any level, the
+/// rest (offsets, lengths, extents) does at any.
+const META_ZSTD_LEVEL: i32 = 3;
+
+/// The metadata section as stored (FORMAT.md §1.2, version 2): one zstd frame and its decoded
+/// length when that is smaller, else the bytes as they are. A remote layer's open fetches
+/// all of it, so this is what a lazy start pays before its first chunk.
+fn compress_metadata(meta: Vec<u8>) -> (Vec<u8>, Option<u64>) {
+    match zstd::bulk::compress(&meta, META_ZSTD_LEVEL) {
+        Ok(z) if z.len() < meta.len() => (z, Some(meta.len() as u64)),
+        _ => (meta, None),
     }
 }

@@ -749,3 +749,82 @@ fn prefetch_run_reads_a_stretch_once_and_skips_what_is_cached() {
         "prefetching is not a reader's need"
     );
 }
+
+/// Format version 2 stores the metadata as one zstd frame (its digest over the stored bytes),
+/// and the stored length as a hint makes the open one read with no chunk bytes in it.
+#[test]
+fn metadata_is_compressed_and_a_length_hint_opens_in_one_exact_read() {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    struct Counting(Vec<u8>, AtomicUsize, AtomicU64);
+    impl blockfmt::ReadAt for Counting {
+        fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.2.fetch_add(buf.len() as u64, Ordering::SeqCst);
+            self.0.read_exact_at(buf, off)
+        }
+        fn size(&self) -> std::io::Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+    }
+    let disk = sample_disk(8 << 20, 9);
+    let blob = build(
+        &disk,
+        WriterOptions {
+            chunk_size: 4096,
+            ..Default::default()
+        },
+    );
+    let plain = Layer::open("l", Arc::new(blob.clone()), None).unwrap();
+    let t = *plain.trailer();
+    let raw = t.meta_raw_len.expect("metadata stored compressed");
+    assert!(t.meta_len < raw, "{} stored for {raw} decoded", t.meta_len);
+    let src = Arc::new(Counting(
+        blob.clone(),
+        AtomicUsize::new(0),
+        AtomicU64::new(0),
+    ));
+    let l = Layer::open_with_hint("l", src.clone(), Some(t.meta_sha256), Some(t.meta_len)).unwrap();
+    assert_eq!(src.1.load(Ordering::SeqCst), 1);
+    assert_eq!(src.2.load(Ordering::SeqCst), t.meta_len + 96);
+    assert_eq!(l.metadata(), plain.metadata());
+    // A wrong hint costs a read, not the answer.
+    let src = Arc::new(Counting(blob, AtomicUsize::new(0), AtomicU64::new(0)));
+    let l = Layer::open_with_hint("l", src, None, Some(t.meta_len / 3)).unwrap();
+    assert_eq!(l.metadata(), plain.metadata());
+}
+
+/// A version 1 blob (metadata stored as is, version 1 header and trailer) still opens and
+/// reads the same.
+#[test]
+fn version_1_blobs_still_open() {
+    use blockfmt::format::{Header, Trailer, HEADER_LEN, TRAILER_LEN};
+    let disk = sample_disk(2 << 20, 10);
+    let v2 = build(&disk, WriterOptions::default());
+    let l2 = Layer::open("v2", Arc::new(v2.clone()), None).unwrap();
+    let t2 = *l2.trailer();
+    let meta = l2.metadata().encode();
+    let mut v1 = v2[..t2.meta_offset as usize].to_vec();
+    v1.extend_from_slice(&meta);
+    let t1 = Trailer {
+        meta_len: meta.len() as u64,
+        meta_sha256: blockfmt::format::sha256(&meta),
+        meta_raw_len: None,
+        ..t2
+    };
+    v1.extend_from_slice(&t1.encode());
+    let h = Header::decode(&v1[..HEADER_LEN], "v1").unwrap().encode();
+    v1[..HEADER_LEN].copy_from_slice(&h);
+    // Version 1 on both fixed structures, crc re-sealed.
+    for (at, len) in [(0, HEADER_LEN), (v1.len() - TRAILER_LEN, TRAILER_LEN)] {
+        let b = &mut v1[at..at + len];
+        b[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let c = crc32c::crc32c(&b[..len - 4]);
+        b[len - 4..].copy_from_slice(&c.to_le_bytes());
+    }
+    let l1 = Layer::open("v1", Arc::new(v1), None).unwrap();
+    assert_eq!(l1.trailer().meta_raw_len, None);
+    assert_eq!(l1.metadata(), l2.metadata());
+    let size = disk.len() as u64;
+    let s = |b: Layer| LayerStack::new(vec![b], size, 1 << 20).unwrap();
+    assert_eq!(read_all(&s(l1)).unwrap(), read_all(&s(l2)).unwrap());
+}

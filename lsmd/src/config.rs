@@ -249,6 +249,11 @@ pub struct LayerConfig {
     /// manifest (FORMAT.md §4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_digest: Option<String>,
+    /// Stored length of the blob's metadata section (the `io.lsm.layer.meta-len`
+    /// annotation): the open then reads exactly the metadata and trailer in one request, no
+    /// chunk bytes. Only a hint: a wrong one costs a second read, the digests still decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_len: Option<u64>,
 }
 
 fn default_chunk_size() -> u32 {
@@ -598,7 +603,7 @@ impl ImageSpec {
                 path: self.path.clone(),
                 detail,
             })?;
-        Layer::open(name, src, meta).map_err(wrap)
+        Layer::open_with_hint(name, src, meta, l.meta_len).map_err(wrap)
     }
 
     /// Refuses a remote blob (registry, http, nas) without `meta_digest`: nothing would tie
@@ -733,6 +738,7 @@ mod tests {
                 source: SourceConfig::Local("a.blob".into()),
                 digest: None,
                 meta_digest: None,
+                meta_len: None,
             }],
             Some("upper".into()),
         );

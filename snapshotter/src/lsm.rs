@@ -20,6 +20,12 @@
 //! upper layer into a local blob with `lsmctl commit`; the committed snapshot's blobs are the
 //! local ones `image.json` gained, so a child stacks the remote layers and them.
 //!
+//! An erofs disk is read-only: the snapshot's rootfs is then an overlay whose upper directory is
+//! the snapshot's `fs/` and whose lowest layer is the `rootfs/` erofs mount, with the overlay
+//! diffs of committed ancestors between them. Commit of such a snapshot keeps its `fs/` as an
+//! overlay diff ([`LsmState::overlay`]) instead of sealing a blob: the block disk has nothing
+//! of the container's writes.
+//!
 //! The attach, detach and commit steps run `lsmctl` (found beside this binary, else on PATH)
 //! rather than re-implementing them: one implementation of "start a detached lsmd and check it
 //! is ours before signalling it".
@@ -30,6 +36,9 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+
+/// File in a snapshot's directory saying its disk holds erofs (written when first mounted).
+const EROFS_MARKER: &str = "erofs";
 
 /// Label containerd sets on an unpack's Prepare: the chainID the committed snapshot gets.
 pub const TARGET_REF_LABEL: &str = "containerd.io/snapshot.ref";
@@ -78,6 +87,9 @@ pub struct LsmBlob {
     pub role: String,
     pub digest: String,
     pub meta_digest: Option<String>,
+    /// Stored metadata length (label `lsm.meta-len`): lsmd opens the blob in one exact read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_len: Option<u64>,
     pub size: u64,
     pub source: BlobSource,
 }
@@ -91,6 +103,10 @@ pub struct LsmState {
     pub disk_size: u64,
     /// Active or view: served by an lsmd and mounted at `rootfs/`.
     pub disk: bool,
+    /// A committed snapshot of a disk whose filesystem is read-only (erofs): what the container
+    /// wrote is the overlay diff in its `fs/`, stacked above the chain's disk by its children.
+    #[serde(default)]
+    pub overlay: bool,
 }
 
 /// A remote layer announced by Prepare labels: (target snapshot name, its state).
@@ -141,6 +157,10 @@ pub fn remote_layer(
         role: role.clone(),
         digest,
         meta_digest: labels.get(&format!("{LABEL}meta-digest")).cloned(),
+        // A hint only (a wrong one costs lsmd a second read): unparsable means absent.
+        meta_len: labels
+            .get(&format!("{LABEL}meta-len"))
+            .and_then(|v| v.parse().ok()),
         size: num("size")?,
         source: BlobSource::Registry {
             url: format!("{scheme}://{host}"),
@@ -153,6 +173,7 @@ pub fn remote_layer(
             blobs: vec![blob],
             disk_size: num("disk-size")?,
             disk: false,
+            overlay: false,
         },
     )))
 }
@@ -205,7 +226,11 @@ pub fn image_config(blobs: &[LsmBlob], disk_size: u64, upper: bool, opts: &LsmOp
                 json!({ "registry": r })
             }
         };
-        json!({ "source": source, "digest": b.digest, "meta_digest": b.meta_digest })
+        let mut e = json!({ "source": source, "digest": b.digest, "meta_digest": b.meta_digest });
+        if let Some(n) = b.meta_len {
+            e["meta_len"] = n.into();
+        }
+        e
     };
     let mut c = json!({
         "size": disk_size,
@@ -287,6 +312,13 @@ impl Disk {
         self.dir.join("rootfs")
     }
 
+    /// Whether the disk's filesystem is read-only (erofs): then the snapshot's writes go to an
+    /// overlay upper directory (`fs/`) above the `rootfs/` mount, not to the disk's upper
+    /// layer. Known once the disk was first mounted ([`EROFS_MARKER`]).
+    pub fn is_read_only_fs(&self) -> bool {
+        self.dir.join(EROFS_MARKER).exists()
+    }
+
     /// The attachment's device if its lsmd runs (checked by `lsmctl list`: pid, start time,
     /// executable and command line).
     fn running_device(&self) -> Result<Option<String>, String> {
@@ -330,11 +362,15 @@ impl Disk {
         }
         std::fs::create_dir_all(self.rootfs()).map_err(|e| format!("mkdir rootfs: {e}"))?;
         let fstype = fs_type(Path::new(&device))?;
+        if fstype == "erofs" {
+            let marker = self.dir.join(EROFS_MARKER);
+            std::fs::write(&marker, b"").map_err(|e| format!("{}: {e}", marker.display()))?;
+        }
         let mut opts = vec![];
         if device.starts_with(&self.dir.display().to_string()) {
             opts.push("loop"); // a FUSE file; autoclear: the loop goes with the mount
         }
-        if self.read_only {
+        if self.read_only || fstype == "erofs" {
             opts.push("ro");
             if fstype == "ext4" {
                 opts.push("noload");
@@ -488,6 +524,7 @@ impl Disk {
                 role: "layer".into(),
                 digest: l["digest"].as_str().unwrap_or_default().to_string(),
                 meta_digest: l["meta_digest"].as_str().map(str::to_string),
+                meta_len: l["meta_len"].as_u64(),
                 size,
                 source: BlobSource::Local { path },
             });
@@ -583,7 +620,11 @@ mod tests {
             "containerd.io/snapshot/lsm.repository".into(),
             "reg.example:443/x".into(),
         );
+        l.insert("containerd.io/snapshot/lsm.meta-len".into(), "1234".into());
         let (_, s) = remote_layer(&l, &opts).expect("ok").expect("lsm");
+        assert_eq!(s.blobs[0].meta_len, Some(1234));
+        let c = image_config(&s.blobs, 4096, false, &opts);
+        assert_eq!(c["layers"][0]["meta_len"], 1234);
         assert_eq!(
             s.blobs[0].source,
             BlobSource::Registry {
@@ -622,6 +663,7 @@ mod tests {
             role: "layer".into(),
             digest: format!("sha256:{}", "a".repeat(64)),
             meta_digest: Some(format!("sha256:{}", "b".repeat(64))),
+            meta_len: None,
             size: 4096,
             source: BlobSource::Registry {
                 url: "https://reg.example".into(),

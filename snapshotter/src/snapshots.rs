@@ -163,8 +163,71 @@ impl Service {
         Ok(ids)
     }
 
+    /// The `fs/` directories of `parent`'s chain that hold overlay diffs above an erofs disk,
+    /// nearest first (overlayfs `lowerdir` order).
+    fn overlay_diffs(&self, parent: &str) -> Result<Vec<String>, Status> {
+        let mut dirs = Vec::new();
+        let mut next = parent.to_string();
+        for _ in 0..4096 {
+            if next.is_empty() {
+                return Ok(dirs);
+            }
+            let rec = self.store.get(&next)?.ok_or_else(|| {
+                Status::not_found(format!("parent snapshot {next:?} does not exist"))
+            })?;
+            if rec.lsm.as_ref().is_some_and(|l| l.overlay) {
+                dirs.push(self.dir(rec.id).join("fs").display().to_string());
+            }
+            next = rec.parent;
+        }
+        Err(Status::internal(format!(
+            "parent chain of {parent:?} loops"
+        )))
+    }
+
+    /// Mounts of a disk snapshot whose filesystem is read-only (erofs): an overlay over the
+    /// `rootfs/` mount and the chain's overlay diffs, with `fs/` as the upper directory of an
+    /// active snapshot.
+    fn read_only_fs_mounts(&self, rec: &Record) -> Result<Vec<Mount>, Status> {
+        let mut lower = self.overlay_diffs(&rec.parent)?;
+        let rootfs = self.dir(rec.id).join("rootfs").display().to_string();
+        let mut options = Vec::new();
+        match rec.kind {
+            Kind::View if lower.is_empty() => {
+                return Ok(vec![Mount {
+                    r#type: "bind".into(),
+                    source: rootfs,
+                    target: String::new(),
+                    options: vec!["ro".into(), "rbind".into()],
+                }])
+            }
+            Kind::View => options.push("ro".to_string()),
+            _ => {
+                options.push(format!(
+                    "workdir={}",
+                    self.dir(rec.id).join("work").display()
+                ));
+                options.push(format!(
+                    "upperdir={}",
+                    self.dir(rec.id).join("fs").display()
+                ));
+            }
+        }
+        lower.push(rootfs);
+        options.push(format!("lowerdir={}", lower.join(":")));
+        Ok(vec![Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        }])
+    }
+
     fn mounts_of(&self, rec: &Record) -> Result<Vec<Mount>, Status> {
         if rec.lsm.as_ref().is_some_and(|l| l.disk) {
+            if self.disk(rec.id, true).is_read_only_fs() {
+                return self.read_only_fs_mounts(rec);
+            }
             let ro = rec.kind == Kind::View;
             return Ok(vec![Mount {
                 r#type: "bind".into(),
@@ -277,6 +340,7 @@ impl Service {
                     blobs: Vec::new(),
                     disk_size,
                     disk: true,
+                    overlay: false,
                 };
                 (key, kind, Some(st))
             }
@@ -518,7 +582,13 @@ impl Snapshotter for Service {
                 (i64::try_from(bytes).unwrap_or(i64::MAX), 0)
             }
             (None, Some(_)) => {
-                let up = self.dir(rec.id).join("upper");
+                // An erofs disk's writes are in `fs/`, an ext4 disk's in its upper layer.
+                let sub = if self.disk(rec.id, true).is_read_only_fs() {
+                    "fs"
+                } else {
+                    "upper"
+                };
+                let up = self.dir(rec.id).join(sub);
                 let (bytes, _) = tokio::task::spawn_blocking(move || {
                     disk_usage(&up).map_err(|e| io_status("usage of", &up, e))
                 })
@@ -585,7 +655,25 @@ impl Snapshotter for Service {
                 "snapshot {name:?} already exists"
             )));
         }
-        let usage = if rec.lsm.as_ref().is_some_and(|l| l.disk) {
+        let is_disk = rec.lsm.as_ref().is_some_and(|l| l.disk);
+        let usage = if is_disk && self.disk(rec.id, false).is_read_only_fs() {
+            // erofs: the container's writes are the overlay diff in `fs/`; the disk goes.
+            let disk = self.disk(rec.id, false);
+            tokio::task::spawn_blocking(move || disk.teardown())
+                .await
+                .map_err(|e| Status::internal(format!("detach task: {e}")))?
+                .map_err(|e| Status::failed_precondition(format!("commit {key:?}: {e}")))?;
+            if let Some(l) = rec.lsm.as_mut() {
+                l.disk = false;
+                l.overlay = true;
+            }
+            let fs = self.dir(rec.id).join("fs");
+            tokio::task::spawn_blocking(move || {
+                disk_usage(&fs).map_err(|e| io_status("usage of", &fs, e))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("usage task: {e}")))??
+        } else if is_disk {
             // Seal the container's writes into a local lsm blob above the parent's chain.
             let below = self
                 .lsm_chain(&rec.parent)?

@@ -185,6 +185,7 @@ fn layer_entry(
             source: SourceConfig::Local(config_relative(config, blob)?),
             digest: Some(oci_digest(&digest)),
             meta_digest: Some(oci_digest(&l.trailer().meta_sha256)),
+            meta_len: Some(l.trailer().meta_len),
         },
         l.logical_size(),
     ))

@@ -459,6 +459,7 @@ pub fn bake(a: BakeArgs) -> CliResult {
         source,
         digest: Some(digest.clone()),
         meta_digest: None,
+        meta_len: None,
     });
     config.save(&a.image).map_err(|e| CliError(e.to_string()))?;
     println!(

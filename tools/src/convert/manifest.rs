@@ -73,6 +73,9 @@ pub struct Blob {
     pub size: u64,
     /// Metadata digest (FORMAT.md §1.2), for blobs that are lsm layer blobs.
     pub meta_digest: Option<String>,
+    /// Stored metadata length (FORMAT.md §1.2), when known: lets a reader open the blob in one
+    /// exact read.
+    pub meta_len: Option<u64>,
     /// The source layer a [`Role::Layer`] blob was converted from.
     pub source_layer: Option<String>,
 }
@@ -126,6 +129,9 @@ impl ImageManifest {
         if let Some(m) = &b.meta_digest {
             put(blockfmt::META_DIGEST_ANNOTATION, m.clone());
         }
+        if let Some(n) = b.meta_len {
+            put(blockfmt::META_LEN_ANNOTATION, n.to_string());
+        }
         if let Some(s) = &b.source_layer {
             put("io.lsm.source-layer", s.clone());
         }
@@ -134,6 +140,9 @@ impl ImageManifest {
         put(&l("digest"), b.digest.clone());
         if let Some(m) = &b.meta_digest {
             put(&l("meta-digest"), m.clone());
+        }
+        if let Some(n) = b.meta_len {
+            put(&l("meta-len"), n.to_string());
         }
         put(&l("size"), b.size.to_string());
         put(&l("disk-size"), self.disk_size.to_string());
@@ -196,6 +205,7 @@ mod tests {
             digest: d.into(),
             size: 10,
             meta_digest: Some(format!("{d}m")),
+            meta_len: None,
             source_layer: None,
         }
     }

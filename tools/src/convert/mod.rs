@@ -148,6 +148,13 @@ fn read_json(p: &Path) -> CliResult<Value> {
 }
 
 /// `blobs/sha256/<hex>` of a layout, for a `sha256:` digest (anything else is refused).
+/// A layer descriptor's stored metadata length (`io.lsm.layer.meta-len`), when it has one.
+fn meta_len_of(desc: &Value) -> Option<u64> {
+    desc["annotations"][blockfmt::META_LEN_ANNOTATION]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+}
+
 fn blob_path(layout: &Path, digest: &str) -> CliResult<PathBuf> {
     let hex = digest
         .strip_prefix("sha256:")
@@ -276,7 +283,7 @@ fn chain_key(
     fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v5\0");
+    h.update(b"lsm-convert-v6\0");
     if fs == FsKind::Erofs {
         h.update(b"erofs-flat\0");
     }
@@ -849,6 +856,7 @@ fn convert_layout(
                 "size": w.size,
                 "annotations": {
                     blockfmt::META_DIGEST_ANNOTATION: format!("sha256:{}", hex::encode(w.meta_digest)),
+                    blockfmt::META_LEN_ANNOTATION: w.meta_len.to_string(),
                     "io.lsm.source-layer": digest,
                     "io.lsm.format-version": "1",
                 },
@@ -921,6 +929,7 @@ fn convert_layout(
             meta_digest: l["annotations"][blockfmt::META_DIGEST_ANNOTATION]
                 .as_str()
                 .map(str::to_string),
+            meta_len: meta_len_of(l),
             source_layer: l["annotations"]["io.lsm.source-layer"]
                 .as_str()
                 .map(str::to_string),
@@ -932,6 +941,7 @@ fn convert_layout(
             digest: b.digest.clone(),
             size: b.size,
             meta_digest: b.meta_digest.clone(),
+            meta_len: None,
             source_layer: None,
         });
     }
@@ -969,6 +979,7 @@ fn convert_layout(
             "source": local(l["digest"].as_str().unwrap_or_default()),
             "digest": l["digest"],
             "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
+            "meta_len": meta_len_of(l),
         })).collect::<Vec<_>>(),
     });
     if !borrowed.is_empty() {
@@ -1017,6 +1028,7 @@ fn convert_layout(
                 "source": registry_source(Some(&l["size"])),
                 "digest": l["digest"],
                 "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
+                "meta_len": meta_len_of(l),
             })).collect::<Vec<_>>(),
         });
         if !borrowed.is_empty() {
