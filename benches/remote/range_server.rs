@@ -91,7 +91,7 @@ fn serve(stream: TcpStream, dir: PathBuf, delay: Duration) -> io::Result<()> {
                         }
                         head.push_str(&format!("Content-Length: {size}\r\n"));
                     }
-                    Some((a, b)) if a < size && b.map_or(true, |b| b >= a) => {
+                    Some((a, b)) if a < size && !matches!(b, Some(b) if b < a) => {
                         let b = b.unwrap_or(size - 1).min(size - 1);
                         head.push_str(&format!(
                             "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{size}\r\n"
