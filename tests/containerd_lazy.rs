@@ -255,7 +255,7 @@ fn converted_debian_python_as(
 }
 
 /// Most of the layer bytes a lazy start may fetch, percent: issue 15's < 5 %. The python3 start
-/// fetches 4.85 % (README "What a lazy start fetches": 0.36 % is the layers' metadata, read at
+/// fetches 4.80 % (README "What a lazy start fetches": 0.31 % is the layers' metadata, read at
 /// open in one exact request each; the rest is the pages python and its libraries fault in,
 /// each costing its whole 32 KiB chunk, widened by 128 KiB of readahead).
 const LAZY_BOUND_PERCENT: u64 = 5;

@@ -200,4 +200,27 @@ fn convert_pushes_to_an_https_registry() {
     }
     // Every byte of it reads back from the registry over HTTPS and checks out.
     ok(lsmctl(["verify"]).arg(&remote));
+
+    // `lsmctl pull` resolves it over HTTPS trusting the same CA (it then fails only at the
+    // containerd socket, which this test has none of); without it, the certificate is named.
+    let image = target.trim_start_matches("https://").to_string();
+    let pull = |ca: Option<&Path>| {
+        let mut c = lsmctl(["pull", "--address", "/nonexistent/containerd.sock"]);
+        if let Some(ca) = ca {
+            c.arg("--registry-ca").arg(ca);
+        }
+        run(c.arg(&image))
+    };
+    let o = pull(None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("certificate"), "{err}");
+    let o = pull(Some(&ca));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("resolved to manifest sha256:"), "{err}");
+    assert!(err.contains("containerd"), "{err}");
+    let o = run(lsmctl(["pull", "--platform", "linux", "--registry-ca"])
+        .arg(&ca)
+        .arg(&image));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--platform"), "{err}");
 }

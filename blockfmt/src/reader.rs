@@ -73,7 +73,7 @@ fn decompress_metadata(stored: &[u8], raw: u64, t: &Trailer, name: &str) -> Resu
             out.len()
         )));
     }
-    Ok(out)
+    crate::format::transpose_tables(&out, true).map_err(bad)
 }
 
 /// An open, validated layer: trailer and metadata in memory, chunks read on demand.

@@ -484,7 +484,10 @@ const META_ZSTD_LEVEL: i32 = 3;
 /// length when that is smaller, else the bytes as they are. A remote layer's open fetches
 /// all of it, so this is what a lazy start pays before its first chunk.
 fn compress_metadata(meta: Vec<u8>) -> (Vec<u8>, Option<u64>) {
-    match zstd::bulk::compress(&meta, META_ZSTD_LEVEL) {
+    let Ok(columns) = crate::format::transpose_tables(&meta, false) else {
+        return (meta, None);
+    };
+    match zstd::bulk::compress(&columns, META_ZSTD_LEVEL) {
         Ok(z) if z.len() < meta.len() => (z, Some(meta.len() as u64)),
         _ => (meta, None),
     }

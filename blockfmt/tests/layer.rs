@@ -47,6 +47,41 @@ fn build(disk: &[u8], opts: WriterOptions) -> Vec<u8> {
     out
 }
 
+/// A blob in memory that counts the reads made of it and their bytes.
+struct Counting {
+    blob: Vec<u8>,
+    reads: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Counting {
+    fn new(blob: Vec<u8>) -> Counting {
+        Counting {
+            blob,
+            reads: 0.into(),
+            bytes: 0.into(),
+        }
+    }
+
+    /// (reads, bytes) so far.
+    fn reads(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.reads.load(SeqCst), self.bytes.load(SeqCst))
+    }
+}
+
+impl blockfmt::ReadAt for Counting {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.reads.fetch_add(1, SeqCst);
+        self.bytes.fetch_add(buf.len() as u64, SeqCst);
+        self.blob.read_exact_at(buf, off)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.blob.len() as u64)
+    }
+}
+
 /// Reads of a bare stack, through its public segment API (the crate reads through `Image`).
 trait ReadStack {
     fn read(&self, off: u64, buf: &mut [u8]) -> blockfmt::Result<()>;
@@ -194,17 +229,6 @@ fn a_stack_of_three_diff_layers_reads_as_the_last_version() {
 
 #[test]
 fn opening_takes_at_most_two_reads() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    struct Counting(Vec<u8>, AtomicUsize);
-    impl blockfmt::ReadAt for Counting {
-        fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-            self.1.fetch_add(1, Ordering::SeqCst);
-            self.0.read_exact_at(buf, off)
-        }
-        fn size(&self) -> std::io::Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
     // 4 KiB chunks over 40 MiB of data: metadata far larger than the first tail read.
     let disk = sample_disk(40 << 20, 6);
     let blob = build(
@@ -214,10 +238,10 @@ fn opening_takes_at_most_two_reads() {
             ..Default::default()
         },
     );
-    let src = Arc::new(Counting(blob, AtomicUsize::new(0)));
+    let src = Arc::new(Counting::new(blob));
     let l = Layer::open("big", src.clone(), None).unwrap();
     assert!(l.trailer().meta_len > blockfmt::reader::TAIL_READ);
-    assert_eq!(src.1.load(Ordering::SeqCst), 2);
+    assert_eq!(src.reads(), (2, l.trailer().meta_len + 96));
 }
 
 #[test]
@@ -754,18 +778,6 @@ fn prefetch_run_reads_a_stretch_once_and_skips_what_is_cached() {
 /// and the stored length as a hint makes the open one read with no chunk bytes in it.
 #[test]
 fn metadata_is_compressed_and_a_length_hint_opens_in_one_exact_read() {
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-    struct Counting(Vec<u8>, AtomicUsize, AtomicU64);
-    impl blockfmt::ReadAt for Counting {
-        fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-            self.1.fetch_add(1, Ordering::SeqCst);
-            self.2.fetch_add(buf.len() as u64, Ordering::SeqCst);
-            self.0.read_exact_at(buf, off)
-        }
-        fn size(&self) -> std::io::Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
     let disk = sample_disk(8 << 20, 9);
     let blob = build(
         &disk,
@@ -778,17 +790,12 @@ fn metadata_is_compressed_and_a_length_hint_opens_in_one_exact_read() {
     let t = *plain.trailer();
     let raw = t.meta_raw_len.expect("metadata stored compressed");
     assert!(t.meta_len < raw, "{} stored for {raw} decoded", t.meta_len);
-    let src = Arc::new(Counting(
-        blob.clone(),
-        AtomicUsize::new(0),
-        AtomicU64::new(0),
-    ));
+    let src = Arc::new(Counting::new(blob.clone()));
     let l = Layer::open_with_hint("l", src.clone(), Some(t.meta_sha256), Some(t.meta_len)).unwrap();
-    assert_eq!(src.1.load(Ordering::SeqCst), 1);
-    assert_eq!(src.2.load(Ordering::SeqCst), t.meta_len + 96);
+    assert_eq!(src.reads(), (1, t.meta_len + 96));
     assert_eq!(l.metadata(), plain.metadata());
     // A wrong hint costs a read, not the answer.
-    let src = Arc::new(Counting(blob, AtomicUsize::new(0), AtomicU64::new(0)));
+    let src = Arc::new(Counting::new(blob));
     let l = Layer::open_with_hint("l", src, None, Some(t.meta_len / 3)).unwrap();
     assert_eq!(l.metadata(), plain.metadata());
 }

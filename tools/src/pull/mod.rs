@@ -51,6 +51,67 @@ pub struct PullArgs {
     /// Talk to the registry over plain HTTP instead of HTTPS.
     #[arg(long)]
     plain_http: bool,
+    /// PEM CA certificates trusted for the registry's HTTPS instead of the system's (give
+    /// lsm-snapshotter the same with its own `--registry-ca`: it reads the lsm layers).
+    #[arg(long, value_name = "PEM")]
+    registry_ca: Option<std::path::PathBuf>,
+    /// Image of an index to pull: `os/arch[/variant]` (default: linux and this machine's
+    /// architecture, any variant).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+}
+
+/// A platform an index entry must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Platform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+impl Platform {
+    fn host() -> Platform {
+        Platform {
+            os: "linux".into(),
+            architecture: host_arch().into(),
+            variant: None,
+        }
+    }
+
+    fn parse(s: &str) -> CliResult<Platform> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] | [os, arch, _]
+                if !os.is_empty() && !arch.is_empty() && parts.iter().all(|p| !p.is_empty()) =>
+            {
+                Ok(Platform {
+                    os: os.to_string(),
+                    architecture: arch.to_string(),
+                    variant: parts.get(2).map(|v| v.to_string()),
+                })
+            }
+            _ => Err(CliError(format!(
+                "--platform {s:?}: expected os/arch or os/arch/variant (e.g. linux/arm64/v8)"
+            ))),
+        }
+    }
+
+    /// Whether an index entry's `platform` object is this one (a variant only when asked for).
+    fn matches(&self, p: &Value) -> bool {
+        p["os"] == self.os.as_str()
+            && p["architecture"] == self.architecture.as_str()
+            && self.variant.as_deref().is_none_or(|v| p["variant"] == v)
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match &self.variant {
+            Some(v) => write!(f, "/{v}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// containerd's name of this machine's architecture.
@@ -119,7 +180,7 @@ fn descriptor(v: &Value, what: &str) -> CliResult<Descriptor> {
 }
 
 /// Step 1: manifest (through an index), config, layers with their chainIDs.
-fn resolve(reg: &Registry, image: &ImageRef) -> CliResult<Resolved> {
+fn resolve(reg: &Registry, image: &ImageRef, platform: &Platform) -> CliResult<Resolved> {
     let top = reg.manifest(&image.reference)?;
     let target = Descriptor {
         media_type: top.media_type.clone(),
@@ -129,17 +190,34 @@ fn resolve(reg: &Registry, image: &ImageRef) -> CliResult<Resolved> {
     };
     let top_json: Value = serde_json::from_slice(&top.bytes)?;
     let (index, manifest) = if top_json.get("manifests").is_some() {
-        let arch = host_arch();
-        let pick = top_json["manifests"]
-            .as_array()
+        let entries = top_json["manifests"].as_array();
+        let pick = entries
             .into_iter()
             .flatten()
-            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
+            .find(|m| platform.matches(&m["platform"]))
             .and_then(|m| m["digest"].as_str())
             .ok_or_else(|| {
+                let has: Vec<String> = entries
+                    .into_iter()
+                    .flatten()
+                    .map(|m| {
+                        let p = &m["platform"];
+                        let mut s = format!(
+                            "{}/{}",
+                            p["os"].as_str().unwrap_or("?"),
+                            p["architecture"].as_str().unwrap_or("?")
+                        );
+                        if let Some(v) = p["variant"].as_str() {
+                            s.push('/');
+                            s.push_str(v);
+                        }
+                        s
+                    })
+                    .collect();
                 CliError(format!(
-                    "{}: the index has no linux/{arch} image",
-                    image.name
+                    "{}: the index has no {platform} image (it has: {}); choose one with --platform",
+                    image.name,
+                    has.join(", ")
                 ))
             })?
             .to_string();
@@ -435,8 +513,12 @@ async fn pull_under_lease(
 
 async fn pull_async(a: PullArgs) -> CliResult {
     let image = ImageRef::parse(&a.reference)?;
-    let reg = Registry::new(&image, a.plain_http);
-    let r = tokio::task::block_in_place(|| resolve(&reg, &image))?;
+    let platform = match &a.platform {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    };
+    let reg = Registry::new(&image, a.plain_http, a.registry_ca.as_deref())?;
+    let r = tokio::task::block_in_place(|| resolve(&reg, &image, &platform))?;
     let via = match &r.index {
         Some(_) => format!("index {}, manifest {}", r.target.digest, r.manifest.digest),
         None => format!("manifest {}", r.manifest.digest),
@@ -479,5 +561,26 @@ mod tests {
         assert_eq!(c[0], a);
         assert_eq!(c[1], registry::sha256(format!("{a} {b}").as_bytes()));
         assert!(chain_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn platforms_parse_and_match_index_entries() {
+        let p = Platform::parse("linux/arm64/v8").expect("ok");
+        assert_eq!(p.to_string(), "linux/arm64/v8");
+        assert!(p.matches(
+            &serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"})
+        ));
+        assert!(!p.matches(
+            &serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v7"})
+        ));
+        let any = Platform::parse("linux/arm64").expect("ok");
+        assert!(any.matches(
+            &serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"})
+        ));
+        assert!(!any.matches(&serde_json::json!({"os": "windows", "architecture": "arm64"})));
+        for bad in ["linux", "linux/", "/amd64", "a/b/c/d", "linux//v8", ""] {
+            assert!(Platform::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Platform::host().os, "linux");
     }
 }

@@ -4,6 +4,7 @@
 //! push session does; this side streams blobs into containerd instead of writing files.
 
 use std::io::Read;
+use std::path::Path;
 
 use lsmd::source::auth::Credentials;
 use lsmd::source::http::ClientOptions;
@@ -128,17 +129,22 @@ pub struct Fetched {
 }
 
 impl Registry {
-    /// A reader of `image`'s repository; credentials from docker's `config.json`.
-    pub fn new(image: &ImageRef, plain_http: bool) -> Registry {
-        Registry {
+    /// A reader of `image`'s repository; credentials from docker's `config.json`; HTTPS
+    /// trusting `ca_file` (PEM) instead of the system's roots when given.
+    pub fn new(image: &ImageRef, plain_http: bool, ca_file: Option<&Path>) -> CliResult<Registry> {
+        let options = ClientOptions {
+            tls: lsmd::source::tls::client_config(ca_file).map_err(|e| CliError(e.to_string()))?,
+            ..ClientOptions::default()
+        };
+        Ok(Registry {
             client: RepositoryClient::new(
                 &image.base(plain_http),
                 &image.repository,
                 Credentials::from_docker_config(&image.host),
-                &ClientOptions::default(),
+                &options,
                 std::time::Duration::from_secs(120),
             ),
-        }
+        })
     }
 
     /// GETs `/v2/<repo>/<tail>`, retried while the failure may pass.
