@@ -72,7 +72,8 @@ if runs.get(("lsmd", four)):
 remote = [r for r in order if r.startswith("remote")]
 if remote:
     out.append("")
-    out.append(f"Remote (lsmd only; layers over HTTP Range behind a 5 ms RTT proxy, empty cache, "
+    out.append(f"Remote (lsmd only; layers over HTTP Range from a server that answers each request "
+               f"5 ms after it arrived (benches/remote/range_server.rs), empty cache, "
                f"lsmd restarted per run; {rios} reads at QD1, {int(rios) * 16} at QD32, each in a "
                f"chunk no earlier read touched, so every read is a fetch): 4k randread IOPS "
                f"median [min–max], mean latency, lsmd CPU %.\n")

@@ -26,7 +26,7 @@ fn copy_with_libs(bin: &str, root: &Path) {
     }
 }
 
-/// An ext4 disk with a shell, `cat`, /dev, /proc and 8 data files of 2 MiB: a tiny root
+/// An ext4 disk with a shell, `cat`, `sleep`, /dev, /proc and 8 data files of 2 MiB: a tiny root
 /// filesystem.
 /// Returns (raw disk, local image config).
 fn rootfs_image(t: &Path) -> (PathBuf, PathBuf) {
@@ -34,6 +34,7 @@ fn rootfs_image(t: &Path) -> (PathBuf, PathBuf) {
     let root = t.join("root");
     copy_with_libs("/bin/dash", &root);
     copy_with_libs("/bin/cat", &root);
+    copy_with_libs("/bin/sleep", &root);
     std::fs::rename(root.join("bin/dash"), root.join("bin/sh")).expect("sh");
     for d in ["data", "dev", "proc"] {
         std::fs::create_dir_all(root.join(d)).expect("dir");
@@ -279,4 +280,63 @@ fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
     ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
     assert_eq!(sha256_file(&copy), sha256_file(&raw));
     d.terminate();
+}
+
+/// The loop device `trace bake` runs the command over has lsm's readahead (128 KiB; the
+/// kernel gives a loop device 2560 KiB, and what it reads ahead would be in the trace and
+/// fetched by every node), or what `--read-ahead-kb` asks for. Seen from outside while the
+/// command waits for a file in the host's /dev/shm to go (the sandbox binds the host's /dev).
+#[test]
+fn bake_runs_the_command_over_a_loop_device_with_lsms_readahead() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (_raw, img) = rootfs_image(t);
+    for (args, want) in [(vec![], 128u32), (vec!["--read-ahead-kb", "256"], 256)] {
+        // The command waits while this file exists in the host's /dev/shm.
+        let hold = PathBuf::from(format!(
+            "/dev/shm/lsm-bake-test-{}-{want}",
+            std::process::id()
+        ));
+        std::fs::write(&hold, b"").expect("hold file");
+        // Lets the command finish whatever happens below.
+        struct Release(PathBuf);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let release = Release(hold.clone());
+        let cmd = format!(
+            "cat /data/a >/dev/null; while [ -e {} ]; do sleep 0.05; done",
+            hold.display()
+        );
+        let mut bake = lsmctl(["trace", "bake", "--timeout", "120"])
+            .args(&args)
+            .arg(&img)
+            .args(["--", &cmd])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("lsmctl trace bake");
+        let sandbox = format!("lsmctl-bake-{}/", bake.id());
+        let t0 = std::time::Instant::now();
+        let dev = loop {
+            let list = ok(Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE"]));
+            if let Some(l) = list.lines().find(|l| l.contains(&sandbox)) {
+                break l.split_whitespace().next().expect("name").to_string();
+            }
+            assert!(
+                bake.try_wait().expect("wait").is_none(),
+                "bake ended before its loop device was seen"
+            );
+            assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{list}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let name = dev.trim_start_matches("/dev/");
+        let kb = std::fs::read_to_string(format!("/sys/block/{name}/queue/read_ahead_kb"))
+            .expect("read_ahead_kb");
+        assert_eq!(kb.trim().parse::<u32>().expect("number"), want, "{dev}");
+        drop(release);
+        let out = bake.wait_with_output().expect("bake");
+        assert!(out.status.success(), "{out:?}");
+    }
 }

@@ -5,6 +5,8 @@
 #
 #   bash benches/startup/run.sh            # RUNS=5 PROFILES="unlimited 1gbit 100mbit" IMAGES="base py pip"
 #   LOOP_DIO=1 bash benches/startup/run.sh # the loop device with --direct-io=on (several reads in flight)
+#   READ_AHEAD_KB=2560 bash benches/startup/run.sh # the loop devices' readahead (default 128 KiB)
+#   MODES="oci shipped shipped-t2 shipped-t4" ... # shipped-tN: the shipped row with N prefetch fetches in flight
 #
 # What it does:
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
@@ -43,7 +45,8 @@
 #     on the veth (TCP/IP headers included);
 #     (lsmd's log and /metrics of each lsm run are kept in $WORK/logs; the runs CSV also
 #     has lsmd's own count of GETs and bytes from the registry);
-#  5. writes results/startup-runs.csv (every run), results/startup.csv and results/startup.md
+#  5. writes results/startup-phases.csv (each lsm run's phases: lsmd up, mounted, trace ready,
+#     prefetch done, command done, teardown; phases.py), results/startup-runs.csv (every run), results/startup.csv and results/startup.md
 #     (medians, lsm/OCI ratios, bytes fetched and fraction of the image) and results/startup.png.
 # Everything it makes — namespace, veth, mounts, loop devices, processes — is removed on exit,
 # also on Ctrl-C or an error. Two runs may go at once: each takes its own slot (namespace,
@@ -56,6 +59,8 @@ RUNS=${RUNS:-5}
 PROFILES=${PROFILES:-"unlimited 1gbit 100mbit"}
 IMAGES=${IMAGES:-"base py pip"}
 MODES=${MODES:-"oci bare lazy trace shipped ctr-oci ctr-lazy ctr-shipped"}
+READ_AHEAD_KB=${READ_AHEAD_KB:-128} # of the loop devices of the lsm rows and of trace bake
+LSMD_ARGS=${LSMD_ARGS:-} # more `lsmd serve` arguments for every lsm row
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, mounts, drop_caches)" >&2; exit 1; }
 
@@ -81,6 +86,7 @@ NS_IP=10.231.$SLOT.2
 METRICS=127.0.0.1:$((9899 + SLOT * 10)) # lsmd's /metrics during a run
 REG=$NS_IP:5001 # the delaying proxy in front of the registry (127.0.0.1:5000 in the namespace)
 load() { cut -d' ' -f1-3 /proc/loadavg; }
+now() { date +%s.%N; }
 echo "startup: slot $SLOT (namespace $NS, work dir $WORK, results in $OUT); load average $(load)"
 
 base_of() { echo "${1%-erofs}"; } # the OCI image an lsm image is converted from
@@ -239,22 +245,29 @@ done
 rx() { cat "/sys/class/net/$VH/statistics/rx_bytes"; }
 
 # One lsm start: lsmd with an empty cache, FUSE file, loop, mount, COMMAND. Leaves the
-# teardown to lsm_stop. Args: IMAGE CONFIG RUN_DIR PREFETCH
+# teardown to lsm_stop. Args: IMAGE CONFIG RUN_DIR PREFETCH [more lsmd serve arguments]
 lsm_start() {
   local img=$1 cfg=$2 d=$3 prefetch=$4
+  shift 4
   mkdir -p "$d/files" "$d/mnt"
+  # shellcheck disable=SC2086 # LSMD_ARGS: more arguments, split on spaces
   "$LSMD" serve --config "$img=$cfg" --fuse "$d/files" --cache-dir "$d/cache" \
-    --prefetch "$prefetch" --socket "$d/sock" --metrics "$METRICS" >"$d/lsmd.log" 2>&1 &
+    --prefetch "$prefetch" --socket "$d/sock" --metrics "$METRICS" $LSMD_ARGS "$@" >"$d/lsmd.log" 2>&1 &
   echo $! >"$WORK/pids/lsmd"
   for _ in $(seq 2000); do
     [ -e "$d/files/$img" ] && break
     kill -0 "$(cat "$WORK/pids/lsmd")" 2>/dev/null || { cat "$d/lsmd.log" >&2; return 1; }
     sleep 0.005
   done
+  echo "lsmd_up $(now)" >>"$d/marks"
   local loop
   loop=$(losetup -r -f --show ${LOOP_DIO:+--direct-io=on} "$d/files/$img")
   echo "$loop" >"$d/loop"
+  # The readahead lsm gives its disks (lsmctl attach --loop, trace bake, lsm-snapshotter), not
+  # the loop's 2560 KiB: every page read ahead is fetched.
+  [ "$READ_AHEAD_KB" = 0 ] || echo "$READ_AHEAD_KB" >"/sys/block/${loop#/dev/}/queue/read_ahead_kb"
   mount -o "ro$([ "$(fs_of "$img")" = ext4 ] && echo ,noload)" "$loop" "$d/mnt"
+  echo "mounted $(now)" >>"$d/marks"
 }
 lsm_stop() { # RUN_DIR IMAGE
   local d=$1 img=$2
@@ -276,7 +289,7 @@ lsm_stop() { # RUN_DIR IMAGE
 ctr_start() {
   local d=$1
   mkdir -p "$d"
-  "$SNAPSHOTTER" --socket "$d/lsm.sock" --root "$d/lsm-root" --plain-http "$REG" \
+  "$SNAPSHOTTER" --socket "$d/lsm.sock" --root "$d/lsm-root" --plain-http "$REG" --read-ahead-kb "$READ_AHEAD_KB" \
     >"$d/snapshotter.log" 2>&1 &
   echo $! >"$WORK/pids/snapshotter"
   for _ in $(seq 600); do [ -S "$d/lsm.sock" ] && break; sleep 0.05; done
@@ -331,7 +344,7 @@ bake_shipped() { # IMAGE
   local img=$1
   mkdir -p "$WORK/shipped"
   cp "$WORK/lsm-$img/lsm-remote.json" "$WORK/shipped/$img.json"
-  "$LSMCTL" trace bake "$WORK/shipped/$img.json" -- "$(command_for "$img")"
+  "$LSMCTL" trace bake --read-ahead-kb "$READ_AHEAD_KB" "$WORK/shipped/$img.json" -- "$(command_for "$img")"
 }
 for img in $IMAGES; do
   echo "startup: baking the shipped startup trace of $img"
@@ -348,7 +361,7 @@ if [[ " $MODES " == *" ctr-shipped "* ]]; then
       "http://$REG/v2/lsm/$img/manifests/shipped" >/dev/null
     mkdir -p "$WORK/ctr-shipped"
     cp "$WORK/lsm-$img/lsm-remote.json" "$WORK/ctr-shipped/$img.json"
-    "$LSMCTL" trace bake "$WORK/ctr-shipped/$img.json" --image-ref "http://$REG/lsm/$img:shipped" \
+    "$LSMCTL" trace bake --read-ahead-kb "$READ_AHEAD_KB" "$WORK/ctr-shipped/$img.json" --image-ref "http://$REG/lsm/$img:shipped" \
       -- "$(command_for "$img")"
   done
 fi
@@ -368,9 +381,10 @@ EOF
 
 # --- the runs ------------------------------------------------------------------------------------
 runs=$OUT/startup-runs.csv
+phases=$OUT/startup-phases.csv # where each lsm run's time went (phases.py)
+echo "profile,image,mode,run,lsmd_up,mounted,trace_ready,prefetch_done,prefetch_fetches,cmd_done,teardown" >"$phases"
 echo "profile,image,mode,run,seconds,bytes_fetched,oci_image_bytes,lsm_image_bytes,lsm_gets,lsm_bytes,load1" >"$runs"
 cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-now() { date +%s.%N; }
 
 for profile in $PROFILES; do
   shape "$profile"
@@ -436,9 +450,14 @@ EOF
             lsm_start "$img" "$WORK/shipped/$img.json" "$d" trace
             chroot "$d/mnt" sh -c "$cmd" >/dev/null
             ;;
+          shipped-t*) # the same, lsmd keeping N prefetch fetches in flight (not in the table)
+            lsm_start "$img" "$WORK/shipped/$img.json" "$d" trace --prefetch-threads "${mode#shipped-t}"
+            chroot "$d/mnt" sh -c "$cmd" >/dev/null
+            ;;
         esac
         t1=$(now)
         b1=$(rx)
+        echo "cmd_done $t1" >>"$d/marks"
         case $mode in ctr-*)
           mkdir -p "$WORK/logs"
           ctr_stop "$d"
@@ -451,7 +470,9 @@ EOF
           curl -s "http://$METRICS/metrics" >"$WORK/logs/$profile-$img-$mode-$r.metrics" || true
           fetches=$(lsm_fetches "$WORK/logs/$profile-$img-$mode-$r.metrics")
           lsm_stop "$d" "$img"
+          echo "stopped $(now)" >>"$d/marks"
           cp "$d/lsmd.log" "$WORK/logs/$profile-$img-$mode-$r.log"
+          echo "$profile,$img,$mode,$r,$(python3 "$here/phases.py" "$t0" "$d/marks" "$d/lsmd.log")" >>"$phases"
         fi
         rm -rf "$d"
         secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")

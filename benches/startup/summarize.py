@@ -110,6 +110,27 @@ if "ctr-oci" in CTR_MODES and len(CTR_MODES) > 1:
                 f"| {s['profile']} | {s['image']} | lsmctl pull + ctr run, {names[m]} | {num(b, '{:.2f}')} "
                 f"| **{share}** | {mb(s[f'{m}_bytes'])}{frac} | {num(s[f'{m}_load'], '{:.1f}')} |"
             )
+# Where the lsm rows' time went (startup-phases.csv beside the runs, from phases.py): medians.
+phases_csv = os.path.join(os.path.dirname(runs_csv), "startup-phases.csv")
+if os.path.exists(phases_csv):
+    ph = list(csv.DictReader(open(phases_csv)))
+    cols = ["lsmd_up", "mounted", "trace_ready", "prefetch_done", "cmd_done", "teardown"]
+
+    def pmed(p, i, m, c):
+        v = [float(r[c]) for r in ph if (r["profile"], r["image"], r["mode"]) == (p, i, m) and r.get(c)]
+        return f"{statistics.median(v):.2f}" if v else "–"
+    lines += [
+        "",
+        "Where the lsm rows' time went (s after the clock started, medians; teardown = umount + "
+        "losetup -d + lsmd stop, after the clock stopped):",
+        "",
+        "| profile | image | start | lsmd serves the file | mounted | trace ready | prefetch done | command done | teardown |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summary:
+        for m in LSM_MODES:
+            cells = " | ".join(pmed(s["profile"], s["image"], m, c) for c in cols)
+            lines.append(f"| {s['profile']} | {s['image']} | {ROW_NAMES[m]} | {cells} |")
 table = "\n".join(lines)
 sizes = ", ".join(
     f"{s['image']}: OCI {mb(s['oci_image_bytes'])} MB, lsm {mb(s['lsm_image_bytes'])} MB"

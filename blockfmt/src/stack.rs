@@ -109,6 +109,8 @@ struct Chunks {
     touched: Mutex<Touched>,
     /// Recent sequential readers, most recent last (see [`Chunks::window_for`]).
     streams: Mutex<Vec<Stream>>,
+    /// Exact traces ([`LayerStack::set_exact_trace`]).
+    exact_trace: std::sync::atomic::AtomicBool,
 }
 
 /// Most chunks a trace remembers.
@@ -152,9 +154,20 @@ impl LayerStack {
                 inflight: Mutex::new(HashMap::new()),
                 touched: Mutex::new(Touched::default()),
                 streams: Mutex::new(Vec::new()),
+                exact_trace: std::sync::atomic::AtomicBool::new(false),
             }),
             loads: OnceLock::new(),
         })
+    }
+
+    /// Makes [`Self::touched`] exact: only chunks a read touched, including reads the
+    /// decoded-chunk cache served (one lock per such read), never the chunks a sequential
+    /// reader's widened fetch took along but nobody read. For recording a trace to ship
+    /// (`lsmctl trace bake`): each chunk in it is fetched by every node that uses it.
+    pub fn set_exact_trace(&self, exact: bool) {
+        self.chunks
+            .exact_trace
+            .store(exact, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Lends the host's threads for parallel chunk loads (once; later calls are ignored).
@@ -314,7 +327,12 @@ impl LayerStack {
             } => {
                 let c = if cached_only {
                     match self.cached_chunk(layer, chunk) {
-                        Some(c) => c,
+                        Some(c) => {
+                            if self.chunks.exact() {
+                                self.chunks.note_needed(layer, chunk);
+                            }
+                            c
+                        }
                         None => return Ok(false),
                     }
                 } else {
@@ -343,6 +361,10 @@ impl Chunks {
     fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
         self.note_needed(layer, chunk);
         self.load(layer, chunk, 1, true, true)
+    }
+
+    fn exact(&self) -> bool {
+        self.exact_trace.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn note_needed(&self, layer: u16, chunk: u32) {
@@ -431,7 +453,9 @@ impl Chunks {
             false => at_least,
         };
         let mut extras = self.claim_run(layer, chunk, window);
-        if needed {
+        // Taken along for a reader who will read them from the cache, on the hot path — which
+        // notes nothing unless traces are exact (then it notes what is really read).
+        if needed && !self.exact() {
             for g in &extras {
                 self.note_needed(g.key.0, g.key.1);
             }

@@ -21,16 +21,23 @@ fn reopen(dir: &Path) -> UpperLayer {
     UpperLayer::open(dir, SIZE).expect("reopen").0
 }
 
-/// Item: a failed `fdatasync` of the data file is sticky: the flush fails, every later flush
-/// and write fails although the fault is gone, no flush mark is written; after reopening,
-/// what was flushed before is there and the layer works again.
+/// Item: a failed `fdatasync` of the data file or the log is sticky: the flush fails, every
+/// later flush and write fails although the fault is gone, no flush mark is written; after
+/// reopening, what was flushed before is there and the layer works again. Both with the syncs
+/// one after the other and with them at once on lent threads (as lsmd runs them).
 #[test]
 fn failed_data_sync_is_sticky_until_reopened() {
-    for point in ["upper-sync-data", "upper-sync-log"] {
+    let cases = ["upper-sync-data", "upper-sync-log"]
+        .into_iter()
+        .flat_map(|p| [(p, false), (p, true)]);
+    for (point, lent) in cases {
         let scenario = fail::FailScenario::setup();
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = tmp.path();
         let up = UpperLayer::create(dir, SIZE).expect("create");
+        if lent {
+            up.set_parallel_syncs(std::sync::Arc::new(common::Threads));
+        }
         let (o, d) = block(1, 0x11);
         up.write(o, &d).expect("write");
         up.flush().expect("flush");

@@ -110,6 +110,17 @@ enum Cmd {
         /// priority; `none` fetches only what reads need.
         #[arg(long, default_value = "trace", value_parser = ["none", "trace", "all"])]
         prefetch: String,
+        /// Fetches a trace's prefetch keeps in flight at once (each up to 1 MiB, in the order
+        /// the start first needs them). On a slow link more at once only share it: the
+        /// fetch the start waits for first arrives later.
+        #[arg(long, default_value_t = lsmd::trace::PREFETCH_THREADS, value_parser = clap::value_parser!(u32).range(1..=64))]
+        prefetch_threads: u32,
+        /// Record exact startup traces: only chunks reads touched (also those served from the
+        /// decoded-chunk cache), not the ones a sequential reader's widened fetch took along
+        /// unread. For `lsmctl trace bake`: every chunk of a shipped trace is fetched by every
+        /// node that uses it.
+        #[arg(long)]
+        exact_trace: bool,
         /// Also mount every export as a regular file named after it in this directory (FUSE),
         /// for `losetup` + `mount` where the kernel has neither nbd nor ublk. Unmounted at exit.
         #[arg(long)]
@@ -148,11 +159,18 @@ enum Cmd {
     },
 }
 
+/// How exports fetch ahead of their readers, and what they record (`serve`'s flags).
+struct PrefetchOptions<'a> {
+    mode: &'a str,
+    threads: usize,
+    exact_trace: bool,
+}
+
 fn open_exports(
     configs: &[String],
     read_only: bool,
     host: &HostServices,
-    prefetch: &str,
+    prefetch: &PrefetchOptions,
 ) -> Result<Exports, String> {
     let mut list = Vec::new();
     for c in configs {
@@ -178,8 +196,9 @@ fn open_exports(
             .open_image(!read_only, host)
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
+        image.lower().set_exact_trace(prefetch.exact_trace);
         let image = Arc::new(image);
-        start_prefetch(&name, &spec, host, &image, prefetch);
+        start_prefetch(&name, &spec, host, &image, prefetch.mode, prefetch.threads);
         list.push(Export::new(name, image));
     }
     Ok(Exports::new(list))
@@ -195,6 +214,7 @@ fn start_prefetch(
     host: &HostServices,
     image: &Arc<blockfmt::Image>,
     mode: &str,
+    threads: usize,
 ) {
     if mode == "none" {
         return;
@@ -236,7 +256,7 @@ fn start_prefetch(
             },
         };
         if !traced.is_empty() {
-            lsmd::trace::prefetch(&name, &image, traced, 8, true);
+            lsmd::trace::prefetch(&name, &image, traced, threads, true);
         } else {
             let tables = lsmd::cache::fsmeta::ext4_inode_tables(&image);
             let chunks = lsmd::cache::fsmeta::chunks_of(&image, &tables);
@@ -421,6 +441,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
         cache_limit,
         metrics,
         prefetch,
+        prefetch_threads,
+        exact_trace,
         fuse,
         nbd_devices,
         nbd_dead_timeout,
@@ -476,6 +498,11 @@ fn run(cmd: Cmd) -> Result<(), String> {
             }
         }
     }
+    let prefetch = PrefetchOptions {
+        mode: &prefetch,
+        threads: prefetch_threads as usize,
+        exact_trace,
+    };
     let exports = match open_exports(&configs, read_only, &host, &prefetch) {
         Ok(e) => e,
         Err(e) => {

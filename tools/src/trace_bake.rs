@@ -1,6 +1,7 @@
 //! `lsmctl trace bake`: ship a startup trace inside the image, so the first start on any node
 //! is already prefetched. The image is served by a private lsmd (FUSE file, empty cache, no
-//! prefetch), attached read-only with `losetup` and mounted; the command runs once in a sandbox
+//! prefetch), attached read-only to a loop device with the nodes' readahead (128 KiB, not the
+//! loop's 2560 KiB: readahead is part of the trace) and mounted; the command runs once in a sandbox
 //! over it (`unshare` of mount, network, PID, IPC and UTS namespaces, the host's /dev and a
 //! fresh /proc, `chroot`); the chunks it needed,
 //! in first-need order, are the trace (FORMAT.md §6). The trace becomes a blob beside the
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use blockfmt::format::{oci_digest, sha256};
 use lsmd::config::{LayerConfig, SourceConfig};
+use lsmd::frontend::loop_device;
 use lsmd::source::auth::Credentials;
 use lsmd::ImageConfig;
 
@@ -45,6 +47,12 @@ pub struct BakeArgs {
     /// an earlier one) and to its config's diff_ids and history, and the manifest is put again.
     #[arg(long)]
     pub image_ref: Option<String>,
+    /// Readahead (KiB) of the loop device the command runs over. What the kernel reads ahead is
+    /// part of the trace and fetched by every node that uses it, so this should be what the
+    /// nodes' disks have (lsm-snapshotter's `--read-ahead-kb`, `lsmctl attach
+    /// --read-ahead-kb`); 0 keeps the kernel's (2560 KiB for a loop device).
+    #[arg(long, value_name = "KIB", default_value_t = loop_device::READ_AHEAD_KB)]
+    pub read_ahead_kb: u32,
 }
 
 /// What is set up, torn down in reverse on drop.
@@ -62,10 +70,10 @@ impl Drop for Sandbox {
             let _ = Command::new("umount").arg(&mnt).status();
         }
         if let Some(l) = self.loop_dev.take() {
-            let _ = Command::new("losetup").args(["-d", &l]).status();
+            let _ = loop_device::detach_loop(&l);
             // The loop device lets go of the FUSE file asynchronously.
             let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(5) && loop_holds(&l) {
+            while t0.elapsed() < Duration::from_secs(5) && loop_device::loop_holds_file(&l) {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -88,11 +96,6 @@ impl Drop for Sandbox {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn loop_holds(dev: &str) -> bool {
-    let name = dev.trim_start_matches("/dev/");
-    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).is_ok()
 }
 
 fn is_mountpoint(p: &Path) -> bool {
@@ -130,7 +133,13 @@ fn lsmd_binary(given: Option<PathBuf>) -> PathBuf {
 }
 
 /// Serves `image` from a private lsmd and mounts it read-only under the sandbox's `mnt`.
-fn mount_image(sb: &mut Sandbox, image: &Path, lsmd: &Path, metrics: &str) -> CliResult {
+fn mount_image(
+    sb: &mut Sandbox,
+    image: &Path,
+    lsmd: &Path,
+    metrics: &str,
+    read_ahead_kb: u32,
+) -> CliResult {
     let (files, mnt) = (sb.dir.join("files"), sb.dir.join("mnt"));
     std::fs::create_dir_all(&files)?;
     std::fs::create_dir_all(&mnt)?;
@@ -147,7 +156,7 @@ fn mount_image(sb: &mut Sandbox, image: &Path, lsmd: &Path, metrics: &str) -> Cl
         .arg(sb.dir.join("cache"))
         .arg("--socket")
         .arg(sb.dir.join("sock"))
-        .args(["--prefetch", "none", "--metrics", metrics])
+        .args(["--prefetch", "none", "--exact-trace", "--metrics", metrics])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -166,12 +175,9 @@ fn mount_image(sb: &mut Sandbox, image: &Path, lsmd: &Path, metrics: &str) -> Cl
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let dev = run(
-        Command::new("losetup")
-            .args(["-r", "-f", "--show"])
-            .arg(&file),
-        "losetup",
-    )?;
+    // The readahead the nodes' disks have (not the loop's 2560 KiB): what the kernel reads
+    // ahead here lands in the trace, and every node would fetch it.
+    let dev = loop_device::attach_loop(&file, true, read_ahead_kb).map_err(CliError)?;
     sb.loop_dev = Some(dev.clone());
     // ext4 without replaying a journal (read-only device); other filesystems plain read-only.
     let ext4 = run(
@@ -402,7 +408,7 @@ pub fn bake(a: BakeArgs) -> CliResult {
         loop_dev: None,
         mounted: false,
     };
-    mount_image(&mut sb, &a.image, &lsmd, &metrics)?;
+    mount_image(&mut sb, &a.image, &lsmd, &metrics, a.read_ahead_kb)?;
     let t0 = Instant::now();
     run_command(
         &sb.dir.join("mnt"),

@@ -15,3 +15,17 @@ pub fn read(up: &UpperLayer, off: u64, len: usize) -> Vec<u8> {
     }
     out
 }
+
+/// A host's threads as the daemon lends them ([`blockfmt::ParallelLoads`]): one thread per
+/// task, all joined before returning.
+#[allow(dead_code)] // not every test binary lends threads
+pub struct Threads;
+
+impl blockfmt::ParallelLoads for Threads {
+    fn run_all(&self, tasks: Vec<blockfmt::LoadTask>) {
+        let handles: Vec<_> = tasks.into_iter().map(std::thread::spawn).collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}

@@ -162,6 +162,9 @@ pub fn trace_path(config: &Path) -> PathBuf {
 /// enough that a reader needing one of its chunks does not wait long for the whole of it.
 pub const PREFETCH_RUN_BYTES: u64 = 1 << 20;
 
+/// Fetches a trace prefetch keeps in flight (`lsmd serve --prefetch-threads`).
+pub const PREFETCH_THREADS: u32 = 8;
+
 /// Most decoded bytes an image's decoded-chunk cache grows to for a prefetch (the startup
 /// trace's chunks, decoded, stay there until the start reads them).
 pub const PREFETCH_CACHE_MAX: u64 = 512 << 20;
@@ -389,6 +392,36 @@ mod tests {
         assert_eq!(covered, (0..32).collect::<Vec<_>>());
         assert!(runs.len() < 32 / 2, "{} fetches for 32 chunks", runs.len());
         assert_eq!(runs[0].1 + runs[0].2, 32, "the last chunk was listed first");
+    }
+
+    /// Reads chunks 0, 1 and 3 of a fresh image (a sequential reader: its misses on 1 and 3
+    /// fetch 1..=2 and 3..=6 along), then with `then_two` chunk 2; returns the trace.
+    fn trace_of_reads(exact: bool, then_two: bool) -> Vec<(u16, u32)> {
+        let img = random_image(4);
+        img.lower().set_exact_trace(exact);
+        let mut b = vec![0u8; 4096];
+        let chunks: &[u64] = if then_two { &[0, 1, 3, 2] } else { &[0, 1, 3] };
+        for &c in chunks {
+            img.read(c * (128 << 10), &mut b).expect("read");
+        }
+        Trace::of(&img).entries
+    }
+
+    #[test]
+    fn an_exact_trace_has_only_the_chunks_reads_touched() {
+        // Plain traces count what a widened fetch took along as needed (chunk 2, 4, 5, 6)...
+        let plain = trace_of_reads(false, false);
+        assert!(
+            plain.contains(&(0, 2)) && plain.contains(&(0, 6)),
+            "{plain:?}"
+        );
+        // ...exact ones only what was read, in the order it was first read, also when the
+        // read found the chunk already decoded.
+        assert_eq!(trace_of_reads(true, false), vec![(0, 0), (0, 1), (0, 3)]);
+        assert_eq!(
+            trace_of_reads(true, true),
+            vec![(0, 0), (0, 1), (0, 3), (0, 2)]
+        );
     }
 
     proptest! {

@@ -65,11 +65,14 @@ impl Engine {
         &self.pool
     }
 
-    /// Lends the pool to `image` for a read's parallel chunk loads (`blockfmt` has no threads).
+    /// Lends the pool to `image` (`blockfmt` has no threads) for a read's parallel chunk loads
+    /// and for the two `fdatasync`s of a FLUSH of its upper layer, which then wait at once.
     pub fn serve_image(&self, image: &blockfmt::Image) {
-        image
-            .lower()
-            .set_parallel_loads(std::sync::Arc::new(PoolLoads(self.pool.clone())));
+        let threads = std::sync::Arc::new(PoolLoads(self.pool.clone()));
+        if let Some(up) = image.upper() {
+            up.set_parallel_syncs(threads.clone());
+        }
+        image.lower().set_parallel_loads(threads);
     }
 }
 

@@ -32,6 +32,9 @@ const FUSE_ASYNC_DIO: u32 = 1 << 15;
 /// Requests of one mount queued or running on the pool before the session thread waits.
 const MAX_PENDING: usize = 256;
 
+/// Asynchronous requests (direct reads) the kernel keeps in flight on one mount.
+const MAX_BACKGROUND: u16 = 64;
+
 /// The exported files: inode `2 + i` is `files[i]`.
 struct ExportFiles {
     files: Vec<Arc<Export>>,
@@ -80,6 +83,11 @@ impl Filesystem for ExportFiles {
     ) -> Result<(), libc::c_int> {
         // Let the kernel keep several direct reads in flight (a kernel without it still works).
         let _ = config.add_capabilities(FUSE_ASYNC_DIO);
+        // Async requests the kernel keeps in flight on this mount (its default is 12): cold
+        // reads wait on a source, so a queue depth of 32 needs that many at once. The lane
+        // (`MAX_PENDING`) and the pool's share still bound what runs.
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
         Ok(())
     }
 

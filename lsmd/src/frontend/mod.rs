@@ -4,8 +4,10 @@
 //!
 //! - [`nbd`]: NBD over Unix sockets and TCP (+ STARTTLS), and `/dev/nbdN` attach;
 //! - [`ublk`]: `/dev/ublkbN` over io_uring;
-//! - [`fuse`]: one file per export under a FUSE mount, for `losetup`.
+//! - [`fuse`]: one file per export under a FUSE mount, for `losetup`;
+//! - [`loop_device`]: loop devices over those files, with lsm's readahead.
 
 pub mod fuse;
+pub mod loop_device;
 pub mod nbd;
 pub mod ublk;
