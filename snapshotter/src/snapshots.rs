@@ -193,14 +193,7 @@ impl Service {
         let rootfs = self.dir(rec.id).join("rootfs").display().to_string();
         let mut options = Vec::new();
         match rec.kind {
-            Kind::View if lower.is_empty() => {
-                return Ok(vec![Mount {
-                    r#type: "bind".into(),
-                    source: rootfs,
-                    target: String::new(),
-                    options: vec!["ro".into(), "rbind".into()],
-                }])
-            }
+            Kind::View if lower.is_empty() => return Ok(vec![bind_mount(rootfs, true)]),
             Kind::View => options.push("ro".to_string()),
             _ => {
                 options.push(format!(
@@ -228,22 +221,11 @@ impl Service {
             if self.disk(rec.id, true).is_read_only_fs() {
                 return self.read_only_fs_mounts(rec);
             }
-            let ro = rec.kind == Kind::View;
-            return Ok(vec![Mount {
-                r#type: "bind".into(),
-                source: self.dir(rec.id).join("rootfs").display().to_string(),
-                target: String::new(),
-                options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
-            }]);
+            let rootfs = self.dir(rec.id).join("rootfs").display().to_string();
+            return Ok(vec![bind_mount(rootfs, rec.kind == Kind::View)]);
         }
         let parents = self.ancestry(&rec.parent)?;
         let fs = |id: u64| self.dir(id).join("fs").display().to_string();
-        let bind = |src: String, ro: bool| Mount {
-            r#type: "bind".into(),
-            source: src,
-            target: String::new(),
-            options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
-        };
         let lower = parents
             .iter()
             .map(|&id| fs(id))
@@ -264,9 +246,9 @@ impl Service {
                     "a committed snapshot has no mounts: prepare or view it",
                 ))
             }
-            (Kind::Active, 0) => vec![bind(fs(rec.id), false)],
-            (Kind::View, 0) => vec![bind(fs(rec.id), true)],
-            (Kind::View, 1) => vec![bind(fs(parents[0]), true)],
+            (Kind::Active, 0) => vec![bind_mount(fs(rec.id), false)],
+            (Kind::View, 0) => vec![bind_mount(fs(rec.id), true)],
+            (Kind::View, 1) => vec![bind_mount(fs(parents[0]), true)],
             (Kind::View, _) => vec![overlay(vec!["ro".into()])],
             (Kind::Active, _) => vec![overlay(vec![
                 format!("workdir={}", self.dir(rec.id).join("work").display()),
@@ -440,6 +422,16 @@ impl Service {
             .flat_map(|l| l.blobs.iter().cloned())
             .collect();
         Ok(Some((blobs, size)))
+    }
+}
+
+/// A recursive bind mount of `source`, read-only or read-write.
+fn bind_mount(source: String, ro: bool) -> Mount {
+    Mount {
+        r#type: "bind".into(),
+        source,
+        target: String::new(),
+        options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
     }
 }
 
