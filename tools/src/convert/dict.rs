@@ -30,6 +30,9 @@ pub struct DictBlob {
 pub struct DictImages {
     pub dict: Dictionary,
     pub blobs: Vec<DictBlob>,
+    /// Each blob's block hashes, by digest (what the new image's hash index repeats for the
+    /// dictionary blobs it lists).
+    pub index: std::collections::HashMap<String, super::hashindex::IndexedBlob>,
 }
 
 /// The manifest of the image `tag` (or the only image) in layout `dir`.
@@ -166,7 +169,9 @@ pub fn open_trusted(b: &DictBlob) -> CliResult<(Layer, BlobRef)> {
     Ok((layer, BlobRef { sha256, size }))
 }
 
-/// Loads every `--dict` image into one dictionary (first image, first layer wins a tie).
+/// Loads every `--dict` image into one dictionary (first image, first layer wins a tie). A
+/// registry image with a hash index is read through it (no blob downloaded, FORMAT.md §8);
+/// any other is read whole, each blob checked against its digest.
 pub fn load(
     refs: &[String],
     work: &Path,
@@ -177,7 +182,29 @@ pub fn load(
 ) -> CliResult<DictImages> {
     let mut dict = Dictionary::new();
     let mut blobs: Vec<DictBlob> = Vec::new();
+    let mut index = std::collections::HashMap::new();
     for r in refs {
+        if let Some(indexed) = load_indexed(r, work, creds, insecure, client)? {
+            for (b, (id, chunks, entry)) in indexed.blobs.into_iter().zip(indexed.lists) {
+                if blobs.iter().any(|x| x.digest == b.digest) {
+                    continue;
+                }
+                dict.add_hashed(id, &chunks, &entry.chunks)?;
+                index.insert(b.digest.clone(), entry);
+                blobs.push(b);
+            }
+            say(format!(
+                "dictionary {r}: {} blobs read through its hash index (metadata only), {} distinct 4 KiB blocks so far",
+                blobs.len(),
+                dict.block_count()
+            ));
+            continue;
+        }
+        if r.starts_with("http://") || r.starts_with("https://") {
+            say(format!(
+                "dictionary {r}: no hash-index blob (converted before lsm published one): downloading its blobs whole"
+            ));
+        }
         for mut b in image_blobs(r, work, creds, insecure, client)? {
             if blobs.iter().any(|x| x.digest == b.digest) {
                 continue;
@@ -188,7 +215,9 @@ pub fn load(
             if b.meta_digest.is_none() {
                 b.meta_digest = Some(blockfmt::format::oci_digest(&layer.trailer().meta_sha256));
             }
-            dict.add_layer(&layer, id, |_| {})?;
+            let entry = super::hashindex::of_layer(&layer, id)?;
+            dict.add_hashed(id, &layer.metadata().chunks, &entry.chunks)?;
+            index.insert(b.digest.clone(), entry);
             blobs.push(b);
         }
         say(format!(
@@ -197,7 +226,27 @@ pub fn load(
             dict.block_count()
         ));
     }
-    Ok(DictImages { dict, blobs })
+    Ok(DictImages { dict, blobs, index })
+}
+
+/// Registry image `r` read through its hash index, when it is one and has an index.
+fn load_indexed(
+    r: &str,
+    work: &Path,
+    creds: Option<&lsmd::source::auth::Credentials>,
+    insecure: bool,
+    client: &push::Client,
+) -> CliResult<Option<super::remotedict::IndexedImage>> {
+    if !(r.starts_with("http://") || r.starts_with("https://")) {
+        return Ok(None);
+    }
+    let target = push::Target::parse(r)?;
+    if target.base.starts_with("http://") && !insecure {
+        return Err(bad(format!("{r}: plain HTTP needs --insecure")));
+    }
+    let from = (target.base.clone(), target.repository.clone());
+    let session = push::Session::new(target, creds.cloned(), client)?;
+    super::remotedict::load(r, work, session, from)
 }
 
 /// Supplies a layer with the blobs its blob table names, found by `path_of(digest)` (those it

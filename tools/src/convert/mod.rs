@@ -26,9 +26,11 @@ mod e2undo;
 mod erofs;
 mod ext4apply;
 mod ext4times;
+mod hashindex;
 pub mod manifest;
 pub(crate) mod push;
 mod rawimport;
+mod remotedict;
 pub mod report;
 mod unpack;
 mod workdir;
@@ -331,9 +333,11 @@ fn path_of(dst: &Path, out: &[Value], dict: &[dict::DictBlob], digest: &str) -> 
     if out.iter().any(|l| l["digest"].as_str() == Some(digest)) {
         return blob_path(dst, digest).ok();
     }
+    // (A blob read through a hash index was not downloaded: it stays missing.)
     dict.iter()
         .find(|b| b.digest == digest)
         .map(|b| b.path.clone())
+        .filter(|p| p.exists())
 }
 
 /// What one conversion did.
@@ -355,7 +359,8 @@ fn chain_key(
     fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v8\0");
+    // v9: images carry a hash-index blob (FORMAT.md §8).
+    h.update(b"lsm-convert-v9\0");
     if fs == FsKind::Erofs {
         h.update(b"erofs-flat\0");
     }
@@ -749,9 +754,10 @@ fn convert_layout(
     };
     // Every layer borrows what the dictionary images or the layers below it already store:
     // `running` starts as the --dict images and grows by each layer converted.
-    let (mut running, dict_blobs) = match dict {
-        Some(d) => (d.dict, d.blobs),
-        None => (blockfmt::Dictionary::new(), Vec::new()),
+    // `hash_lists`: block hashes of every blob this image will list, for its hash index.
+    let (mut running, dict_blobs, mut hash_lists) = match dict {
+        Some(d) => (d.dict, d.blobs, d.index),
+        None => (blockfmt::Dictionary::new(), Vec::new(), Default::default()),
     };
     let dict_digests: Vec<String> = dict_blobs.iter().map(|b| b.digest.clone()).collect();
     let db = (!a.no_reuse)
@@ -880,7 +886,9 @@ fn convert_layout(
                     path: blob_path(&dst, d)?,
                     from: None,
                 })?;
-                running.add_layer(&layer, id, |_| {})?;
+                let entry = hashindex::of_layer(&layer, id)?;
+                running.add_hashed(id, &layer.metadata().chunks, &entry.chunks)?;
+                hash_lists.insert(d.to_string(), entry);
             }
             in_dict = out.len();
             let shared = Arc::new(std::mem::take(&mut running));
@@ -958,7 +966,9 @@ fn convert_layout(
                         l["digest"]
                     ))
                 })?;
-                link_or_copy(&from.path, &blob_path(&dst, &dg)?)?;
+                if from.path.exists() {
+                    link_or_copy(&from.path, &blob_path(&dst, &dg)?)?;
+                }
                 borrowed.push(from.clone());
             }
         }
@@ -1017,6 +1027,16 @@ fn convert_layout(
             source_layer: None,
         });
     }
+    let index = hashindex::for_image(&dst, &out_layers, &borrowed, &mut hash_lists)?;
+    let (index_digest, index_size) = put_blob(&dst, &index)?;
+    published.append_extra(manifest::Blob {
+        role: manifest::Role::HashIndex,
+        digest: index_digest.clone(),
+        size: index_size,
+        meta_digest: None,
+        meta_len: None,
+        source_layer: None,
+    });
     let source_config = std::fs::read(blob_path(&src, &config_digest)?)
         .map_err(|e| bad(format!("config {config_digest}: {e}")))?;
     let (cfg_digest, cfg_size) = put_blob(&dst, &published.config(&source_config)?)?;
@@ -1057,7 +1077,7 @@ fn convert_layout(
     if !borrowed.is_empty() {
         image["dictionary"] = borrowed
             .iter()
-            .map(|b| json!({ "source": local(&b.digest), "digest": b.digest, "meta_digest": b.meta_digest }))
+            .map(|b| json!({ "source": remotedict::source_of(b, a.insecure).unwrap_or_else(|| local(&b.digest)), "digest": b.digest, "meta_digest": b.meta_digest }))
             .collect();
     }
     std::fs::write(
@@ -1117,13 +1137,15 @@ fn convert_layout(
                 })
                 .collect();
         }
-        let session = push::Session::new(target, creds, &a.client())?;
+        let session = push::Session::new(target, creds.clone(), &a.client())?;
         let (mut sent, mut had) = (0, 0);
-        let blobs = std::iter::once(cfg_digest.clone()).chain(
-            out_layers
-                .iter()
-                .map(|l| l["digest"].as_str().unwrap_or_default().to_string()),
-        );
+        let blobs = std::iter::once(cfg_digest.clone())
+            .chain(
+                out_layers
+                    .iter()
+                    .map(|l| l["digest"].as_str().unwrap_or_default().to_string()),
+            )
+            .chain(std::iter::once(index_digest.clone()));
         let mut mounted = 0;
         for d in blobs {
             if session.put_blob(&d, &blob_path(&dst, &d)?)? {
@@ -1139,6 +1161,11 @@ fn convert_layout(
                 .as_ref()
                 .filter(|(base, _)| *base == session.base())
                 .map(|(_, repo)| repo.as_str());
+            if from.is_none() {
+                // Read through a hash index and not downloaded, from another registry: the
+                // push needs its bytes after all.
+                remotedict::download(b, &dst, creds.as_ref(), &a.client(), a.insecure, &say)?;
+            }
             match session.put_blob_from(&b.digest, &blob_path(&dst, &b.digest)?, from)? {
                 push::Put::Uploaded => sent += 1,
                 push::Put::Mounted => mounted += 1,

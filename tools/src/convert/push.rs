@@ -223,15 +223,12 @@ impl Session {
         Ok(kind)
     }
 
-    /// Pulls the tagged image into an OCI image layout at `dir` (tagged with the same tag);
-    /// digests are checked by the conversion that reads it.
-    pub fn pull(&self, dir: &Path) -> CliResult {
+    /// Fetches the tagged image's manifest into `tmp` (following an index to linux/amd64);
+    /// returns its Content-Type and parsed body.
+    pub(crate) fn fetch_manifest(&self, tmp: &Path) -> CliResult<(String, serde_json::Value)> {
         const MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
-        let blobs = dir.join("blobs/sha256");
-        std::fs::create_dir_all(&blobs).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
-        let tmp = dir.join("manifest.tmp");
-        let mut kind = self.get(&format!("manifests/{}", self.target.tag), MANIFESTS, &tmp)?;
-        let mut body: serde_json::Value = serde_json::from_slice(&std::fs::read(&tmp)?)?;
+        let mut kind = self.get(&format!("manifests/{}", self.target.tag), MANIFESTS, tmp)?;
+        let mut body: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp)?)?;
         if body.get("manifests").is_some() {
             // An index: the linux/amd64 image.
             let pick = body["manifests"]
@@ -244,9 +241,47 @@ impl Session {
                 .and_then(|m| m["digest"].as_str())
                 .ok_or_else(|| CliError("the image index has no linux/amd64 image".into()))?
                 .to_string();
-            kind = self.get(&format!("manifests/{pick}"), MANIFESTS, &tmp)?;
-            body = serde_json::from_slice(&std::fs::read(&tmp)?)?;
+            kind = self.get(&format!("manifests/{pick}"), MANIFESTS, tmp)?;
+            body = serde_json::from_slice(&std::fs::read(tmp)?)?;
         }
+        Ok((kind, body))
+    }
+
+    /// Fills `buf` from byte `offset` of blob `digest` with one ranged GET (a registry that
+    /// answers with more than the range is an error: the point is not to download it whole).
+    pub(crate) fn get_range(&self, digest: &str, offset: u64, buf: &mut [u8]) -> CliResult {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let url = self.url(&format!("blobs/{digest}"));
+        let range = format!("bytes={}-{}", offset, offset + buf.len() as u64 - 1);
+        let resp = self
+            .send(
+                &format!("GET {url} ({range})"),
+                |a| a.get(&url).set("Range", &range),
+                Body::Empty,
+                true,
+            )?
+            .ok_or_else(|| CliError(format!("GET {url}: not found")))?;
+        let whole = resp.status() != 206
+            && resp.header("content-length") != Some(buf.len().to_string().as_str());
+        if whole {
+            return Err(CliError(format!(
+                "GET {url} ({range}): the registry answered {} without the range",
+                resp.status()
+            )));
+        }
+        std::io::Read::read_exact(&mut resp.into_reader(), buf)
+            .map_err(|e| CliError(format!("GET {url} ({range}): {e}")))
+    }
+
+    /// Pulls the tagged image into an OCI image layout at `dir` (tagged with the same tag);
+    /// digests are checked by the conversion that reads it.
+    pub fn pull(&self, dir: &Path) -> CliResult {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
+        let tmp = dir.join("manifest.tmp");
+        let (kind, body) = self.fetch_manifest(&tmp)?;
         let bytes = std::fs::read(&tmp)?;
         let digest = format!(
             "sha256:{}",
