@@ -144,19 +144,19 @@ impl HashIndex {
 /// by digest; a layer missing from it (the top one, a reused one) is read from `dst` now.
 pub fn for_image(
     dst: &std::path::Path,
-    out: &[serde_json::Value],
+    out: &[crate::oci::Descriptor],
     borrowed: &[super::dict::DictBlob],
     known: &mut std::collections::HashMap<String, IndexedBlob>,
 ) -> CliResult<Vec<u8>> {
     let mut ix = HashIndex::default();
     for l in out {
-        let d = l["digest"].as_str().unwrap_or_default();
+        let d = l.digest.as_str();
         let entry = match known.remove(d) {
             Some(e) => e,
             None => {
                 let (layer, id) = super::dict::open_trusted(&super::dict::DictBlob {
                     digest: d.to_string(),
-                    size: l["size"].as_u64().unwrap_or_default(),
+                    size: l.size,
                     meta_digest: None,
                     path: super::blob_path(dst, d)?,
                     from: None,

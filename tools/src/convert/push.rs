@@ -15,6 +15,7 @@ use lsmd::source::redact;
 use lsmd::source::registry::{Body, RepositoryClient, RequestError};
 
 use crate::cli::{CliError, CliResult};
+use crate::oci;
 
 /// An image in a registry: `http(s)://host[:port]/repository:tag`.
 pub struct Target {
@@ -223,28 +224,20 @@ impl Session {
         Ok(kind)
     }
 
-    /// Fetches the tagged image's manifest into `tmp` (following an index to linux/amd64);
-    /// returns its Content-Type and parsed body.
-    pub(crate) fn fetch_manifest(&self, tmp: &Path) -> CliResult<(String, serde_json::Value)> {
+    /// Fetches the tagged image's manifest into `tmp` (an index is followed to this machine's
+    /// image: linux on its architecture); returns its Content-Type and bytes.
+    pub(crate) fn fetch_manifest(&self, tmp: &Path) -> CliResult<(String, Vec<u8>)> {
         const MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
         let mut kind = self.get(&format!("manifests/{}", self.target.tag), MANIFESTS, tmp)?;
-        let mut body: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp)?)?;
-        if body.get("manifests").is_some() {
-            // An index: the linux/amd64 image.
-            let pick = body["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|m| {
-                    m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64"
-                })
-                .and_then(|m| m["digest"].as_str())
-                .ok_or_else(|| CliError("the image index has no linux/amd64 image".into()))?
-                .to_string();
+        if oci::is_index(&std::fs::read(tmp)?) {
+            let index = oci::parse_index(&std::fs::read(tmp)?, &self.target.tag)?;
+            let pick = index
+                .for_platform(&oci::Platform::host(), &self.target.tag)?
+                .digest
+                .clone();
             kind = self.get(&format!("manifests/{pick}"), MANIFESTS, tmp)?;
-            body = serde_json::from_slice(&std::fs::read(tmp)?)?;
         }
-        Ok((kind, body))
+        Ok((kind, std::fs::read(tmp)?))
     }
 
     /// Fills `buf` from byte `offset` of blob `digest` with one ranged GET (a registry that
@@ -281,8 +274,7 @@ impl Session {
         let blobs = dir.join("blobs/sha256");
         std::fs::create_dir_all(&blobs).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
         let tmp = dir.join("manifest.tmp");
-        let (kind, body) = self.fetch_manifest(&tmp)?;
-        let bytes = std::fs::read(&tmp)?;
+        let (kind, bytes) = self.fetch_manifest(&tmp)?;
         let digest = format!(
             "sha256:{}",
             hex::encode(sha2::Digest::finalize(sha2::Digest::chain_update(
@@ -291,24 +283,24 @@ impl Session {
             )))
         );
         std::fs::rename(&tmp, blobs.join(&digest[7..]))?;
-        let wanted =
-            std::iter::once(&body["config"]).chain(body["layers"].as_array().into_iter().flatten());
-        for d in wanted {
-            let dg = d["digest"]
-                .as_str()
-                .ok_or_else(|| CliError("manifest entry without a digest".into()))?;
+        let body = oci::parse_manifest(&bytes, &digest)?;
+        for d in std::iter::once(&body.config).chain(&body.layers) {
+            let dg = &d.digest;
             let hexpart = dg
                 .strip_prefix("sha256:")
                 .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .ok_or_else(|| CliError(format!("unsupported digest {dg:?}")))?;
             self.get(&format!("blobs/{dg}"), "*/*", &blobs.join(hexpart))?;
         }
-        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": kind.split(';').next().unwrap_or_default(),
-            "digest": digest, "size": bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": self.target.tag},
-        }]});
-        std::fs::write(dir.join("index.json"), index.to_string())?;
+        let mut desc = oci::Descriptor::new(
+            kind.split(';').next().unwrap_or_default().trim(),
+            digest,
+            bytes.len() as u64,
+        );
+        desc.annotations
+            .insert(oci::REF_NAME_ANNOTATION.into(), self.target.tag.clone());
+        let index = serde_json::to_string(&oci::Index::of(vec![desc]))?;
+        std::fs::write(dir.join("index.json"), index)?;
         std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
         Ok(())
     }

@@ -61,13 +61,14 @@ pub fn load(
     std::fs::create_dir_all(work).map_err(|e| bad(format!("{}: {e}", work.display())))?;
     let name = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(r.as_bytes()));
     let tmp = work.join(format!("manifest-{}", name.get(..12).unwrap_or_default()));
-    let (_, manifest) = session.fetch_manifest(&tmp)?;
+    let (_, bytes) = session.fetch_manifest(&tmp)?;
     let _ = std::fs::remove_file(&tmp);
-    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let manifest = crate::oci::parse_manifest(&bytes, r)?;
+    let layers = manifest.layers;
     let Some(idx) = layers.iter().find(|l| lsm_role(l) == Some(Role::HashIndex)) else {
         return Ok(None);
     };
-    let idx_digest = idx["digest"].as_str().unwrap_or_default().to_string();
+    let idx_digest = idx.digest.clone();
     let idx_path = work.join(format!("hash-index-{}", name.get(..12).unwrap_or_default()));
     parse_oci_digest(&idx_digest).map_err(|e| bad(format!("hash-index blob: {e}")))?;
     session.get(&format!("blobs/{idx_digest}"), "*/*", &idx_path)?;
@@ -90,23 +91,21 @@ pub fn load(
         if !matches!(lsm_role(l), Some(Role::Layer | Role::Dictionary)) {
             continue;
         }
-        let digest = l["digest"].as_str().unwrap_or_default().to_string();
-        let size = l["size"].as_u64().unwrap_or_default();
+        let digest = l.digest.clone();
+        let size = l.size;
         let sha256 = parse_oci_digest(&digest).map_err(CliError)?;
         let entry = index.find(&sha256).ok_or_else(|| {
             bad(format!(
                 "{r}: hash index {idx_digest} does not list blob {digest}"
             ))
         })?;
-        let annotated = l["annotations"][blockfmt::META_DIGEST_ANNOTATION].as_str();
+        let annotated = l.annotation(blockfmt::META_DIGEST_ANNOTATION);
         if entry.size != size || annotated.is_some_and(|a| a != oci_digest(&entry.meta_sha256)) {
             return Err(bad(format!(
                 "{r}: hash index {idx_digest} does not describe blob {digest} as the manifest does"
             )));
         }
-        let meta_len = l["annotations"][blockfmt::META_LEN_ANNOTATION]
-            .as_str()
-            .and_then(|s| s.parse().ok());
+        let meta_len = super::meta_len_of(l);
         let src = Arc::new(RangedBlob {
             session: session.clone(),
             digest: digest.clone(),
@@ -143,14 +142,29 @@ fn absent_path(work: &Path, digest: &str) -> PathBuf {
 
 /// The image-config source (FORMAT.md §4) of a dictionary blob read through a hash index: the
 /// registry it came from (`None` for a blob that is in the layout).
-pub fn source_of(b: &DictBlob, insecure: bool) -> Option<serde_json::Value> {
+pub fn source_of(
+    b: &DictBlob,
+    insecure: bool,
+    ca_file: Option<&Path>,
+) -> Option<lsmd::config::SourceConfig> {
     if b.path.exists() {
         return None;
     }
     let (url, repository) = b.from.as_ref()?;
-    Some(serde_json::json!({
-        "registry": { "url": url, "repository": repository, "insecure": insecure },
-    }))
+    Some(lsmd::config::SourceConfig::Registry(
+        lsmd::config::RegistryConfig {
+            url: url.clone(),
+            repository: repository.clone(),
+            mirrors: Vec::new(),
+            token_hosts: Vec::new(),
+            ca_file: ca_file.and_then(|c| std::fs::canonicalize(c).ok()),
+            insecure,
+            username: None,
+            password: None,
+            size: None,
+            p2p: None,
+        },
+    ))
 }
 
 /// Downloads dictionary blob `b` (read through a hash index, so not in the layout) into layout
