@@ -738,11 +738,17 @@ fn check_containerd_contract(reg: &lsm_e2e::registry::Registry, target: &str) {
         diff_ids
     );
     let repository = format!("{}{repo}", reg.url.trim_start_matches("http://"));
-    for l in layers {
+    for (i, l) in layers.iter().enumerate() {
         let a = &l["annotations"];
+        // The stacked layers, then the hash index (FORMAT.md §8).
+        let role = if i + 1 == layers.len() {
+            "hash-index"
+        } else {
+            "layer"
+        };
         assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar");
-        assert_eq!(a["io.lsm.layer.role"], "layer");
-        assert_eq!(a["containerd.io/snapshot/lsm.role"], "layer");
+        assert_eq!(a["io.lsm.layer.role"], role);
+        assert_eq!(a["containerd.io/snapshot/lsm.role"], role);
         assert_eq!(a["containerd.io/snapshot/lsm.digest"], l["digest"]);
         assert_eq!(a["containerd.io/snapshot/lsm.size"], l["size"].to_string());
         assert_eq!(
