@@ -498,7 +498,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     let o = push(&t.join("dst"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        o.status.success() && err.contains("4 blobs uploaded, 0 already there"),
+        o.status.success() && err.contains("5 blobs uploaded, 0 already there"),
         "{err}"
     );
     check_containerd_contract(&reg, &target);
@@ -506,7 +506,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     let o = push(&t.join("dst2"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        o.status.success() && err.contains("0 blobs uploaded, 4 already there"),
+        o.status.success() && err.contains("0 blobs uploaded, 5 already there"),
         "{err}"
     );
 
@@ -518,7 +518,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        o.status.success() && err.contains("0 blobs uploaded, 4 already there"),
+        o.status.success() && err.contains("0 blobs uploaded, 5 already there"),
         "{err}"
     );
 
