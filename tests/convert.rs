@@ -672,17 +672,31 @@ fn the_work_tree_is_private_and_a_signal_removes_it() {
     oci_layout(&src, &[(layer.finish(), false)]);
     for sig in ["TERM", "INT"] {
         let out = t.join(format!("out-{sig}"));
-        let work = out.join(".convert-work");
+        // (Named, so the test finds it: by default it may be in /dev/shm or inside DST.)
+        let wd = t.join(format!("wd-{sig}"));
+        std::fs::create_dir(&wd).expect("work dir");
         let mut child = lsmctl(["convert", "-q", "--no-reuse", "--tag", "t"])
             .arg(&src)
             .arg(&out)
+            .arg("--work-dir")
+            .arg(&wd)
             .spawn()
             .expect("convert");
+        let work = wd.join(format!(".lsm-convert-{}-", child.id()));
+        let find = || {
+            std::fs::read_dir(&wd)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().starts_with(&*work.to_string_lossy()))
+        };
         let start = std::time::Instant::now();
-        let mode = loop {
-            if let Ok(m) = std::fs::symlink_metadata(&work) {
-                if work.join("root/data").exists() {
-                    break m.permissions().mode() & 0o7777;
+        let (work, mode) = loop {
+            if let Some(w) = find() {
+                if let Ok(m) = std::fs::symlink_metadata(&w) {
+                    if w.join("root/data").exists() {
+                        break (w.clone(), m.permissions().mode() & 0o7777);
+                    }
                 }
             }
             assert!(

@@ -41,6 +41,7 @@ mod rawimport;
 mod remotedict;
 pub mod report;
 mod reuse;
+mod scratch;
 mod unpack;
 mod workdir;
 
@@ -118,9 +119,11 @@ pub struct ConvertArgs {
     #[arg(long, value_enum, default_value_t = FsKind::Ext4)]
     fs: FsKind,
     /// Where to unpack the tree and build the raw filesystem (a private directory is made
-    /// inside and removed at the end; default: inside DST). On a tmpfs such as /dev/shm they
-    /// are never written to (nor removed from) a disk, which is most of a conversion's time on
-    /// a slow or discard-mounted disk; it holds about twice the unpacked size in memory.
+    /// inside and removed at the end). On a tmpfs such as /dev/shm they are never written to
+    /// (nor removed from) a disk, which is most of a conversion's time on a slow or
+    /// discard-mounted disk; it holds about 2.5 times the unpacked size in memory. Default:
+    /// /dev/shm when it and the available memory have room for that (times --jobs), else
+    /// inside DST.
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -565,8 +568,12 @@ fn filesystem_uuid(base_diff_id: &[u8]) -> String {
 /// The private (0700) work tree for the host tree and raw filesystem: in `--work-dir`, else
 /// inside DST. Removed however the conversion ends, signals included: it holds the image's
 /// setuid files and device nodes.
-fn work_tree(a: &ConvertArgs, dst: &Path) -> CliResult<workdir::WorkTree> {
-    let path = match &a.work_dir {
+fn work_tree(a: &ConvertArgs, dst: &Path, unpacked: u64) -> CliResult<workdir::WorkTree> {
+    let dir = a
+        .work_dir
+        .clone()
+        .or_else(|| scratch::default_work_dir(unpacked, a.jobs));
+    let path = match &dir {
         Some(d) => d.join(format!(
             ".lsm-convert-{}-{}",
             std::process::id(),
@@ -616,7 +623,7 @@ fn convert_layout(
             dst.join("blobs")
         });
     };
-    let work_tree = work_tree(&a, &dst)?;
+    let work_tree = work_tree(&a, &dst, spool.unpacked)?;
     let root = work_tree.path().join("root");
     std::fs::create_dir(&root)?;
     let dict_dir = dst.join(".convert-dict");
