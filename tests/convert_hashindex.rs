@@ -81,8 +81,9 @@ fn oci_layout(dir: &Path, layers: &[Vec<u8>]) {
 }
 
 /// Two builds of one two-layer image: the second changes one file, adds one early in the
-/// first layer (moving the files after it on disk) and drops one.
-fn images(t: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+/// first layer (moving the files after it on disk) and drops one. Third: the second's first
+/// layer under another top layer.
+fn images(t: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let files = |rebuild: bool| -> (Vec<(String, u64, usize)>, Vec<(String, u64, usize)>) {
         let mut low: Vec<(String, u64, usize)> = (0..40u64)
             .map(|i| {
@@ -116,7 +117,13 @@ fn images(t: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         oci_layout(&dir, &[tar_of(&low), tar_of(&high)]);
         out.push(dir);
     }
-    (out.remove(0), out.remove(0))
+    let (low, _) = files(true);
+    let c = t.join("c-src");
+    oci_layout(
+        &c,
+        &[tar_of(&low), tar_of(&[("srv/other".into(), 77, 65536)])],
+    );
+    (out.remove(0), out.remove(0), c)
 }
 
 fn manifest(layout: &Path) -> (Value, Vec<u8>) {
@@ -145,7 +152,7 @@ fn convert_b(src: &Path, dst: &Path, dict: &str) -> std::process::Output {
 fn dict_from_a_registry_reads_the_hash_index_not_the_blobs() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
-    let (a_src, b_src) = images(t);
+    let (a_src, b_src, c_src) = images(t);
     let reg = Registry::start(&t.join("registry"), None);
 
     // The first build, converted and pushed: its manifest lists a hash-index blob, last.
@@ -245,6 +252,36 @@ fn dict_from_a_registry_reads_the_hash_index_not_the_blobs() {
     // the dictionary's registry (its image config names it for the blobs it does not hold).
     let v = ok(lsmctl(["verify"]).arg(b_remote.join("lsm-image.json")));
     assert!(v.lines().all(|l| l.starts_with("ok")), "{v}");
+
+    // A layer reused from the database under a new one: the layers below are exported back to
+    // a raw filesystem, reading the chunks they borrow from the dictionary by ranged GETs —
+    // still no whole blob — and the result verifies.
+    let db = t.join("db");
+    for (src, dst) in [(&b_src, t.join("b-db")), (&c_src, t.join("c-db"))] {
+        let o = run(lsmctl(["convert", "--insecure", "--tag", "t", "--db"])
+            .arg(&db)
+            .arg(src)
+            .arg(&dst)
+            .args(["--dict", &format!("{}/lsm/a:1", reg.url)]));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        if dst.ends_with("c-db") {
+            assert!(err.contains("(reused)"), "{err}");
+        }
+    }
+    let v = ok(lsmctl(["verify"]).arg(t.join("c-db/lsm-image.json")));
+    assert!(v.lines().all(|l| l.starts_with("ok")), "{v}");
+    for l in a_layers.iter().filter(|l| role(l) == "layer") {
+        let d = l["digest"].as_str().expect("digest");
+        let size = l["size"].as_u64().expect("size");
+        assert!(
+            reg.served()
+                .iter()
+                .filter(|(uri, _)| uri.ends_with(&format!("/blobs/{d}")))
+                .all(|&(_, n)| n < size),
+            "a whole GET of {d}"
+        );
+    }
 
     // An image without a hash index (converted before it existed: here, the same manifest
     // without that entry) is read whole, saying so, to the same result.

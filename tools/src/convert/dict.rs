@@ -32,6 +32,8 @@ pub struct DictImages {
     /// Each blob's block hashes, by digest (what the new image's hash index repeats for the
     /// dictionary blobs it lists).
     pub index: std::collections::HashMap<String, super::hashindex::IndexedBlob>,
+    /// Blobs read through a hash index (not downloaded), by digest: their bytes by ranged GET.
+    pub remote: std::collections::HashMap<String, Arc<dyn blockfmt::ReadAt>>,
 }
 
 /// The manifest of the image `tag` (or the only image) in layout `dir`.
@@ -157,12 +159,15 @@ pub fn load(
     let mut dict = Dictionary::new();
     let mut blobs: Vec<DictBlob> = Vec::new();
     let mut index = std::collections::HashMap::new();
+    let mut remote = std::collections::HashMap::new();
     for r in refs {
         if let Some(indexed) = load_indexed(r, work, creds, insecure, client)? {
-            for (b, (id, chunks, entry)) in indexed.blobs.into_iter().zip(indexed.lists) {
+            let all = indexed.blobs.into_iter().zip(indexed.lists);
+            for ((b, (id, chunks, entry)), src) in all.zip(indexed.sources) {
                 if blobs.iter().any(|x| x.digest == b.digest) {
                     continue;
                 }
+                remote.insert(b.digest.clone(), src);
                 dict.add_hashed(id, &chunks, &entry.chunks)?;
                 index.insert(b.digest.clone(), entry);
                 blobs.push(b);
@@ -200,7 +205,12 @@ pub fn load(
             dict.block_count()
         ));
     }
-    Ok(DictImages { dict, blobs, index })
+    Ok(DictImages {
+        dict,
+        blobs,
+        index,
+        remote,
+    })
 }
 
 /// Registry image `r` read through its hash index, when it is one and has an index.

@@ -43,6 +43,8 @@ pub(super) struct LayerRun<'a> {
     pub running: Dictionary,
     /// Block hashes of the blobs this image will list, by digest (for its hash index).
     pub hash_lists: std::collections::HashMap<String, super::hashindex::IndexedBlob>,
+    /// Dictionary blobs read through a hash index (not downloaded): their bytes by ranged GET.
+    pub remote_blobs: std::collections::HashMap<String, Arc<dyn blockfmt::ReadAt>>,
     pub hashes: Option<rawimport::BlockHashes>,
     /// How many of `out` are in `running` already.
     pub in_dict: usize,
@@ -145,6 +147,15 @@ impl LayerRun<'_> {
                 let f = File::open(&bp).map_err(|e| bad(format!("{}: {e}", bp.display())))?;
                 let mut l = Layer::open(bp.display().to_string(), Arc::new(f), None)?;
                 dict::attach_borrowed(&mut l, |d| self.path_of(d))?;
+                // Chunks borrowed from a dictionary blob that was not downloaded: read by
+                // ranged GET (only an export after a reused layer reads them).
+                let wanted = l.metadata().blobs.clone();
+                for (k, b) in wanted.iter().enumerate() {
+                    let d = blockfmt::format::oci_digest(&b.sha256);
+                    if let (None, Some(src)) = (self.path_of(&d), self.remote_blobs.get(&d)) {
+                        l.attach_blob(k as u32 + 1, src.clone())?;
+                    }
+                }
                 Ok(l)
             })
             .collect::<CliResult<Vec<Layer>>>()?;

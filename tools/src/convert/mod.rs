@@ -645,9 +645,9 @@ fn convert_layout(
         Some(loaded?)
     };
     // Every layer borrows what the dictionary images or the layers below it already store.
-    let (running, dict_blobs, hash_lists) = match dict {
-        Some(d) => (d.dict, d.blobs, d.index),
-        None => (blockfmt::Dictionary::new(), Vec::new(), Default::default()),
+    let (running, dict_blobs, hash_lists, remote_blobs) = match dict {
+        Some(d) => (d.dict, d.blobs, d.index, d.remote),
+        None => Default::default(),
     };
     let mut run = layers::LayerRun {
         fs: a.fs,
@@ -672,6 +672,7 @@ fn convert_layout(
         dict_blobs: &dict_blobs,
         running,
         hash_lists,
+        remote_blobs,
         hashes: Some(rawimport::BlockHashes::zeros(size)),
         in_dict: 0,
         out: Vec::new(),

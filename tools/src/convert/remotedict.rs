@@ -30,6 +30,10 @@ pub struct IndexedImage {
     pub blobs: Vec<DictBlob>,
     /// Per blob (same order): identity, chunk table, block hashes.
     pub lists: Vec<(BlobRef, Vec<ChunkEntry>, IndexedBlob)>,
+    /// Per blob (same order): its bytes by ranged GETs, for the rare read of a borrowed chunk
+    /// during the conversion (layers below a new one that were reused, exported back to a raw
+    /// filesystem).
+    pub sources: Vec<Arc<dyn blockfmt::ReadAt>>,
 }
 
 /// A blob read by ranged GETs, for [`Layer::open_with_hint`] (which reads only its tail).
@@ -86,6 +90,7 @@ pub fn load(
     let mut out = IndexedImage {
         blobs: Vec::new(),
         lists: Vec::new(),
+        sources: Vec::new(),
     };
     for l in &layers {
         if !matches!(lsm_role(l), Some(Role::Layer | Role::Dictionary)) {
@@ -111,7 +116,13 @@ pub fn load(
             digest: digest.clone(),
             size,
         });
-        let layer = Layer::open_with_hint(digest.clone(), src, Some(entry.meta_sha256), meta_len)?;
+        let layer = Layer::open_with_hint(
+            digest.clone(),
+            src.clone(),
+            Some(entry.meta_sha256),
+            meta_len,
+        )?;
+        out.sources.push(src);
         out.blobs.push(DictBlob {
             path: absent_path(work, &digest),
             size,
