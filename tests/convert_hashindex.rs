@@ -28,8 +28,11 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A file of a generated layer: path, content seed, length.
+type FileSpec = (String, u64, usize);
+
 /// A tar of files `(path, seed, len)`.
-fn tar_of(files: &[(String, u64, usize)]) -> Vec<u8> {
+fn tar_of(files: &[FileSpec]) -> Vec<u8> {
     let mut t = tar::Builder::new(Vec::new());
     for (path, seed, len) in files {
         let mut h = tar::Header::new_gnu();
@@ -84,8 +87,8 @@ fn oci_layout(dir: &Path, layers: &[Vec<u8>]) {
 /// first layer (moving the files after it on disk) and drops one. Third: the second's first
 /// layer under another top layer.
 fn images(t: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let files = |rebuild: bool| -> (Vec<(String, u64, usize)>, Vec<(String, u64, usize)>) {
-        let mut low: Vec<(String, u64, usize)> = (0..40u64)
+    let files = |rebuild: bool| -> (Vec<FileSpec>, Vec<FileSpec>) {
+        let mut low: Vec<FileSpec> = (0..40u64)
             .map(|i| {
                 (
                     format!("usr/lib/f{i:02}"),
@@ -94,7 +97,7 @@ fn images(t: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathB
                 )
             })
             .collect();
-        let mut high: Vec<(String, u64, usize)> = (40..56u64)
+        let mut high: Vec<FileSpec> = (40..56u64)
             .map(|i| {
                 (
                     format!("opt/app/g{i:02}"),

@@ -69,7 +69,7 @@ impl Dictionary {
         &mut self,
         blob: BlobRef,
         chunks: &[ChunkEntry],
-        blocks: &[Vec<(u32, [u8; 32])>],
+        blocks: &[BlockList],
     ) -> Result<()> {
         if self.blobs.contains(&blob) {
             return Ok(());
@@ -153,14 +153,14 @@ impl Dictionary {
     }
 }
 
+/// The non-zero 4 KiB blocks of one chunk: (offset in its decoded bytes, sha256), in order.
+pub type BlockList = Vec<(u32, [u8; 32])>;
+
 /// Per chunk of `layer` (in chunk-table order), the offset and sha256 of each non-zero 4 KiB
 /// block of its decoded bytes; empty for a borrowed chunk. What a dictionary indexes of a blob
 /// (FORMAT.md §1.7) and what a published hash index lists. Decodes and checks every own chunk;
 /// `progress` gets the chunks done so far.
-pub fn block_hashes(
-    layer: &Layer,
-    mut progress: impl FnMut(u64),
-) -> Result<Vec<Vec<(u32, [u8; 32])>>> {
+pub fn block_hashes(layer: &Layer, mut progress: impl FnMut(u64)) -> Result<Vec<BlockList>> {
     let chunks = &layer.metadata().chunks;
     let mut out = Vec::with_capacity(chunks.len());
     for (i, e) in chunks.iter().enumerate() {
@@ -175,7 +175,7 @@ pub fn block_hashes(
 }
 
 /// The offset and sha256 of each non-zero 4 KiB block of one decoded chunk.
-pub fn chunk_block_hashes(data: &[u8]) -> Vec<(u32, [u8; 32])> {
+pub fn chunk_block_hashes(data: &[u8]) -> BlockList {
     let g = ZERO_GRANULE as usize;
     data.chunks_exact(g)
         .enumerate()

@@ -9,6 +9,8 @@
 //! each blob's entry is checked against that blob's metadata (same metadata digest, one block
 //! list per chunk, offsets inside the chunk).
 
+use blockfmt::dictionary::BlockList;
+
 use crate::cli::{CliError, CliResult};
 
 const MAGIC: &[u8; 8] = b"LSMHASHI";
@@ -28,7 +30,7 @@ pub struct IndexedBlob {
     pub meta_sha256: [u8; 32],
     /// Per chunk, in chunk-table order: (offset in the decoded chunk, sha256) of each non-zero
     /// 4 KiB block; empty for a borrowed chunk.
-    pub chunks: Vec<Vec<(u32, [u8; 32])>>,
+    pub chunks: Vec<BlockList>,
 }
 
 /// A whole hash index: its blobs in manifest order.
@@ -186,7 +188,7 @@ pub fn of_layer(
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8);
-    let per_thread: Vec<CliResult<Vec<(usize, Vec<(u32, [u8; 32])>)>>> = std::thread::scope(|s| {
+    let per_thread: Vec<CliResult<Vec<(usize, BlockList)>>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
