@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use super::log::{FileHeader, Record, RecordKind, FILE_HEADER_LEN, UPPER_VERSION};
 use super::log::{DATA_MAGIC, LOG_MAGIC};
 use super::rangemap::{RangeMap, UpperTarget};
+use super::space::DataSpace;
 use super::{sync_data, sync_dir, Files, COMPACT_DATA_FILE, COMPACT_LOG_FILE, DATA_FILE, LOG_FILE};
 use crate::error::{Error, Result};
 
@@ -86,6 +87,8 @@ pub(super) struct Compacted {
     pub seq: u64,
     pub log_len: u64,
     pub data_len: u64,
+    /// The new data file's slots; those of records a later round replaced are dead.
+    pub space: DataSpace,
 }
 
 /// Why compaction failed, and whether the layer is still whole.
@@ -109,6 +112,7 @@ pub(super) struct Generation {
     log_len: u64,
     data_len: u64,
     align: u64,
+    space: DataSpace,
     buf: Vec<u8>,
 }
 
@@ -149,6 +153,7 @@ impl Generation {
             log_len: FILE_HEADER_LEN as u64,
             data_len: FILE_HEADER_LEN as u64,
             align: super::log::data_alignment(UPPER_VERSION),
+            space: DataSpace::default(),
             buf: vec![0u8; COPY_PIECE],
         })
     }
@@ -207,11 +212,13 @@ impl Generation {
                 data: self.data,
                 log: self.log,
                 align: self.align,
+                version: UPPER_VERSION,
             },
             map: self.map,
             seq: self.seq,
             log_len: self.log_len,
             data_len: self.data_len,
+            space: self.space,
         })
     }
 
@@ -224,6 +231,13 @@ impl Generation {
         t: UpperTarget,
         skip: u64,
     ) -> Result<()> {
+        // A later round's record replaces what an earlier one copied here: that copy's slot
+        // loses these bytes (killed by the record about to be written).
+        for (_, l, was) in self.map.pieces(start, len) {
+            if let Some(UpperTarget::Data { file_offset }) = was {
+                self.space.release(file_offset, l, self.seq + 1);
+            }
+        }
         match t {
             UpperTarget::Data { file_offset } => {
                 let at = self.data_len.next_multiple_of(self.align);
@@ -231,6 +245,7 @@ impl Generation {
                 self.data_len = at + len;
                 self.map
                     .insert(start, len, UpperTarget::Data { file_offset: at });
+                self.space.add_slot(at, len);
                 self.record(RecordKind::Write, start, len, crc, at)
             }
             UpperTarget::Zero => {

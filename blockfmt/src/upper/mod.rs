@@ -29,11 +29,13 @@ mod lock;
 mod log;
 mod rangemap;
 mod recover;
+mod space;
 
 pub use compact::CompactionPolicy;
 pub use lock::LOCK_FILE;
 pub use log::{
-    data_alignment, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN, UPPER_VERSION,
+    data_alignment, reuses_space, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN,
+    UPPER_VERSION,
 };
 pub use rangemap::{RangeMap, UpperTarget};
 
@@ -49,6 +51,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::stack::{LoadTask, ParallelLoads};
 use log::{DATA_MAGIC, LOG_MAGIC};
+use space::DataSpace;
 
 /// File names inside an upper layer directory.
 pub const DATA_FILE: &str = "data";
@@ -79,6 +82,8 @@ pub struct UpperStats {
     pub log_bytes: u64,
     /// Disk bytes whose latest write is data in the data file.
     pub live_bytes: u64,
+    /// Dead bytes in the data file that new writes may take (version 3).
+    pub free_bytes: u64,
     /// Compactions since open.
     pub compactions: u64,
     /// Why the layer refuses writes and flushes, if it does.
@@ -111,6 +116,8 @@ pub(crate) struct Files {
     log: File,
     /// Alignment of each write's bytes in `data` (format version 2: 4096; 1: none).
     align: u64,
+    /// Format version of both files.
+    version: u16,
 }
 
 /// Syncs one of the layer's files. The failpoints (`--features failpoints`) stand for the
@@ -171,6 +178,11 @@ struct State {
     /// While a compaction copies without the lock: the disk ranges written since its current
     /// round began (the next round copies them again).
     compacting: Option<RangeMap>,
+    /// Slots of `data`, dead ones and free ones (version 3 reuses free space; see `space.rs`).
+    space: DataSpace,
+    /// Highest `covered` of the flush marks queued so far; once a flush has written and synced
+    /// the log, marks up to here are on disk and synced.
+    marks_queued: u64,
 }
 
 impl State {
@@ -191,6 +203,8 @@ impl State {
             next_compaction_check: 0,
             failed: None,
             compacting: None,
+            space: DataSpace::default(),
+            marks_queued: 0,
         }
     }
 }
@@ -302,6 +316,7 @@ impl UpperLayer {
             data,
             log,
             align: data_alignment(UPPER_VERSION),
+            version: UPPER_VERSION,
         };
         let hdr = FILE_HEADER_LEN as u64;
         Ok(UpperLayer {
@@ -329,6 +344,10 @@ impl UpperLayer {
         // durable, so the first flush syncs the rest.
         st.durable_seq = r.flushed;
         st.last_op = r.last_op;
+        // Slots the recovered records killed are freed once the first flush has synced the log
+        // holding the mark that covers their killers.
+        st.space = r.space;
+        st.marks_queued = r.flushed;
         let up = UpperLayer {
             dir: dir.to_path_buf(),
             logical_size,
@@ -518,12 +537,26 @@ impl UpperLayer {
             .then(|| st.map.data_at(off, len))
             .flatten()
             .filter(|&at| at >= st.sealed_len);
-        let at = in_place.unwrap_or_else(|| st.data_len.next_multiple_of(align));
+        // Version 3: dead space whose killers a synced flush mark covers (see `space.rs`).
+        let reused = match in_place {
+            None if reuses_space(st.files.version) => {
+                let limit = st.data_len;
+                st.space.take(len, limit)
+            }
+            _ => None,
+        };
+        let at = in_place
+            .or(reused)
+            .unwrap_or_else(|| st.data_len.next_multiple_of(align));
         let res = pwrite(&st.files.data, data, at, "upper-data-write");
         if let Err(e) = res {
             let e = Error::io(format!("{}/{DATA_FILE}", name(&self.dir)), at, e);
             // Appended bytes past the end are garbage no record names (the next write
-            // overwrites them); bytes rewritten in place belong to a logged record.
+            // overwrites them), and so are bytes in reused dead space (no replay needs them);
+            // bytes rewritten in place belong to a logged record.
+            if reused.is_some() {
+                st.space.untake(at, len);
+            }
             return Err(if in_place.is_some() {
                 self.fail(&mut st, e)
             } else {
@@ -539,6 +572,9 @@ impl UpperLayer {
             data_offset: at,
         };
         if let Err(e) = self.append(&mut st, r) {
+            if reused.is_some() {
+                st.space.untake(at, len);
+            }
             return Err(if in_place.is_some() {
                 self.fail(&mut st, e)
             } else {
@@ -546,9 +582,11 @@ impl UpperLayer {
             });
         }
         if in_place.is_none() {
-            st.data_len = at + len;
-            st.map
-                .insert(off, len, UpperTarget::Data { file_offset: at });
+            if reused.is_none() {
+                st.data_len = at + len;
+            }
+            self.replace(&mut st, off, len, UpperTarget::Data { file_offset: at });
+            st.space.add_slot(at, len);
         }
         if let Some(changed) = st.compacting.as_mut() {
             changed.insert(off, len, UpperTarget::Zero);
@@ -582,7 +620,7 @@ impl UpperLayer {
             data_offset: 0,
         };
         self.append(&mut st, r)?;
-        st.map.insert(off, len, target);
+        self.replace(&mut st, off, len, target);
         if let Some(changed) = st.compacting.as_mut() {
             changed.insert(off, len, UpperTarget::Zero);
         }
@@ -590,6 +628,20 @@ impl UpperLayer {
         drop(st);
         self.compact_if(due);
         Ok(())
+    }
+
+    /// Points `[off, off + len)` at `t` in the map; the data bytes it pointed at before are
+    /// released from their slots, killed by the record just appended (`st.seq`).
+    fn replace(&self, st: &mut State, off: u64, len: u64, t: UpperTarget) {
+        if reuses_space(st.files.version) {
+            let seq = st.seq;
+            for (_, l, was) in st.map.pieces(off, len) {
+                if let Some(UpperTarget::Data { file_offset }) = was {
+                    st.space.release(file_offset, l, seq);
+                }
+            }
+        }
+        st.map.insert(off, len, t);
     }
 
     /// Makes every operation acknowledged before the call durable. Version 2: write the queued
@@ -604,7 +656,7 @@ impl UpperLayer {
     /// during them are not claimed by this flush. A failed sync fails the layer (sticky).
     pub fn flush(&self) -> Result<()> {
         let n = name(&self.dir);
-        let (covered, files, generation) = {
+        let (covered, files, generation, marks_in_log) = {
             let mut st = self.state.write();
             if self.lock.is_none() {
                 return Ok(());
@@ -620,7 +672,8 @@ impl UpperLayer {
             self.reserve_log(&mut st, 0)?;
             self.write_pending(&mut st)?;
             st.sealed_len = st.data_len;
-            (st.seq, st.files.clone(), st.generation)
+            // Every mark queued so far is in the log now: the syncs below make them durable.
+            (st.seq, st.files.clone(), st.generation, st.marks_queued)
         };
         let (data_synced, log_synced) = self.sync_both(&files);
         let mut st = self.state.write();
@@ -634,6 +687,7 @@ impl UpperLayer {
         self.usable(&st)?;
         if st.generation == generation {
             st.durable_seq = st.durable_seq.max(covered);
+            st.space.settle(marks_in_log);
             self.reserve_log(&mut st, 0)?;
             let mark = Record {
                 kind: RecordKind::FlushMark,
@@ -644,6 +698,7 @@ impl UpperLayer {
                 data_offset: 0,
             };
             self.append(&mut st, mark)?;
+            st.marks_queued = st.marks_queued.max(covered);
         } // else a compaction synced everything this flush covers, and marked it.
         let due = self.compaction_due(&mut st);
         drop(st);
@@ -821,6 +876,11 @@ impl UpperLayer {
                     st.sealed_len = c.data_len;
                     st.durable_seq = c.seq;
                     st.last_op = c.seq.saturating_sub(1);
+                    // The new log's mark covers every record in it and is synced: the slots
+                    // later rounds' records killed are free at once.
+                    st.space = c.space;
+                    st.space.settle(c.seq);
+                    st.marks_queued = c.seq;
                     st.generation += 1;
                     st.compactions += 1;
                     st.next_compaction_check = 0;
@@ -975,6 +1035,7 @@ impl UpperLayer {
             data_file_bytes: st.data_len,
             log_bytes: st.log_len,
             live_bytes: st.map.data_bytes(),
+            free_bytes: st.space.free_bytes(),
             compactions: st.compactions,
             failed: st.failed.clone(),
         }
