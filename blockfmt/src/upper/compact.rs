@@ -70,6 +70,15 @@ impl CompactionPolicy {
         }
     }
 
+    /// The same with twice the ratio: files this far over the live size are compacted even
+    /// when free space inside them could take new writes.
+    pub fn doubled(&self) -> Self {
+        CompactionPolicy {
+            ratio_percent: self.ratio_percent.saturating_mul(2),
+            min_waste: self.min_waste,
+        }
+    }
+
     /// True when files of `total` bytes for `live` live bytes should be compacted.
     pub fn due(&self, total: u64, live: u64) -> bool {
         let limit =

@@ -86,6 +86,8 @@ pub struct UpperStats {
     pub free_bytes: u64,
     /// Compactions since open.
     pub compactions: u64,
+    /// Checkpoints since open: dead space freed by syncing a flush mark instead of a copy.
+    pub checkpoints: u64,
     /// Why the layer refuses writes and flushes, if it does.
     pub failed: Option<String>,
 }
@@ -160,10 +162,6 @@ struct State {
     pending: Vec<u8>,
     /// End of the last appended write's bytes in `data`.
     data_len: u64,
-    /// `data_len` when the latest flush began: bytes below it may be durable and are never
-    /// rewritten; bytes above it belong to writes no flush has claimed yet, and a write that
-    /// covers exactly such bytes again overwrites them in place (version 2).
-    sealed_len: u64,
     /// `seq` of the last write, zeroes or trim record.
     last_op: u64,
     /// Records up to this `seq` are durable.
@@ -171,6 +169,8 @@ struct State {
     /// Bumped by each compaction (a flush that began before one has nothing left to do).
     generation: u64,
     compactions: u64,
+    /// Checkpoints (see [`UpperLayer::reclaim`]) since open.
+    checkpoints: u64,
     /// Files may grow to this size before the next compaction check.
     next_compaction_check: u64,
     /// Set once a failure may have lost acknowledged bytes: sticky until reopened.
@@ -195,11 +195,11 @@ impl State {
             log_reserved: 0,
             pending: Vec::with_capacity(PENDING_RECORDS * RECORD_LEN),
             data_len,
-            sealed_len: data_len,
             last_op: seq,
             durable_seq: seq,
             generation: 0,
             compactions: 0,
+            checkpoints: 0,
             next_compaction_check: 0,
             failed: None,
             compacting: None,
@@ -531,37 +531,27 @@ impl UpperLayer {
         self.reserve_log(&mut st, 1)?;
         let len = data.len() as u64;
         let align = st.files.align;
-        // Bytes no flush has claimed, covering exactly this range: rewrite them in place. A crash
-        // then fails the older record's data check and recovery stops there: still a prefix.
-        let in_place = (align > 1)
-            .then(|| st.map.data_at(off, len))
-            .flatten()
-            .filter(|&at| at >= st.sealed_len);
         // Version 3: dead space whose killers a synced flush mark covers (see `space.rs`).
-        let reused = match in_place {
-            None if reuses_space(st.files.version) => {
-                let limit = st.data_len;
-                st.space.take(len, limit)
-            }
-            _ => None,
+        // Nothing is ever rewritten in place: a record whose bytes changed under it fails its
+        // crc32c, and until a mark over it is on disk recovery would stop there, losing
+        // acknowledged (even flushed: the mark follows the flush) writes after it.
+        let reused = if reuses_space(st.files.version) {
+            let limit = st.data_len;
+            st.space.take(len, limit)
+        } else {
+            None
         };
-        let at = in_place
-            .or(reused)
-            .unwrap_or_else(|| st.data_len.next_multiple_of(align));
+        let at = reused.unwrap_or_else(|| st.data_len.next_multiple_of(align));
         let res = pwrite(&st.files.data, data, at, "upper-data-write");
         if let Err(e) = res {
             let e = Error::io(format!("{}/{DATA_FILE}", name(&self.dir)), at, e);
             // Appended bytes past the end are garbage no record names (the next write
-            // overwrites them), and so are bytes in reused dead space (no replay needs them);
-            // bytes rewritten in place belong to a logged record.
+            // overwrites them), and so are bytes in reused dead space (no replay needs them:
+            // later flushed records replace the dead record they belonged to).
             if reused.is_some() {
                 st.space.untake(at, len);
             }
-            return Err(if in_place.is_some() {
-                self.fail(&mut st, e)
-            } else {
-                self.fail_unless_no_space(&mut st, e)
-            });
+            return Err(self.fail_unless_no_space(&mut st, e));
         }
         let r = Record {
             kind: RecordKind::Write,
@@ -575,19 +565,13 @@ impl UpperLayer {
             if reused.is_some() {
                 st.space.untake(at, len);
             }
-            return Err(if in_place.is_some() {
-                self.fail(&mut st, e)
-            } else {
-                e
-            });
+            return Err(e);
         }
-        if in_place.is_none() {
-            if reused.is_none() {
-                st.data_len = at + len;
-            }
-            self.replace(&mut st, off, len, UpperTarget::Data { file_offset: at });
-            st.space.add_slot(at, len);
+        if reused.is_none() {
+            st.data_len = at + len;
         }
+        self.replace(&mut st, off, len, UpperTarget::Data { file_offset: at });
+        st.space.add_slot(at, len);
         if let Some(changed) = st.compacting.as_mut() {
             changed.insert(off, len, UpperTarget::Zero);
         }
@@ -671,7 +655,6 @@ impl UpperLayer {
             }
             self.reserve_log(&mut st, 0)?;
             self.write_pending(&mut st)?;
-            st.sealed_len = st.data_len;
             // Every mark queued so far is in the log now: the syncs below make them durable.
             (st.seq, st.files.clone(), st.generation, st.marks_queued)
         };
@@ -755,7 +738,6 @@ impl UpperLayer {
             }
             self.reserve_log(&mut st, 0)?;
             self.write_pending(&mut st)?;
-            st.sealed_len = st.data_len;
             (st.seq, st.files.clone(), st.generation)
         };
         let synced = sync_data(&files.data, DATA_FILE);
@@ -804,6 +786,63 @@ impl UpperLayer {
         let due = self.compaction_due(&mut st);
         drop(st);
         self.compact_if(due);
+        Ok(())
+    }
+
+    /// Reclaims the waste a write or flush found due (hosts with background compaction call
+    /// this once [`Self::take_compaction_request`] says so). Version 3: when at least half of
+    /// it is dead space that only waits for a synced flush mark over the records that killed
+    /// it, a *checkpoint* — a flush, then a sync of the log holding its mark — frees that space
+    /// for new writes and nothing is copied; otherwise, or when even the free space counted the
+    /// files pass twice the policy's ratio, [`Self::compact`].
+    pub fn reclaim(&self) -> Result<()> {
+        let checkpoint = {
+            let st = self.state.read();
+            let total = st.data_len + st.log_len;
+            let live = live_size(&st.map);
+            let excess = total
+                .saturating_sub(st.space.free_bytes())
+                .saturating_sub(live);
+            let dying = st.space.dying_bytes();
+            reuses_space(st.files.version)
+                && dying > 0
+                && dying.saturating_mul(2) >= excess
+                && !self.policy.read().doubled().due(total, live)
+        };
+        if !checkpoint {
+            return self.compact();
+        }
+        let _one = self.compaction.lock();
+        // A flush inside must not start another reclaim.
+        self.compaction_queued.store(true, Ordering::Release);
+        let res = self.flush().and_then(|()| self.sync_marks());
+        if res.is_ok() {
+            let mut st = self.state.write();
+            st.checkpoints += 1;
+            st.next_compaction_check = 0;
+        }
+        self.compaction_queued.store(false, Ordering::Release);
+        res
+    }
+
+    /// Writes the queued records (flush marks among them) and syncs the log: the marks queued
+    /// before are then on disk and synced, so the slots their records killed are free.
+    fn sync_marks(&self) -> Result<()> {
+        let (files, generation, marks) = {
+            let mut st = self.state.write();
+            self.usable(&st)?;
+            self.write_pending(&mut st)?;
+            (st.files.clone(), st.generation, st.marks_queued)
+        };
+        let synced = sync_data(&files.log, LOG_FILE);
+        let mut st = self.state.write();
+        if let Err(e) = synced {
+            let e = Error::io(format!("{}/{LOG_FILE}", name(&self.dir)), 0, e);
+            return Err(self.fail(&mut st, e));
+        }
+        if st.generation == generation {
+            st.space.settle(marks);
+        }
         Ok(())
     }
 
@@ -873,7 +912,6 @@ impl UpperLayer {
                     st.log_reserved = 0;
                     st.pending.clear();
                     st.data_len = c.data_len;
-                    st.sealed_len = c.data_len;
                     st.durable_seq = c.seq;
                     st.last_op = c.seq.saturating_sub(1);
                     // The new log's mark covers every record in it and is synced: the slots
@@ -971,6 +1009,8 @@ impl UpperLayer {
     /// running.
     fn compaction_due(&self, st: &mut State) -> bool {
         let total = st.data_len + st.log_len;
+        // Free space takes new writes: it is not waste (but see `reclaim`'s hard bound).
+        let used = total.saturating_sub(st.space.free_bytes());
         if total < st.next_compaction_check
             || st.failed.is_some()
             || st.compacting.is_some()
@@ -979,7 +1019,8 @@ impl UpperLayer {
             return false;
         }
         let policy = *self.policy.read();
-        if policy.due(total, live_size(&st.map)) {
+        let live = live_size(&st.map);
+        if policy.due(used, live) || policy.doubled().due(total, live) {
             return true;
         }
         // Nothing to do until the files grow by a step (live size changes slowly).
@@ -1000,7 +1041,7 @@ impl UpperLayer {
             return;
         }
         // The error is logged (and sticky if the switch failed); the write itself succeeded.
-        let _ = self.compact();
+        let _ = self.reclaim();
     }
 
     /// Pieces of `[off, off + len)`: `None` where the upper layer has nothing (lower shows).
@@ -1037,6 +1078,7 @@ impl UpperLayer {
             live_bytes: st.map.data_bytes(),
             free_bytes: st.space.free_bytes(),
             compactions: st.compactions,
+            checkpoints: st.checkpoints,
             failed: st.failed.clone(),
         }
     }

@@ -378,10 +378,8 @@ fn track_slots(k: &mut Kept, r: &Record, t: UpperTarget, last_flush: u64) {
         let Some(UpperTarget::Data { file_offset }) = was else {
             continue;
         };
-        // A rewrite in place points at the same bytes again: nothing is released.
-        if t == (UpperTarget::Data {
-            file_offset: r.data_offset + (o - r.offset),
-        }) {
+        // A rewrite in place (older builds) points at the same bytes again: nothing released.
+        if matches!(t, UpperTarget::Data { .. }) && file_offset == r.data_offset + (o - r.offset) {
             continue;
         }
         k.space.release(file_offset, l, r.seq);

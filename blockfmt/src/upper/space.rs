@@ -29,6 +29,7 @@ pub(crate) struct DataSpace {
     /// The same, by (length, offset) for best fit.
     free_by_len: BTreeSet<(u64, u64)>,
     free_bytes: u64,
+    dying_bytes: u64,
 }
 
 impl DataSpace {
@@ -63,6 +64,7 @@ impl DataSpace {
             if left == 0 {
                 self.slots.remove(&s);
                 self.dying.push_back((seq, s, l));
+                self.dying_bytes += l;
             } else {
                 self.slots.insert(s, (l, left));
             }
@@ -79,6 +81,7 @@ impl DataSpace {
                 break;
             }
             self.dying.pop_front();
+            self.dying_bytes -= l;
             self.put_free(s, l);
         }
     }
@@ -129,7 +132,13 @@ impl DataSpace {
         }
         if found < end - at {
             self.dying.retain(|&(_, s, l)| s + l <= at || s >= end);
+            self.dying_bytes = self.dying.iter().map(|&(_, _, l)| l).sum();
         }
+    }
+
+    /// Bytes of dead slots waiting for a synced mark over their killers.
+    pub fn dying_bytes(&self) -> u64 {
+        self.dying_bytes
     }
 
     /// Bytes free for new writes.
