@@ -33,8 +33,13 @@ use super::space::DataSpace;
 use super::{sync_data, sync_dir, Files, COMPACT_DATA_FILE, COMPACT_LOG_FILE, DATA_FILE, LOG_FILE};
 use crate::error::{Error, Result};
 
-/// Largest range one record of the compacted log describes (records carry a u32 length).
-const MAX_RECORD: u64 = 1 << 30;
+/// Largest range one record of the compacted log describes. Each record owns one slot of the
+/// new data file, and a slot is free for reuse only once later writes replaced all of it, so
+/// small records keep the copied space reusable piece by piece (64 KiB: a record per 64 KiB of
+/// live data adds 0.07 % to the log).
+const MAX_RECORD: u64 = 64 << 10;
+/// Largest zeroed or trimmed range one record describes (records carry a u32 length).
+const MAX_ZEROES_RECORD: u64 = 1 << 30;
 /// Compaction never runs for less waste than this.
 const MIN_WASTE_FLOOR: u64 = 1 << 20;
 /// Bytes copied per `pread`/`pwrite`.
@@ -177,9 +182,13 @@ impl Generation {
     /// replaces what earlier rounds wrote for it.
     pub fn copy_pieces(&mut self, old: &Files, pieces: &[(u64, u64, UpperTarget)]) -> Result<()> {
         for &(start, len, t) in pieces {
+            let max = match t {
+                UpperTarget::Data { .. } => MAX_RECORD,
+                _ => MAX_ZEROES_RECORD,
+            };
             let mut done = 0;
             while done < len {
-                let l = (len - done).min(MAX_RECORD);
+                let l = (len - done).min(max);
                 self.range(old, start + done, l, t, done)?;
                 done += l;
             }
