@@ -73,6 +73,37 @@ fn dead_space_is_reused_once_a_synced_mark_covers_its_killers() {
     }
 }
 
+/// A read snapshot taken while a write was live keeps that write's space from being reused
+/// until the snapshot is dropped (readers read without the lock).
+#[test]
+fn dead_space_a_reader_may_still_read_is_not_reused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("up");
+    let up = UpperLayer::create(&dir, SIZE).expect("create");
+    up.write(0, &[1; 4096]).expect("write"); // slot at 4096
+    up.flush().expect("flush");
+    let reader = up.pieces(0, 4096); // a read in flight
+    up.write(0, &[2; 4096]).expect("rewrite"); // kills the slot the reader points at
+    for i in 0..3 {
+        up.write(8192 * (i + 1), &[3; 4096]).expect("write");
+        up.flush().expect("flush");
+    }
+    assert_eq!(up.stats().free_bytes, 0, "the reader holds it");
+    let mut got = vec![0u8; 4096];
+    let Some(blockfmt::upper::UpperTarget::Data { file_offset }) = reader.pieces[0].2 else {
+        panic!("{:?}", reader.pieces);
+    };
+    reader.read_data(file_offset, &mut got).expect("read");
+    assert_eq!(got, [1; 4096], "the snapshot still reads what it saw");
+    drop(reader);
+    up.write(65536, &[4; 4096]).expect("write");
+    up.flush().expect("flush");
+    assert!(
+        up.stats().free_bytes >= 4096,
+        "free once the reader is gone"
+    );
+}
+
 #[test]
 fn a_crash_between_a_reuse_write_and_its_record_keeps_every_flushed_write() {
     let tmp = tempfile::tempdir().expect("tmp");

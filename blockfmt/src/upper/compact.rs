@@ -253,7 +253,9 @@ impl Generation {
         // loses these bytes (killed by the record about to be written).
         for (_, l, was) in self.map.pieces(start, len) {
             if let Some(UpperTarget::Data { file_offset }) = was {
-                self.space.release(file_offset, l, self.seq + 1);
+                // Nobody reads the new files yet.
+                self.space
+                    .release(file_offset, l, self.seq + 1, &std::sync::Weak::new());
             }
         }
         match t {

@@ -51,7 +51,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::stack::{LoadTask, ParallelLoads};
 use log::{DATA_MAGIC, LOG_MAGIC};
-use space::DataSpace;
+use space::{DataSpace, ReadEpoch};
 
 /// File names inside an upper layer directory.
 pub const DATA_FILE: &str = "data";
@@ -180,6 +180,8 @@ struct State {
     compacting: Option<RangeMap>,
     /// Slots of `data`, dead ones and free ones (version 3 reuses free space; see `space.rs`).
     space: DataSpace,
+    /// Held by every read snapshot taken since the latest flush began (see `space.rs`).
+    epoch: Arc<ReadEpoch>,
     /// Highest `covered` of the flush marks queued so far; once a flush has written and synced
     /// the log, marks up to here are on disk and synced.
     marks_queued: u64,
@@ -204,6 +206,7 @@ impl State {
             failed: None,
             compacting: None,
             space: DataSpace::default(),
+            epoch: Arc::default(),
             marks_queued: 0,
         }
     }
@@ -253,6 +256,8 @@ pub struct UpperView<T> {
     pub pieces: Vec<(u64, u64, T)>,
     files: Arc<Files>,
     name: String,
+    /// Keeps the dead space these pieces may point at from being reused while they are read.
+    _epoch: Arc<ReadEpoch>,
 }
 
 impl<T> UpperView<T> {
@@ -618,10 +623,10 @@ impl UpperLayer {
     /// released from their slots, killed by the record just appended (`st.seq`).
     fn replace(&self, st: &mut State, off: u64, len: u64, t: UpperTarget) {
         if reuses_space(st.files.version) {
-            let seq = st.seq;
+            let (seq, epoch) = (st.seq, Arc::downgrade(&st.epoch));
             for (_, l, was) in st.map.pieces(off, len) {
                 if let Some(UpperTarget::Data { file_offset }) = was {
-                    st.space.release(file_offset, l, seq);
+                    st.space.release(file_offset, l, seq, &epoch);
                 }
             }
         }
@@ -655,6 +660,8 @@ impl UpperLayer {
             }
             self.reserve_log(&mut st, 0)?;
             self.write_pending(&mut st)?;
+            // Snapshots taken from now on do not see what died before: a new read epoch.
+            st.epoch = st.epoch.advance();
             // Every mark queued so far is in the log now: the syncs below make them durable.
             (st.seq, st.files.clone(), st.generation, st.marks_queued)
         };
@@ -1051,6 +1058,7 @@ impl UpperLayer {
             pieces: st.map.pieces(off, len),
             files: st.files.clone(),
             name: name(&self.dir),
+            _epoch: st.epoch.clone(),
         }
     }
 
@@ -1061,6 +1069,7 @@ impl UpperLayer {
             pieces: st.map.iter().collect(),
             files: st.files.clone(),
             name: name(&self.dir),
+            _epoch: st.epoch.clone(),
         }
     }
 

@@ -382,7 +382,8 @@ fn track_slots(k: &mut Kept, r: &Record, t: UpperTarget, last_flush: u64) {
         if matches!(t, UpperTarget::Data { .. }) && file_offset == r.data_offset + (o - r.offset) {
             continue;
         }
-        k.space.release(file_offset, l, r.seq);
+        k.space
+            .release(file_offset, l, r.seq, &std::sync::Weak::new());
     }
     k.space.settle(last_flush);
     if let UpperTarget::Data { .. } = t {

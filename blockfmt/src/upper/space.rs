@@ -9,10 +9,32 @@
 //! crc32c (§3.4). Before that, a crash could replay the dead record as live and read the new
 //! bytes in its place.
 //!
+//! Readers read without the lock, through a snapshot of the map taken earlier: a dead slot is
+//! not free while a reader that may still read it is running. Each snapshot holds the current
+//! [`ReadEpoch`]; each flush starts a new one; a dying slot remembers the epoch it died in and
+//! is freed only once no snapshot of that epoch or an older one is left (an epoch holds the
+//! next one alive, so "epoch e is gone" means "every snapshot up to e is gone").
+//!
 //! Slots die in the order of the record that killed them (`seq` grows), so the dying queue is
 //! settled from its front. Free space is kept coalesced, by offset and by size (best fit).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, OnceLock, Weak};
+
+/// A period between two flushes, as the readers see it (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct ReadEpoch {
+    next: OnceLock<Arc<ReadEpoch>>,
+}
+
+impl ReadEpoch {
+    /// Starts the next epoch: returns it; this one keeps it alive while it lives.
+    pub fn advance(self: &Arc<Self>) -> Arc<ReadEpoch> {
+        let next = Arc::new(ReadEpoch::default());
+        let _ = self.next.set(next.clone());
+        next
+    }
+}
 
 /// Slot granularity: each write's bytes start on a 4096-byte boundary (version ≥ 2).
 const SLOT: u64 = 4096;
@@ -22,8 +44,9 @@ const SLOT: u64 = 4096;
 pub(crate) struct DataSpace {
     /// Live slots: data offset → (slot length, live bytes).
     slots: BTreeMap<u64, (u64, u64)>,
-    /// Dead slots and the `seq` of the record that killed their last byte.
-    dying: VecDeque<(u64, u64, u64)>,
+    /// Dead slots: the `seq` of the record that killed their last byte, offset, length, and
+    /// the read epoch they died in.
+    dying: VecDeque<(u64, u64, u64, Weak<ReadEpoch>)>,
     /// Free space: offset → length (coalesced).
     free_by_off: BTreeMap<u64, u64>,
     /// The same, by (length, offset) for best fit.
@@ -51,7 +74,7 @@ impl DataSpace {
     /// The map stopped pointing at `len` bytes at data offset `at` (record `seq` replaced
     /// them). Bytes in no known slot (e.g. written before this process tracked slots) are
     /// ignored: their space is never reused.
-    pub fn release(&mut self, mut at: u64, mut len: u64, seq: u64) {
+    pub fn release(&mut self, mut at: u64, mut len: u64, seq: u64, epoch: &Weak<ReadEpoch>) {
         while len > 0 {
             let Some((&s, &(l, live))) = self.slots.range(..=at).next_back() else {
                 return;
@@ -63,7 +86,7 @@ impl DataSpace {
             let left = live.saturating_sub(here);
             if left == 0 {
                 self.slots.remove(&s);
-                self.dying.push_back((seq, s, l));
+                self.dying.push_back((seq, s, l, epoch.clone()));
                 self.dying_bytes += l;
             } else {
                 self.slots.insert(s, (l, left));
@@ -74,10 +97,11 @@ impl DataSpace {
     }
 
     /// A flush mark covering records up to `seq` is on disk and synced: slots those records
-    /// killed become free.
+    /// killed become free, once no reader may still read them.
     pub fn settle(&mut self, seq: u64) {
-        while let Some(&(killer, s, l)) = self.dying.front() {
-            if killer > seq {
+        while let Some((killer, s, l, epoch)) = self.dying.front() {
+            let (killer, s, l) = (*killer, *s, *l);
+            if killer > seq || epoch.strong_count() > 0 {
                 break;
             }
             self.dying.pop_front();
@@ -131,8 +155,8 @@ impl DataSpace {
             }
         }
         if found < end - at {
-            self.dying.retain(|&(_, s, l)| s + l <= at || s >= end);
-            self.dying_bytes = self.dying.iter().map(|&(_, _, l)| l).sum();
+            self.dying.retain(|&(_, s, l, _)| s + l <= at || s >= end);
+            self.dying_bytes = self.dying.iter().map(|&(_, _, l, _)| l).sum();
         }
     }
 
@@ -179,12 +203,12 @@ mod tests {
         let mut s = DataSpace::default();
         s.add_slot(4096, 4096);
         s.add_slot(8192, 8000);
-        s.release(4096, 4096, 5);
-        s.release(8192, 4000, 6);
+        s.release(4096, 4096, 5, &Weak::new());
+        s.release(8192, 4000, 6, &Weak::new());
         assert_eq!(s.take(4096, 1 << 20), None);
         s.settle(5);
         assert_eq!(s.free_bytes(), 4096);
-        s.release(12192, 4000, 7);
+        s.release(12192, 4000, 7, &Weak::new());
         s.settle(6);
         assert_eq!(s.free_bytes(), 4096);
         s.settle(7);
@@ -200,13 +224,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_of_an_epoch_keeps_what_died_in_it_from_being_free() {
+        let mut s = DataSpace::default();
+        let e0 = Arc::new(ReadEpoch::default());
+        let reader = e0.clone(); // a snapshot taken in epoch 0
+        s.add_slot(4096, 4096);
+        s.release(4096, 4096, 1, &Arc::downgrade(&e0));
+        let e1 = e0.advance();
+        drop(e0); // the layer moved on to epoch 1
+        s.settle(10);
+        assert_eq!(s.free_bytes(), 0, "the reader may still read it");
+        let e2 = e1.advance();
+        drop(e1);
+        s.settle(10);
+        assert_eq!(s.free_bytes(), 0, "older readers hold newer epochs too");
+        drop(reader);
+        s.settle(10);
+        assert_eq!(s.free_bytes(), 4096);
+        drop(e2);
+    }
+
+    #[test]
     fn claimed_space_leaves_the_free_list_and_the_dying_queue() {
         let mut s = DataSpace::default();
         for i in 1..=4 {
             s.add_slot(i * 4096, 4096);
         }
         for i in 1..=4 {
-            s.release(i * 4096, 4096, i);
+            s.release(i * 4096, 4096, i, &Weak::new());
         }
         s.settle(2);
         s.claim(4096, 100);
