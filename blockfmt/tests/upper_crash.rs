@@ -62,7 +62,7 @@ fn flushed_writes_survive_any_cut_and_the_rest_is_a_prefix() {
             match rng.gen_range(0..8) {
                 0 => Op::Zero(o, rng.gen_range(1..20_000)),
                 1 => Op::Trim(o, rng.gen_range(1..20_000)),
-                // Rewrite part of the previous write: in place while no flush claimed it.
+                // Rewrite part of the previous write (its slot dies only piecewise).
                 2 | 3 if last_write.is_some() => {
                     let (lo, ll) = last_write.unwrap_or((0, 1));
                     let skip = rng.gen_range(0..ll);
@@ -108,14 +108,14 @@ fn flushed_writes_survive_any_cut_and_the_rest_is_a_prefix() {
     }
     let log_full = fs::metadata(dir.join(LOG_FILE)).unwrap().len();
     let data_full = fs::metadata(dir.join(DATA_FILE)).unwrap().len();
-    // Some rewrites went in place: the data file is smaller than every write appended.
+    // Some writes took dead space: the data file is smaller than every write appended.
     let appended = ops.iter().fold(4096u64, |end, op| match op {
         Op::Write(_, d) => end.next_multiple_of(4096) + d.len() as u64,
         _ => end,
     });
     assert!(
         data_full < appended,
-        "{data_full} >= {appended}: no write in place"
+        "{data_full} >= {appended}: no write reused dead space"
     );
     let mut cuts: Vec<(u64, u64)> = Vec::new();
     // Every record boundary past the last flush, with the data file whole or cut short.

@@ -110,8 +110,9 @@ fn failed_log_append_leaves_no_phantom_record() {
 }
 
 /// A data `pwrite` that runs out of space leaves the layer as it was; writes succeed again
-/// once the fault is gone. A failure rewriting unflushed bytes in place cannot be undone (the
-/// old record's bytes changed): it fails the layer, and recovery drops that unflushed record.
+/// once the fault is gone. Version 3 never rewrites a record's bytes in place, so a failed
+/// write into reused dead space is undone too: the space goes back to the free list and the
+/// next write takes it.
 #[test]
 fn failed_data_write_is_undone_or_sticky() {
     let scenario = fail::FailScenario::setup();
@@ -125,20 +126,34 @@ fn failed_data_write_is_undone_or_sticky() {
     let e = up.write(8192, &[9; 4096]).expect_err("append fails");
     assert!(e.is_no_space() && up.stats().failed.is_none(), "{e}");
     up.write(8192, &[8; 4096]).expect("write again");
-    // In place: the same range again, unflushed.
+    // Kill that write's slot and free it (a synced mark over its killer).
+    up.flush().expect("flush");
+    up.write(8192, &[6; 4096]).expect("rewrite");
+    up.flush().expect("flush");
+    up.write(o, &d).expect("rewrite");
+    up.flush().expect("flush");
+    let free = up.stats().free_bytes;
+    assert!(free >= 4096, "a dead slot is free");
+    let len = up.data_file_len();
     fail::cfg("upper-data-write", "1*return").expect("cfg");
-    up.write(8192, &[7; 4096])
-        .expect_err("in-place rewrite fails");
-    assert!(up.stats().failed.is_some(), "an in-place failure is sticky");
+    up.write(65536, &[7; 4096])
+        .expect_err("a write into dead space fails");
+    assert!(up.stats().failed.is_none(), "undone, not sticky");
+    assert_eq!(up.stats().free_bytes, free, "the space is free again");
+    up.write(65536, &[5; 4096]).expect("write again");
+    assert_eq!(up.data_file_len(), len, "it took the dead space");
+    up.flush().expect("flush");
     drop(up);
     scenario.teardown();
     let up = reopen(dir);
     assert_eq!(read(&up, o, 4096), d, "flushed write kept");
+    assert_eq!(read(&up, 8192, 4096), [6; 4096]);
+    assert_eq!(read(&up, 65536, 4096), [5; 4096]);
 }
 
 /// Writes, zeroes, trims and flushes that land while a compaction copies without the lock —
-/// including rewrites of bytes no flush had claimed, which would otherwise go in place under
-/// the copy — are all in the compacted layer, and after reopening.
+/// including rewrites of unflushed bytes and (version 3) writes into dead space of the old
+/// data file the copy may be reading — are all in the compacted layer, and after reopening.
 #[test]
 fn writes_during_a_compaction_are_kept() {
     const BIG: u64 = 16 << 20;
@@ -183,6 +198,16 @@ fn writes_during_a_compaction_are_kept() {
                 up2.flush().expect("flush");
                 up2.write_zeroes(3 << 20, 8192, true).expect("trim");
                 m[3 << 20..(3 << 20) + 8192].fill(0);
+                // Sync the mark over the rewrites: their old slots are free, and the next
+                // writes take them.
+                put(&up2, &mut m, 6 << 20, 0x44, 4096);
+                up2.flush().expect("flush");
+                let (free, len) = (up2.stats().free_bytes, up2.data_file_len());
+                assert!(free > 64 * 4096, "dead space is free: {free}");
+                for i in 0..64 {
+                    put(&up2, &mut m, (7 << 20) + i * 4096, 0x33, 4096);
+                }
+                assert_eq!(up2.data_file_len(), len, "the writes took dead space");
             }
             // Round 2: a few writes, copied by the last round under the lock.
             1 => {

@@ -235,10 +235,11 @@ pub fn render(host: &HostServices, exports: &Exports) -> String {
     m
 }
 
-/// Each export's upper-layer files against its live data, and its compactions.
+/// Each export's upper-layer files against its live data, its free space, compactions and
+/// checkpoints.
 fn upper_metrics(m: &mut String, exports: &Exports) {
     type Get = fn(&blockfmt::upper::UpperStats) -> u64;
-    let families: [(&str, &str, &str, Get); 4] = [
+    let families: [(&str, &str, &str, Get); 6] = [
         (
             "lsm_upper_data_bytes",
             "Bytes in each export's upper-layer data file.",
@@ -262,6 +263,18 @@ fn upper_metrics(m: &mut String, exports: &Exports) {
             "Compactions of each export's upper layer since lsmd started.",
             "counter",
             |s| s.compactions,
+        ),
+        (
+            "lsm_upper_free_bytes",
+            "Dead bytes in each export's upper-layer data file that new writes may take.",
+            "gauge",
+            |s| s.free_bytes,
+        ),
+        (
+            "lsm_upper_checkpoints_total",
+            "Checkpoints (a flush and a synced mark freeing dead space, no copy) since lsmd started.",
+            "counter",
+            |s| s.checkpoints,
         ),
     ];
     let stats: Vec<_> = exports

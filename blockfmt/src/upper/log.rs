@@ -7,8 +7,16 @@ use crate::format::{le_u16, le_u32, le_u64};
 pub const FILE_HEADER_LEN: usize = 64;
 /// Upper layer format version written by this build. Version 1 (data appended back to back)
 /// is still read and appended to; version 2 starts every write's bytes at a 4 KiB boundary of
-/// `data`, so block-sized writes fill whole pages and never read-modify-write one.
-pub const UPPER_VERSION: u16 = 2;
+/// `data`, so block-sized writes fill whole pages and never read-modify-write one; version 3
+/// (same layout) also reuses dead space in `data` (see `space.rs`), which older builds would
+/// refuse after a crash, hence the new number. Versions 1 and 2 are still opened and extended
+/// in their own rules.
+pub const UPPER_VERSION: u16 = 3;
+
+/// True when a layer of this version may put new writes in dead space of `data`.
+pub fn reuses_space(version: u16) -> bool {
+    version >= 3
+}
 
 /// Alignment of each write's bytes in `data` for a format version.
 pub fn data_alignment(version: u16) -> u64 {
@@ -89,7 +97,7 @@ impl Record {
 /// The shared header of `data` and `index.log`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHeader {
-    /// Format version (1 or 2).
+    /// Format version (1, 2 or 3).
     pub version: u16,
     pub pair_id: [u8; 16],
     /// Disk size (log only; 0 in `data`).

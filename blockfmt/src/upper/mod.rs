@@ -29,11 +29,13 @@ mod lock;
 mod log;
 mod rangemap;
 mod recover;
+mod space;
 
 pub use compact::CompactionPolicy;
 pub use lock::LOCK_FILE;
 pub use log::{
-    data_alignment, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN, UPPER_VERSION,
+    data_alignment, reuses_space, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN,
+    UPPER_VERSION,
 };
 pub use rangemap::{RangeMap, UpperTarget};
 
@@ -49,6 +51,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::stack::{LoadTask, ParallelLoads};
 use log::{DATA_MAGIC, LOG_MAGIC};
+use space::{DataSpace, ReadEpoch};
 
 /// File names inside an upper layer directory.
 pub const DATA_FILE: &str = "data";
@@ -79,8 +82,12 @@ pub struct UpperStats {
     pub log_bytes: u64,
     /// Disk bytes whose latest write is data in the data file.
     pub live_bytes: u64,
+    /// Dead bytes in the data file that new writes may take (version 3).
+    pub free_bytes: u64,
     /// Compactions since open.
     pub compactions: u64,
+    /// Checkpoints since open: dead space freed by syncing a flush mark instead of a copy.
+    pub checkpoints: u64,
     /// Why the layer refuses writes and flushes, if it does.
     pub failed: Option<String>,
 }
@@ -111,6 +118,8 @@ pub(crate) struct Files {
     log: File,
     /// Alignment of each write's bytes in `data` (format version 2: 4096; 1: none).
     align: u64,
+    /// Format version of both files.
+    version: u16,
 }
 
 /// Syncs one of the layer's files. The failpoints (`--features failpoints`) stand for the
@@ -153,10 +162,6 @@ struct State {
     pending: Vec<u8>,
     /// End of the last appended write's bytes in `data`.
     data_len: u64,
-    /// `data_len` when the latest flush began: bytes below it may be durable and are never
-    /// rewritten; bytes above it belong to writes no flush has claimed yet, and a write that
-    /// covers exactly such bytes again overwrites them in place (version 2).
-    sealed_len: u64,
     /// `seq` of the last write, zeroes or trim record.
     last_op: u64,
     /// Records up to this `seq` are durable.
@@ -164,6 +169,8 @@ struct State {
     /// Bumped by each compaction (a flush that began before one has nothing left to do).
     generation: u64,
     compactions: u64,
+    /// Checkpoints (see [`UpperLayer::reclaim`]) since open.
+    checkpoints: u64,
     /// Files may grow to this size before the next compaction check.
     next_compaction_check: u64,
     /// Set once a failure may have lost acknowledged bytes: sticky until reopened.
@@ -171,6 +178,13 @@ struct State {
     /// While a compaction copies without the lock: the disk ranges written since its current
     /// round began (the next round copies them again).
     compacting: Option<RangeMap>,
+    /// Slots of `data`, dead ones and free ones (version 3 reuses free space; see `space.rs`).
+    space: DataSpace,
+    /// Held by every read snapshot taken since the latest flush began (see `space.rs`).
+    epoch: Arc<ReadEpoch>,
+    /// Highest `covered` of the flush marks queued so far; once a flush has written and synced
+    /// the log, marks up to here are on disk and synced.
+    marks_queued: u64,
 }
 
 impl State {
@@ -183,14 +197,17 @@ impl State {
             log_reserved: 0,
             pending: Vec::with_capacity(PENDING_RECORDS * RECORD_LEN),
             data_len,
-            sealed_len: data_len,
             last_op: seq,
             durable_seq: seq,
             generation: 0,
             compactions: 0,
+            checkpoints: 0,
             next_compaction_check: 0,
             failed: None,
             compacting: None,
+            space: DataSpace::default(),
+            epoch: Arc::default(),
+            marks_queued: 0,
         }
     }
 }
@@ -239,6 +256,8 @@ pub struct UpperView<T> {
     pub pieces: Vec<(u64, u64, T)>,
     files: Arc<Files>,
     name: String,
+    /// Keeps the dead space these pieces may point at from being reused while they are read.
+    _epoch: Arc<ReadEpoch>,
 }
 
 impl<T> UpperView<T> {
@@ -302,6 +321,7 @@ impl UpperLayer {
             data,
             log,
             align: data_alignment(UPPER_VERSION),
+            version: UPPER_VERSION,
         };
         let hdr = FILE_HEADER_LEN as u64;
         Ok(UpperLayer {
@@ -329,6 +349,10 @@ impl UpperLayer {
         // durable, so the first flush syncs the rest.
         st.durable_seq = r.flushed;
         st.last_op = r.last_op;
+        // Slots the recovered records killed are freed once the first flush has synced the log
+        // holding the mark that covers their killers.
+        st.space = r.space;
+        st.marks_queued = r.flushed;
         let up = UpperLayer {
             dir: dir.to_path_buf(),
             logical_size,
@@ -512,23 +536,27 @@ impl UpperLayer {
         self.reserve_log(&mut st, 1)?;
         let len = data.len() as u64;
         let align = st.files.align;
-        // Bytes no flush has claimed, covering exactly this range: rewrite them in place. A crash
-        // then fails the older record's data check and recovery stops there: still a prefix.
-        let in_place = (align > 1)
-            .then(|| st.map.data_at(off, len))
-            .flatten()
-            .filter(|&at| at >= st.sealed_len);
-        let at = in_place.unwrap_or_else(|| st.data_len.next_multiple_of(align));
+        // Version 3: dead space whose killers a synced flush mark covers (see `space.rs`).
+        // Nothing is ever rewritten in place: a record whose bytes changed under it fails its
+        // crc32c, and until a mark over it is on disk recovery would stop there, losing
+        // acknowledged (even flushed: the mark follows the flush) writes after it.
+        let reused = if reuses_space(st.files.version) {
+            let limit = st.data_len;
+            st.space.take(len, limit)
+        } else {
+            None
+        };
+        let at = reused.unwrap_or_else(|| st.data_len.next_multiple_of(align));
         let res = pwrite(&st.files.data, data, at, "upper-data-write");
         if let Err(e) = res {
             let e = Error::io(format!("{}/{DATA_FILE}", name(&self.dir)), at, e);
             // Appended bytes past the end are garbage no record names (the next write
-            // overwrites them); bytes rewritten in place belong to a logged record.
-            return Err(if in_place.is_some() {
-                self.fail(&mut st, e)
-            } else {
-                self.fail_unless_no_space(&mut st, e)
-            });
+            // overwrites them), and so are bytes in reused dead space (no replay needs them:
+            // later flushed records replace the dead record they belonged to).
+            if reused.is_some() {
+                st.space.untake(at, len);
+            }
+            return Err(self.fail_unless_no_space(&mut st, e));
         }
         let r = Record {
             kind: RecordKind::Write,
@@ -539,17 +567,16 @@ impl UpperLayer {
             data_offset: at,
         };
         if let Err(e) = self.append(&mut st, r) {
-            return Err(if in_place.is_some() {
-                self.fail(&mut st, e)
-            } else {
-                e
-            });
+            if reused.is_some() {
+                st.space.untake(at, len);
+            }
+            return Err(e);
         }
-        if in_place.is_none() {
+        if reused.is_none() {
             st.data_len = at + len;
-            st.map
-                .insert(off, len, UpperTarget::Data { file_offset: at });
         }
+        self.replace(&mut st, off, len, UpperTarget::Data { file_offset: at });
+        st.space.add_slot(at, len);
         if let Some(changed) = st.compacting.as_mut() {
             changed.insert(off, len, UpperTarget::Zero);
         }
@@ -582,7 +609,7 @@ impl UpperLayer {
             data_offset: 0,
         };
         self.append(&mut st, r)?;
-        st.map.insert(off, len, target);
+        self.replace(&mut st, off, len, target);
         if let Some(changed) = st.compacting.as_mut() {
             changed.insert(off, len, UpperTarget::Zero);
         }
@@ -590,6 +617,20 @@ impl UpperLayer {
         drop(st);
         self.compact_if(due);
         Ok(())
+    }
+
+    /// Points `[off, off + len)` at `t` in the map; the data bytes it pointed at before are
+    /// released from their slots, killed by the record just appended (`st.seq`).
+    fn replace(&self, st: &mut State, off: u64, len: u64, t: UpperTarget) {
+        if reuses_space(st.files.version) {
+            let (seq, epoch) = (st.seq, Arc::downgrade(&st.epoch));
+            for (_, l, was) in st.map.pieces(off, len) {
+                if let Some(UpperTarget::Data { file_offset }) = was {
+                    st.space.release(file_offset, l, seq, &epoch);
+                }
+            }
+        }
+        st.map.insert(off, len, t);
     }
 
     /// Makes every operation acknowledged before the call durable. Version 2: write the queued
@@ -604,7 +645,7 @@ impl UpperLayer {
     /// during them are not claimed by this flush. A failed sync fails the layer (sticky).
     pub fn flush(&self) -> Result<()> {
         let n = name(&self.dir);
-        let (covered, files, generation) = {
+        let (covered, files, generation, marks_in_log) = {
             let mut st = self.state.write();
             if self.lock.is_none() {
                 return Ok(());
@@ -619,8 +660,10 @@ impl UpperLayer {
             }
             self.reserve_log(&mut st, 0)?;
             self.write_pending(&mut st)?;
-            st.sealed_len = st.data_len;
-            (st.seq, st.files.clone(), st.generation)
+            // Snapshots taken from now on do not see what died before: a new read epoch.
+            st.epoch = st.epoch.advance();
+            // Every mark queued so far is in the log now: the syncs below make them durable.
+            (st.seq, st.files.clone(), st.generation, st.marks_queued)
         };
         let (data_synced, log_synced) = self.sync_both(&files);
         let mut st = self.state.write();
@@ -634,6 +677,7 @@ impl UpperLayer {
         self.usable(&st)?;
         if st.generation == generation {
             st.durable_seq = st.durable_seq.max(covered);
+            st.space.settle(marks_in_log);
             self.reserve_log(&mut st, 0)?;
             let mark = Record {
                 kind: RecordKind::FlushMark,
@@ -644,6 +688,7 @@ impl UpperLayer {
                 data_offset: 0,
             };
             self.append(&mut st, mark)?;
+            st.marks_queued = st.marks_queued.max(covered);
         } // else a compaction synced everything this flush covers, and marked it.
         let due = self.compaction_due(&mut st);
         drop(st);
@@ -700,7 +745,6 @@ impl UpperLayer {
             }
             self.reserve_log(&mut st, 0)?;
             self.write_pending(&mut st)?;
-            st.sealed_len = st.data_len;
             (st.seq, st.files.clone(), st.generation)
         };
         let synced = sync_data(&files.data, DATA_FILE);
@@ -749,6 +793,63 @@ impl UpperLayer {
         let due = self.compaction_due(&mut st);
         drop(st);
         self.compact_if(due);
+        Ok(())
+    }
+
+    /// Reclaims the waste a write or flush found due (hosts with background compaction call
+    /// this once [`Self::take_compaction_request`] says so). Version 3: when at least half of
+    /// it is dead space that only waits for a synced flush mark over the records that killed
+    /// it, a *checkpoint* — a flush, then a sync of the log holding its mark — frees that space
+    /// for new writes and nothing is copied; otherwise, or when even the free space counted the
+    /// files pass twice the policy's ratio, [`Self::compact`].
+    pub fn reclaim(&self) -> Result<()> {
+        let checkpoint = {
+            let st = self.state.read();
+            let total = st.data_len + st.log_len;
+            let live = live_size(&st.map);
+            let excess = total
+                .saturating_sub(st.space.free_bytes())
+                .saturating_sub(live);
+            let dying = st.space.dying_bytes();
+            reuses_space(st.files.version)
+                && dying > 0
+                && dying.saturating_mul(2) >= excess
+                && !self.policy.read().doubled().due(total, live)
+        };
+        if !checkpoint {
+            return self.compact();
+        }
+        let _one = self.compaction.lock();
+        // A flush inside must not start another reclaim.
+        self.compaction_queued.store(true, Ordering::Release);
+        let res = self.flush().and_then(|()| self.sync_marks());
+        if res.is_ok() {
+            let mut st = self.state.write();
+            st.checkpoints += 1;
+            st.next_compaction_check = 0;
+        }
+        self.compaction_queued.store(false, Ordering::Release);
+        res
+    }
+
+    /// Writes the queued records (flush marks among them) and syncs the log: the marks queued
+    /// before are then on disk and synced, so the slots their records killed are free.
+    fn sync_marks(&self) -> Result<()> {
+        let (files, generation, marks) = {
+            let mut st = self.state.write();
+            self.usable(&st)?;
+            self.write_pending(&mut st)?;
+            (st.files.clone(), st.generation, st.marks_queued)
+        };
+        let synced = sync_data(&files.log, LOG_FILE);
+        let mut st = self.state.write();
+        if let Err(e) = synced {
+            let e = Error::io(format!("{}/{LOG_FILE}", name(&self.dir)), 0, e);
+            return Err(self.fail(&mut st, e));
+        }
+        if st.generation == generation {
+            st.space.settle(marks);
+        }
         Ok(())
     }
 
@@ -818,9 +919,13 @@ impl UpperLayer {
                     st.log_reserved = 0;
                     st.pending.clear();
                     st.data_len = c.data_len;
-                    st.sealed_len = c.data_len;
                     st.durable_seq = c.seq;
                     st.last_op = c.seq.saturating_sub(1);
+                    // The new log's mark covers every record in it and is synced: the slots
+                    // later rounds' records killed are free at once.
+                    st.space = c.space;
+                    st.space.settle(c.seq);
+                    st.marks_queued = c.seq;
                     st.generation += 1;
                     st.compactions += 1;
                     st.next_compaction_check = 0;
@@ -911,6 +1016,8 @@ impl UpperLayer {
     /// running.
     fn compaction_due(&self, st: &mut State) -> bool {
         let total = st.data_len + st.log_len;
+        // Free space takes new writes: it is not waste (but see `reclaim`'s hard bound).
+        let used = total.saturating_sub(st.space.free_bytes());
         if total < st.next_compaction_check
             || st.failed.is_some()
             || st.compacting.is_some()
@@ -919,7 +1026,8 @@ impl UpperLayer {
             return false;
         }
         let policy = *self.policy.read();
-        if policy.due(total, live_size(&st.map)) {
+        let live = live_size(&st.map);
+        if policy.due(used, live) || policy.doubled().due(total, live) {
             return true;
         }
         // Nothing to do until the files grow by a step (live size changes slowly).
@@ -940,7 +1048,7 @@ impl UpperLayer {
             return;
         }
         // The error is logged (and sticky if the switch failed); the write itself succeeded.
-        let _ = self.compact();
+        let _ = self.reclaim();
     }
 
     /// Pieces of `[off, off + len)`: `None` where the upper layer has nothing (lower shows).
@@ -950,6 +1058,7 @@ impl UpperLayer {
             pieces: st.map.pieces(off, len),
             files: st.files.clone(),
             name: name(&self.dir),
+            _epoch: st.epoch.clone(),
         }
     }
 
@@ -960,6 +1069,7 @@ impl UpperLayer {
             pieces: st.map.iter().collect(),
             files: st.files.clone(),
             name: name(&self.dir),
+            _epoch: st.epoch.clone(),
         }
     }
 
@@ -975,7 +1085,9 @@ impl UpperLayer {
             data_file_bytes: st.data_len,
             log_bytes: st.log_len,
             live_bytes: st.map.data_bytes(),
+            free_bytes: st.space.free_bytes(),
             compactions: st.compactions,
+            checkpoints: st.checkpoints,
             failed: st.failed.clone(),
         }
     }

@@ -8,16 +8,21 @@
 //! whose data checks out (a crash may have left their bytes unwritten): a prefix of the
 //! acknowledged operations that includes every flushed one. A *flushed* write whose data fails
 //! its crc32c is an error, not a silent drop — unless a later record rewrote those bytes in
-//! place (then the older record's crc is expected to fail).
+//! place or reused them (then the older record's crc is expected to fail), or later flushed
+//! records wholly supersede it (version 3 reuses such dead space; a crash between the reusing
+//! write's bytes and its record leaves exactly that).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::log::{data_alignment, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN};
+use super::log::{
+    data_alignment, reuses_space, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN,
+};
 use super::log::{DATA_MAGIC, LOG_MAGIC};
 use super::rangemap::{RangeMap, UpperTarget};
+use super::space::DataSpace;
 use super::{sync_dir, Files, Recovery, COMPACT_DATA_FILE, COMPACT_LOG_FILE, DATA_FILE, LOG_FILE};
 use crate::error::{Error, Result};
 
@@ -38,6 +43,9 @@ pub(super) struct Recovered {
     pub flushed: u64,
     /// Seq of the last kept write, zeroes or trim record.
     pub last_op: u64,
+    /// The data file's slots: free space (whose killers the synced last mark covers) and dead
+    /// slots waiting for a mark over their killers (version 3; empty otherwise).
+    pub space: DataSpace,
     pub report: Recovery,
 }
 
@@ -64,7 +72,7 @@ pub(super) fn recover(dir: &Path, logical_size: u64, writable: bool) -> Result<R
     let version = check_headers(&n, &data, &log, logical_size)?;
     let align = data_alignment(version);
     let scan = scan(&n, &log, log_file_len, logical_size, data_file_len, version)?;
-    let kept = replay(&n, &log, &data, &scan)?;
+    let kept = replay(&n, &log, &data, &scan, version)?;
     let log_len = (FILE_HEADER_LEN as u64) + kept.seq * RECORD_LEN as u64;
     let report = Recovery {
         replayed: kept.ops,
@@ -79,14 +87,26 @@ pub(super) fn recover(dir: &Path, logical_size: u64, writable: bool) -> Result<R
             .and_then(|_| data.sync_all())
             .map_err(|e| Error::io(format!("{n}/{DATA_FILE}"), kept.data_len, e))?;
     }
+    if writable && kept.space.free_bytes() > 0 {
+        // Free space counts on the last mark being durable; after a crash of the process alone
+        // it may be in the page cache only.
+        log.sync_data()
+            .map_err(|e| Error::io(format!("{n}/{LOG_FILE}"), 0, e))?;
+    }
     Ok(Recovered {
-        files: Files { data, log, align },
+        files: Files {
+            data,
+            log,
+            align,
+            version,
+        },
         map: kept.map,
         seq: kept.seq,
         log_len,
         data_len: kept.data_len,
         flushed: scan.last_flush,
         last_op: kept.last_op,
+        space: kept.space,
         report,
     })
 }
@@ -267,10 +287,16 @@ struct Kept {
     ops: u64,
     data_len: u64,
     last_op: u64,
+    space: DataSpace,
 }
 
+/// A flushed write whose data failed its check: (end in `data`, seq, disk offset, len), by
+/// data offset.
+type Suspects = BTreeMap<u64, (u64, u64, u64, u64)>;
+
 /// Pass two: replays the prefix into the map, checking data as it goes.
-fn replay(n: &str, log: &File, data: &File, scan: &Scan) -> Result<Kept> {
+fn replay(n: &str, log: &File, data: &File, scan: &Scan, version: u16) -> Result<Kept> {
+    let track = reuses_space(version);
     let log_file_len = FILE_HEADER_LEN as u64 + scan.records * RECORD_LEN as u64;
     let mut it = LogRecords::new(log, log_file_len);
     let mut k = Kept {
@@ -279,10 +305,11 @@ fn replay(n: &str, log: &File, data: &File, scan: &Scan) -> Result<Kept> {
         ops: 0,
         data_len: FILE_HEADER_LEN as u64,
         last_op: 0,
+        space: DataSpace::default(),
     };
-    // Flushed records whose data failed its check, by data offset → (end, seq); a later
-    // record rewriting those bytes in place explains the failure.
-    let mut suspects: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    // Flushed records whose data failed its check; a later record rewriting those bytes (in
+    // place or in reused space) explains the failure.
+    let mut suspects = Suspects::new();
     while let Some(r) = it.next(n)? {
         if k.seq >= scan.records {
             break;
@@ -297,14 +324,14 @@ fn replay(n: &str, log: &File, data: &File, scan: &Scan) -> Result<Kept> {
                 }
                 let overlapping: Vec<u64> = suspects
                     .range(..end)
-                    .filter(|(_, &(e, _))| e > r.data_offset)
+                    .filter(|(_, &(e, ..))| e > r.data_offset)
                     .map(|(&s, _)| s)
                     .collect();
                 for s in overlapping {
                     suspects.remove(&s);
                 }
                 if !good {
-                    suspects.insert(r.data_offset, (end, r.seq));
+                    suspects.insert(r.data_offset, (end, r.seq, r.offset, r.len as u64));
                 }
                 k.data_len = k.data_len.max(end);
                 Some(UpperTarget::Data {
@@ -317,12 +344,18 @@ fn replay(n: &str, log: &File, data: &File, scan: &Scan) -> Result<Kept> {
         };
         k.seq += 1;
         if let Some(t) = target {
+            if track {
+                track_slots(&mut k, &r, t, scan.last_flush);
+            }
             k.map.insert(r.offset, r.len as u64, t);
             k.ops += 1;
             k.last_op = r.seq;
         }
     }
-    if let Some((&off, &(_, seq))) = suspects.iter().next() {
+    if !suspects.is_empty() {
+        suspects = still_owned(n, log, scan, &suspects)?;
+    }
+    if let Some((&off, &(_, seq, ..))) = suspects.iter().next() {
         return Err(Error::corrupt(
             format!("{n}/{DATA_FILE}"),
             "flushed write data",
@@ -335,6 +368,76 @@ fn replay(n: &str, log: &File, data: &File, scan: &Scan) -> Result<Kept> {
         ));
     }
     Ok(k)
+}
+
+/// Keeps the data file's slots as the writer did (version 3): bytes the record replaces leave
+/// their slots, slots left with none die, and dead slots whose killer the last mark covers
+/// are free; a write outside every live slot (appended, or in reused space) starts its own.
+fn track_slots(k: &mut Kept, r: &Record, t: UpperTarget, last_flush: u64) {
+    for (o, l, was) in k.map.pieces(r.offset, r.len as u64) {
+        let Some(UpperTarget::Data { file_offset }) = was else {
+            continue;
+        };
+        // A rewrite in place (older builds) points at the same bytes again: nothing released.
+        if matches!(t, UpperTarget::Data { .. }) && file_offset == r.data_offset + (o - r.offset) {
+            continue;
+        }
+        k.space
+            .release(file_offset, l, r.seq, &std::sync::Weak::new());
+    }
+    k.space.settle(last_flush);
+    if let UpperTarget::Data { .. } = t {
+        if !k.space.in_live_slot(r.data_offset) {
+            k.space.claim(r.data_offset, r.len as u64);
+            k.space.add_slot(r.data_offset, r.len as u64);
+        }
+    }
+}
+
+/// Of the flushed writes whose data failed its check and that no later record explained,
+/// those whose disk range later flushed records do not wholly replace (a third pass over the
+/// flushed records, only when there are such writes). A wholly replaced write's bytes are
+/// never read, and version 3 may have put a new write's bytes there before a crash cut its
+/// record off.
+fn still_owned(n: &str, log: &File, scan: &Scan, suspects: &Suspects) -> Result<Suspects> {
+    // Each suspect's range maps to a virtual offset of its own, so what is left of it in
+    // `own` after the later records is exactly what it still owns.
+    let mut by_seq: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    let mut virt = 0u64;
+    for (&data_off, &(_, seq, _, len)) in suspects {
+        by_seq.insert(seq, (virt, data_off));
+        virt += len + 1; // a gap, so two suspects never merge into one range
+    }
+    let first = by_seq.keys().next().copied().unwrap_or(0);
+    let mut own = RangeMap::default();
+    let flushed_len = FILE_HEADER_LEN as u64 + scan.last_flush * RECORD_LEN as u64;
+    let mut it = LogRecords::new(log, flushed_len);
+    while let Some(r) = it.next(n)? {
+        if r.seq < first || r.kind == RecordKind::FlushMark {
+            continue;
+        }
+        if let Some(&(v, _)) = by_seq.get(&r.seq) {
+            own.insert(r.offset, r.len as u64, UpperTarget::Data { file_offset: v });
+        } else if own
+            .pieces(r.offset, r.len as u64)
+            .iter()
+            .any(|(_, _, t)| matches!(t, Some(UpperTarget::Data { .. })))
+        {
+            own.insert(r.offset, r.len as u64, UpperTarget::Trimmed);
+        }
+    }
+    let by_virt: BTreeMap<u64, u64> = by_seq.values().copied().collect();
+    let mut left = Suspects::new();
+    for (_, _, t) in own.iter() {
+        if let UpperTarget::Data { file_offset } = t {
+            if let Some((_, &data_off)) = by_virt.range(..=file_offset).next_back() {
+                if let Some(&s) = suspects.get(&data_off) {
+                    left.insert(data_off, s);
+                }
+            }
+        }
+    }
+    Ok(left)
 }
 
 /// True when the record's bytes in `data` are there and match its crc32c.

@@ -41,8 +41,8 @@ impl Export {
         r
     }
 
-    /// Starts the upper layer's compaction on a thread of its own when a write or flush found
-    /// it due, so no request waits for the copy (the layer holds its lock only for the last,
+    /// Starts the upper layer's reclaim (a checkpoint or a compaction) on a thread of its own
+    /// when a write or flush found it due, so no request waits for the syncs or the copy (the layer holds its lock only for the last,
     /// small round). One thread per compaction: compactions are rare and each runs for seconds.
     pub fn compact_if_asked(&self) {
         let Some(up) = self.image.upper() else {
@@ -53,7 +53,7 @@ impl Export {
         }
         let (image, name) = (self.image.clone(), self.name.clone());
         let run = move || {
-            if let Some(Err(e)) = image.upper().map(|up| up.compact()) {
+            if let Some(Err(e)) = image.upper().map(|up| up.reclaim()) {
                 // The layer logged it and is unchanged, or failed (sticky, seen by requests).
                 tracing::debug!(export = %name, error = %e, "upper layer compaction ended");
             }
@@ -64,7 +64,7 @@ impl Export {
         if let Err(e) = spawned {
             tracing::warn!(export = %self.name, error = %e,
                 "cannot start a compaction thread; compacting on the request's thread");
-            if let Err(e) = up.compact() {
+            if let Err(e) = up.reclaim() {
                 tracing::debug!(export = %self.name, error = %e, "upper layer compaction ended");
             }
         }
