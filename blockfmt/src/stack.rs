@@ -79,9 +79,6 @@ const MAX_RUN: u32 = 16;
 const MAX_RUN_BYTES: u64 = 4 << 20;
 /// Sequential streams remembered (several files read at once each keep their own window).
 const STREAMS: usize = 16;
-/// Raw bytes of a "hot group": the aligned stretch of a layer a random miss widens to when an
-/// earlier miss fell in it too (see [`Chunks::hot_group`]).
-const HOT_GROUP_BYTES: u64 = 1 << 20;
 /// Recent misses remembered for finding hot groups.
 const RECENT_MISSES: usize = 64;
 
@@ -116,8 +113,10 @@ struct Chunks {
     streams: Mutex<Vec<Stream>>,
     /// Exact traces ([`LayerStack::set_exact_trace`]).
     exact_trace: std::sync::atomic::AtomicBool,
-    /// Readers' recent random misses (layer, chunk), oldest first (see [`Chunks::hot_group`]).
+    /// Readers' recent misses (layer, chunk), oldest first (see [`Chunks::hot_group`]).
     recent_misses: Mutex<std::collections::VecDeque<(u16, u32)>>,
+    /// Raw bytes of a hot group; 0: off ([`LayerStack::set_hot_group_bytes`]).
+    hot_group_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Most chunks a trace remembers.
@@ -163,6 +162,7 @@ impl LayerStack {
                 streams: Mutex::new(Vec::new()),
                 exact_trace: std::sync::atomic::AtomicBool::new(false),
                 recent_misses: Mutex::new(std::collections::VecDeque::new()),
+                hot_group_bytes: std::sync::atomic::AtomicU64::new(0),
             }),
             loads: OnceLock::new(),
         })
@@ -176,6 +176,17 @@ impl LayerStack {
         self.chunks
             .exact_trace
             .store(exact, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Hot groups (off with 0, the default): a reader's miss that is not sequential, in an
+    /// aligned stretch of `bytes` (raw) of a layer where another recent miss fell too, fetches
+    /// that stretch's cold chunks around it in one request. Fewer round trips for a reader
+    /// that touches a region here and there (a program faulting in pages of its binary and
+    /// libraries), for more bytes.
+    pub fn set_hot_group_bytes(&self, bytes: u64) {
+        self.chunks
+            .hot_group_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Lends the host's threads for parallel chunk loads (once; later calls are ignored).
@@ -513,15 +524,18 @@ impl Chunks {
     }
 
     /// For a reader's miss on `chunk` that is not `sequential` (a stream's window): the aligned
-    /// group of [`HOT_GROUP_BYTES`] holding it, `(first, end)`, when another recent miss fell
+    /// group of [`LayerStack::set_hot_group_bytes`] holding it, `(first, end)`, when another recent miss fell
     /// in that group too — a region read here and there, like the pages a program faults in
     /// of its binary and libraries, or a package's small files; `None` for a first miss there.
-    /// Remembers the miss. A second round trip into the same MiB is the sign: the miss then
+    /// Remembers the miss. A second round trip into the same group is the sign: the miss then
     /// takes the group's cold chunks along (one ranged GET), instead of paying one round trip
     /// per chunk the reader goes on to touch.
     fn hot_group(&self, layer: u16, chunk: u32, sequential: bool) -> Option<(u32, u32)> {
+        let group = self
+            .hot_group_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         let size = self.layers.get(layer as usize)?.chunk_size().max(1) as u64;
-        let per_group = (HOT_GROUP_BYTES / size).max(1) as u32;
+        let per_group = (group / size).min(u32::MAX as u64) as u32;
         if per_group < 2 {
             return None;
         }

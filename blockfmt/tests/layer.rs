@@ -712,10 +712,11 @@ fn sequential_reads_fetch_neighbouring_chunks_together_and_random_reads_do_not()
         src.reads.load(Ordering::SeqCst) - opened,
         chunks.div_ceil(8)
     );
-    // A second random miss in the same MiB (chunks 8..16: 8, then 11) takes that group's cold
+    // With hot groups of 1 MiB: a second random miss in the same MiB (chunks 8..16: 8, then 11) takes that group's cold
     // chunks around it along in one fetch (9..16: 8 is decoded already); the reads that follow
     // there fetch nothing.
     let (src, opened, s) = open(None);
+    s.set_hot_group_bytes(1 << 20);
     let read_chunk = |c: usize| {
         let mut b = vec![0u8; 4096];
         s.read((c * cs + 8192) as u64, &mut b).unwrap();

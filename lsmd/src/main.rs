@@ -121,6 +121,13 @@ enum Cmd {
         /// node that uses it.
         #[arg(long)]
         exact_trace: bool,
+        /// Hot groups: a reader's second miss within one aligned stretch of KIB of a layer
+        /// fetches that stretch's cold chunks with it, in one request (0: off, the default).
+        /// Fewer round trips for a start that faults pages in here and there (binaries,
+        /// libraries), for more bytes: measured on the python image with 32 KiB chunks and
+        /// 1024, 203 → 136 requests for 8.2 → 11.6 MB; with 128 KiB chunks no fewer requests.
+        #[arg(long, default_value_t = 0, value_name = "KIB")]
+        hot_group_kb: u64,
         /// Also mount every export as a regular file named after it in this directory (FUSE),
         /// for `losetup` + `mount` where the kernel has neither nbd nor ublk. Unmounted at exit.
         #[arg(long)]
@@ -164,6 +171,7 @@ struct PrefetchOptions<'a> {
     mode: &'a str,
     threads: usize,
     exact_trace: bool,
+    hot_group_kb: u64,
 }
 
 fn open_exports(
@@ -206,6 +214,9 @@ fn open_exports(
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         image.lower().set_exact_trace(prefetch.exact_trace);
+        image
+            .lower()
+            .set_hot_group_bytes(prefetch.hot_group_kb.saturating_mul(1024));
         let image = Arc::new(image);
         start_prefetch(
             &name,
@@ -480,6 +491,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         prefetch,
         prefetch_threads,
         exact_trace,
+        hot_group_kb,
         fuse,
         nbd_devices,
         nbd_dead_timeout,
@@ -539,6 +551,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         mode: &prefetch,
         threads: prefetch_threads as usize,
         exact_trace,
+        hot_group_kb,
     };
     let exports = match open_exports(&configs, read_only, &host, &prefetch) {
         Ok(e) => e,
