@@ -265,6 +265,17 @@ fn default_level() -> i32 {
 fn default_cache() -> usize {
     blockfmt::stack::DEFAULT_CACHE_BYTES
 }
+// Defaults are not written out, so a config written by one build keeps following the defaults
+// of the build that reads it.
+fn is_default_chunk_size(v: &u32) -> bool {
+    *v == default_chunk_size()
+}
+fn is_default_level(v: &i32) -> bool {
+    *v == default_level()
+}
+fn is_default_cache(v: &usize) -> bool {
+    *v == default_cache()
+}
 
 /// An image config; see the module docs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,13 +290,16 @@ pub struct ImageConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upper: Option<PathBuf>,
     /// Chunk window for layers committed from this image.
-    #[serde(default = "default_chunk_size")]
+    #[serde(
+        default = "default_chunk_size",
+        skip_serializing_if = "is_default_chunk_size"
+    )]
     pub chunk_size: u32,
     /// zstd level for committed layers; 0 = store uncompressed.
-    #[serde(default = "default_level")]
+    #[serde(default = "default_level", skip_serializing_if = "is_default_level")]
     pub compression_level: i32,
     /// Bound of the in-memory decoded-chunk cache, bytes.
-    #[serde(default = "default_cache")]
+    #[serde(default = "default_cache", skip_serializing_if = "is_default_cache")]
     pub cache_bytes: usize,
     /// Blobs the layers borrow chunks from (their blob tables: cross-image dedup, FORMAT.md
     /// §1.7), found by digest. Not stacked: only the chunks the layers name are read from them.

@@ -24,8 +24,9 @@ use lsmd::source::auth::Credentials;
 use lsmd::ImageConfig;
 
 use crate::cli::{CliError, CliResult};
-use crate::convert::manifest::{lsm_role, Role, OCI_LAYER_MEDIA_TYPE, SNAPSHOT_LABEL_PREFIX};
+use crate::convert::manifest::{lsm_role, Blob, ImageManifest, Role};
 use crate::convert::push::{Client, Session, Target};
+use crate::oci;
 
 /// Arguments of `lsmctl trace bake`.
 #[derive(clap::Args)]
@@ -281,36 +282,6 @@ fn store_trace(
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// The manifest layer descriptor of a trace blob (CONTRACT.md: the OCI layer media type — any
-/// other descriptor containerd fetches whole — and the annotations containerd forwards to a
-/// remote snapshotter; no metadata digest: a trace is not a layer blob).
-fn trace_descriptor(
-    digest: &str,
-    size: u64,
-    disk_size: u64,
-    repository: &str,
-) -> serde_json::Value {
-    let l = |k: &str| format!("{SNAPSHOT_LABEL_PREFIX}lsm.{k}");
-    let role = Role::Trace.as_str();
-    let mut a = serde_json::Map::new();
-    for (k, v) in [
-        (blockfmt::ROLE_ANNOTATION.to_string(), role.to_string()),
-        (l("role"), role.to_string()),
-        (l("digest"), digest.to_string()),
-        (l("size"), size.to_string()),
-        (l("disk-size"), disk_size.to_string()),
-        (l("repository"), repository.to_string()),
-    ] {
-        a.insert(k, v.into());
-    }
-    serde_json::json!({
-        "mediaType": OCI_LAYER_MEDIA_TYPE,
-        "digest": digest,
-        "size": size,
-        "annotations": a,
-    })
-}
-
 /// Adds the trace blob (`bytes`, `digest`) to the pushed image `reference`: a manifest layer
 /// with role `trace` (an earlier trace layer is replaced), its digest as that layer's diff_id in
 /// a new config (with a `lsm: trace` history entry when added), then the manifest put again
@@ -330,11 +301,8 @@ fn add_to_manifest(
     let s = Session::new(target, creds, client)?;
     let (mf, cf, tf) = (dir.join("manifest"), dir.join("config"), dir.join("trace"));
     let kind = s.get(&format!("manifests/{tag}"), MANIFEST_TYPES, &mf)?;
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mf)?)?;
-    let cfg_digest = m["config"]["digest"]
-        .as_str()
-        .ok_or_else(|| CliError(format!("{reference}: the manifest has no config")))?
-        .to_string();
+    let mut m = oci::parse_manifest(&std::fs::read(&mf)?, reference)?;
+    let cfg_digest = m.config.digest.clone();
     s.get(&format!("blobs/{cfg_digest}"), "*/*", &cf)?;
     let cfg_bytes = std::fs::read(&cf)?;
     if oci_digest(&sha256(&cfg_bytes)) != cfg_digest {
@@ -342,16 +310,25 @@ fn add_to_manifest(
             "{reference}: the config blob does not match its digest {cfg_digest}"
         )));
     }
+    // The image config stays untyped: everything but its diff_ids and history passes through.
     let mut c: serde_json::Value = serde_json::from_slice(&cfg_bytes)?;
     std::fs::write(&tf, bytes)?;
     s.put_blob(digest, &tf)?;
-    let desc = trace_descriptor(digest, bytes.len() as u64, disk_size, &repository);
-    let (Some(layers), Some(diff_ids)) = (
-        m["layers"].as_array_mut(),
-        c["rootfs"]["diff_ids"].as_array_mut(),
-    ) else {
+    // The trace as a manifest layer (CONTRACT.md: the OCI layer media type, which containerd
+    // hands to the snapshotter instead of fetching, and the annotations it forwards; no
+    // metadata digest: a trace is not a layer blob).
+    let desc = ImageManifest::new(disk_size, Some(repository)).descriptor(&Blob {
+        role: Role::Trace,
+        digest: digest.to_string(),
+        size: bytes.len() as u64,
+        meta_digest: None,
+        meta_len: None,
+        source_layer: None,
+    });
+    let layers = &mut m.layers;
+    let Some(diff_ids) = c["rootfs"]["diff_ids"].as_array_mut() else {
         return Err(CliError(format!(
-            "{reference}: not an image manifest with layers and a config with diff_ids"
+            "{reference}: the image config has no diff_ids"
         )));
     };
     if layers.len() != diff_ids.len() {
@@ -379,18 +356,15 @@ fn add_to_manifest(
     let new_digest = oci_digest(&sha256(&new_cfg));
     std::fs::write(&cf, &new_cfg)?;
     s.put_blob(&new_digest, &cf)?;
-    m["config"]["digest"] = new_digest.into();
-    m["config"]["size"] = new_cfg.len().into();
-    let media = m["mediaType"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            kind.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        });
+    m.config.digest = new_digest;
+    m.config.size = new_cfg.len() as u64;
+    let media = m.media_type.clone().unwrap_or_else(|| {
+        kind.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    });
     s.put_manifest(&serde_json::to_vec(&m)?, &media)
 }
 

@@ -7,12 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::{bad, blob_path, push, read_index, read_manifest, sha256_file};
+use crate::cli::{CliError, CliResult};
+use crate::oci::Manifest;
 use blockfmt::format::{parse_oci_digest, BlobRef};
 use blockfmt::{Dictionary, Layer};
-use serde_json::Value;
-
-use super::{bad, blob_path, push, read_json, sha256_file};
-use crate::cli::{CliError, CliResult};
 
 /// One lsm blob of a dictionary image: what a converted manifest lists for it and where it is.
 #[derive(Debug, Clone)]
@@ -33,54 +32,29 @@ pub struct DictImages {
 }
 
 /// The manifest of the image `tag` (or the only image) in layout `dir`.
-pub fn layout_manifest(dir: &Path, tag: Option<&str>) -> CliResult<Value> {
-    let index = read_json(&dir.join("index.json"))?;
-    let all = index["manifests"].as_array().cloned().unwrap_or_default();
-    let chosen: Vec<&Value> = all
-        .iter()
-        .filter(|m| {
-            tag.is_none_or(|t| {
-                m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t)
-            })
-        })
-        .collect();
-    let desc = match chosen.as_slice() {
-        [one] => *one,
-        [] => return Err(bad(format!("{}: no image tagged {tag:?}", dir.display()))),
-        _ => {
-            return Err(bad(format!(
-                "{} holds several images: name one as DIR:TAG",
-                dir.display()
-            )))
-        }
-    };
-    let d = desc["digest"].as_str().unwrap_or_default();
-    let p = blob_path(dir, d)?;
-    if sha256_file(&p)? != d {
-        return Err(bad(format!(
-            "manifest {d}: content does not match its digest"
-        )));
-    }
-    read_json(&p)
+pub fn layout_manifest(dir: &Path, tag: Option<&str>) -> CliResult<Manifest> {
+    let index = read_index(&dir.join("index.json"))?;
+    let what = dir.display().to_string();
+    let desc = index.by_tag(tag, &what, "name one as DIR:TAG")?;
+    read_manifest(dir, &desc.digest)
 }
 
 /// The lsm blobs a converted manifest lists (layers and dictionary blobs, in manifest order).
-pub fn lsm_blobs(dir: &Path, manifest: &Value) -> CliResult<Vec<DictBlob>> {
+pub fn lsm_blobs(dir: &Path, manifest: &Manifest) -> CliResult<Vec<DictBlob>> {
     let mut out = Vec::new();
-    for l in manifest["layers"].as_array().into_iter().flatten() {
+    for l in &manifest.layers {
         // Layers and dictionary blobs are lsm layer blobs; other roles are not.
         use super::manifest::{lsm_role, Role};
         if !matches!(lsm_role(l), Some(Role::Layer | Role::Dictionary)) {
             continue;
         }
-        let digest = l["digest"].as_str().unwrap_or_default().to_string();
         out.push(DictBlob {
-            path: blob_path(dir, &digest)?,
-            size: l["size"].as_u64().unwrap_or_default(),
-            meta_digest: l["annotations"][blockfmt::META_DIGEST_ANNOTATION]
-                .as_str()
+            path: blob_path(dir, &l.digest)?,
+            size: l.size,
+            meta_digest: l
+                .annotation(blockfmt::META_DIGEST_ANNOTATION)
                 .map(str::to_string),
-            digest,
+            digest: l.digest.clone(),
             from: None,
         });
     }

@@ -248,7 +248,7 @@ impl Changes {
                 _ => {}
             }
         }
-        run_script_tracked(
+        super::e2fs::run_script_tracked(
             raw,
             &script,
             "apply",
@@ -264,48 +264,6 @@ impl Changes {
         std::fs::remove_file(&u)?;
         Ok(Ok(Some(runs?)))
     }
-}
-
-/// Runs `script` with `debugfs -w -f` on the filesystem `raw` at the fixed time conversions use
-/// (the script is kept beside `raw` with extension `ext`). debugfs reports a failed command on
-/// stderr and goes on with exit status 0, so any line but its banner is an error, named `what`.
-pub fn run_script(raw: &Path, script: &str, ext: &str, what: &str) -> io::Result<()> {
-    run_script_tracked(raw, script, ext, what, None)
-}
-
-/// [`run_script`], with debugfs keeping the undo file `undo` (`-z`) when given.
-pub(super) fn run_script_tracked(
-    raw: &Path,
-    script: &str,
-    ext: &str,
-    what: &str,
-    undo: Option<&Path>,
-) -> io::Result<()> {
-    let f = raw.with_extension(ext);
-    {
-        let _step = workdir::step()?;
-        std::fs::write(&f, script)?;
-    }
-    let mut cmd = std::process::Command::new("debugfs");
-    cmd.arg("-w");
-    if let Some(u) = undo {
-        cmd.arg("-z").arg(u);
-    }
-    let o = workdir::output(
-        cmd.arg("-f")
-            .arg(&f)
-            .arg(raw)
-            .env("E2FSPROGS_FAKE_TIME", "1"),
-    )?;
-    let errors: Vec<&str> = std::str::from_utf8(&o.stderr)
-        .unwrap_or("(unreadable debugfs output)")
-        .lines()
-        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
-        .collect();
-    if !o.status.success() || !errors.is_empty() {
-        return Err(io::Error::other(format!("{what}: {}", errors.join("; "))));
-    }
-    Ok(())
 }
 
 /// Whether debugfs's quoted-argument parser passes `s` through unchanged.

@@ -11,9 +11,12 @@
 //! [`ImageManifest::append_extra`]; readers find lsm blobs with [`lsm_role`], which also accepts
 //! the older `application/vnd.lsm.layer.v1` media type.
 
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
 
 use crate::cli::{CliError, CliResult};
+use crate::oci::{Descriptor, Manifest, MANIFEST_MEDIA_TYPE};
 
 /// Media type every blob of a converted image is listed with (as overlaybd does): the one
 /// containerd treats as a layer and hands to the snapshotter instead of fetching.
@@ -55,9 +58,9 @@ impl Role {
 /// The role of manifest descriptor `desc` if it is an lsm blob: the OCI tar media type with an
 /// `io.lsm.layer.role` annotation, or the older lsm media type (role annotation, else a layer).
 /// A plain tar layer is `None`.
-pub fn lsm_role(desc: &Value) -> Option<Role> {
-    let role = desc["annotations"][blockfmt::ROLE_ANNOTATION].as_str();
-    match desc["mediaType"].as_str()? {
+pub fn lsm_role(desc: &Descriptor) -> Option<Role> {
+    let role = desc.annotation(blockfmt::ROLE_ANNOTATION);
+    match desc.media_type.as_str() {
         blockfmt::LAYER_MEDIA_TYPE => role.map_or(Some(Role::Layer), Role::parse),
         OCI_LAYER_MEDIA_TYPE => role.and_then(Role::parse),
         _ => None,
@@ -119,10 +122,10 @@ impl ImageManifest {
     }
 
     /// The manifest descriptor of `b`.
-    pub fn descriptor(&self, b: &Blob) -> Value {
-        let mut a = Map::new();
+    pub fn descriptor(&self, b: &Blob) -> Descriptor {
+        let mut a = BTreeMap::new();
         let mut put = |k: &str, v: String| {
-            a.insert(k.to_string(), Value::String(v));
+            a.insert(k.to_string(), v);
         };
         put(blockfmt::ROLE_ANNOTATION, b.role.as_str().into());
         put("io.lsm.format-version", "1".into());
@@ -149,12 +152,10 @@ impl ImageManifest {
         if let Some(r) = &self.repository {
             put(&l("repository"), r.clone());
         }
-        json!({
-            "mediaType": OCI_LAYER_MEDIA_TYPE,
-            "digest": b.digest,
-            "size": b.size,
-            "annotations": a,
-        })
+        Descriptor {
+            annotations: a,
+            ..Descriptor::new(OCI_LAYER_MEDIA_TYPE, b.digest.clone(), b.size)
+        }
     }
 
     /// The converted image's config: the source config `source` with `rootfs.diff_ids` = the
@@ -179,19 +180,27 @@ impl ImageManifest {
     }
 
     /// The manifest over config descriptor `config`.
-    pub fn manifest(&self, config: Value, source_manifest: &str, source_config: &str) -> Value {
-        json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": config,
-            "layers": self.blobs().map(|b| self.descriptor(b)).collect::<Vec<_>>(),
-            "annotations": {
-                "io.lsm.format-version": "1",
-                "io.lsm.disk-size": self.disk_size.to_string(),
-                "io.lsm.source-manifest": source_manifest,
-                "io.lsm.source-config": source_config,
-            },
-        })
+    pub fn manifest(
+        &self,
+        config: Descriptor,
+        source_manifest: &str,
+        source_config: &str,
+    ) -> Manifest {
+        Manifest {
+            annotations: BTreeMap::from(
+                [
+                    ("io.lsm.format-version", "1".to_string()),
+                    ("io.lsm.disk-size", self.disk_size.to_string()),
+                    ("io.lsm.source-manifest", source_manifest.to_string()),
+                    ("io.lsm.source-config", source_config.to_string()),
+                ]
+                .map(|(k, v)| (k.to_string(), v)),
+            ),
+            config,
+            layers: self.blobs().map(|b| self.descriptor(b)).collect(),
+            media_type: Some(MANIFEST_MEDIA_TYPE.into()),
+            schema_version: 2,
+        }
     }
 }
 
@@ -223,29 +232,29 @@ mod tests {
             json!(["sha256:1", "sha256:2", "sha256:d"])
         );
         assert_eq!(c["history"][2]["created_by"], "lsm: dictionary");
-        let man = m.manifest(json!({}), "sha256:sm", "sha256:sc");
-        let layers = man["layers"].as_array().expect("layers");
+        let man = m.manifest(Descriptor::default(), "sha256:sm", "sha256:sc");
+        let layers = &man.layers;
         assert_eq!(layers.len(), 3);
         for l in layers {
-            assert_eq!(l["mediaType"], OCI_LAYER_MEDIA_TYPE);
+            assert_eq!(l.media_type, OCI_LAYER_MEDIA_TYPE);
             assert!(lsm_role(l).is_some());
             assert_eq!(
-                l["annotations"]["containerd.io/snapshot/lsm.repository"],
-                "127.0.0.1:5000/a/b"
+                l.annotation("containerd.io/snapshot/lsm.repository"),
+                Some("127.0.0.1:5000/a/b")
             );
         }
         assert_eq!(lsm_role(&layers[2]), Some(Role::Dictionary));
         assert_eq!(
-            layers[1]["annotations"]["containerd.io/snapshot/lsm.digest"],
-            "sha256:2"
+            layers[1].annotation("containerd.io/snapshot/lsm.digest"),
+            Some("sha256:2")
         );
     }
 
     #[test]
     fn roles_of_old_and_plain_layers() {
-        let old = json!({"mediaType": blockfmt::LAYER_MEDIA_TYPE});
+        let old = Descriptor::new(blockfmt::LAYER_MEDIA_TYPE, "sha256:1", 1);
         assert_eq!(lsm_role(&old), Some(Role::Layer));
-        let plain = json!({"mediaType": OCI_LAYER_MEDIA_TYPE});
+        let plain = Descriptor::new(OCI_LAYER_MEDIA_TYPE, "sha256:1", 1);
         assert_eq!(lsm_role(&plain), None);
         assert!(m_role_parse_roundtrip());
     }

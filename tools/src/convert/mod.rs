@@ -18,32 +18,39 @@
 //! With `--push http(s)://registry/repository:tag`, the converted blobs the registry lacks are
 //! uploaded and the manifest tagged, and `lsm-remote.json` is written: an image config that
 //! reads the layers from that registry. The source may be a registry image too
-//! (`http(s)://registry/repository:tag`, pulled into a temporary layout first). First cut: one
-//! image per run; no reuse database.
+//! (`http(s)://registry/repository:tag`, pulled into a temporary layout first).
+//!
+//! Stages, each its own function or module: [`read_source`] (index → manifest, typed by
+//! `crate::oci` and digest-checked), [`spool_layers`] (each layer checked and decompressed
+//! once), `layers` (the per-layer loop: apply, filesystem, import, reuse), `publish` (config,
+//! manifest, index, the two lsmd image configs written through lsmd's `ImageConfig`, push).
+//! Every e2fsprogs run is in `e2fs`, the reuse database in `reuse`.
 
 pub mod dict;
+mod e2fs;
 mod e2undo;
 mod erofs;
 mod ext4apply;
 mod ext4times;
+mod layers;
 pub mod manifest;
+mod publish;
 pub(crate) mod push;
 mod rawimport;
 pub mod report;
+mod reuse;
 mod unpack;
 mod workdir;
 
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use blockfmt::{Image, Layer, LayerStack};
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::build::{write_blob_atomically, writer_options};
+use crate::build::writer_options;
 use crate::cli::{parse_size, CliError, CliResult, LayerOpts};
+use crate::oci;
 
 /// Arguments of `lsmctl convert`.
 #[derive(clap::Args, Clone)]
@@ -145,15 +152,27 @@ fn bad(what: impl std::fmt::Display) -> CliError {
     CliError(what.to_string())
 }
 
-fn read_json(p: &Path) -> CliResult<Value> {
+/// An image layout's `index.json` (or any image index file).
+fn read_index(p: &Path) -> CliResult<oci::Index> {
     let text = std::fs::read(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
-    serde_json::from_slice(&text).map_err(|e| bad(format!("{}: {e}", p.display())))
+    oci::parse_index(&text, &p.display().to_string())
+}
+
+/// The image manifest `digest` of layout `layout`, checked against its digest.
+fn read_manifest(layout: &Path, digest: &str) -> CliResult<oci::Manifest> {
+    let p = blob_path(layout, digest)?;
+    if sha256_file(&p)? != digest {
+        return Err(bad(format!(
+            "manifest {digest}: content does not match its digest"
+        )));
+    }
+    let text = std::fs::read(&p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+    oci::parse_manifest(&text, &format!("manifest {digest}"))
 }
 
 /// A layer descriptor's stored metadata length (`io.lsm.layer.meta-len`), when it has one.
-fn meta_len_of(desc: &Value) -> Option<u64> {
-    desc["annotations"][blockfmt::META_LEN_ANNOTATION]
-        .as_str()
+fn meta_len_of(desc: &oci::Descriptor) -> Option<u64> {
+    desc.annotation(blockfmt::META_LEN_ANNOTATION)
         .and_then(|s| s.parse().ok())
 }
 
@@ -188,73 +207,6 @@ fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>>
             "unsupported layer media type {media_type}"
         )));
     })
-}
-
-/// UUID every converted filesystem is made with, and its directory hash seed. ext4 seeds every
-/// metadata checksum (inodes, directory blocks, bitmaps, extent blocks) with the UUID it was
-/// made with, and orders large directories by the hash seed, so one constant for both makes the
-/// same files give the same metadata blocks in any image — which cross-image dedup needs
-/// (FORMAT.md §1.7). `metadata_csum_seed` keeps that seed when the filesystem then gets its own
-/// UUID (derived from its base layer) in the superblock.
-const FS_SEED: &str = "6c736d2d-6673-4d00-8000-000000000001";
-
-/// Makes the filesystem's times a function of the image (`ext4times`: change and access
-/// times = the modification time the layer gave each inode, the root's times fixed) and gives
-/// the filesystem its own UUID (see [`FS_SEED`]) with one `debugfs` command.
-fn normalize_times(raw: &Path, uuid: &str) -> CliResult {
-    {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(raw)?;
-        ext4times::normalize(&f).map_err(|e| bad(e.to_string()))?;
-    }
-    ext4apply::run_script(
-        raw,
-        &format!("ssv uuid {uuid}\n"),
-        "debugfs",
-        "debugfs setting the UUID",
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    Ok(())
-}
-
-/// Makes `raw` (`size` bytes, recreated) the ext4 filesystem of the whole tree `root`, with
-/// `mkfs.ext4 -d`: for the bottom layer, and for a layer that cannot be applied in place (see
-/// `ext4apply`).
-fn make_whole_fs(root: &Path, raw: &Path, size: u64, uuid: &str, digest: &str) -> CliResult {
-    {
-        let _step = workdir::step()?;
-        let _ = std::fs::remove_file(raw);
-        File::create(raw)?.set_len(size)?;
-    }
-    let o = workdir::output(
-        std::process::Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-b",
-                "4096",
-                "-U",
-                FS_SEED,
-                "-O",
-                "metadata_csum_seed",
-            ])
-            .arg("-E")
-            .arg(format!("hash_seed={FS_SEED},lazy_itable_init=0,nodiscard"))
-            .arg("-d")
-            .arg(root)
-            .arg(raw)
-            .env("E2FSPROGS_FAKE_TIME", "1"),
-    )
-    .map_err(|e| bad(format!("mkfs.ext4: {e}")))?;
-    if !o.status.success() {
-        return Err(bad(format!(
-            "mkfs.ext4 for layer {digest}: {} (is --size {size} too small?)",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )));
-    }
-    normalize_times(raw, uuid)
 }
 
 /// How many times more a block costs when debugfs records it in an undo file than when it is
@@ -321,19 +273,9 @@ fn layer_filesystem(l: &LayerFs) -> CliResult<rawimport::Scan> {
         false
     };
     if !in_place {
-        make_whole_fs(l.root, raw, l.size, l.uuid, digest)?;
+        e2fs::make_whole_fs(l.root, raw, l.size, l.uuid, digest)?;
     }
     Ok(scan)
-}
-
-/// Where blob `digest` is during a conversion: a layer converted already, or a dictionary blob.
-fn path_of(dst: &Path, out: &[Value], dict: &[dict::DictBlob], digest: &str) -> Option<PathBuf> {
-    if out.iter().any(|l| l["digest"].as_str() == Some(digest)) {
-        return blob_path(dst, digest).ok();
-    }
-    dict.iter()
-        .find(|b| b.digest == digest)
-        .map(|b| b.path.clone())
 }
 
 /// What one conversion did.
@@ -343,79 +285,6 @@ pub struct Summary {
     pub reused: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
-}
-
-/// The key of a converted layer: its source chain (diff IDs of it and every layer under it),
-/// the disk size and the layer settings — what decides the converted bytes.
-fn chain_key(
-    diff_ids: &[impl AsRef<[u8]>],
-    size: u64,
-    opts: &blockfmt::WriterOptions,
-    dict: &[String],
-    fs: FsKind,
-) -> String {
-    let mut h = Sha256::new();
-    h.update(b"lsm-convert-v8\0");
-    if fs == FsKind::Erofs {
-        h.update(b"erofs-flat\0");
-    }
-    h.update(size.to_le_bytes());
-    h.update(format!("{:?}/{:?}", opts.chunk_size, opts.compression).as_bytes());
-    // A dictionary changes what is stored (not what is read): its blobs are part of the key.
-    for d in dict {
-        h.update(b"dict\0");
-        h.update(d.as_bytes());
-    }
-    for d in diff_ids {
-        h.update(d.as_ref());
-    }
-    hex::encode(h.finalize())
-}
-
-fn default_db() -> Option<PathBuf> {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
-        .map(|c| c.join("lsm/convert"))
-}
-
-/// Converted layers by chain key: `chains/<key>.json` (the layer's descriptor) and the blob in
-/// `blobs/sha256/`. Written atomically; a missing or unreadable entry is a miss.
-struct ReuseDb {
-    dir: PathBuf,
-}
-
-impl ReuseDb {
-    fn lookup(&self, key: &str) -> Option<(Value, PathBuf)> {
-        let desc: Value = serde_json::from_slice(
-            &std::fs::read(self.dir.join("chains").join(format!("{key}.json"))).ok()?,
-        )
-        .ok()?;
-        let blob = blob_path(&self.dir, desc["digest"].as_str()?).ok()?;
-        blob.exists().then_some((desc, blob))
-    }
-
-    /// Remembers a converted layer (failures only cost a future conversion).
-    fn record(&self, key: &str, desc: &Value, blob: &Path) {
-        let r = (|| -> std::io::Result<()> {
-            let blobs = self.dir.join("blobs/sha256");
-            std::fs::create_dir_all(&blobs)?;
-            std::fs::create_dir_all(self.dir.join("chains"))?;
-            let name = blob
-                .file_name()
-                .ok_or_else(|| std::io::Error::other("blob name"))?;
-            link_or_copy(blob, &blobs.join(name)).map_err(|e| std::io::Error::other(e.0))?;
-            let tmp = self.dir.join("chains").join(format!(".{key}.tmp"));
-            std::fs::write(&tmp, serde_json::to_vec(desc)?)?;
-            std::fs::rename(&tmp, self.dir.join("chains").join(format!("{key}.json")))
-        })();
-        if let Err(e) = r {
-            eprintln!(
-                "convert: warning: cannot record a conversion in {}: {e}",
-                self.dir.display()
-            );
-        }
-    }
 }
 
 /// Hard-links `from` to `to` (same filesystem), else copies it.
@@ -593,6 +462,125 @@ fn convert_one(a: ConvertArgs) -> CliResult<Summary> {
     convert_layout(a, creds)
 }
 
+/// The source image of a conversion, read from an image layout and checked.
+struct SourceImage {
+    manifest_digest: String,
+    manifest: oci::Manifest,
+}
+
+/// Reads the image `tag` (or the only image) of layout `src`; its manifest is checked against
+/// its digest (layers are checked as they are spooled).
+fn read_source(src: &Path, tag: Option<&str>) -> CliResult<SourceImage> {
+    let index = read_index(&src.join("index.json"))?;
+    let desc = index.by_tag(tag, &src.display().to_string(), "pick one with --tag")?;
+    Ok(SourceImage {
+        manifest_digest: desc.digest.clone(),
+        manifest: read_manifest(src, &desc.digest)?,
+    })
+}
+
+/// The source layers, decompressed once each into a private spool beside the destination
+/// (removed with it), with their uncompressed digests (diff IDs: they name the content whatever
+/// its compression) and the total unpacked size.
+struct Spool {
+    tree: workdir::WorkTree,
+    diff_ids: Vec<sha2::digest::Output<Sha256>>,
+    unpacked: u64,
+}
+
+impl Spool {
+    fn tar(&self, i: usize) -> PathBuf {
+        self.tree.path().join(format!("{i}.tar"))
+    }
+}
+
+/// Checks every source layer against its digest before anything is written, and spools it.
+fn spool_layers(src: &Path, dst: &Path, layers: &[oci::Descriptor]) -> CliResult<Spool> {
+    let tree = {
+        let mut name = dst.file_name().unwrap_or_default().to_os_string();
+        name.push(".lsm-spool");
+        let spool = dst.with_file_name(name);
+        if let Some(up) = spool.parent().filter(|u| !u.as_os_str().is_empty()) {
+            std::fs::create_dir_all(up).map_err(|e| bad(format!("{}: {e}", up.display())))?;
+        }
+        workdir::WorkTree::create(&spool).map_err(|e| bad(format!("spool: {e}")))?
+    };
+    let mut spool = Spool {
+        tree,
+        diff_ids: Vec::new(),
+        unpacked: 0,
+    };
+    for (i, l) in layers.iter().enumerate() {
+        let digest = &l.digest;
+        let p = blob_path(src, digest)?;
+        if sha256_file(&p)? != *digest {
+            return Err(bad(format!(
+                "layer {digest}: content does not match its digest (corrupt or truncated)"
+            )));
+        }
+        let mut r =
+            layer_reader(&p, &l.media_type).map_err(|e| bad(format!("layer {digest}: {e}")))?;
+        let mut h = HashingSink(
+            Sha256::new(),
+            Some(std::io::BufWriter::with_capacity(
+                1 << 20,
+                File::create(spool.tar(i)).map_err(|e| bad(format!("spool: {e}")))?,
+            )),
+        );
+        spool.unpacked += std::io::copy(&mut r, &mut h)
+            .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
+        if let Some(w) = h.1.take() {
+            w.into_inner().map_err(|e| bad(format!("spool: {e}")))?;
+        }
+        spool.diff_ids.push(h.0.finalize());
+    }
+    Ok(spool)
+}
+
+/// Default disk size: a power-of-two size class (at least 256 MiB) with room for twice the
+/// content; images of one class can share converted layers. Holes cost nothing.
+fn default_disk_size(unpacked: u64) -> u64 {
+    (2 * unpacked + (64 << 20))
+        .next_power_of_two()
+        .max(256 << 20)
+}
+
+/// The filesystem identity every layer of an image gets: from the base layer's content (its
+/// diff ID), so the same base converts to the same filesystem whatever image or registry it
+/// came from, and however it was compressed.
+fn filesystem_uuid(base_diff_id: &[u8]) -> String {
+    let seed = Sha256::digest(base_diff_id);
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex::encode(&seed[0..4]),
+        hex::encode(&seed[4..6]),
+        hex::encode(&seed[6..8]),
+        hex::encode(&seed[8..10]),
+        hex::encode(&seed[10..16])
+    )
+}
+
+/// The private (0700) work tree for the host tree and raw filesystem: in `--work-dir`, else
+/// inside DST. Removed however the conversion ends, signals included: it holds the image's
+/// setuid files and device nodes.
+fn work_tree(a: &ConvertArgs, dst: &Path) -> CliResult<workdir::WorkTree> {
+    let path = match &a.work_dir {
+        Some(d) => d.join(format!(
+            ".lsm-convert-{}-{}",
+            std::process::id(),
+            hex::encode(Sha256::digest(dst.as_os_str().as_encoded_bytes()))
+                .get(..12)
+                .unwrap_or_default()
+        )),
+        None => dst.join(".convert-work"),
+    };
+    workdir::WorkTree::create(&path).map_err(|e| bad(format!("work tree: {e}")))
+}
+
+/// Converts the image `a.src` (an image layout) into the layout `a.dst`: the source is read and
+/// checked, its layers spooled, converted bottom first (`layers`), and the result published
+/// (`publish`). On failure no partial image is left: the blobs written (and DST, if this made
+/// it) are removed.
 fn convert_layout(
     a: ConvertArgs,
     creds: Option<lsmd::source::auth::Credentials>,
@@ -604,130 +592,30 @@ fn convert_layout(
             eprintln!("convert: {m}");
         }
     };
-    // --- the source image -------------------------------------------------------------------
-    let index = read_json(&src.join("index.json"))?;
-    let manifests = index["manifests"]
-        .as_array()
-        .ok_or_else(|| bad(format!("{}/index.json lists no manifests", src.display())))?;
-    let chosen: Vec<&Value> = manifests
-        .iter()
-        .filter(|m| match &a.tag {
-            Some(t) => m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t),
-            None => true,
-        })
-        .collect();
-    let desc = match chosen.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err(bad(format!(
-                "{}: no image tagged {:?}",
-                src.display(),
-                a.tag
-            )))
-        }
-        _ => {
-            return Err(bad(format!(
-                "{} holds several images: pick one with --tag",
-                src.display()
-            )))
-        }
-    };
-    let manifest_digest = desc["digest"].as_str().unwrap_or_default().to_string();
-    let manifest_path = blob_path(&src, &manifest_digest)?;
-    if sha256_file(&manifest_path)? != manifest_digest {
-        return Err(bad(format!(
-            "manifest {manifest_digest}: content does not match its digest"
-        )));
-    }
-    let manifest = read_json(&manifest_path)?;
-    let config_digest = manifest["config"]["digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let layers: Vec<(String, String)> = manifest["layers"]
-        .as_array()
-        .ok_or_else(|| bad("the manifest lists no layers"))?
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap_or_default().to_string(),
-                l["mediaType"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-
-    // Every blob is checked before anything is written; the unpacked size sizes the disk; the
-    // uncompressed digests (diff IDs) name the content whatever its compression. Each layer is
-    // decompressed only here, into a private spool beside DST that the apply passes read.
-    let mut unpacked = 0u64;
-    let mut diff_ids = Vec::new();
-    let spool_tree = {
-        let mut name = dst.file_name().unwrap_or_default().to_os_string();
-        name.push(".lsm-spool");
-        let spool = dst.with_file_name(name);
-        if let Some(up) = spool.parent().filter(|u| !u.as_os_str().is_empty()) {
-            std::fs::create_dir_all(up).map_err(|e| bad(format!("{}: {e}", up.display())))?;
-        }
-        workdir::WorkTree::create(&spool).map_err(|e| bad(format!("spool: {e}")))?
-    };
-    let spooled = |i: usize| spool_tree.path().join(format!("{i}.tar"));
-    for (i, (digest, media)) in layers.iter().enumerate() {
-        let p = blob_path(&src, digest)?;
-        if sha256_file(&p)? != *digest {
-            return Err(bad(format!(
-                "layer {digest}: content does not match its digest (corrupt or truncated)"
-            )));
-        }
-        let mut r = layer_reader(&p, media).map_err(|e| bad(format!("layer {digest}: {e}")))?;
-        let mut h = HashingSink(
-            Sha256::new(),
-            Some(std::io::BufWriter::with_capacity(
-                1 << 20,
-                File::create(spooled(i)).map_err(|e| bad(format!("spool: {e}")))?,
-            )),
-        );
-        unpacked += std::io::copy(&mut r, &mut h)
-            .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
-        if let Some(w) = h.1.take() {
-            w.into_inner().map_err(|e| bad(format!("spool: {e}")))?;
-        }
-        diff_ids.push(h.0.finalize());
-    }
-    // Default: a power-of-two size class (at least 256 MiB) with room for twice the content;
-    // images of one class can share converted layers. Holes cost nothing.
-    let size = a.size.unwrap_or_else(|| {
-        (2 * unpacked + (64 << 20))
-            .next_power_of_two()
-            .max(256 << 20)
-    });
+    let source = read_source(&src, a.tag.as_deref())?;
+    let spool = spool_layers(&src, &dst, &source.manifest.layers)?;
+    let size = a.size.unwrap_or_else(|| default_disk_size(spool.unpacked));
+    let n = source.manifest.layers.len();
     say(format!(
-        "{} layers, {unpacked} bytes unpacked, disk {size} bytes",
-        layers.len()
+        "{n} layers, {} bytes unpacked, disk {size} bytes",
+        spool.unpacked
     ));
 
-    // --- the destination -------------------------------------------------------------------
     if dst.join("index.json").exists() {
         return Err(bad(format!("{} already holds an image", dst.display())));
     }
     let created = !dst.exists();
     std::fs::create_dir_all(dst.join("blobs/sha256"))
         .map_err(|e| bad(format!("{}: {e}", dst.display())))?;
-    // Private (0700) and removed however this ends, signals included: it holds the image's
-    // setuid files and device nodes.
-    let work_path = match &a.work_dir {
-        Some(d) => d.join(format!(
-            ".lsm-convert-{}-{}",
-            std::process::id(),
-            hex::encode(Sha256::digest(dst.as_os_str().as_encoded_bytes()))
-                .get(..12)
-                .unwrap_or_default()
-        )),
-        None => dst.join(".convert-work"),
+    let remove_partial = || {
+        let _ = std::fs::remove_dir_all(if created {
+            dst.clone()
+        } else {
+            dst.join("blobs")
+        });
     };
-    let work_tree =
-        workdir::WorkTree::create(&work_path).map_err(|e| bad(format!("work tree: {e}")))?;
-    let work = work_tree.path().to_path_buf();
-    let root = work.join("root");
+    let work_tree = work_tree(&a, &dst)?;
+    let root = work_tree.path().join("root");
     std::fs::create_dir(&root)?;
     let dict_dir = dst.join(".convert-dict");
     let dict_tree = workdir::WorkTree::adopt(&dict_dir);
@@ -747,424 +635,85 @@ fn convert_layout(
         }
         Some(loaded?)
     };
-    // Every layer borrows what the dictionary images or the layers below it already store:
-    // `running` starts as the --dict images and grows by each layer converted.
-    let (mut running, dict_blobs) = match dict {
+    // Every layer borrows what the dictionary images or the layers below it already store.
+    let (running, dict_blobs) = match dict {
         Some(d) => (d.dict, d.blobs),
         None => (blockfmt::Dictionary::new(), Vec::new()),
     };
-    let dict_digests: Vec<String> = dict_blobs.iter().map(|b| b.digest.clone()).collect();
-    let db = (!a.no_reuse)
-        .then(|| a.db.clone().or_else(default_db).map(|dir| ReuseDb { dir }))
-        .flatten();
-    let mut stats = Summary {
-        bytes_in: layers
-            .iter()
-            .filter_map(|(d, _)| blob_path(&src, d).ok())
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum(),
-        ..Summary::default()
+    let mut run = layers::LayerRun {
+        fs: a.fs,
+        quiet: a.quiet,
+        dst: &dst,
+        root: &root,
+        raw: work_tree.path().join("fs.raw"),
+        size,
+        uuid: filesystem_uuid(
+            spool
+                .diff_ids
+                .first()
+                .map(|d| d.as_slice())
+                .unwrap_or_default(),
+        ),
+        opts: writer_options(&a.opts, None)?,
+        db: (!a.no_reuse)
+            .then(|| a.db.clone().or_else(reuse::default_db))
+            .flatten()
+            .map(|dir| reuse::ReuseDb { dir }),
+        dict_digests: dict_blobs.iter().map(|b| b.digest.clone()).collect(),
+        dict_blobs: &dict_blobs,
+        running,
+        hashes: Some(rawimport::BlockHashes::zeros(size)),
+        in_dict: 0,
+        out: Vec::new(),
+        tree_removal: None,
+        stats: Summary {
+            bytes_in: source.manifest.layers.iter().map(|l| l.size).sum(),
+            ..Summary::default()
+        },
+        say: &say,
     };
-    // The host tree, removed while the top layer is imported (it is not read after its
-    // filesystem is made).
-    let mut tree_removal: Option<workdir::Removal> = None;
-    let result = (|| -> CliResult<(Vec<Value>, Vec<dict::DictBlob>)> {
-        // Deterministic filesystem identity: from the base layer's content (its diff ID), so
-        // the same base converts to the same filesystem whatever image or registry it came
-        // from, and however it was compressed.
-        let seed = Sha256::digest(diff_ids.first().map(|d| d.as_slice()).unwrap_or_default());
-        let uuid = format!(
-            "{}-{}-{}-{}-{}",
-            hex::encode(&seed[0..4]),
-            hex::encode(&seed[4..6]),
-            hex::encode(&seed[6..8]),
-            hex::encode(&seed[8..10]),
-            hex::encode(&seed[10..16])
-        );
-        let opts = writer_options(&a.opts, None)?;
-        let mut out: Vec<Value> = Vec::new();
-        let mut in_dict = 0;
-        let raw = work.join("fs.raw");
-        // The block hashes of `raw` when it holds the filesystem of the layers converted so
-        // far (`None` after a reused layer: then it is exported from them when next needed).
-        let mut hashes = Some(rawimport::BlockHashes::zeros(size));
-        for (i, (digest, _)) in layers.iter().enumerate() {
-            let mut changes = ext4apply::Changes::new(&root);
-            let tar = spooled(i);
-            unpack::apply_layer(&root, &mut changes, || {
-                let f = File::open(&tar)?;
-                Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
-            })
-            .map_err(|e| bad(format!("layer {digest}: {e}")))?;
-            let tar_bytes = std::fs::metadata(&tar).map_or(u64::MAX, |m| m.len());
-            let _ = std::fs::remove_file(&tar);
-            if a.fs == FsKind::Erofs && i + 1 < layers.len() {
-                continue; // flattened: one filesystem of the final tree
-            }
-            let key = chain_key(&diff_ids[..=i], size, &opts, &dict_digests, a.fs);
-            if let Some(known) = db.as_ref().and_then(|d| d.lookup(&key)) {
-                let (ours, src_blob) = known;
-                let final_path = blob_path(&dst, ours["digest"].as_str().unwrap_or_default())?;
-                link_or_copy(&src_blob, &final_path)?;
-                say(format!(
-                    "layer {}/{}: {digest} → {} (reused)",
-                    i + 1,
-                    layers.len(),
-                    ours["digest"]
-                ));
-                stats.reused += 1;
-                hashes = None;
-                let mut desc = ours;
-                desc["annotations"]["io.lsm.source-layer"] = digest.as_str().into();
-                out.push(desc);
-                continue;
-            }
-            // The layers converted so far: the new one stores only what differs from them.
-            let below = out
-                .iter()
-                .map(|v| {
-                    let bp = blob_path(&dst, v["digest"].as_str().unwrap_or_default())?;
-                    let f = File::open(&bp).map_err(|e| bad(format!("{}: {e}", bp.display())))?;
-                    let mut l = Layer::open(bp.display().to_string(), Arc::new(f), None)?;
-                    dict::attach_borrowed(&mut l, |d| path_of(&dst, &out, &dict_blobs, d))?;
-                    Ok(l)
-                })
-                .collect::<CliResult<Vec<Layer>>>()?;
-            let base = (!below.is_empty())
-                .then(|| LayerStack::new(below, size, 64 << 20).and_then(|s| Image::new(s, None)))
-                .transpose()?;
-            let mut h = match (hashes.take(), &base) {
-                (Some(h), _) => h,
-                (None, None) => rawimport::BlockHashes::zeros(size),
-                (None, Some(b)) => {
-                    // Layers below were reused: their filesystem, back as a raw file.
-                    let _step = workdir::step()?;
-                    let _ = std::fs::remove_file(&raw);
-                    let f = File::create(&raw)?;
-                    f.set_len(size)?;
-                    rawimport::export(b, &f, size)?
-                }
-            };
-            let scan = layer_filesystem(&LayerFs {
-                fs: a.fs,
-                root: &root,
-                raw: &raw,
-                size,
-                uuid: &uuid,
-                digest,
+    let result = source
+        .manifest
+        .layers
+        .iter()
+        .enumerate()
+        .try_for_each(|(i, l)| {
+            run.layer(&layers::SourceLayer {
                 index: i,
-                changes: &changes,
-                tar_bytes,
-                say: &say,
-            })?;
-            if i + 1 == layers.len() {
-                tree_removal = Some(workdir::Removal::start(&root));
-            }
-            let tmp = dst.join("blobs/sha256/.layer.partial");
-            let rawf = File::open(&raw)?;
-            let mut prog = crate::progress::Progress::new(
-                format!("convert: layer {}/{} import", i + 1, layers.len()),
-                size,
-                a.quiet,
-            );
-            // The layers below join the dictionary (each once, and only when a layer is
-            // actually converted: reused ones need none).
-            for l in &out[in_dict..] {
-                let d = l["digest"].as_str().unwrap_or_default();
-                // (Written by this conversion, its digest computed while writing.)
-                let (layer, id) = dict::open_trusted(&dict::DictBlob {
-                    digest: d.to_string(),
-                    size: l["size"].as_u64().unwrap_or_default(),
-                    meta_digest: None,
-                    path: blob_path(&dst, d)?,
-                    from: None,
-                })?;
-                running.add_layer(&layer, id, |_| {})?;
-            }
-            in_dict = out.len();
-            let shared = Arc::new(std::mem::take(&mut running));
-            let w = write_blob_atomically(&tmp, |o| {
-                rawimport::import_changed(
-                    &rawf,
-                    size,
-                    &mut h,
-                    base.is_none(),
-                    Some(shared.clone()),
-                    o,
-                    opts,
-                    &scan,
-                    |d| prog.update(d),
-                )
-            })?;
-            hashes = Some(h);
-            running = Arc::try_unwrap(shared)
-                .map_err(|_| bad("internal error: the dictionary is still in use"))?;
-            let ours = format!("sha256:{}", hex::encode(w.digest));
-            let final_path = blob_path(&dst, &ours)?;
-            std::fs::rename(&tmp, &final_path)?;
-            say(format!(
-                "layer {}/{}: {digest} → {ours} ({} bytes{})",
-                i + 1,
-                layers.len(),
-                w.size,
-                if w.borrowed_bytes > 0 {
-                    format!(
-                        "; {} of {} data bytes borrowed from the dictionary",
-                        w.borrowed_bytes, w.data_bytes
-                    )
-                } else {
-                    String::new()
-                }
-            ));
-            stats.converted += 1;
-            stats.bytes_out += w.size;
-            let desc = json!({
-                "mediaType": blockfmt::LAYER_MEDIA_TYPE,
-                "digest": ours,
-                "size": w.size,
-                "annotations": {
-                    blockfmt::META_DIGEST_ANNOTATION: format!("sha256:{}", hex::encode(w.meta_digest)),
-                    blockfmt::META_LEN_ANNOTATION: w.meta_len.to_string(),
-                    "io.lsm.source-layer": digest,
-                    "io.lsm.format-version": "1",
-                },
-            });
-            if let Some(d) = &db {
-                d.record(&key, &desc, &final_path);
-            }
-            out.push(desc);
-        }
-        // The dictionary blobs the new layers borrow from, in first-use order: copied into the
-        // layout and listed in the manifest, so registries keep them and clients find them.
-        // (Blobs of this image's own layers are listed as layers already.)
-        let mut borrowed: Vec<dict::DictBlob> = Vec::new();
-        for l in &out {
-            let p = blob_path(&dst, l["digest"].as_str().unwrap_or_default())?;
-            let f = File::open(&p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
-            let layer = Layer::open(p.display().to_string(), Arc::new(f), None)?;
-            for b in &layer.metadata().blobs {
-                let dg = blockfmt::format::oci_digest(&b.sha256);
-                if borrowed.iter().any(|x| x.digest == dg)
-                    || out
-                        .iter()
-                        .any(|o| o["digest"].as_str() == Some(dg.as_str()))
-                {
-                    continue;
-                }
-                let from = dict_blobs.iter().find(|x| x.digest == dg).ok_or_else(|| {
-                    bad(format!(
-                        "layer {} borrows from blob {dg}, which no --dict image holds",
-                        l["digest"]
-                    ))
-                })?;
-                link_or_copy(&from.path, &blob_path(&dst, &dg)?)?;
-                borrowed.push(from.clone());
-            }
-        }
-        Ok((out, borrowed))
-    })();
-    if let Some(r) = tree_removal.take() {
+                count: n,
+                digest: &l.digest,
+                tar: spool.tar(i),
+                chain: &spool.diff_ids[..=i],
+            })
+        })
+        .and_then(|()| run.borrowed_blobs());
+    if let Some(r) = run.tree_removal.take() {
         r.wait();
     }
     drop(work_tree);
     drop(dict_tree);
-    drop(spool_tree);
-    let (out_layers, borrowed) = match result {
-        Ok(l) => l,
-        Err(e) => {
-            // No partial image: drop the blobs written (and the directory, if we made it).
-            let _ = std::fs::remove_dir_all(if created {
-                dst.clone()
-            } else {
-                dst.join("blobs")
-            });
-            return Err(e);
-        }
+    drop(spool);
+    let borrowed = result.inspect_err(|_| remove_partial())?;
+    let converted = publish::Converted {
+        src: &src,
+        dst: &dst,
+        source_manifest: &source.manifest_digest,
+        source_config: &source.manifest.config,
+        size,
+        layers: &run.out,
+        borrowed: &borrowed,
     };
-
-    // Config (the source's, with the converted blobs as its diff IDs), manifest, index,
-    // layout marker, lsm image config.
-    let repository = match &a.push {
-        Some(p) => {
-            let t = push::Target::parse(p)?;
-            Some(format!("{}/{}", t.host(), t.repository))
-        }
-        None => None,
-    };
-    let mut published = manifest::ImageManifest::new(size, repository);
-    for l in &out_layers {
-        published.push_layer(manifest::Blob {
-            role: manifest::Role::Layer,
-            digest: l["digest"].as_str().unwrap_or_default().to_string(),
-            size: l["size"].as_u64().unwrap_or_default(),
-            meta_digest: l["annotations"][blockfmt::META_DIGEST_ANNOTATION]
-                .as_str()
-                .map(str::to_string),
-            meta_len: meta_len_of(l),
-            source_layer: l["annotations"]["io.lsm.source-layer"]
-                .as_str()
-                .map(str::to_string),
-        });
-    }
-    for b in &borrowed {
-        published.append_extra(manifest::Blob {
-            role: manifest::Role::Dictionary,
-            digest: b.digest.clone(),
-            size: b.size,
-            meta_digest: b.meta_digest.clone(),
-            meta_len: None,
-            source_layer: None,
-        });
-    }
-    let source_config = std::fs::read(blob_path(&src, &config_digest)?)
-        .map_err(|e| bad(format!("config {config_digest}: {e}")))?;
-    let (cfg_digest, cfg_size) = put_blob(&dst, &published.config(&source_config)?)?;
-    let mut manifest = published.manifest(
-        json!({
-            "mediaType": manifest["config"]["mediaType"],
-            "digest": cfg_digest,
-            "size": cfg_size,
-        }),
-        &manifest_digest,
-        &config_digest,
-    );
-    if a.fs == FsKind::Erofs {
-        manifest["annotations"]["io.lsm.filesystem"] = "erofs".into();
-    }
-    let mbytes = serde_json::to_vec_pretty(&manifest)?;
-    let (m_digest, m_size) = put_blob(&dst, &mbytes)?;
-    let mut mdesc = json!({
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": m_digest,
-        "size": m_size,
-    });
-    if let Some(t) = &a.tag {
-        mdesc["annotations"] = json!({ "org.opencontainers.image.ref.name": t });
-    }
-    std::fs::write(dst.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
-    let local =
-        |digest: &str| json!({ "local": blob_path(Path::new(""), digest).unwrap_or_default() });
-    let mut image = json!({
-        "size": size,
-        "layers": out_layers.iter().map(|l| json!({
-            "source": local(l["digest"].as_str().unwrap_or_default()),
-            "digest": l["digest"],
-            "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
-            "meta_len": meta_len_of(l),
-        })).collect::<Vec<_>>(),
-    });
-    if !borrowed.is_empty() {
-        image["dictionary"] = borrowed
-            .iter()
-            .map(|b| json!({ "source": local(&b.digest), "digest": b.digest, "meta_digest": b.meta_digest }))
-            .collect();
-    }
-    std::fs::write(
-        dst.join("lsm-image.json"),
-        serde_json::to_vec_pretty(&image)?,
-    )?;
-    std::fs::write(
-        dst.join("index.json"),
-        serde_json::to_vec_pretty(&json!({ "schemaVersion": 2, "manifests": [mdesc] }))?,
-    )?;
+    let published = publish::write_layout(&a, &converted)?;
     if let Some(p) = &a.push {
-        let target = push::Target::parse(p)?;
-        if target.base.starts_with("http://") && !a.insecure {
-            return Err(bad(format!("--push {p}: plain HTTP needs --insecure")));
-        }
-        let ca_file = a
-            .registry_ca
-            .as_deref()
-            .map(std::fs::canonicalize)
-            .transpose()
-            .map_err(|e| bad(format!("--registry-ca: {e}")))?;
-        let registry_source = |size: Option<&serde_json::Value>| {
-            let mut r = json!({
-                "url": target.base, "repository": target.repository, "insecure": a.insecure,
-            });
-            if let Some(s) = size {
-                r["size"] = s.clone();
-            }
-            if let Some(ca) = &ca_file {
-                r["ca_file"] = ca.display().to_string().into();
-            }
-            if !a.token_hosts.is_empty() {
-                r["token_hosts"] = a.token_hosts.clone().into();
-            }
-            json!({ "registry": r })
-        };
-        let mut remote = json!({
-            "size": size,
-            "layers": out_layers.iter().map(|l| json!({
-                "source": registry_source(Some(&l["size"])),
-                "digest": l["digest"],
-                "meta_digest": l["annotations"][blockfmt::META_DIGEST_ANNOTATION],
-                "meta_len": meta_len_of(l),
-            })).collect::<Vec<_>>(),
-        });
-        if !borrowed.is_empty() {
-            // No size: opening the image asks the registry for each (HEAD), so a dictionary
-            // blob missing from the repository fails at attach, naming it, not at some read.
-            remote["dictionary"] = borrowed
-                .iter()
-                .map(|b| {
-                    json!({
-                        "source": registry_source(None),
-                        "digest": b.digest,
-                        "meta_digest": b.meta_digest,
-                    })
-                })
-                .collect();
-        }
-        let session = push::Session::new(target, creds, &a.client())?;
-        let (mut sent, mut had) = (0, 0);
-        let blobs = std::iter::once(cfg_digest.clone()).chain(
-            out_layers
-                .iter()
-                .map(|l| l["digest"].as_str().unwrap_or_default().to_string()),
-        );
-        let mut mounted = 0;
-        for d in blobs {
-            if session.put_blob(&d, &blob_path(&dst, &d)?)? {
-                sent += 1;
-            } else {
-                had += 1;
-            }
-        }
-        for b in &borrowed {
-            // Another repository of the same registry has it: mount instead of uploading.
-            let from = b
-                .from
-                .as_ref()
-                .filter(|(base, _)| *base == session.base())
-                .map(|(_, repo)| repo.as_str());
-            match session.put_blob_from(&b.digest, &blob_path(&dst, &b.digest)?, from)? {
-                push::Put::Uploaded => sent += 1,
-                push::Put::Mounted => mounted += 1,
-                push::Put::Present => had += 1,
-            }
-        }
-        session.put_manifest(&mbytes, "application/vnd.oci.image.manifest.v1+json")?;
-        std::fs::write(
-            dst.join("lsm-remote.json"),
-            serde_json::to_vec_pretty(&remote)?,
-        )?;
-        say(format!(
-            "pushed to {p}: {sent} blobs uploaded, {had} already there{}",
-            if mounted > 0 {
-                format!(", {mounted} mounted from another repository")
-            } else {
-                String::new()
-            }
-        ));
+        publish::push_image(&a, &converted, &published, p, creds, &say)?;
     }
+    let stats = run.stats;
     say(format!(
         "{} layers converted, {} reused; {} bytes in, {} bytes out",
         stats.converted, stats.reused, stats.bytes_in, stats.bytes_out
     ));
     if a.print_digest {
-        println!("{m_digest}");
+        println!("{}", published.manifest_digest);
     }
     Ok(stats)
 }

@@ -15,6 +15,7 @@ use lsmd::source::redact;
 use lsmd::source::registry::{Body, RepositoryClient, RequestError};
 
 use crate::cli::{CliError, CliResult};
+use crate::oci;
 
 /// An image in a registry: `http(s)://host[:port]/repository:tag`.
 pub struct Target {
@@ -231,21 +232,14 @@ impl Session {
         std::fs::create_dir_all(&blobs).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
         let tmp = dir.join("manifest.tmp");
         let mut kind = self.get(&format!("manifests/{}", self.target.tag), MANIFESTS, &tmp)?;
-        let mut body: serde_json::Value = serde_json::from_slice(&std::fs::read(&tmp)?)?;
-        if body.get("manifests").is_some() {
-            // An index: the linux/amd64 image.
-            let pick = body["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|m| {
-                    m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64"
-                })
-                .and_then(|m| m["digest"].as_str())
-                .ok_or_else(|| CliError("the image index has no linux/amd64 image".into()))?
-                .to_string();
+        if oci::is_index(&std::fs::read(&tmp)?) {
+            // An index: this machine's image (linux on its architecture).
+            let index = oci::parse_index(&std::fs::read(&tmp)?, &self.target.tag)?;
+            let pick = index
+                .for_platform(&oci::Platform::host(), &self.target.tag)?
+                .digest
+                .clone();
             kind = self.get(&format!("manifests/{pick}"), MANIFESTS, &tmp)?;
-            body = serde_json::from_slice(&std::fs::read(&tmp)?)?;
         }
         let bytes = std::fs::read(&tmp)?;
         let digest = format!(
@@ -256,24 +250,24 @@ impl Session {
             )))
         );
         std::fs::rename(&tmp, blobs.join(&digest[7..]))?;
-        let wanted =
-            std::iter::once(&body["config"]).chain(body["layers"].as_array().into_iter().flatten());
-        for d in wanted {
-            let dg = d["digest"]
-                .as_str()
-                .ok_or_else(|| CliError("manifest entry without a digest".into()))?;
+        let body = oci::parse_manifest(&bytes, &digest)?;
+        for d in std::iter::once(&body.config).chain(&body.layers) {
+            let dg = &d.digest;
             let hexpart = dg
                 .strip_prefix("sha256:")
                 .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .ok_or_else(|| CliError(format!("unsupported digest {dg:?}")))?;
             self.get(&format!("blobs/{dg}"), "*/*", &blobs.join(hexpart))?;
         }
-        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": kind.split(';').next().unwrap_or_default(),
-            "digest": digest, "size": bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": self.target.tag},
-        }]});
-        std::fs::write(dir.join("index.json"), index.to_string())?;
+        let mut desc = oci::Descriptor::new(
+            kind.split(';').next().unwrap_or_default().trim(),
+            digest,
+            bytes.len() as u64,
+        );
+        desc.annotations
+            .insert(oci::REF_NAME_ANNOTATION.into(), self.target.tag.clone());
+        let index = serde_json::to_string(&oci::Index::of(vec![desc]))?;
+        std::fs::write(dir.join("index.json"), index)?;
         std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
         Ok(())
     }

@@ -350,10 +350,9 @@ mod tests {
             data.display(),
             xattr.display()
         );
-        super::super::ext4apply::run_script(&a, &script, "s1", "plain").unwrap();
+        super::super::e2fs::run_script(&a, &script, "s1", "plain").unwrap();
         let undo = t.path().join("b.undo");
-        super::super::ext4apply::run_script_tracked(&b, &script, "s2", "tracked", Some(&undo))
-            .unwrap();
+        super::super::e2fs::run_script_tracked(&b, &script, "s2", "tracked", Some(&undo)).unwrap();
         assert!(
             std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
             "the undo file changed the filesystem"

@@ -26,10 +26,10 @@ use std::collections::HashMap;
 use std::io::Read;
 
 use containerd_client::types::Descriptor;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::cli::{CliError, CliResult};
+use crate::oci::{self, Platform};
 use containerd::Containerd;
 use registry::{is_sha256, ImageRef, Registry};
 
@@ -59,68 +59,6 @@ pub struct PullArgs {
     /// architecture, any variant).
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<String>,
-}
-
-/// A platform an index entry must match.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Platform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
-impl Platform {
-    fn host() -> Platform {
-        Platform {
-            os: "linux".into(),
-            architecture: host_arch().into(),
-            variant: None,
-        }
-    }
-
-    fn parse(s: &str) -> CliResult<Platform> {
-        let parts: Vec<&str> = s.split('/').collect();
-        match parts.as_slice() {
-            [os, arch] | [os, arch, _]
-                if !os.is_empty() && !arch.is_empty() && parts.iter().all(|p| !p.is_empty()) =>
-            {
-                Ok(Platform {
-                    os: os.to_string(),
-                    architecture: arch.to_string(),
-                    variant: parts.get(2).map(|v| v.to_string()),
-                })
-            }
-            _ => Err(CliError(format!(
-                "--platform {s:?}: expected os/arch or os/arch/variant (e.g. linux/arm64/v8)"
-            ))),
-        }
-    }
-
-    /// Whether an index entry's `platform` object is this one (a variant only when asked for).
-    fn matches(&self, p: &Value) -> bool {
-        p["os"] == self.os.as_str()
-            && p["architecture"] == self.architecture.as_str()
-            && self.variant.as_deref().is_none_or(|v| p["variant"] == v)
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        match &self.variant {
-            Some(v) => write!(f, "/{v}"),
-            None => Ok(()),
-        }
-    }
-}
-
-/// containerd's name of this machine's architecture.
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }
 
 /// What one layer is, as the pull needs it.
@@ -158,24 +96,17 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-fn descriptor(v: &Value, what: &str) -> CliResult<Descriptor> {
-    let digest = v["digest"]
-        .as_str()
-        .filter(|d| is_sha256(d))
-        .ok_or_else(|| CliError(format!("{what}: no sha256 digest")))?;
-    let annotations = v["annotations"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-        .collect();
+/// containerd's descriptor of OCI descriptor `d`, its digest checked to be sha256.
+fn descriptor(d: &oci::Descriptor, what: &str) -> CliResult<Descriptor> {
+    if !is_sha256(&d.digest) {
+        return Err(CliError(format!("{what}: no sha256 digest")));
+    }
     Ok(Descriptor {
-        media_type: v["mediaType"].as_str().unwrap_or_default().to_string(),
-        digest: digest.to_string(),
-        size: v["size"]
-            .as_i64()
-            .ok_or_else(|| CliError(format!("{what}: no size")))?,
-        annotations,
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: i64::try_from(d.size)
+            .map_err(|_| CliError(format!("{what}: size {} too big", d.size)))?,
+        annotations: d.annotations.clone().into_iter().collect(),
     })
 }
 
@@ -188,61 +119,32 @@ fn resolve(reg: &Registry, image: &ImageRef, platform: &Platform) -> CliResult<R
         size: top.bytes.len() as i64,
         annotations: HashMap::new(),
     };
-    let top_json: Value = serde_json::from_slice(&top.bytes)?;
-    let (index, manifest) = if top_json.get("manifests").is_some() {
-        let entries = top_json["manifests"].as_array();
-        let pick = entries
-            .into_iter()
-            .flatten()
-            .find(|m| platform.matches(&m["platform"]))
-            .and_then(|m| m["digest"].as_str())
-            .ok_or_else(|| {
-                let has: Vec<String> = entries
-                    .into_iter()
-                    .flatten()
-                    .map(|m| {
-                        let p = &m["platform"];
-                        let mut s = format!(
-                            "{}/{}",
-                            p["os"].as_str().unwrap_or("?"),
-                            p["architecture"].as_str().unwrap_or("?")
-                        );
-                        if let Some(v) = p["variant"].as_str() {
-                            s.push('/');
-                            s.push_str(v);
-                        }
-                        s
-                    })
-                    .collect();
-                CliError(format!(
-                    "{}: the index has no {platform} image (it has: {}); choose one with --platform",
-                    image.name,
-                    has.join(", ")
-                ))
-            })?
-            .to_string();
+    let (index, manifest) = if oci::is_index(&top.bytes) {
+        let idx = oci::parse_index(&top.bytes, &image.name)?;
+        let pick = idx.for_platform(platform, &image.name)?.digest.clone();
         let manifest = reg.manifest(&pick)?;
         (Some(top), manifest)
     } else {
         (None, top)
     };
-    let m: Value = serde_json::from_slice(&manifest.bytes)?;
-    if m["schemaVersion"] != 2 || !m["layers"].is_array() {
-        return Err(CliError(format!(
-            "{}: not an OCI or Docker schema 2 image manifest",
-            image.name
-        )));
-    }
-    let config_digest = descriptor(&m["config"], "manifest config")?.digest;
+    let m = oci::parse_manifest(&manifest.bytes, &image.name)?;
+    let config_digest = descriptor(&m.config, "manifest config")?.digest;
     let config = reg.small_blob(&config_digest)?;
-    let c: Value = serde_json::from_slice(&config)?;
-    let diff_ids: Vec<String> = c["rootfs"]["diff_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| d.as_str().map(String::from))
-        .collect();
-    let descs = m["layers"].as_array().cloned().unwrap_or_default();
+    /// What the pull reads of an image config.
+    #[derive(serde::Deserialize, Default)]
+    struct Rootfs {
+        #[serde(default)]
+        diff_ids: Vec<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ImageConfig {
+        #[serde(default)]
+        rootfs: Rootfs,
+    }
+    let c: ImageConfig = serde_json::from_slice(&config)
+        .map_err(|e| CliError(format!("{}: image config {config_digest}: {e}", image.name)))?;
+    let diff_ids = c.rootfs.diff_ids;
+    let descs = m.layers;
     if descs.len() != diff_ids.len() {
         return Err(CliError(format!(
             "{}: mismatched image rootfs and manifest layers ({} diff_ids, {} layers)",
@@ -567,17 +469,16 @@ mod tests {
     fn platforms_parse_and_match_index_entries() {
         let p = Platform::parse("linux/arm64/v8").expect("ok");
         assert_eq!(p.to_string(), "linux/arm64/v8");
-        assert!(p.matches(
-            &serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"})
-        ));
-        assert!(!p.matches(
-            &serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v7"})
-        ));
+        let entry = |arch: &str, variant: Option<&str>| Platform {
+            os: "linux".into(),
+            architecture: arch.into(),
+            variant: variant.map(str::to_string),
+        };
+        assert!(p.matches(&entry("arm64", Some("v8"))));
+        assert!(!p.matches(&entry("arm64", Some("v7"))));
         let any = Platform::parse("linux/arm64").expect("ok");
-        assert!(any.matches(
-            &serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"})
-        ));
-        assert!(!any.matches(&serde_json::json!({"os": "windows", "architecture": "arm64"})));
+        assert!(any.matches(&entry("arm64", Some("v8"))));
+        assert!(!any.matches(&entry("amd64", None)));
         for bad in ["linux", "linux/", "/amd64", "a/b/c/d", "linux//v8", ""] {
             assert!(Platform::parse(bad).is_err(), "{bad}");
         }
