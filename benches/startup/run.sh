@@ -7,6 +7,8 @@
 #   LOOP_DIO=1 bash benches/startup/run.sh # the loop device with --direct-io=on (several reads in flight)
 #   READ_AHEAD_KB=2560 bash benches/startup/run.sh # the loop devices' readahead (default 128 KiB)
 #   MODES="oci shipped shipped-t2 shipped-t4" ... # shipped-tN: the shipped row with N prefetch fetches in flight
+#   CHUNK_SIZE=32K bash benches/startup/run.sh   # the lsm images' chunk size (convert --chunk-size; default 128K)
+#   LSMD_ARGS="--hot-group-kb 1024" ...          # more `lsmd serve` arguments for every lsm row
 #
 # What it does:
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
