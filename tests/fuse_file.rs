@@ -144,6 +144,22 @@ fn lsmctl_attach_list_detach_with_the_fuse_file() {
         .arg("--state-dir")
         .arg(&state));
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already attached"));
+    // Another image onto the same directory is refused too: its FUSE mount would hide the
+    // first one's file from everyone using it.
+    std::fs::create_dir(t.join("o")).expect("mkdir");
+    let other = image_of_tree(&t.join("o"), &tree, 32, "other");
+    let o = run(lsmctl(["attach"])
+        .arg(&other)
+        .arg("--fuse")
+        .arg(&files)
+        .arg("--state-dir")
+        .arg(&state));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is a mount point already"),
+        "{err}"
+    );
+    assert!(dev.exists(), "the first attachment's FUSE file is hidden");
     {
         let m = Mounted::new(&dev, &t.join("mnt"));
         assert_eq!(

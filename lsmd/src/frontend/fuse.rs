@@ -263,13 +263,63 @@ impl Filesystem for ExportFiles {
     }
 }
 
+/// Whether `dir` (canonical) is a mount point in `mountinfo` (the text of
+/// `/proc/self/mountinfo`: field 5 is the mount point, with space, tab, newline and backslash
+/// written as octal escapes).
+fn is_mount_point(mountinfo: &str, dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let want = dir.as_os_str().as_bytes();
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_octal(m) == want)
+}
+
+/// `\ooo` escapes decoded (anything else as it is).
+fn unescape_octal(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let code = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')));
+        match code.and_then(|c| u8::try_from(c).ok()) {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// A mounted FUSE-file export; unmounted when dropped.
 pub struct FuseMount {
     _session: fuser::BackgroundSession,
 }
 
 /// Mounts `exports` as files (named after them) in `dir`; cold work runs on `engine`'s pool.
+///
+/// A directory that is a mount point already is refused: mounting over it would hide what is
+/// there (another lsmd's files, whose users would then read ours) until this one exits.
 pub fn mount(dir: &Path, exports: Vec<Arc<Export>>, engine: &Engine) -> std::io::Result<FuseMount> {
+    let canonical = dir.canonicalize()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if is_mount_point(&mountinfo, &canonical) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} is a mount point already (another lsmd's FUSE files?): unmount it or choose another directory",
+                canonical.display()
+            ),
+        ));
+    }
     let writable = exports.iter().any(|e| !e.image.read_only());
     let mut options = vec![
         MountOption::FSName("lsmd".into()),
@@ -288,4 +338,21 @@ pub fn mount(dir: &Path, exports: Vec<Arc<Export>>, engine: &Engine) -> std::io:
     };
     let session = fuser::spawn_mount2(fs, dir, &options)?;
     Ok(FuseMount { _session: session })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_found_in_mountinfo_with_escapes() {
+        let info = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw\n\
+                    37 35 0:40 / /srv/files rw - fuse.lsm lsmd rw\n";
+        assert!(is_mount_point(info, Path::new("/mnt/a b")));
+        assert!(is_mount_point(info, Path::new("/srv/files")));
+        assert!(!is_mount_point(info, Path::new("/srv")));
+        assert!(!is_mount_point(info, Path::new("/mnt/a\\040b")));
+        assert_eq!(unescape_octal("x\\134y\\01"), b"x\\y\\01");
+        assert_eq!(unescape_octal("\\777"), b"\\777", "not a byte: kept");
+    }
 }
