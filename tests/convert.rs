@@ -498,7 +498,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     let o = push(&t.join("dst"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        o.status.success() && err.contains("4 blobs uploaded, 0 already there"),
+        o.status.success() && err.contains("5 blobs uploaded, 0 already there"),
         "{err}"
     );
     check_containerd_contract(&reg, &target);
@@ -506,7 +506,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     let o = push(&t.join("dst2"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        o.status.success() && err.contains("0 blobs uploaded, 4 already there"),
+        o.status.success() && err.contains("0 blobs uploaded, 5 already there"),
         "{err}"
     );
 
@@ -518,7 +518,7 @@ fn pushed_to_a_registry_served_from_it_and_not_uploaded_twice() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        o.status.success() && err.contains("0 blobs uploaded, 4 already there"),
+        o.status.success() && err.contains("0 blobs uploaded, 5 already there"),
         "{err}"
     );
 
@@ -672,17 +672,31 @@ fn the_work_tree_is_private_and_a_signal_removes_it() {
     oci_layout(&src, &[(layer.finish(), false)]);
     for sig in ["TERM", "INT"] {
         let out = t.join(format!("out-{sig}"));
-        let work = out.join(".convert-work");
+        // (Named, so the test finds it: by default it may be in /dev/shm or inside DST.)
+        let wd = t.join(format!("wd-{sig}"));
+        std::fs::create_dir(&wd).expect("work dir");
         let mut child = lsmctl(["convert", "-q", "--no-reuse", "--tag", "t"])
             .arg(&src)
             .arg(&out)
+            .arg("--work-dir")
+            .arg(&wd)
             .spawn()
             .expect("convert");
+        let work = wd.join(format!(".lsm-convert-{}-", child.id()));
+        let find = || {
+            std::fs::read_dir(&wd)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().starts_with(&*work.to_string_lossy()))
+        };
         let start = std::time::Instant::now();
-        let mode = loop {
-            if let Ok(m) = std::fs::symlink_metadata(&work) {
-                if work.join("root/data").exists() {
-                    break m.permissions().mode() & 0o7777;
+        let (work, mode) = loop {
+            if let Some(w) = find() {
+                if let Ok(m) = std::fs::symlink_metadata(&w) {
+                    if w.join("root/data").exists() {
+                        break (w.clone(), m.permissions().mode() & 0o7777);
+                    }
                 }
             }
             assert!(
@@ -738,11 +752,17 @@ fn check_containerd_contract(reg: &lsm_e2e::registry::Registry, target: &str) {
         diff_ids
     );
     let repository = format!("{}{repo}", reg.url.trim_start_matches("http://"));
-    for l in layers {
+    for (i, l) in layers.iter().enumerate() {
         let a = &l["annotations"];
+        // The stacked layers, then the hash index (FORMAT.md §8).
+        let role = if i + 1 == layers.len() {
+            "hash-index"
+        } else {
+            "layer"
+        };
         assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar");
-        assert_eq!(a["io.lsm.layer.role"], "layer");
-        assert_eq!(a["containerd.io/snapshot/lsm.role"], "layer");
+        assert_eq!(a["io.lsm.layer.role"], role);
+        assert_eq!(a["containerd.io/snapshot/lsm.role"], role);
         assert_eq!(a["containerd.io/snapshot/lsm.digest"], l["digest"]);
         assert_eq!(a["containerd.io/snapshot/lsm.size"], l["size"].to_string());
         assert_eq!(

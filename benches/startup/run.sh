@@ -7,6 +7,8 @@
 #   LOOP_DIO=1 bash benches/startup/run.sh # the loop device with --direct-io=on (several reads in flight)
 #   READ_AHEAD_KB=2560 bash benches/startup/run.sh # the loop devices' readahead (default 128 KiB)
 #   MODES="oci shipped shipped-t2 shipped-t4" ... # shipped-tN: the shipped row with N prefetch fetches in flight
+#   CHUNK_SIZE=32K bash benches/startup/run.sh   # the lsm images' chunk size (convert --chunk-size; default 128K)
+#   LSMD_ARGS="--hot-group-kb 1024" ...          # more `lsmd serve` arguments for every lsm row
 #
 # What it does:
 #  1. builds (once, cached in /var/cache/lsm-images) real Debian images: `base` (debootstrap
@@ -61,6 +63,7 @@ IMAGES=${IMAGES:-"base py pip"}
 MODES=${MODES:-"oci bare lazy trace shipped ctr-oci ctr-lazy ctr-shipped"}
 READ_AHEAD_KB=${READ_AHEAD_KB:-128} # of the loop devices of the lsm rows and of trace bake
 LSMD_ARGS=${LSMD_ARGS:-} # more `lsmd serve` arguments for every lsm row
+CHUNK_SIZE=${CHUNK_SIZE:-128K} # `lsmctl convert --chunk-size` of the lsm images
 
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces, mounts, drop_caches)" >&2; exit 1; }
 
@@ -225,7 +228,7 @@ for img in $BASES; do
 done
 for img in $IMAGES; do
   echo "startup: converting $img ($(fs_of "$img"))"
-  "$LSMCTL" convert -q --insecure --no-reuse --fs "$(fs_of "$img")" \
+  "$LSMCTL" convert -q --insecure --no-reuse --fs "$(fs_of "$img")" --chunk-size "$CHUNK_SIZE" \
     "http://$REG/debian/$(base_of "$img"):1" "$WORK/lsm-$img" --push "http://$REG/lsm/$img:1" >/dev/null
   OCI_BYTES[$img]=$(python3 - "$OCI" "$(base_of "$img")" <<'EOF'
 import json, sys

@@ -55,30 +55,61 @@ impl Dictionary {
         if self.blobs.contains(&blob) {
             return Ok(());
         }
+        let blocks = block_hashes(layer, &mut progress)?;
+        self.add_hashed(blob, &layer.metadata().chunks, &blocks)
+    }
+
+    /// Adds a blob known by its chunk table (`chunks`, from its metadata) and, per chunk, the
+    /// offsets and sha256 of its non-zero 4 KiB blocks (`blocks[i]` for chunk `i`, as
+    /// [`block_hashes`] gives them, e.g. from a published hash index) without reading any chunk:
+    /// the same dictionary [`Self::add_layer`] builds from the blob itself. Refused (nothing
+    /// added) when the lists do not fit the chunk table: a count that differs, blocks of a
+    /// borrowed chunk, an offset not 4 KiB-aligned, not increasing, or past the chunk.
+    pub fn add_hashed(
+        &mut self,
+        blob: BlobRef,
+        chunks: &[ChunkEntry],
+        blocks: &[BlockList],
+    ) -> Result<()> {
+        if self.blobs.contains(&blob) {
+            return Ok(());
+        }
+        let name = crate::format::oci_digest(&blob.sha256);
+        let bad = |what: String| crate::error::Error::corrupt(&name, "block hash list", 0, what);
+        if blocks.len() != chunks.len() {
+            return Err(bad(format!(
+                "{} chunk lists for {} chunks",
+                blocks.len(),
+                chunks.len()
+            )));
+        }
+        let g = ZERO_GRANULE as u32;
+        for (i, (e, b)) in chunks.iter().zip(blocks).enumerate() {
+            if e.blob != 0 && !b.is_empty() {
+                return Err(bad(format!("chunk {i} is borrowed but lists blocks")));
+            }
+            let mut next = 0u64;
+            for &(off, _) in b {
+                if off % g != 0 || u64::from(off) < next || off.saturating_add(g) > e.raw_len {
+                    return Err(bad(format!("chunk {i}: block offset {off} out of place")));
+                }
+                next = u64::from(off) + u64::from(g);
+            }
+        }
         let blob_index = self.blobs.len() as u32;
         self.blobs.push(blob);
-        for (i, e) in layer.metadata().chunks.iter().enumerate() {
-            progress(i as u64);
+        for (e, b) in chunks.iter().zip(blocks) {
             if e.blob != 0 {
                 continue;
             }
-            let data = layer.read_chunk(i as u32)?;
-            self.decoded_bytes += data.len() as u64;
+            self.decoded_bytes += u64::from(e.raw_len);
             let chunk = self.chunks.len() as u32;
             let mut any = false;
-            let g = ZERO_GRANULE as usize;
-            for (k, block) in data.chunks_exact(g).enumerate() {
-                if is_zero(block) {
-                    continue;
-                }
-                let r = BlockRef {
-                    chunk,
-                    offset: (k * g) as u32,
-                };
+            for &(offset, hash) in b {
                 // The first copy wins: lookups stay deterministic for a given dictionary order.
-                self.blocks.entry(sha256(block)).or_insert_with(|| {
+                self.blocks.entry(hash).or_insert_with(|| {
                     any = true;
-                    r
+                    BlockRef { chunk, offset }
                 });
             }
             if any {
@@ -120,6 +151,37 @@ impl Dictionary {
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }
+}
+
+/// The non-zero 4 KiB blocks of one chunk: (offset in its decoded bytes, sha256), in order.
+pub type BlockList = Vec<(u32, [u8; 32])>;
+
+/// Per chunk of `layer` (in chunk-table order), the offset and sha256 of each non-zero 4 KiB
+/// block of its decoded bytes; empty for a borrowed chunk. What a dictionary indexes of a blob
+/// (FORMAT.md §1.7) and what a published hash index lists. Decodes and checks every own chunk;
+/// `progress` gets the chunks done so far.
+pub fn block_hashes(layer: &Layer, mut progress: impl FnMut(u64)) -> Result<Vec<BlockList>> {
+    let chunks = &layer.metadata().chunks;
+    let mut out = Vec::with_capacity(chunks.len());
+    for (i, e) in chunks.iter().enumerate() {
+        progress(i as u64);
+        out.push(if e.blob != 0 {
+            Vec::new()
+        } else {
+            chunk_block_hashes(&layer.read_chunk(i as u32)?)
+        });
+    }
+    Ok(out)
+}
+
+/// The offset and sha256 of each non-zero 4 KiB block of one decoded chunk.
+pub fn chunk_block_hashes(data: &[u8]) -> BlockList {
+    let g = ZERO_GRANULE as usize;
+    data.chunks_exact(g)
+        .enumerate()
+        .filter(|(_, b)| !is_zero(b))
+        .map(|(k, b)| ((k * g) as u32, sha256(b)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -79,6 +79,8 @@ const MAX_RUN: u32 = 16;
 const MAX_RUN_BYTES: u64 = 4 << 20;
 /// Sequential streams remembered (several files read at once each keep their own window).
 const STREAMS: usize = 16;
+/// Recent misses remembered for finding hot groups.
+const RECENT_MISSES: usize = 64;
 
 /// A sequential reader seen in a layer: the chunk its next miss would be, and its window.
 #[derive(Clone, Copy)]
@@ -111,6 +113,10 @@ struct Chunks {
     streams: Mutex<Vec<Stream>>,
     /// Exact traces ([`LayerStack::set_exact_trace`]).
     exact_trace: std::sync::atomic::AtomicBool,
+    /// Readers' recent misses (layer, chunk), oldest first (see [`Chunks::hot_group`]).
+    recent_misses: Mutex<std::collections::VecDeque<(u16, u32)>>,
+    /// Raw bytes of a hot group; 0: off ([`LayerStack::set_hot_group_bytes`]).
+    hot_group_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Most chunks a trace remembers.
@@ -155,6 +161,8 @@ impl LayerStack {
                 touched: Mutex::new(Touched::default()),
                 streams: Mutex::new(Vec::new()),
                 exact_trace: std::sync::atomic::AtomicBool::new(false),
+                recent_misses: Mutex::new(std::collections::VecDeque::new()),
+                hot_group_bytes: std::sync::atomic::AtomicU64::new(0),
             }),
             loads: OnceLock::new(),
         })
@@ -168,6 +176,17 @@ impl LayerStack {
         self.chunks
             .exact_trace
             .store(exact, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Hot groups (off with 0, the default): a reader's miss that is not sequential, in an
+    /// aligned stretch of `bytes` (raw) of a layer where another recent miss fell too, fetches
+    /// that stretch's cold chunks around it in one request. Fewer round trips for a reader
+    /// that touches a region here and there (a program faulting in pages of its binary and
+    /// libraries), for more bytes.
+    pub fn set_hot_group_bytes(&self, bytes: u64) {
+        self.chunks
+            .hot_group_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Lends the host's threads for parallel chunk loads (once; later calls are ignored).
@@ -447,12 +466,20 @@ impl Chunks {
             value: None,
         };
         // A widening fetch (a reader's, or a prefetch of single chunks in disk order) takes
-        // its sequential window along; a planned prefetch run takes exactly what it asks.
+        // its sequential window along; a planned prefetch run takes exactly what it asks. A
+        // reader's random miss in a hot group takes the group's cold chunks around it.
         let window = match widen {
             true => self.window_for(layer, chunk, at_least),
             false => at_least,
         };
-        let mut extras = self.claim_run(layer, chunk, window);
+        let hot = match widen && needed {
+            true => self.hot_group(layer, chunk, window > at_least),
+            false => None,
+        };
+        let (first, mut extras) = match hot {
+            Some((lo, hi)) => self.claim_around(layer, chunk, lo, hi.max(chunk + at_least)),
+            None => (chunk, self.claim_run(layer, chunk, window)),
+        };
         // Taken along for a reader who will read them from the cache, on the hot path — which
         // notes nothing unless traces are exact (then it notes what is really read).
         if needed && !self.exact() {
@@ -460,19 +487,29 @@ impl Chunks {
                 self.note_needed(g.key.0, g.key.1);
             }
         }
-        self.log_fetch(layer, chunk, extras.len() as u32, at_least, needed);
+        let why = match (needed, at_least > 1, hot.is_some() && !extras.is_empty()) {
+            (false, _, _) => "prefetch",
+            (true, _, true) => "group",
+            (true, true, false) => "span",
+            (true, false, false) if extras.is_empty() => "demand",
+            (true, false, false) => "window",
+        };
+        self.log_fetch(layer, first, extras.len() as u32, why);
         if extras.is_empty() {
             let r = self.read_chunk_now(layer, chunk);
             guard.value = r.as_ref().ok().cloned();
             return r;
         }
         let l = &self.layers[layer as usize];
-        let mut results = l.read_run(chunk, 1 + extras.len() as u32).into_iter();
-        let r = match results.next() {
-            Some(r) => r.map(Arc::new),
-            None => Err(Error::Invalid(format!("no chunk {chunk} in layer {layer}"))),
-        };
-        for (g, res) in extras.iter_mut().zip(results) {
+        let results = l.read_run(first, 1 + extras.len() as u32);
+        let mut r = Err(Error::Invalid(format!("no chunk {chunk} in layer {layer}")));
+        let mut extras = extras.iter_mut();
+        for (c, res) in (first..).zip(results) {
+            if c == chunk {
+                r = res.map(Arc::new);
+                continue;
+            }
+            let Some(g) = extras.next() else { break };
             if let Ok(d) = res {
                 let d = Arc::new(d);
                 self.cache.insert(g.key, d.clone());
@@ -484,6 +521,87 @@ impl Chunks {
             guard.value = Some(d.clone());
         }
         r
+    }
+
+    /// For a reader's miss on `chunk` that is not `sequential` (a stream's window): the aligned
+    /// group of [`LayerStack::set_hot_group_bytes`] holding it, `(first, end)`, when another recent miss fell
+    /// in that group too — a region read here and there, like the pages a program faults in
+    /// of its binary and libraries, or a package's small files; `None` for a first miss there.
+    /// Remembers the miss. A second round trip into the same group is the sign: the miss then
+    /// takes the group's cold chunks along (one ranged GET), instead of paying one round trip
+    /// per chunk the reader goes on to touch.
+    fn hot_group(&self, layer: u16, chunk: u32, sequential: bool) -> Option<(u32, u32)> {
+        let group = self
+            .hot_group_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let size = self.layers.get(layer as usize)?.chunk_size().max(1) as u64;
+        let per_group = (group / size).min(u32::MAX as u64) as u32;
+        if per_group < 2 {
+            return None;
+        }
+        let first = chunk / per_group * per_group;
+        let end = first.saturating_add(per_group);
+        let mut recent = self.recent_misses.lock();
+        let hot = recent
+            .iter()
+            .any(|&(l, c)| l == layer && c != chunk && (first..end).contains(&c));
+        if recent.len() >= RECENT_MISSES {
+            recent.pop_front();
+        }
+        recent.push_back((layer, chunk));
+        (hot && !sequential).then_some((first, end))
+    }
+
+    /// Claims (as [`Self::claim_run`] does) the cold chunks of `lo..hi` stored back to back
+    /// with `chunk` on both sides of it: returns the run's first chunk and the claimed chunks
+    /// other than `chunk`, in order.
+    fn claim_around(&self, layer: u16, chunk: u32, lo: u32, hi: u32) -> (u32, Vec<SlotGuard<'_>>) {
+        let Some(l) = self.layers.get(layer as usize) else {
+            return (chunk, Vec::new());
+        };
+        if l.is_kept(chunk) {
+            return (chunk, Vec::new());
+        }
+        let chunks = &l.metadata().chunks;
+        let stored = |c: u32| chunks.get(c as usize).map_or(0, |e| e.stored_len as u64);
+        let mut inflight = self.inflight.lock();
+        let free = |c: u32, inflight: &HashMap<(u16, u32), Arc<InFlight>>| {
+            (c as usize) < chunks.len()
+                && !inflight.contains_key(&(layer, c))
+                && self.cache.get(&(layer, c)).is_none()
+                && !l.is_kept(c)
+        };
+        let mut bytes = stored(chunk);
+        let mut first = chunk;
+        while first > lo
+            && free(first - 1, &inflight)
+            && l.adjacent(first - 1, first)
+            && bytes + stored(first - 1) <= MAX_RUN_BYTES
+        {
+            first -= 1;
+            bytes += stored(first);
+        }
+        let mut end = chunk + 1;
+        while end < hi
+            && free(end, &inflight)
+            && l.adjacent(end - 1, end)
+            && bytes + stored(end) <= MAX_RUN_BYTES
+        {
+            bytes += stored(end);
+            end += 1;
+        }
+        let mut out = Vec::new();
+        for c in (first..end).filter(|&c| c != chunk) {
+            let slot = Arc::new(InFlight::default());
+            inflight.insert((layer, c), slot.clone());
+            out.push(SlotGuard {
+                stack: self,
+                key: (layer, c),
+                slot,
+                value: None,
+            });
+        }
+        (first, out)
     }
 
     /// Claims (as in-flight, so concurrent readers wait for this fetch) the chunks after
@@ -528,11 +646,12 @@ impl Chunks {
         out
     }
 
-    /// One line per fetch at debug level (target `lsm::fetch`): which chunks, how many stored
-    /// bytes, and why: `demand` (a reader's miss), `window` (a sequential reader's miss with the
-    /// chunks after it), `span` (one read's cold chunks), `prefetch` (trace or metadata). What
+    /// One line per fetch at debug level (target `lsm::fetch`): which chunks (from `chunk`), how
+    /// many stored bytes, and why: `demand` (a reader's miss), `window` (a sequential reader's
+    /// miss with the chunks after it), `group` (a random miss in a hot group, with the group's
+    /// cold chunks around it), `span` (one read's cold chunks), `prefetch` (trace or metadata). What
     /// the README's byte analysis of a lazy start is made from.
-    fn log_fetch(&self, layer: u16, chunk: u32, extras: u32, at_least: u32, needed: bool) {
+    fn log_fetch(&self, layer: u16, chunk: u32, extras: u32, why: &str) {
         if !tracing::enabled!(target: "lsm::fetch", tracing::Level::DEBUG) {
             return;
         }
@@ -544,12 +663,6 @@ impl Chunks {
             .filter_map(|c| entries.get(c as usize))
             .map(|e| e.stored_len as u64)
             .sum();
-        let why = match (needed, at_least > 1, extras > 0) {
-            (false, _, _) => "prefetch",
-            (true, true, _) => "span",
-            (true, false, true) => "window",
-            (true, false, false) => "demand",
-        };
         tracing::debug!(target: "lsm::fetch", layer, chunk, chunks = 1 + extras, stored, why, "fetch");
     }
 

@@ -700,18 +700,40 @@ fn sequential_reads_fetch_neighbouring_chunks_together_and_random_reads_do_not()
         fetches * 3 <= chunks,
         "{fetches} fetches for {chunks} chunks"
     );
-    // Every other chunk, backwards: no neighbour is ever read, so none is fetched along.
+    // One chunk in every MiB, backwards: no neighbour is ever read, so none is fetched along.
     let (src, opened, s) = open(None);
     let cs = 128 * 1024;
-    for c in (0..chunks).rev().step_by(2) {
+    for c in (0..chunks).rev().step_by(8) {
         let mut b = vec![0u8; 4096];
         s.read((c * cs) as u64, &mut b).unwrap();
         assert_eq!(b, disk[c * cs..c * cs + 4096]);
     }
     assert_eq!(
         src.reads.load(Ordering::SeqCst) - opened,
-        chunks.div_ceil(2)
+        chunks.div_ceil(8)
     );
+    // With hot groups of 1 MiB: a second random miss in the same MiB (chunks 8..16: 8, then 11) takes that group's cold
+    // chunks around it along in one fetch (9..16: 8 is decoded already); the reads that follow
+    // there fetch nothing.
+    let (src, opened, s) = open(None);
+    s.set_hot_group_bytes(1 << 20);
+    let read_chunk = |c: usize| {
+        let mut b = vec![0u8; 4096];
+        s.read((c * cs + 8192) as u64, &mut b).unwrap();
+        assert_eq!(b, disk[c * cs + 8192..c * cs + 12288]);
+    };
+    let fetches = || src.reads.load(Ordering::SeqCst) - opened;
+    read_chunk(8);
+    assert_eq!(fetches(), 1);
+    read_chunk(11);
+    assert_eq!(fetches(), 2, "one fetch for the hot group's cold chunks");
+    for c in [9, 10, 12, 15, 8, 11] {
+        read_chunk(c);
+    }
+    assert_eq!(fetches(), 2, "the group came along");
+    read_chunk(16);
+    assert_eq!(fetches(), 3, "another group's first miss: that chunk alone");
+    assert!(s.cached_chunk(0, 17).is_none() && s.cached_chunk(0, 7).is_none());
     // A chunk failing its check inside a merged fetch is fetched again on its own; its
     // neighbours from the merged fetch are served, and every byte read is the disk's.
     let meta = s.layers()[0].metadata();

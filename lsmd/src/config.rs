@@ -498,6 +498,32 @@ impl ImageSpec {
         self.config.upper.as_ref().map(|p| self.resolve(p))
     }
 
+    /// Every layer ([`Self::open_layer`]), bottom first, opened in parallel; the first failure
+    /// (bottom first) is the error.
+    pub fn open_layers(&self, host: &HostServices) -> Result<Vec<Layer>> {
+        let n = self.config.layers.len();
+        if n < 2 {
+            return (0..n).map(|i| self.open_layer(i, host)).collect();
+        }
+        std::thread::scope(|s| {
+            let opens: Vec<_> = (0..n)
+                .map(|i| s.spawn(move || self.open_layer(i, host)))
+                .collect();
+            opens
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Config {
+                            path: self.path.clone(),
+                            detail: format!("opening layer {i} panicked"),
+                        })
+                    })
+                })
+                .collect()
+        })
+    }
+
     /// Opens layer `i` with the host's cache and source settings, checking its metadata digest
     /// if the config gives one. The blobs the layer borrows chunks from are opened too, from the
     /// config's `dictionary` (or its layers), by digest; each must have the size the layer's
@@ -668,10 +694,10 @@ impl ImageSpec {
     /// Opens the whole image on the host's cache and source settings (the one way an image is
     /// opened: `lsmd serve`, `lsmctl`, tests). With `writable`, opens (or creates) the upper
     /// layer too; without, an existing upper layer is shown but not written.
+    /// The layers are opened at once, one thread each (a remote layer's open waits for its
+    /// metadata: one round trip and a transfer each, which need not add up).
     pub fn open_image(&self, writable: bool, host: &HostServices) -> Result<Image> {
-        let layers = (0..self.config.layers.len())
-            .map(|i| self.open_layer(i, host))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = self.open_layers(host)?;
         let stack = LayerStack::new(layers, self.config.size, self.config.cache_bytes)?;
         // Read-only still shows what an existing upper layer holds; it only refuses writes.
         let upper = match self.upper_dir() {

@@ -121,6 +121,13 @@ enum Cmd {
         /// node that uses it.
         #[arg(long)]
         exact_trace: bool,
+        /// Hot groups: a reader's second miss within one aligned stretch of KIB of a layer
+        /// fetches that stretch's cold chunks with it, in one request (0: off, the default).
+        /// Fewer round trips for a start that faults pages in here and there (binaries,
+        /// libraries), for more bytes: measured on the python image with 32 KiB chunks and
+        /// 1024, 203 → 136 requests for 8.2 → 11.6 MB; with 128 KiB chunks no fewer requests.
+        #[arg(long, default_value_t = 0, value_name = "KIB")]
+        hot_group_kb: u64,
         /// Also mount every export as a regular file named after it in this directory (FUSE),
         /// for `losetup` + `mount` where the kernel has neither nbd nor ublk. Unmounted at exit.
         #[arg(long)]
@@ -164,6 +171,7 @@ struct PrefetchOptions<'a> {
     mode: &'a str,
     threads: usize,
     exact_trace: bool,
+    hot_group_kb: u64,
 }
 
 fn open_exports(
@@ -192,26 +200,73 @@ fn open_exports(
             ));
         }
         let spec = ImageSpec::load(&path).map_err(|e| e.to_string())?;
+        // The shipped trace is fetched while the layers open (a round trip saved).
+        let node = match prefetch.mode {
+            "none" => None,
+            _ => node_trace(&spec),
+        };
+        let shipped = match node {
+            None => shipped_trace_fetch(&spec, host, prefetch.mode),
+            Some(_) => None,
+        };
         let image = spec
             .open_image(!read_only, host)
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         image.lower().set_exact_trace(prefetch.exact_trace);
+        image
+            .lower()
+            .set_hot_group_bytes(prefetch.hot_group_kb.saturating_mul(1024));
         let image = Arc::new(image);
-        start_prefetch(&name, &spec, host, &image, prefetch.mode, prefetch.threads);
+        start_prefetch(
+            &name,
+            node,
+            shipped,
+            &image,
+            prefetch.mode,
+            prefetch.threads,
+        );
         list.push(Export::new(name, image));
     }
     Ok(Exports::new(list))
 }
 
+/// A shipped trace being fetched and checked (`lsmd::trace::fetch_shipped`).
+type ShippedFetch = std::thread::JoinHandle<Result<Option<lsmd::trace::Trace>, String>>;
+
+/// The trace this node recorded for `spec`'s image (`<config>.trace`), if there is a good one.
+fn node_trace(spec: &ImageSpec) -> Option<lsmd::trace::Trace> {
+    let trace_file = lsmd::trace::trace_path(&spec.path);
+    let b = std::fs::read(&trace_file).ok()?;
+    lsmd::trace::Trace::decode(&b)
+        .inspect_err(
+            |e| tracing::warn!(trace = %trace_file.display(), error = %e, "ignoring a bad trace"),
+        )
+        .ok()
+}
+
+/// Starts fetching the trace shipped in `spec`'s image, on its own thread, when `--prefetch`
+/// will want it (the node's own trace, when it has one, goes first and the shipped one is not
+/// fetched).
+fn shipped_trace_fetch(spec: &ImageSpec, host: &HostServices, mode: &str) -> Option<ShippedFetch> {
+    if mode == "none" || spec.config.trace.is_none() {
+        return None;
+    }
+    let (spec, host) = (spec.clone(), host.clone());
+    Some(std::thread::spawn(move || {
+        lsmd::trace::fetch_shipped(&spec, &host)
+    }))
+}
+
 /// Starts the background fetches `--prefetch` asks for: the node's recorded trace
-/// (`<config>.trace`) if there is one, else the trace shipped in the image (checked against
-/// its digest first; refused → lazy, and said so), else the filesystem's metadata (the used
-/// part of ext4's inode tables: `cache::fsmeta`); then with `all` the rest of the image.
+/// (`node`, from `<config>.trace`) if there is one, else the trace shipped in the image (`shipped`, fetched
+/// while the layers opened, checked against its digest; refused → lazy, and said so), else the
+/// filesystem's metadata (`cache::fsmeta`: the used part of ext4's inode tables, then the
+/// directory and extent-tree blocks they point to); then with `all` the rest of the image.
 fn start_prefetch(
     name: &str,
-    spec: &ImageSpec,
-    host: &HostServices,
+    node: Option<lsmd::trace::Trace>,
+    shipped: Option<ShippedFetch>,
     image: &Arc<blockfmt::Image>,
     mode: &str,
     threads: usize,
@@ -219,19 +274,8 @@ fn start_prefetch(
     if mode == "none" {
         return;
     }
-    let trace_file = lsmd::trace::trace_path(&spec.path);
-    let node = match std::fs::read(&trace_file) {
-        Ok(b) => match lsmd::trace::Trace::decode(&b) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::warn!(trace = %trace_file.display(), error = %e, "ignoring a bad trace");
-                None
-            }
-        },
-        Err(_) => None,
-    };
     let all = mode == "all";
-    let (name, image, spec, host) = (name.to_string(), image.clone(), spec.clone(), host.clone());
+    let (name, image) = (name.to_string(), image.clone());
     std::thread::spawn(move || {
         use std::sync::atomic::Ordering::Relaxed;
         let stats = &lsmd::trace::STATS;
@@ -241,14 +285,18 @@ fn start_prefetch(
                 tracing::info!(export = %name, "replaying the startup trace");
                 t.resolve(&image)
             }
-            None => match lsmd::trace::fetch_shipped(&spec, &host) {
-                Ok(Some(t)) => {
+            None => match shipped.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("fetching the shipped trace panicked".into()))
+            }) {
+                None => Vec::new(),
+                Some(Ok(Some(t))) => {
                     stats.shipped_used.fetch_add(1, Relaxed);
                     tracing::info!(export = %name, chunks = t.entries.len(), "replaying the startup trace shipped in the image (digest checked)");
                     t.resolve(&image)
                 }
-                Ok(None) => Vec::new(),
-                Err(e) => {
+                Some(Ok(None)) => Vec::new(),
+                Some(Err(e)) => {
                     stats.shipped_refused.fetch_add(1, Relaxed);
                     tracing::warn!(export = %name, error = %e, "refusing the startup trace shipped in the image; serving lazily");
                     Vec::new()
@@ -443,6 +491,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         prefetch,
         prefetch_threads,
         exact_trace,
+        hot_group_kb,
         fuse,
         nbd_devices,
         nbd_dead_timeout,
@@ -502,6 +551,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         mode: &prefetch,
         threads: prefetch_threads as usize,
         exact_trace,
+        hot_group_kb,
     };
     let exports = match open_exports(&configs, read_only, &host, &prefetch) {
         Ok(e) => e,

@@ -390,26 +390,34 @@ fn detach_loop_of(r: &Attachment) -> CliResult {
     // Only a loop device still backed by this attachment's FUSE file is ours to detach.
     let name = dev.trim_start_matches("/dev/");
     // The kernel names the backing file by its absolute path; the record has it as given.
-    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
     let absolute = std::fs::canonicalize(&r.device).ok();
-    let ours = backing.is_ok_and(|b| {
-        let b = PathBuf::from(b.trim());
-        b == Path::new(&r.device) || Some(&b) == absolute.as_ref()
-    });
-    if !ours {
+    // Checked before every request: a cleared device may be someone else's a moment later.
+    let ours = || {
+        std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).is_ok_and(|b| {
+            let b = PathBuf::from(b.trim());
+            b == Path::new(&r.device) || Some(&b) == absolute.as_ref()
+        })
+    };
+    if !ours() {
         return Ok(());
     }
-    // A device being cleared (autoclear after its last unmount) may refuse `-d`: what
-    // counts is whether it lets go of the file.
-    let asked = loop_device::detach_loop(dev);
+    // A device being cleared (autoclear after its last unmount) may refuse `-d`, and so may a
+    // short-lived opener (udev's probe after a change event): what counts is whether it lets
+    // go of the file. Asked again every half second, for up to 10 s.
+    let mut asked = loop_device::detach_loop(dev);
     let t0 = Instant::now();
-    while loop_device::loop_holds_file(dev) {
-        if t0.elapsed() > Duration::from_secs(5) {
+    let mut last_ask = Instant::now();
+    while ours() {
+        if t0.elapsed() > Duration::from_secs(10) {
             let why = asked.err().map(|e| format!(" ({e})")).unwrap_or_default();
             return Err(CliError(format!(
                 "{dev} is still in use{why}: unmount it first (it goes with its last mount), \
                  then detach again"
             )));
+        }
+        if last_ask.elapsed() > Duration::from_millis(500) {
+            asked = loop_device::detach_loop(dev);
+            last_ask = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(20));
     }

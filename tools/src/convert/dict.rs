@@ -29,6 +29,11 @@ pub struct DictBlob {
 pub struct DictImages {
     pub dict: Dictionary,
     pub blobs: Vec<DictBlob>,
+    /// Each blob's block hashes, by digest (what the new image's hash index repeats for the
+    /// dictionary blobs it lists).
+    pub index: std::collections::HashMap<String, super::hashindex::IndexedBlob>,
+    /// Blobs read through a hash index (not downloaded), by digest: their bytes by ranged GET.
+    pub remote: std::collections::HashMap<String, Arc<dyn blockfmt::ReadAt>>,
 }
 
 /// The manifest of the image `tag` (or the only image) in layout `dir`.
@@ -140,7 +145,9 @@ pub fn open_trusted(b: &DictBlob) -> CliResult<(Layer, BlobRef)> {
     Ok((layer, BlobRef { sha256, size }))
 }
 
-/// Loads every `--dict` image into one dictionary (first image, first layer wins a tie).
+/// Loads every `--dict` image into one dictionary (first image, first layer wins a tie). A
+/// registry image with a hash index is read through it (no blob downloaded, FORMAT.md §8);
+/// any other is read whole, each blob checked against its digest.
 pub fn load(
     refs: &[String],
     work: &Path,
@@ -151,7 +158,32 @@ pub fn load(
 ) -> CliResult<DictImages> {
     let mut dict = Dictionary::new();
     let mut blobs: Vec<DictBlob> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    let mut remote = std::collections::HashMap::new();
     for r in refs {
+        if let Some(indexed) = load_indexed(r, work, creds, insecure, client)? {
+            let all = indexed.blobs.into_iter().zip(indexed.lists);
+            for ((b, (id, chunks, entry)), src) in all.zip(indexed.sources) {
+                if blobs.iter().any(|x| x.digest == b.digest) {
+                    continue;
+                }
+                remote.insert(b.digest.clone(), src);
+                dict.add_hashed(id, &chunks, &entry.chunks)?;
+                index.insert(b.digest.clone(), entry);
+                blobs.push(b);
+            }
+            say(format!(
+                "dictionary {r}: {} blobs read through its hash index (metadata only), {} distinct 4 KiB blocks so far",
+                blobs.len(),
+                dict.block_count()
+            ));
+            continue;
+        }
+        if r.starts_with("http://") || r.starts_with("https://") {
+            say(format!(
+                "dictionary {r}: no hash-index blob (converted before lsm published one): downloading its blobs whole"
+            ));
+        }
         for mut b in image_blobs(r, work, creds, insecure, client)? {
             if blobs.iter().any(|x| x.digest == b.digest) {
                 continue;
@@ -162,7 +194,9 @@ pub fn load(
             if b.meta_digest.is_none() {
                 b.meta_digest = Some(blockfmt::format::oci_digest(&layer.trailer().meta_sha256));
             }
-            dict.add_layer(&layer, id, |_| {})?;
+            let entry = super::hashindex::of_layer(&layer, id)?;
+            dict.add_hashed(id, &layer.metadata().chunks, &entry.chunks)?;
+            index.insert(b.digest.clone(), entry);
             blobs.push(b);
         }
         say(format!(
@@ -171,7 +205,32 @@ pub fn load(
             dict.block_count()
         ));
     }
-    Ok(DictImages { dict, blobs })
+    Ok(DictImages {
+        dict,
+        blobs,
+        index,
+        remote,
+    })
+}
+
+/// Registry image `r` read through its hash index, when it is one and has an index.
+fn load_indexed(
+    r: &str,
+    work: &Path,
+    creds: Option<&lsmd::source::auth::Credentials>,
+    insecure: bool,
+    client: &push::Client,
+) -> CliResult<Option<super::remotedict::IndexedImage>> {
+    if !(r.starts_with("http://") || r.starts_with("https://")) {
+        return Ok(None);
+    }
+    let target = push::Target::parse(r)?;
+    if target.base.starts_with("http://") && !insecure {
+        return Err(bad(format!("{r}: plain HTTP needs --insecure")));
+    }
+    let from = (target.base.clone(), target.repository.clone());
+    let session = push::Session::new(target, creds.cloned(), client)?;
+    super::remotedict::load(r, work, session, from)
 }
 
 /// Supplies a layer with the blobs its blob table names, found by `path_of(digest)` (those it

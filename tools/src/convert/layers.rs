@@ -41,6 +41,10 @@ pub(super) struct LayerRun<'a> {
     pub dict_digests: Vec<String>,
     pub dict_blobs: &'a [dict::DictBlob],
     pub running: Dictionary,
+    /// Block hashes of the blobs this image will list, by digest (for its hash index).
+    pub hash_lists: std::collections::HashMap<String, super::hashindex::IndexedBlob>,
+    /// Dictionary blobs read through a hash index (not downloaded): their bytes by ranged GET.
+    pub remote_blobs: std::collections::HashMap<String, Arc<dyn blockfmt::ReadAt>>,
     pub hashes: Option<rawimport::BlockHashes>,
     /// How many of `out` are in `running` already.
     pub in_dict: usize,
@@ -143,6 +147,15 @@ impl LayerRun<'_> {
                 let f = File::open(&bp).map_err(|e| bad(format!("{}: {e}", bp.display())))?;
                 let mut l = Layer::open(bp.display().to_string(), Arc::new(f), None)?;
                 dict::attach_borrowed(&mut l, |d| self.path_of(d))?;
+                // Chunks borrowed from a dictionary blob that was not downloaded: read by
+                // ranged GET (only an export after a reused layer reads them).
+                let wanted = l.metadata().blobs.clone();
+                for (k, b) in wanted.iter().enumerate() {
+                    let d = blockfmt::format::oci_digest(&b.sha256);
+                    if let (None, Some(src)) = (self.path_of(&d), self.remote_blobs.get(&d)) {
+                        l.attach_blob(k as u32 + 1, src.clone())?;
+                    }
+                }
                 Ok(l)
             })
             .collect::<CliResult<Vec<Layer>>>()?;
@@ -177,6 +190,8 @@ impl LayerRun<'_> {
             .iter()
             .find(|b| b.digest == digest)
             .map(|b| b.path.clone())
+            // (A blob read through a hash index was not downloaded: it stays missing.)
+            .filter(|p| p.exists())
     }
 
     /// Imports `raw` as the layer's blob (only the blocks that changed, borrowing what the
@@ -205,7 +220,10 @@ impl LayerRun<'_> {
                 path: blob_path(self.dst, &l.digest)?,
                 from: None,
             })?;
-            self.running.add_layer(&layer, id, |_| {})?;
+            let entry = super::hashindex::of_layer(&layer, id)?;
+            self.running
+                .add_hashed(id, &layer.metadata().chunks, &entry.chunks)?;
+            self.hash_lists.insert(l.digest.clone(), entry);
         }
         self.in_dict = self.out.len();
         let shared = Arc::new(std::mem::take(&mut self.running));
@@ -285,7 +303,9 @@ impl LayerRun<'_> {
                             l.digest
                         ))
                     })?;
-                link_or_copy(&from.path, &blob_path(self.dst, &dg)?)?;
+                if from.path.exists() {
+                    link_or_copy(&from.path, &blob_path(self.dst, &dg)?)?;
+                }
                 borrowed.push(from.clone());
             }
         }

@@ -32,13 +32,16 @@ mod e2undo;
 mod erofs;
 mod ext4apply;
 mod ext4times;
+mod hashindex;
 mod layers;
 pub mod manifest;
 mod publish;
 pub(crate) mod push;
 mod rawimport;
+mod remotedict;
 pub mod report;
 mod reuse;
+mod scratch;
 mod unpack;
 mod workdir;
 
@@ -116,9 +119,11 @@ pub struct ConvertArgs {
     #[arg(long, value_enum, default_value_t = FsKind::Ext4)]
     fs: FsKind,
     /// Where to unpack the tree and build the raw filesystem (a private directory is made
-    /// inside and removed at the end; default: inside DST). On a tmpfs such as /dev/shm they
-    /// are never written to (nor removed from) a disk, which is most of a conversion's time on
-    /// a slow or discard-mounted disk; it holds about twice the unpacked size in memory.
+    /// inside and removed at the end). On a tmpfs such as /dev/shm they are never written to
+    /// (nor removed from) a disk, which is most of a conversion's time on a slow or
+    /// discard-mounted disk; it holds about 2.5 times the unpacked size in memory. Default:
+    /// /dev/shm when it and the available memory have room for that (times --jobs), else
+    /// inside DST.
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -563,8 +568,12 @@ fn filesystem_uuid(base_diff_id: &[u8]) -> String {
 /// The private (0700) work tree for the host tree and raw filesystem: in `--work-dir`, else
 /// inside DST. Removed however the conversion ends, signals included: it holds the image's
 /// setuid files and device nodes.
-fn work_tree(a: &ConvertArgs, dst: &Path) -> CliResult<workdir::WorkTree> {
-    let path = match &a.work_dir {
+fn work_tree(a: &ConvertArgs, dst: &Path, unpacked: u64) -> CliResult<workdir::WorkTree> {
+    let dir = a
+        .work_dir
+        .clone()
+        .or_else(|| scratch::default_work_dir(unpacked, a.jobs));
+    let path = match &dir {
         Some(d) => d.join(format!(
             ".lsm-convert-{}-{}",
             std::process::id(),
@@ -614,7 +623,7 @@ fn convert_layout(
             dst.join("blobs")
         });
     };
-    let work_tree = work_tree(&a, &dst)?;
+    let work_tree = work_tree(&a, &dst, spool.unpacked)?;
     let root = work_tree.path().join("root");
     std::fs::create_dir(&root)?;
     let dict_dir = dst.join(".convert-dict");
@@ -636,9 +645,9 @@ fn convert_layout(
         Some(loaded?)
     };
     // Every layer borrows what the dictionary images or the layers below it already store.
-    let (running, dict_blobs) = match dict {
-        Some(d) => (d.dict, d.blobs),
-        None => (blockfmt::Dictionary::new(), Vec::new()),
+    let (running, dict_blobs, hash_lists, remote_blobs) = match dict {
+        Some(d) => (d.dict, d.blobs, d.index, d.remote),
+        None => Default::default(),
     };
     let mut run = layers::LayerRun {
         fs: a.fs,
@@ -662,6 +671,8 @@ fn convert_layout(
         dict_digests: dict_blobs.iter().map(|b| b.digest.clone()).collect(),
         dict_blobs: &dict_blobs,
         running,
+        hash_lists,
+        remote_blobs,
         hashes: Some(rawimport::BlockHashes::zeros(size)),
         in_dict: 0,
         out: Vec::new(),
@@ -694,6 +705,9 @@ fn convert_layout(
     drop(dict_tree);
     drop(spool);
     let borrowed = result.inspect_err(|_| remove_partial())?;
+    let index = hashindex::for_image(&dst, &run.out, &borrowed, &mut run.hash_lists)
+        .inspect_err(|_| remove_partial())?;
+    let hash_index = put_blob(&dst, &index)?;
     let converted = publish::Converted {
         src: &src,
         dst: &dst,
@@ -702,6 +716,7 @@ fn convert_layout(
         size,
         layers: &run.out,
         borrowed: &borrowed,
+        hash_index,
     };
     let published = publish::write_layout(&a, &converted)?;
     if let Some(p) = &a.push {

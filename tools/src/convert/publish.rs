@@ -22,6 +22,8 @@ pub(super) struct Converted<'a> {
     pub size: u64,
     pub layers: &'a [Descriptor],
     pub borrowed: &'a [dict::DictBlob],
+    /// The hash-index blob (FORMAT.md §8), in the layout: digest and size.
+    pub hash_index: (String, u64),
 }
 
 /// The written image: its manifest (bytes and digest) and config digest.
@@ -63,6 +65,14 @@ pub(super) fn write_layout(a: &ConvertArgs, c: &Converted) -> CliResult<Publishe
             source_layer: None,
         });
     }
+    published.append_extra(manifest::Blob {
+        role: manifest::Role::HashIndex,
+        digest: c.hash_index.0.clone(),
+        size: c.hash_index.1,
+        meta_digest: None,
+        meta_len: None,
+        source_layer: None,
+    });
     let cfg_src = &c.source_config.digest;
     let source_config = std::fs::read(blob_path(c.src, cfg_src)?)
         .map_err(|e| bad(format!("config {cfg_src}: {e}")))?;
@@ -89,7 +99,15 @@ pub(super) fn write_layout(a: &ConvertArgs, c: &Converted) -> CliResult<Publishe
         c.dst.join("oci-layout"),
         "{\"imageLayoutVersion\":\"1.0.0\"}",
     )?;
-    let local = |d: &str| SourceConfig::Local(blob_path(Path::new(""), d).unwrap_or_default());
+    // A dictionary blob read through a hash index is not in the layout: the registry it came
+    // from serves it.
+    let local = |d: &str| {
+        c.borrowed
+            .iter()
+            .find(|b| b.digest == d)
+            .and_then(|b| super::remotedict::source_of(b, a.insecure, a.registry_ca.as_deref()))
+            .unwrap_or_else(|| SourceConfig::Local(blob_path(Path::new(""), d).unwrap_or_default()))
+    };
     let image = image_config(c, local, |_| None);
     std::fs::write(
         c.dst.join("lsm-image.json"),
@@ -192,10 +210,12 @@ pub(super) fn push_image(
         |_| SourceConfig::Registry(registry.clone()),
         |l| Some(l.size),
     );
+    let creds_for_dict = creds.clone();
     let session = push::Session::new(target, creds, &a.client())?;
     let (mut sent, mut had, mut mounted) = (0, 0, 0);
-    let blobs =
-        std::iter::once(p.config_digest.clone()).chain(c.layers.iter().map(|l| l.digest.clone()));
+    let blobs = std::iter::once(p.config_digest.clone())
+        .chain(c.layers.iter().map(|l| l.digest.clone()))
+        .chain(std::iter::once(c.hash_index.0.clone()));
     for d in blobs {
         if session.put_blob(&d, &blob_path(c.dst, &d)?)? {
             sent += 1;
@@ -210,6 +230,18 @@ pub(super) fn push_image(
             .as_ref()
             .filter(|(base, _)| *base == session.base())
             .map(|(_, repo)| repo.as_str());
+        if from.is_none() {
+            // Read through a hash index (not downloaded) from another registry: the push needs
+            // its bytes after all.
+            super::remotedict::download(
+                b,
+                c.dst,
+                creds_for_dict.as_ref(),
+                &a.client(),
+                a.insecure,
+                say,
+            )?;
+        }
         match session.put_blob_from(&b.digest, &blob_path(c.dst, &b.digest)?, from)? {
             push::Put::Uploaded => sent += 1,
             push::Put::Mounted => mounted += 1,

@@ -224,24 +224,57 @@ impl Session {
         Ok(kind)
     }
 
-    /// Pulls the tagged image into an OCI image layout at `dir` (tagged with the same tag);
-    /// digests are checked by the conversion that reads it.
-    pub fn pull(&self, dir: &Path) -> CliResult {
+    /// Fetches the tagged image's manifest into `tmp` (an index is followed to this machine's
+    /// image: linux on its architecture); returns its Content-Type and bytes.
+    pub(crate) fn fetch_manifest(&self, tmp: &Path) -> CliResult<(String, Vec<u8>)> {
         const MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
-        let blobs = dir.join("blobs/sha256");
-        std::fs::create_dir_all(&blobs).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
-        let tmp = dir.join("manifest.tmp");
-        let mut kind = self.get(&format!("manifests/{}", self.target.tag), MANIFESTS, &tmp)?;
-        if oci::is_index(&std::fs::read(&tmp)?) {
-            // An index: this machine's image (linux on its architecture).
-            let index = oci::parse_index(&std::fs::read(&tmp)?, &self.target.tag)?;
+        let mut kind = self.get(&format!("manifests/{}", self.target.tag), MANIFESTS, tmp)?;
+        if oci::is_index(&std::fs::read(tmp)?) {
+            let index = oci::parse_index(&std::fs::read(tmp)?, &self.target.tag)?;
             let pick = index
                 .for_platform(&oci::Platform::host(), &self.target.tag)?
                 .digest
                 .clone();
-            kind = self.get(&format!("manifests/{pick}"), MANIFESTS, &tmp)?;
+            kind = self.get(&format!("manifests/{pick}"), MANIFESTS, tmp)?;
         }
-        let bytes = std::fs::read(&tmp)?;
+        Ok((kind, std::fs::read(tmp)?))
+    }
+
+    /// Fills `buf` from byte `offset` of blob `digest` with one ranged GET (a registry that
+    /// answers with more than the range is an error: the point is not to download it whole).
+    pub(crate) fn get_range(&self, digest: &str, offset: u64, buf: &mut [u8]) -> CliResult {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let url = self.url(&format!("blobs/{digest}"));
+        let range = format!("bytes={}-{}", offset, offset + buf.len() as u64 - 1);
+        let resp = self
+            .send(
+                &format!("GET {url} ({range})"),
+                |a| a.get(&url).set("Range", &range),
+                Body::Empty,
+                true,
+            )?
+            .ok_or_else(|| CliError(format!("GET {url}: not found")))?;
+        let whole = resp.status() != 206
+            && resp.header("content-length") != Some(buf.len().to_string().as_str());
+        if whole {
+            return Err(CliError(format!(
+                "GET {url} ({range}): the registry answered {} without the range",
+                resp.status()
+            )));
+        }
+        std::io::Read::read_exact(&mut resp.into_reader(), buf)
+            .map_err(|e| CliError(format!("GET {url} ({range}): {e}")))
+    }
+
+    /// Pulls the tagged image into an OCI image layout at `dir` (tagged with the same tag);
+    /// digests are checked by the conversion that reads it.
+    pub fn pull(&self, dir: &Path) -> CliResult {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
+        let tmp = dir.join("manifest.tmp");
+        let (kind, bytes) = self.fetch_manifest(&tmp)?;
         let digest = format!(
             "sha256:{}",
             hex::encode(sha2::Digest::finalize(sha2::Digest::chain_update(

@@ -22,7 +22,8 @@ pub(super) fn chain_key(
     fs: FsKind,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"lsm-convert-v8\0");
+    // v9: images carry a hash-index blob (FORMAT.md §8).
+    h.update(b"lsm-convert-v9\0");
     if fs == FsKind::Erofs {
         h.update(b"erofs-flat\0");
     }
