@@ -394,40 +394,18 @@ fn tar_of(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
 
 /// An OCI image layout at `dir` tagged `app` with these uncompressed tar layers.
 fn oci_layout(dir: &Path, layers: &[Vec<u8>]) {
-    use sha2::{Digest, Sha256};
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).expect("mkdir");
-    let put = |b: &[u8]| {
-        let d = format!("sha256:{}", hex::encode(Sha256::digest(b)));
-        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b).expect("blob");
-        d
-    };
     let descs: Vec<serde_json::Value> = layers
         .iter()
-        .map(|t| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": put(t), "size": t.len()}))
+        .map(|t| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": lsm_e2e::put_oci_blob(dir, t), "size": t.len()}))
         .collect();
     let diff_ids: Vec<serde_json::Value> = descs.iter().map(|d| d["digest"].clone()).collect();
-    let config = serde_json::to_vec(&serde_json::json!({
+    let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Cmd": ["/bin/busybox", "sh"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": diff_ids.iter().map(|_| serde_json::json!({"created_by": "test"})).collect::<Vec<_>>(),
-    }))
-    .expect("json");
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
-        "layers": descs,
-    }))
-    .expect("json");
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": put(&manifest), "size": manifest.len(),
-        "annotations": {"org.opencontainers.image.ref.name": "app"},
-    }]});
-    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
-    std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}").expect("layout");
+    });
+    lsm_e2e::finish_oci_layout(dir, &config, descs, "app");
 }
 
 /// A three-layer image (busybox; 16 MiB of random bytes; a greeting), converted and pushed

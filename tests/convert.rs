@@ -91,13 +91,7 @@ fn gzip(b: &[u8]) -> Vec<u8> {
 
 /// Writes an OCI image layout at `dir` tagged `t` with these (tar, compressed?) layers.
 fn oci_layout(dir: &Path, layers: &[(Vec<u8>, bool)]) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).expect("mkdir");
-    let put = |b: &[u8]| {
-        let d = sha(b);
-        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b).expect("blob");
-        d
-    };
+    let put = |b: &[u8]| put_oci_blob(dir, b);
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
     for (tar, gz) in layers {
@@ -111,26 +105,12 @@ fn oci_layout(dir: &Path, layers: &[(Vec<u8>, bool)]) {
             serde_json::json!({"mediaType": media, "digest": put(&bytes), "size": bytes.len()}),
         );
     }
-    let config = serde_json::to_vec(&serde_json::json!({
+    let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Cmd": ["/bin/true"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }))
-    .expect("json");
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
-        "layers": descs,
-    }))
-    .expect("json");
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": put(&manifest), "size": manifest.len(),
-        "annotations": {"org.opencontainers.image.ref.name": "t"},
-    }]});
-    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
-    std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}").expect("layout");
+    });
+    finish_oci_layout(dir, &config, descs, "t");
 }
 
 fn whiteout_image(dir: &Path) {

@@ -152,15 +152,44 @@ pub fn zstd3_of_nonzero_blocks(img: &Path) -> u64 {
     out.stdout.len() as u64
 }
 
-/// A one-layer OCI image layout (an uncompressed tar with a few files) tagged `t`.
-pub fn tiny_oci_layout(dir: &Path) {
+/// Writes `bytes` as a blob of the OCI image layout at `dir`; returns its digest.
+pub fn put_oci_blob(dir: &Path, bytes: &[u8]) -> String {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).expect("mkdir");
-    let put = |b: &[u8]| {
-        let d = hex::encode(sha2::Sha256::digest(b));
-        std::fs::write(blobs.join(&d), b).expect("blob");
-        format!("sha256:{d}")
-    };
+    let hex = hex::encode(sha2::Sha256::digest(bytes));
+    std::fs::write(blobs.join(&hex), bytes).expect("blob");
+    format!("sha256:{hex}")
+}
+
+/// Completes the OCI image layout at `dir` (whose layer blobs [`put_oci_blob`] wrote): image
+/// config `config`, a manifest over the layer descriptors `layers`, and an index naming it
+/// `tag`.
+pub fn finish_oci_layout(
+    dir: &Path,
+    config: &serde_json::Value,
+    layers: Vec<serde_json::Value>,
+    tag: &str,
+) {
+    let config = serde_json::to_vec(config).expect("json");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": put_oci_blob(dir, &config), "size": config.len() },
+        "layers": layers,
+    }))
+    .expect("json");
+    let index = serde_json::json!({ "schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": put_oci_blob(dir, &manifest), "size": manifest.len(),
+        "annotations": { "org.opencontainers.image.ref.name": tag },
+    }] });
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+}
+
+/// A one-layer OCI image layout (an uncompressed tar with a few files) tagged `t`.
+pub fn tiny_oci_layout(dir: &Path) {
     let mut tar = tar::Builder::new(Vec::new());
     for (name, body) in [("etc/hostname", "lsm\n"), ("srv/data", "tls test data\n")] {
         let mut h = tar::Header::new_gnu();
@@ -173,28 +202,16 @@ pub fn tiny_oci_layout(dir: &Path) {
         tar.append_data(&mut h, name, body.as_bytes()).expect("tar");
     }
     let layer = tar.into_inner().expect("tar");
-    let diff = put(&layer);
+    let diff = put_oci_blob(dir, &layer);
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "rootfs": { "type": "layers", "diff_ids": [diff] },
-    })
-    .to_string();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": put(config.as_bytes()), "size": config.len() },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                     "digest": diff, "size": layer.len() }],
-    })
-    .to_string();
-    let index = serde_json::json!({ "schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": put(manifest.as_bytes()), "size": manifest.len(),
-        "annotations": { "org.opencontainers.image.ref.name": "t" },
-    }] });
-    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+    });
+    let layers = vec![
+        serde_json::json!({ "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                          "digest": diff, "size": layer.len() }),
+    ];
+    finish_oci_layout(dir, &config, layers, "t");
 }
 
 #[path = "support/nbd.rs"]

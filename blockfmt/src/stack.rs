@@ -63,6 +63,25 @@ struct SlotGuard<'a> {
     value: Option<Arc<Vec<u8>>>,
 }
 
+impl<'a> SlotGuard<'a> {
+    /// Marks `key` in flight in `inflight` (the stack's map, locked by the caller): readers of
+    /// it wait for this guard's load; the mark goes when the guard drops.
+    fn claim(
+        stack: &'a Chunks,
+        inflight: &mut HashMap<(u16, u32), Arc<InFlight>>,
+        key: (u16, u32),
+    ) -> SlotGuard<'a> {
+        let slot = Arc::new(InFlight::default());
+        inflight.insert(key, slot.clone());
+        SlotGuard {
+            stack,
+            key,
+            slot,
+            value: None,
+        }
+    }
+}
+
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         self.stack.inflight.lock().remove(&self.key);
@@ -592,14 +611,7 @@ impl Chunks {
         }
         let mut out = Vec::new();
         for c in (first..end).filter(|&c| c != chunk) {
-            let slot = Arc::new(InFlight::default());
-            inflight.insert((layer, c), slot.clone());
-            out.push(SlotGuard {
-                stack: self,
-                key: (layer, c),
-                slot,
-                value: None,
-            });
+            out.push(SlotGuard::claim(self, &mut inflight, (layer, c)));
         }
         (first, out)
     }
@@ -634,14 +646,7 @@ impl Chunks {
             {
                 break;
             }
-            let slot = Arc::new(InFlight::default());
-            inflight.insert((layer, c), slot.clone());
-            out.push(SlotGuard {
-                stack: self,
-                key: (layer, c),
-                slot,
-                value: None,
-            });
+            out.push(SlotGuard::claim(self, &mut inflight, (layer, c)));
         }
         out
     }
