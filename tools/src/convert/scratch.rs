@@ -30,6 +30,7 @@ pub fn default_work_dir(unpacked: u64, jobs: usize) -> Option<PathBuf> {
 
 fn free_bytes(p: &Path) -> Option<u64> {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: `statvfs` is plain integers, for which all-zero bytes are a valid value.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a NUL-terminated path and `s` a writable statvfs, as statvfs(3) needs.
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
