@@ -26,6 +26,15 @@ fn crash_copy(from: &Path, to: &Path) {
     }
 }
 
+/// Reopens the layer at `dir` and checks the blocks the reuse tests leave: block 0 rewritten
+/// (2), the appended block at 8192 (3) and the write that took the dead slot, at 16384 (4).
+fn assert_reopened_holds_all_three(dir: &Path) {
+    let (up, _) = UpperLayer::open(dir, SIZE).expect("reopen");
+    for (off, v) in [(0, 2u8), (8192, 3), (16384, 4)] {
+        assert_eq!(read(&up, off, 4096), [v; 4096], "at {off}");
+    }
+}
+
 /// Writes block 0 twice with flushes so its first slot is dead and free: returns the layer
 /// and where that slot is.
 fn layer_with_free_slot(dir: &Path) -> UpperLayer {
@@ -67,10 +76,7 @@ fn dead_space_is_reused_once_a_synced_mark_covers_its_killers() {
     );
     up.flush().expect("flush");
     drop(up);
-    let (up, _) = UpperLayer::open(&dir, SIZE).expect("reopen");
-    for (off, v) in [(0, 2u8), (8192, 3), (16384, 4)] {
-        assert_eq!(read(&up, off, 4096), [v; 4096], "at {off}");
-    }
+    assert_reopened_holds_all_three(&dir);
 }
 
 /// A read snapshot taken while a write was live keeps that write's space from being reused
@@ -154,10 +160,7 @@ fn a_reopened_layer_finds_its_free_space_again() {
     assert_eq!(up.data_file_len(), len, "the write took the dead slot");
     up.flush().expect("flush");
     drop(up);
-    let (up, _) = UpperLayer::open(&dir, SIZE).expect("reopen");
-    for (off, v) in [(0, 2u8), (8192, 3), (16384, 4)] {
-        assert_eq!(read(&up, off, 4096), [v; 4096], "at {off}");
-    }
+    assert_reopened_holds_all_three(&dir);
 }
 
 /// A corrupt flushed write that is still live is refused even with reuse about: the new rule
