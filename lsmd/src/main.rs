@@ -37,7 +37,8 @@ enum Cmd {
         /// bare PATH, named after the file). Repeat for several exports.
         #[arg(long = "config", required = true)]
         configs: Vec<String>,
-        /// Unix socket path to listen on.
+        /// Unix socket path to listen on. It accepts only once the `--fuse` files (if any) are
+        /// mounted, so a connecting client may rely on them.
         #[arg(long)]
         socket: Option<PathBuf>,
         /// TCP address to listen on, e.g. 127.0.0.1:10809. NBD is plain text: an address that
@@ -589,6 +590,23 @@ fn run(cmd: Cmd) -> Result<(), String> {
         open: AtomicUsize::new(0),
         max: max_connections,
     });
+    // FUSE files before the listeners: a client (or test) that sees the socket accept may
+    // rely on the files being there.
+    let fuse_mount = match &fuse {
+        Some(dir) => {
+            let files = exports.all().cloned().collect();
+            match lsmd::fuse::mount(dir, files, &server.engine) {
+                Ok(m) => {
+                    tracing::info!(fuse = %dir.display(), "exports mounted as files");
+                    Some(m)
+                }
+                Err(e) => {
+                    return Err(format!("FUSE mount on {}: {e}", dir.display()));
+                }
+            }
+        }
+        None => None,
+    };
     if let Some(path) = socket {
         let _ = std::fs::remove_file(&path);
         let l = match std::os::unix::net::UnixListener::bind(&path) {
@@ -626,21 +644,6 @@ fn run(cmd: Cmd) -> Result<(), String> {
             slots.clone(),
         );
     }
-    let fuse_mount = match &fuse {
-        Some(dir) => {
-            let files = exports.all().cloned().collect();
-            match lsmd::fuse::mount(dir, files, &server.engine) {
-                Ok(m) => {
-                    tracing::info!(fuse = %dir.display(), "exports mounted as files");
-                    Some(m)
-                }
-                Err(e) => {
-                    return Err(format!("FUSE mount on {}: {e}", dir.display()));
-                }
-            }
-        }
-        None => None,
-    };
     let mut attached = Vec::new();
     for spec in &nbd_devices {
         let (name, dev) = spec.split_once('=').unwrap_or(("", spec));
