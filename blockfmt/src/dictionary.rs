@@ -253,5 +253,51 @@ mod tests {
                 prop_assert!(e.contains(&oci_digest(&id.sha256)), "{}", e);
             }
         }
+
+        /// The block hashes a writer collects while writing equal those of its own chunks
+        /// decoded, whatever the pieces (aligned blocks, unaligned pieces, zeros, repeats,
+        /// blocks borrowed from a dictionary), the chunk size and the dedup setting.
+        #[test]
+        fn collected_block_hashes_equal_the_decoded_chunks(
+            a in proptest::collection::vec(0u8..12, 1..40),
+            b in proptest::collection::vec(0u8..16, 1..60),
+            cuts in proptest::collection::vec(1usize..20_000, 1..12),
+            chunk_kib in prop_oneof![Just(4u32), Just(16), Just(64)],
+            dedup in any::<bool>(),
+            with_dict in any::<bool>(),
+        ) {
+            let opts = WriterOptions { chunk_size: chunk_kib * 1024, dedup, ..Default::default() };
+            let da = disk(&a);
+            let ba = blob(&da, None, opts);
+            let la = Layer::open("a", Arc::new(ba.clone()), None).expect("open a");
+            let mut dict = Dictionary::new();
+            dict.add_layer(&la, BlobRef { sha256: sha256(&ba), size: ba.len() as u64 }, |_| {})
+                .expect("dict");
+            let mut db = disk(&b);
+            db[3..7].copy_from_slice(b"odd!"); // a block no dictionary or repeat matches
+            let mut w = crate::LayerWriter::new(Vec::new(), db.len() as u64, opts).expect("w");
+            w.collect_block_hashes();
+            if with_dict {
+                w.set_dictionary(Arc::new(dict));
+            }
+            let (mut at, mut k) = (0usize, 0usize);
+            while at < db.len() {
+                let n = cuts[k % cuts.len()].min(db.len() - at);
+                w.write_data(at as u64, &db[at..at + n]).expect("write");
+                at += n;
+                k += 1;
+            }
+            let (written, bytes) = w.finish().expect("finish");
+            let l = Layer::open("b", Arc::new(bytes), None).expect("open b");
+            let own: Vec<BlockList> = l
+                .metadata()
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.blob == 0)
+                .map(|(i, _)| chunk_block_hashes(&l.read_chunk(i as u32).expect("chunk")))
+                .collect();
+            prop_assert_eq!(written.block_hashes, own);
+        }
     }
 }

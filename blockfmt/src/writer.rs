@@ -10,7 +10,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::chunk::{self, Compression};
-use crate::dictionary::{BlockRef, Dictionary};
+use crate::dictionary::{chunk_block_hashes, BlockList, BlockRef, Dictionary};
 use crate::error::{Error, Result};
 use crate::format::{
     check_chunk_size, sha256, BlobRef, ChunkEntry, Extent, ExtentKind, Header, Metadata, Trailer,
@@ -80,6 +80,11 @@ pub struct WrittenLayer {
     pub borrowed_bytes: u64,
     /// The dictionary blobs the layer borrows from (its blob table).
     pub blobs: Vec<BlobRef>,
+    /// Per own chunk, in chunk order, the offset and sha256 of each non-zero aligned 4 KiB
+    /// block of its decoded bytes — exactly what [`crate::dictionary::chunk_block_hashes`]
+    /// gives for the decoded chunk — when asked for with
+    /// [`LayerWriter::collect_block_hashes`]; empty otherwise.
+    pub block_hashes: Vec<BlockList>,
 }
 
 struct HashingWriter<W: Write> {
@@ -124,6 +129,11 @@ pub struct LayerWriter<W: Write> {
     /// host lends threads to encode them at once ([`LayerWriter::set_parallel`]).
     pending: Vec<Vec<u8>>,
     parallel: Option<(Arc<dyn ParallelLoads>, usize)>,
+    /// The block hashes of the own chunks cut so far, when collected.
+    block_lists: Option<Vec<BlockList>>,
+    /// The hashes of the blocks in `buf` when every byte of it came as a whole aligned block
+    /// (`None` once an unaligned piece went in: the chunk is hashed from `buf` when cut).
+    buf_blocks: Option<BlockList>,
 }
 
 /// One chunk's encoding, filled by a task on the host's threads.
@@ -160,6 +170,8 @@ impl<W: Write> LayerWriter<W> {
             borrowed_bytes: 0,
             pending: Vec::new(),
             parallel: None,
+            block_lists: None,
+            buf_blocks: Some(Vec::new()),
         };
         let h = Header {
             chunk_size: opts.chunk_size,
@@ -167,6 +179,14 @@ impl<W: Write> LayerWriter<W> {
         };
         w.out.put(&h.encode())?;
         Ok(w)
+    }
+
+    /// Keeps the block hashes of every own chunk for [`WrittenLayer::block_hashes`] (what a
+    /// dictionary or hash index of the blob needs), so the caller need not decode the blob
+    /// again: the blocks the writer deduplicates are hashed already, the rest are hashed as
+    /// their chunk is cut. Call before the first write.
+    pub fn collect_block_hashes(&mut self) {
+        self.block_lists = Some(Vec::new());
     }
 
     /// Lets aligned 4 KiB blocks that a dictionary layer already stores point into that
@@ -226,6 +246,7 @@ impl<W: Write> LayerWriter<W> {
                 self.push_block(pos, piece)?;
             } else {
                 self.push_data(pos, piece)?;
+                self.buf_blocks = None; // not a whole aligned block: hashed from `buf` when cut
             }
             pos += n as u64;
             rest = tail;
@@ -279,9 +300,15 @@ impl<W: Write> LayerWriter<W> {
         }
         let Some(&(chunk, chunk_offset)) = self.seen.get(&h) else {
             self.push_data(off, block)?;
-            // The block now sits at the end of the pending chunk, whose index is the next one.
+            // The block now sits at the end of the pending chunk, whose index is the next one
+            // (`push_data` cut the previous chunk first if the block opened a new window).
             let at = (self.buf.len() - block.len()) as u32;
             self.seen.insert(h, (self.next_chunk(), at));
+            match &mut self.buf_blocks {
+                _ if at == 0 => self.buf_blocks = Some(vec![(0, h)]),
+                Some(l) if at.is_multiple_of(ZERO_GRANULE as u32) => l.push((at, h)),
+                _ => self.buf_blocks = None,
+            }
             return Ok(());
         };
         self.push_data_extent(off, block.len() as u32, chunk, chunk_offset);
@@ -373,6 +400,10 @@ impl<W: Write> LayerWriter<W> {
         }
         if self.next_chunk() as u64 >= BORROWED as u64 {
             return Err(Error::Invalid("layer writer: too many chunks".into()));
+        }
+        let known = self.buf_blocks.replace(Vec::new());
+        if let Some(lists) = &mut self.block_lists {
+            lists.push(known.unwrap_or_else(|| chunk_block_hashes(&self.buf)));
         }
         match &self.parallel {
             Some((_, batch)) => {
@@ -471,6 +502,7 @@ impl<W: Write> LayerWriter<W> {
             stored_bytes: self.stored_bytes,
             borrowed_bytes: self.borrowed_bytes,
             blobs: self.meta.blobs.clone(),
+            block_hashes: self.block_lists.take().unwrap_or_default(),
         };
         Ok((written, self.out.inner))
     }

@@ -220,15 +220,23 @@ impl LayerRun<'_> {
                 path: blob_path(self.dst, &l.digest)?,
                 from: None,
             })?;
-            let entry = super::hashindex::of_layer(&layer, id)?;
+            // The writer's own block hashes (kept at import); decoded and hashed again only
+            // for a layer this run did not write.
+            if !self.hash_lists.contains_key(&l.digest) {
+                let entry = super::hashindex::of_layer(&layer, id)?;
+                self.hash_lists.insert(l.digest.clone(), entry);
+            }
+            let entry = self
+                .hash_lists
+                .get(&l.digest)
+                .ok_or_else(|| bad(format!("internal error: no block hashes of {}", l.digest)))?;
             self.running
                 .add_hashed(id, &layer.metadata().chunks, &entry.chunks)?;
-            self.hash_lists.insert(l.digest.clone(), entry);
         }
         self.in_dict = self.out.len();
         let shared = Arc::new(std::mem::take(&mut self.running));
         let (size, opts) = (self.size, self.opts);
-        let w = write_blob_atomically(&tmp, |o| {
+        let mut w = write_blob_atomically(&tmp, |o| {
             rawimport::import_changed(
                 &rawf,
                 size,
@@ -245,6 +253,19 @@ impl LayerRun<'_> {
             .map_err(|_| bad("internal error: the dictionary is still in use"))?;
         let ours = format!("sha256:{}", hex::encode(w.digest));
         std::fs::rename(&tmp, blob_path(self.dst, &ours)?)?;
+        // Its entry of the hash index and of the dictionary of the layers above, from the
+        // hashes the writer took while writing (borrowed chunks list no blocks).
+        let mut lists = std::mem::take(&mut w.block_hashes);
+        lists.resize(w.chunks as usize, Vec::new());
+        self.hash_lists.insert(
+            ours.clone(),
+            super::hashindex::IndexedBlob {
+                sha256: w.digest,
+                size: w.size,
+                meta_sha256: w.meta_digest,
+                chunks: lists,
+            },
+        );
         (self.say)(format!(
             "layer {}/{}: {} → {ours} ({} bytes{})",
             s.index + 1,

@@ -155,6 +155,7 @@ pub fn import_changed<W: io::Write>(
         ZeroPolicy::Extent
     };
     let mut w = LayerWriter::new(out, size, opts)?;
+    w.collect_block_hashes(); // for the hash index and the dictionary of the layers above
     if let Some(d) = dict {
         w.set_dictionary(d);
     }
