@@ -472,7 +472,7 @@ fn lsmd_logs(c: &Containerd) -> String {
 }
 
 /// A trace baked into the image (`lsmctl trace bake --image-ref`: a manifest layer with role
-/// `trace`) is recorded by the snapshotter at pull and handed to the lsmd of the container's
+/// `trace`, and its startup layer, role `startup`) is recorded by the snapshotter at pull and handed to the lsmd of the container's
 /// snapshot, which checks its digest and prefetches by it; the same trace blob tampered with
 /// in the registry is refused by the next container's lsmd, which serves lazily and says so.
 #[test]
@@ -507,6 +507,9 @@ fn shipped_trace_is_used_through_containerd_and_a_tampered_one_refused() {
         logs.contains("replaying the startup trace shipped in the image (digest checked)"),
         "{logs}"
     );
+    // Its startup layer (FORMAT.md §9) too: the snapshotter names it in the disk's config,
+    // and lsmd stacks it under the container's upper layer.
+    assert!(logs.contains("stacking the startup layer"), "{logs}");
 
     // Tamper with the trace blob where the registry keeps it.
     let conf: serde_json::Value =

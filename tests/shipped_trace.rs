@@ -3,6 +3,9 @@
 //! ext4 mount, chroot + unshare), pushed as a blob beside the layers and named with its digest
 //! in the config; a cold lsmd fetches it, checks the digest and prefetches by it; a tampered
 //! blob in the registry is refused, and lsmd serves lazily and says so (log and metrics).
+//! With it, a startup layer (FORMAT.md §9: the blocks the command read, packed): stacked on a
+//! cold node for fewer bytes than the trace alone, refused when tampered or not bound to the
+//! image's layer chain.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -26,20 +29,21 @@ fn copy_with_libs(bin: &str, root: &Path) {
     }
 }
 
-/// An ext4 disk with a shell, `cat`, `sleep`, /dev, /proc and 8 data files of 2 MiB: a tiny root
-/// filesystem.
+/// An ext4 disk with a shell, `cat`, `dd`, `sleep`, /dev, /proc and 8 data files of 2 MiB of
+/// random bytes (from `seed`): a tiny root filesystem.
 /// Returns (raw disk, local image config).
-fn rootfs_image(t: &Path) -> (PathBuf, PathBuf) {
+fn rootfs_image(t: &Path, seed: u64) -> (PathBuf, PathBuf) {
     use rand::{Rng, SeedableRng};
     let root = t.join("root");
     copy_with_libs("/bin/dash", &root);
     copy_with_libs("/bin/cat", &root);
     copy_with_libs("/bin/sleep", &root);
+    copy_with_libs("/bin/dd", &root);
     std::fs::rename(root.join("bin/dash"), root.join("bin/sh")).expect("sh");
     for d in ["data", "dev", "proc"] {
         std::fs::create_dir_all(root.join(d)).expect("dir");
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for name in "abcdefgh".chars() {
         let mut b = vec![0u8; 2 << 20];
         rng.fill(&mut b[..]);
@@ -150,8 +154,9 @@ fn metric(port: u16, name: &str) -> f64 {
 /// nothing to prefetch: `expect_prefetch` false).
 fn serve_cold(t: &Path, config: &Path, cache: &str, port: u16, expect_prefetch: bool) -> Lsmd {
     let metrics = format!("127.0.0.1:{port}");
+    // A socket (and so a log) per run: each run's log is its own.
     let d = Lsmd::start(
-        &t.join("lsmd.sock"),
+        &t.join(format!("lsmd-{cache}.sock")),
         &[
             OsStr::new("--config"),
             config.as_os_str(),
@@ -181,7 +186,7 @@ fn serve_cold(t: &Path, config: &Path, cache: &str, port: u16, expect_prefetch: 
 fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
-    let (raw, img) = rootfs_image(t);
+    let (raw, img) = rootfs_image(t, 18);
     let reg = Registry::start(&t.join("registry"), None);
     let remote = push_layers(t, &img, &reg);
 
@@ -189,9 +194,15 @@ fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
     // trace. Baked again (another command), the new trace replaces the old in the manifest.
     let image_ref = format!("{}/lsm/shipped:1", reg.url);
     let bake = |cmd: &str| {
-        ok(lsmctl(["trace", "bake", "--image-ref", &image_ref])
-            .arg(&remote)
-            .args(["--", cmd]))
+        ok(lsmctl([
+            "trace",
+            "bake",
+            "--no-startup-layer",
+            "--image-ref",
+            &image_ref,
+        ])
+        .arg(&remote)
+        .args(["--", cmd]))
     };
     let out = bake("cat /data/a >/dev/null");
     assert!(out.contains("trace sha256:"), "{out}");
@@ -290,7 +301,7 @@ fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
 fn bake_runs_the_command_over_a_loop_device_with_lsms_readahead() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
-    let (_raw, img) = rootfs_image(t);
+    let (_raw, img) = rootfs_image(t, 18);
     for (args, want) in [(vec![], 128u32), (vec!["--read-ahead-kb", "256"], 256)] {
         // The command waits while this file exists in the host's /dev/shm.
         let hold = PathBuf::from(format!(
@@ -339,4 +350,172 @@ fn bake_runs_the_command_over_a_loop_device_with_lsms_readahead() {
         let out = bake.wait_with_output().expect("bake");
         assert!(out.status.success(), "{out:?}");
     }
+}
+
+/// The image config at `path` as JSON.
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).expect("config")).expect("json")
+}
+
+/// Writes `c` to `path`.
+fn write_json(path: &Path, c: &serde_json::Value) {
+    std::fs::write(path, serde_json::to_vec_pretty(c).expect("json")).expect("write");
+}
+
+/// Where the registry stores blob `digest`.
+fn stored_blob(reg_dir: &Path, digest: &str) -> PathBuf {
+    reg_dir
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&digest[7..9])
+        .join(&digest[7..])
+        .join("data")
+}
+
+/// lsmd on `config` with an empty cache (`cache`) until its prefetch is done and the log
+/// holds `want`; returns it with the registry bytes it fetched by then.
+fn serve_until(t: &Path, config: &Path, cache: &str, port: u16, want: &str) -> (Lsmd, f64) {
+    let d = serve_cold(t, config, cache, port, true);
+    assert!(d.log().contains(want), "{want:?} not in {}", d.log());
+    let bytes = metric(port, "lsm_source_bytes_total{source=\"registry\"}");
+    (d, bytes)
+}
+
+/// Reads 13 single 4 KiB blocks 160 KiB apart from one 2 MiB file: a start that touches a page
+/// here and there of what it opens, as a program faulting in its binary does.
+const SPARSE_READS: &str = "for k in 0 40 80 120 160 200 240 280 320 360 400 440 480; do \
+    dd if=/data/b of=/dev/null bs=4k count=1 skip=$k 2>/dev/null; done";
+
+#[test]
+fn a_startup_layer_is_stacked_for_fewer_bytes_and_refused_when_tampered_or_not_bound() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (raw, img) = rootfs_image(t, 18);
+    let reg = Registry::start(&t.join("registry"), None);
+    let remote = push_layers(t, &img, &reg);
+    let image_ref = format!("{}/lsm/shipped:1", reg.url);
+    let out = ok(lsmctl(["trace", "bake", "--image-ref", &image_ref])
+        .arg(&remote)
+        .args(["--", SPARSE_READS]));
+    assert!(out.contains("startup layer sha256:"), "{out}");
+    let c = read_json(&remote);
+    let startup = c["startup"]["digest"]
+        .as_str()
+        .expect("startup digest")
+        .to_string();
+    assert!(c["startup"]["meta_digest"].is_string(), "{c}");
+    let m = get_json(&format!("{}/v2/lsm/shipped/manifests/1", reg.url));
+    let roles: Vec<&str> = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter_map(|l| l["annotations"]["io.lsm.layer.role"].as_str())
+        .collect();
+    assert_eq!(roles, ["layer", "trace", "startup"], "{m}");
+
+    // Cold node: the startup layer is fetched whole, checked, stacked; the disk reads as the
+    // image; fewer registry bytes than with the trace alone (same trace, no `startup`).
+    let port = free_port();
+    let (d, with_startup) = serve_until(t, &remote, "cache-a", port, "stacking the startup layer");
+    assert_eq!(
+        metric(port, "lsm_trace_total{trace=\"startup\",result=\"used\"}"),
+        1.0
+    );
+    let copy = t.join("copy.raw");
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    d.terminate();
+    let alone = t.join("trace-alone.json");
+    let mut a = c.clone();
+    a.as_object_mut().expect("object").remove("startup");
+    write_json(&alone, &a);
+    let (d, trace_alone) = serve_until(t, &alone, "cache-b", port, "replaying the startup trace");
+    d.terminate();
+    println!("registry bytes: startup layer {with_startup}, trace alone {trace_alone}");
+    assert!(
+        with_startup < trace_alone * 0.6,
+        "registry bytes with the startup layer {with_startup}, with the trace alone {trace_alone}"
+    );
+
+    // Tampered in the registry: refused, never read; the trace still prefetches; right bytes.
+    let data = stored_blob(&t.join("registry"), &startup);
+    let good = std::fs::read(&data).expect("stored startup blob");
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n / 3] ^= 0x01;
+    std::fs::write(&data, &bad).expect("tamper");
+    let refused = "refusing the startup layer shipped in the image";
+    let (d, _) = serve_until(t, &remote, "cache-c", port, refused);
+    assert!(d.log().contains("digest"), "{}", d.log());
+    assert_eq!(
+        metric(
+            port,
+            "lsm_trace_total{trace=\"startup\",result=\"refused\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(port, "lsm_trace_total{trace=\"shipped\",result=\"used\"}"),
+        1.0
+    );
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    d.terminate();
+    std::fs::write(&data, &good).expect("untamper");
+
+    // Another image's startup layer (and trace): image B, other data, baked locally.
+    let tb = t.join("b");
+    std::fs::create_dir_all(&tb).expect("dir");
+    let (_, img_b) = rootfs_image(&tb, 19);
+    ok(lsmctl(["trace", "bake"])
+        .arg(&img_b)
+        .args(["--", SPARSE_READS]));
+    let b = read_json(&img_b);
+    let local = |e: &serde_json::Value| {
+        let mut e = e.clone();
+        let p = tb.join(e["source"]["local"].as_str().expect("local blob"));
+        e["source"]["local"] = p.to_string_lossy().into_owned().into();
+        e
+    };
+    // B's startup layer with A's trace: not the blob A's trace was baked with.
+    let mut mixed = c.clone();
+    mixed["startup"] = local(&b["startup"]);
+    let mixed_path = t.join("mixed.json");
+    write_json(&mixed_path, &mixed);
+    let (d, _) = serve_until(t, &mixed_path, "cache-d", port, refused);
+    assert!(
+        d.log().contains("the shipped trace was baked with"),
+        "{}",
+        d.log()
+    );
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    d.terminate();
+    // B's trace and startup layer, a pair that binds, over A's layers: another chain.
+    let mut other = c.clone();
+    other["trace"] = local(&b["trace"]);
+    other["startup"] = local(&b["startup"]);
+    let other_path = t.join("other.json");
+    write_json(&other_path, &other);
+    let d = Lsmd::start(
+        &t.join("lsmd-other.sock"),
+        &[
+            OsStr::new("--config"),
+            other_path.as_os_str(),
+            OsStr::new("--cache-dir"),
+            t.join("cache-e").as_os_str(),
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    while !d.log().contains(refused) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(d.log().contains("another layer chain"), "{}", d.log());
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&raw));
+    d.terminate();
 }

@@ -33,7 +33,9 @@
 #               are fetched at open ("lsm lazy")
 #       trace — the same, lsmd prefetching the trace this node recorded ("lsm + node trace")
 #       shipped — the same, lsmd fetching the trace shipped in the image, checking its digest
-#                 and prefetching by it ("lsm + shipped trace"; nothing recorded on the node)
+#                 and prefetching by it ("lsm + shipped trace"; nothing recorded on the node),
+#                 with its startup layer (the blocks the baked start read, FORMAT.md §9);
+#                 shipped-nostartup: the same trace without the startup layer (whole chunks)
 #     and, through containerd 1.6 (a fresh containerd + lsm-snapshotter per run, in its own
 #     directories and sockets; started before the clock):
 #       ctr-oci  — `ctr image pull` (overlayfs snapshotter: every layer fetched and unpacked)
@@ -348,6 +350,9 @@ bake_shipped() { # IMAGE
   mkdir -p "$WORK/shipped"
   cp "$WORK/lsm-$img/lsm-remote.json" "$WORK/shipped/$img.json"
   "$LSMCTL" trace bake --read-ahead-kb "$READ_AHEAD_KB" "$WORK/shipped/$img.json" -- "$(command_for "$img")"
+  # The same trace without its startup layer (mode shipped-nostartup): whole chunks only.
+  python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); c.pop("startup",None); json.dump(c,open(sys.argv[2],"w"))' \
+    "$WORK/shipped/$img.json" "$WORK/shipped/$img-nostartup.json"
 }
 for img in $IMAGES; do
   echo "startup: baking the shipped startup trace of $img"
@@ -451,6 +456,10 @@ EOF
             ;;
           shipped)
             lsm_start "$img" "$WORK/shipped/$img.json" "$d" trace
+            chroot "$d/mnt" sh -c "$cmd" >/dev/null
+            ;;
+          shipped-nostartup) # the same trace without its startup layer (FORMAT.md §9)
+            lsm_start "$img" "$WORK/shipped/$img-nostartup.json" "$d" trace
             chroot "$d/mnt" sh -c "$cmd" >/dev/null
             ;;
           shipped-t*) # the same, lsmd keeping N prefetch fetches in flight (not in the table)

@@ -14,9 +14,9 @@ runs_csv, out = sys.argv[1], sys.argv[2]
 rows = list(csv.DictReader(open(runs_csv)))
 profiles = list(dict.fromkeys(r["profile"] for r in rows))
 images = list(dict.fromkeys(r["image"] for r in rows))
-MODES = [m for m in ["oci", "bare", "lazy", "trace", "shipped"] if any(r["mode"] == m for r in rows)]
+MODES = [m for m in ["oci", "bare", "lazy", "trace", "shipped-nostartup", "shipped"] if any(r["mode"] == m for r in rows)]
 LSM_MODES = [m for m in MODES if m != "oci"]
-ROW_NAMES = {"bare": "lsm lazy, no prefetch", "lazy": "lsm lazy", "trace": "lsm + node trace", "shipped": "lsm + shipped trace"}
+ROW_NAMES = {"bare": "lsm lazy, no prefetch", "lazy": "lsm lazy", "trace": "lsm + node trace", "shipped": "lsm + shipped trace", "shipped-nostartup": "lsm + shipped trace, no startup layer"}
 CTR_MODES = [m for m in ("ctr-oci", "ctr-lazy", "ctr-shipped") if any(r["mode"] == m for r in rows)]
 
 

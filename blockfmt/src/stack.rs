@@ -128,6 +128,9 @@ struct Chunks {
     inflight: Mutex<HashMap<(u16, u32), Arc<InFlight>>>,
     /// Chunks readers needed, in first-need order (for startup traces), bounded.
     touched: Mutex<Touched>,
+    /// With exact traces: the disk's 4 KiB blocks reads took data from, in first-read order
+    /// ([`LayerStack::touched_blocks`]), bounded.
+    touched_blocks: Mutex<TouchedBlocks>,
     /// Recent sequential readers, most recent last (see [`Chunks::window_for`]).
     streams: Mutex<Vec<Stream>>,
     /// Exact traces ([`LayerStack::set_exact_trace`]).
@@ -140,6 +143,30 @@ struct Chunks {
 
 /// Most chunks a trace remembers.
 const TOUCHED_MAX: usize = 1 << 20;
+
+/// Most blocks an exact trace remembers (16 GiB of reads).
+const TOUCHED_BLOCKS_MAX: usize = 1 << 22;
+
+/// Block size of [`LayerStack::touched_blocks`].
+pub const TRACE_BLOCK: u64 = 4096;
+
+#[derive(Default)]
+struct TouchedBlocks {
+    seen: std::collections::HashSet<u64>,
+    order: Vec<u64>,
+}
+
+impl TouchedBlocks {
+    /// Remembers the blocks of `[off, off + len)` not seen before, in order.
+    fn note(&mut self, off: u64, len: u64) {
+        let end = off.saturating_add(len.max(1));
+        for b in off / TRACE_BLOCK..end.div_ceil(TRACE_BLOCK) {
+            if self.order.len() < TOUCHED_BLOCKS_MAX && self.seen.insert(b) {
+                self.order.push(b);
+            }
+        }
+    }
+}
 
 #[derive(Default)]
 struct Touched {
@@ -178,6 +205,7 @@ impl LayerStack {
                 cache: ChunkCache::new(cache_bytes, largest_chunk),
                 inflight: Mutex::new(HashMap::new()),
                 touched: Mutex::new(Touched::default()),
+                touched_blocks: Mutex::new(TouchedBlocks::default()),
                 streams: Mutex::new(Vec::new()),
                 exact_trace: std::sync::atomic::AtomicBool::new(false),
                 recent_misses: Mutex::new(std::collections::VecDeque::new()),
@@ -299,6 +327,14 @@ impl LayerStack {
         self.chunks.touched.lock().order.clone()
     }
 
+    /// With exact traces ([`Self::set_exact_trace`]), the disk's [`TRACE_BLOCK`] blocks that
+    /// reads took layer data from, by block number, in the order first read (a block partly
+    /// read counts whole). What `lsmctl trace bake` packs into a startup layer: the bytes a
+    /// start reads, without the rest of the chunks they sit in. Empty without exact traces.
+    pub fn touched_blocks(&self) -> Vec<u64> {
+        self.chunks.touched_blocks.lock().order.clone()
+    }
+
     /// [`Self::chunk`] for prefetching: loads without counting as needed, widening like a
     /// sequential reader when its neighbours come next (chunks prefetched in disk order).
     pub fn load_chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
@@ -376,6 +412,10 @@ impl LayerStack {
                 } else {
                     self.chunk(layer, chunk)?
                 };
+                if self.chunks.exact() {
+                    let mut blocks = self.chunks.touched_blocks.lock();
+                    blocks.note(s.offset, dst.len() as u64);
+                }
                 let from = chunk_offset as usize;
                 let src = c.get(from..from + dst.len()).ok_or_else(|| {
                     Error::corrupt(

@@ -461,6 +461,84 @@ impl<W: Write> LayerWriter<W> {
         Ok(())
     }
 
+    /// Writes a *packed* layer and finishes it: `blocks` (disk offset, bytes; each at most one
+    /// chunk window long and inside one window, at distinct offsets) are stored in the order
+    /// given, back to back, cut into chunks of `chunk_size` decoded bytes, whatever their disk
+    /// offsets; the extents (sorted by offset, as every layer's) point into those chunks. An
+    /// all-zero block becomes a zero extent. A reader needs nothing special (FORMAT.md §1.3: an
+    /// extent names a chunk and an offset in it); what a reader reads first is stored first, so
+    /// reading the blob from its start brings the blocks in the order they are needed. For
+    /// startup layers (FORMAT.md §9): the blocks a start read, in first-read order. The writer
+    /// must be fresh (nothing written yet).
+    pub fn write_packed(
+        mut self,
+        blocks: impl IntoIterator<Item = (u64, Vec<u8>)>,
+    ) -> Result<(WrittenLayer, W)> {
+        if !self.meta.extents.is_empty() || !self.buf.is_empty() {
+            return Err(Error::Invalid(
+                "layer writer: a packed layer needs a fresh writer".into(),
+            ));
+        }
+        let cs = self.opts.chunk_size as u64;
+        let mut extents = Vec::new();
+        for (off, data) in blocks {
+            let len = data.len() as u64;
+            let end = off.checked_add(len).filter(|&e| e <= self.logical_size);
+            if len == 0 || end.is_none() || off / cs != (off + len - 1) / cs {
+                return Err(Error::Invalid(format!(
+                    "layer writer: packed block {off}+{len} is empty, leaves the disk or crosses a window"
+                )));
+            }
+            if data.iter().all(|&b| b == 0) {
+                extents.push(Extent {
+                    logical: off,
+                    len: len as u32,
+                    kind: ExtentKind::Zero,
+                    chunk: NO_CHUNK,
+                    chunk_offset: 0,
+                });
+                continue;
+            }
+            if self.buf.len() as u64 + len > cs {
+                self.flush_chunk()?;
+            }
+            extents.push(Extent {
+                logical: off,
+                len: len as u32,
+                kind: ExtentKind::Data,
+                chunk: self.next_chunk(),
+                chunk_offset: self.buf.len() as u32,
+            });
+            self.buf.extend_from_slice(&data);
+            self.data_bytes += len;
+        }
+        extents.sort_unstable_by_key(|e| e.logical);
+        for w in extents.windows(2) {
+            if w[0].end() > w[1].logical {
+                return Err(Error::Invalid(format!(
+                    "layer writer: packed blocks at {} and {} overlap",
+                    w[0].logical, w[1].logical
+                )));
+            }
+        }
+        for e in extents {
+            match self.meta.extents.last_mut() {
+                Some(p)
+                    if p.kind == e.kind
+                        && p.end() == e.logical
+                        && p.logical / cs == e.logical / cs
+                        && (e.kind == ExtentKind::Zero
+                            || (p.chunk == e.chunk
+                                && p.chunk_offset + p.len == e.chunk_offset)) =>
+                {
+                    p.len += e.len
+                }
+                _ => self.meta.extents.push(e),
+            }
+        }
+        self.finish()
+    }
+
     /// Writes the last chunk, the metadata and the trailer; returns the blob's identity and
     /// the inner writer (flushed).
     pub fn finish(mut self) -> Result<(WrittenLayer, W)> {

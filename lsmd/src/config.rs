@@ -310,6 +310,12 @@ pub struct ImageConfig {
     /// prefetches in its order at open unless the node has its own `<config>.trace`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<LayerConfig>,
+    /// A startup layer shipped with the image (FORMAT.md §9, made by `lsmctl trace bake`
+    /// beside `trace`): the blocks the baked start read, packed in first-read order. Fetched
+    /// whole and checked against `digest` and against the binding in the trace (the exact
+    /// layer chain it was read from) before it is stacked over the layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<LayerConfig>,
 }
 
 impl ImageConfig {
@@ -324,6 +330,7 @@ impl ImageConfig {
             cache_bytes: default_cache(),
             dictionary: Vec::new(),
             trace: None,
+            startup: None,
         }
     }
 
@@ -357,8 +364,11 @@ impl ImageConfig {
             check_layer(field, *i, l, field == "dictionary")?;
             *i += 1;
         }
-        if let Some(t) = &self.trace {
-            check_layer("trace", 0, t, true).map_err(|e| e.replace("trace[0]", "trace"))?;
+        for (field, t) in [("trace", &self.trace), ("startup", &self.startup)] {
+            if let Some(t) = t {
+                check_layer(field, 0, t, true)
+                    .map_err(|e| e.replace(&format!("{field}[0]"), field))?;
+            }
         }
         Ok(())
     }
@@ -697,7 +707,22 @@ impl ImageSpec {
     /// The layers are opened at once, one thread each (a remote layer's open waits for its
     /// metadata: one round trip and a transfer each, which need not add up).
     pub fn open_image(&self, writable: bool, host: &HostServices) -> Result<Image> {
-        let layers = self.open_layers(host)?;
+        self.open_image_with(writable, host, |_| None)
+    }
+
+    /// [`Self::open_image`], with a read-only layer `top` may give (seeing the opened layers,
+    /// bottom first) stacked over them, below the upper layer: a startup layer (FORMAT.md §9),
+    /// whose blocks equal what the layers below hold there.
+    pub fn open_image_with(
+        &self,
+        writable: bool,
+        host: &HostServices,
+        top: impl FnOnce(&[Layer]) -> Option<Layer>,
+    ) -> Result<Image> {
+        let mut layers = self.open_layers(host)?;
+        if let Some(t) = top(&layers) {
+            layers.push(t);
+        }
         let stack = LayerStack::new(layers, self.config.size, self.config.cache_bytes)?;
         // Read-only still shows what an existing upper layer holds; it only refuses writes.
         let upper = match self.upper_dir() {

@@ -210,8 +210,28 @@ fn open_exports(
             None => shipped_trace_fetch(&spec, host, prefetch.mode),
             Some(_) => None,
         };
+        // The startup layer too (fetched whole: the start reads it first); it is stacked only
+        // once the shipped trace binds it to this image's layer chain.
+        let startup = match (&shipped, &spec.config.startup) {
+            (Some(_), Some(_)) => {
+                let (spec, host) = (spec.clone(), host.clone());
+                Some(std::thread::spawn(move || {
+                    lsmd::trace::fetch_startup(&spec, &host)
+                }))
+            }
+            _ => None,
+        };
+        let mut shipped = shipped.map(ShippedTrace::Fetching);
+        let mut stacked = false;
         let image = spec
-            .open_image(!read_only, host)
+            .open_image_with(!read_only, host, |layers| {
+                let fetch = startup?;
+                let trace = shipped.take()?.wait();
+                let layer = startup_layer(&name, fetch, &trace, layers, spec.config.size);
+                shipped = Some(ShippedTrace::Ready(trace));
+                stacked = layer.is_some();
+                layer
+            })
             .map_err(|e| e.to_string())?;
         tracing::info!(export = %name, config = %path.display(), size = image.size(), read_only = image.read_only(), "export ready");
         image.lower().set_exact_trace(prefetch.exact_trace);
@@ -222,7 +242,7 @@ fn open_exports(
         start_prefetch(
             &name,
             node,
-            shipped,
+            shipped.map(|s| (s, stacked)),
             &image,
             prefetch.mode,
             prefetch.threads,
@@ -234,6 +254,66 @@ fn open_exports(
 
 /// A shipped trace being fetched and checked (`lsmd::trace::fetch_shipped`).
 type ShippedFetch = std::thread::JoinHandle<Result<Option<lsmd::trace::Trace>, String>>;
+
+/// What became of a shipped trace: checked, or still being fetched.
+type ShippedResult = Result<Option<lsmd::trace::Trace>, String>;
+
+/// A shipped trace, still being fetched or already waited for (to bind the startup layer).
+enum ShippedTrace {
+    Fetching(ShippedFetch),
+    Ready(ShippedResult),
+}
+
+impl ShippedTrace {
+    fn wait(self) -> ShippedResult {
+        match self {
+            ShippedTrace::Fetching(h) => h
+                .join()
+                .unwrap_or_else(|_| Err("fetching the shipped trace panicked".into())),
+            ShippedTrace::Ready(r) => r,
+        }
+    }
+}
+
+/// A startup layer being fetched and checked against its digest (`lsmd::trace::fetch_startup`).
+type StartupFetch = std::thread::JoinHandle<Result<Option<Vec<u8>>, String>>;
+
+/// The shipped startup layer to stack over `layers`, if it was fetched, matched its digest and
+/// the digest-checked shipped `trace` binds it to exactly this layer chain
+/// (`lsmd::trace::bind_startup`). Anything else: none, said (warning and
+/// `lsm_trace_total{trace="startup",result="refused"}`), and the image is served without it.
+fn startup_layer(
+    name: &str,
+    fetch: StartupFetch,
+    trace: &ShippedResult,
+    layers: &[blockfmt::Layer],
+    size: u64,
+) -> Option<blockfmt::Layer> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = &lsmd::trace::STATS;
+    let blob = fetch
+        .join()
+        .unwrap_or_else(|_| Err("fetching the startup layer panicked".into()));
+    let bound = match (blob, trace) {
+        (Ok(None), _) => return None,
+        (Err(e), _) => Err(e),
+        (Ok(Some(_)), Err(e)) => Err(format!("the shipped trace that binds it is refused: {e}")),
+        (Ok(Some(_)), Ok(None)) => Err("the image ships no trace to bind it".into()),
+        (Ok(Some(b)), Ok(Some(t))) => lsmd::trace::bind_startup(b, t, layers, size),
+    };
+    match bound {
+        Ok(l) => {
+            stats.startup_used.fetch_add(1, Relaxed);
+            tracing::info!(export = %name, chunks = l.metadata().chunks.len(), bytes = l.blob_size(), "stacking the startup layer shipped in the image (digest and layer chain checked)");
+            Some(l)
+        }
+        Err(e) => {
+            stats.startup_refused.fetch_add(1, Relaxed);
+            tracing::warn!(export = %name, error = %e, "refusing the startup layer shipped in the image; its blocks are read from the layers");
+            None
+        }
+    }
+}
 
 /// The trace this node recorded for `spec`'s image (`<config>.trace`), if there is a good one.
 fn node_trace(spec: &ImageSpec) -> Option<lsmd::trace::Trace> {
@@ -267,7 +347,7 @@ fn shipped_trace_fetch(spec: &ImageSpec, host: &HostServices, mode: &str) -> Opt
 fn start_prefetch(
     name: &str,
     node: Option<lsmd::trace::Trace>,
-    shipped: Option<ShippedFetch>,
+    shipped: Option<(ShippedTrace, bool)>,
     image: &Arc<blockfmt::Image>,
     mode: &str,
     threads: usize,
@@ -286,18 +366,23 @@ fn start_prefetch(
                 tracing::info!(export = %name, "replaying the startup trace");
                 t.resolve(&image)
             }
-            None => match shipped.map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("fetching the shipped trace panicked".into()))
-            }) {
+            None => match shipped.map(|(s, stacked)| (s.wait(), stacked)) {
                 None => Vec::new(),
-                Some(Ok(Some(t))) => {
+                Some((Ok(Some(t)), stacked)) => {
                     stats.shipped_used.fetch_add(1, Relaxed);
-                    tracing::info!(export = %name, chunks = t.entries.len(), "replaying the startup trace shipped in the image (digest checked)");
-                    t.resolve(&image)
+                    tracing::info!(export = %name, chunks = t.entries.len(), startup_layer = stacked, "replaying the startup trace shipped in the image (digest checked)");
+                    match stacked {
+                        // The startup layer (the top of the stack) first, whole, then the
+                        // chunks it does not cover.
+                        true => startup_chunks(&image)
+                            .into_iter()
+                            .chain(t.uncovered().resolve(&image))
+                            .collect(),
+                        false => t.resolve(&image),
+                    }
                 }
-                Some(Ok(None)) => Vec::new(),
-                Some(Err(e)) => {
+                Some((Ok(None), _)) => Vec::new(),
+                Some((Err(e), _)) => {
                     stats.shipped_refused.fetch_add(1, Relaxed);
                     tracing::warn!(export = %name, error = %e, "refusing the startup trace shipped in the image; serving lazily");
                     Vec::new()
@@ -319,6 +404,17 @@ fn start_prefetch(
             lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1, false);
         }
     });
+}
+
+/// Every chunk of the top layer of `image`'s stack (the startup layer, when one is stacked),
+/// in its order: what the start reads first, stored first.
+fn startup_chunks(image: &blockfmt::Image) -> Vec<(u16, u32)> {
+    let layers = image.lower().layers();
+    let top = layers.len().saturating_sub(1);
+    let n = layers
+        .last()
+        .map_or(0, |l| l.metadata().chunks.len() as u32);
+    (0..n).map(|c| (top as u16, c)).collect()
 }
 
 /// The TLS configuration of `--tcp` (from `cert_key`, with `client_ca`), after refusing what

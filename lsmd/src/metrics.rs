@@ -2,7 +2,9 @@
 //! cache hit ratio, fetch latency histogram, in-flight requests, errors, upper-layer sizes,
 //! per-export flushes by frontend, ENOSPC refusals and whether the upper layer has failed),
 //! `GET /status` as JSON for `lsmctl status`, and `GET /trace?export=NAME` (the chunks that
-//! export's readers needed so far, FORMAT.md §6) for `lsmctl trace record`. Plain HTTP/1.1 on a loopback address; one short
+//! export's readers needed so far, FORMAT.md §6) for `lsmctl trace record`, `GET
+//! /trace-blocks?export=NAME` (with `--exact-trace`: the 4 KiB blocks read, in first-read order,
+//! as u64 LE block numbers) for `lsmctl trace bake`. Plain HTTP/1.1 on a loopback address; one short
 //! request per connection.
 
 use std::fmt::Write as _;
@@ -301,12 +303,16 @@ fn trace_metrics(m: &mut String) {
          lsm_trace_total{{trace=\"shipped\",result=\"used\"}} {}\n\
          lsm_trace_total{{trace=\"shipped\",result=\"refused\"}} {}\n\
          lsm_trace_total{{trace=\"node\",result=\"used\"}} {}\n\
+         lsm_trace_total{{trace=\"startup\",result=\"used\"}} {}\n\
+         lsm_trace_total{{trace=\"startup\",result=\"refused\"}} {}\n\
          # HELP lsm_prefetch_chunks_total Chunks loaded by background prefetch.\n\
          # TYPE lsm_prefetch_chunks_total counter\n\
          lsm_prefetch_chunks_total {}",
         n(&s.shipped_used),
         n(&s.shipped_refused),
         n(&s.node_used),
+        n(&s.startup_used),
+        n(&s.startup_refused),
         n(&s.prefetched_chunks)
     );
 }
@@ -429,13 +435,16 @@ pub fn spawn(listener: TcpListener, host: HostServices, exports: Exports) {
                     "application/json",
                     status_json(&host, &exports).into_bytes(),
                 ),
-                "/trace" => {
+                "/trace" | "/trace-blocks" => {
                     let want = query.strip_prefix("export=").unwrap_or("");
                     match exports.images().find(|(n, _)| *n == want) {
                         Some((_, image)) => (
                             "200 OK",
                             "application/octet-stream",
-                            Trace::of(image).encode(),
+                            match path {
+                                "/trace" => Trace::of(image).encode(),
+                                _ => crate::trace::encode_blocks(&image.lower().touched_blocks()),
+                            },
                         ),
                         None => (
                             "404 Not Found",

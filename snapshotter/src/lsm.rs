@@ -250,6 +250,10 @@ pub fn image_config(blobs: &[LsmBlob], disk_size: u64, upper: bool, opts: &LsmOp
     if let Some(t) = blobs.iter().rev().find(|b| b.role == "trace") {
         c["trace"] = entry(t);
     }
+    // Its startup layer (FORMAT.md §9), stacked by lsmd only when that trace binds it.
+    if let Some(t) = blobs.iter().rev().find(|b| b.role == "startup") {
+        c["startup"] = entry(t);
+    }
     if upper {
         c["upper"] = "upper".into();
     }

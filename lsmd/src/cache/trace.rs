@@ -33,6 +33,10 @@ pub struct TraceStats {
     pub shipped_refused: AtomicU64,
     /// Node traces (`<config>.trace`) replayed.
     pub node_used: AtomicU64,
+    /// Shipped startup layers stacked (digest and binding checked).
+    pub startup_used: AtomicU64,
+    /// Shipped startup layers refused (digest, binding or chain mismatch, unreadable).
+    pub startup_refused: AtomicU64,
     /// Chunks loaded by prefetching (from the host cache or the source).
     pub prefetched_chunks: AtomicU64,
 }
@@ -42,18 +46,41 @@ pub static STATS: TraceStats = TraceStats {
     shipped_used: AtomicU64::new(0),
     shipped_refused: AtomicU64::new(0),
     node_used: AtomicU64::new(0),
+    startup_used: AtomicU64::new(0),
+    startup_refused: AtomicU64::new(0),
     prefetched_chunks: AtomicU64::new(0),
 };
 
 const MAGIC: &[u8; 8] = b"LSMTRACE";
+/// Version 1: layers and entries. Version 2 adds the startup layer the trace was baked with
+/// (FORMAT.md §6); written only when there is one, so a trace without stays readable by
+/// builds that know version 1 only.
 const VERSION: u16 = 1;
+const VERSION_STARTUP: u16 = 2;
 const HEADER_LEN: usize = 16;
+/// Entry flag (version 2): the startup layer holds every block the start read of this chunk.
+const ENTRY_COVERED: u16 = 1;
 
-/// A decoded trace: layer table (metadata sha256) and (layer index, chunk) entries.
+/// The startup layer a trace was baked with (`lsmctl trace bake`, FORMAT.md §9): which blob,
+/// and — the trace's layer table, bottom first — exactly which layer chain its blocks were
+/// read from. lsmd stacks it only over that chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartupBinding {
+    /// sha256 of the whole startup blob (its OCI digest).
+    pub blob_sha256: [u8; 32],
+    /// Its metadata digest (FORMAT.md §1.2).
+    pub meta_sha256: [u8; 32],
+}
+
+/// A decoded trace: layer table (metadata sha256) and (layer index, chunk) entries; with a
+/// startup layer, its binding and which entries it covers (`covered[i]` for `entries[i]`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Trace {
     pub layers: Vec<[u8; 32]>,
     pub entries: Vec<(u16, u32)>,
+    /// Empty, or one flag per entry: the startup layer holds every block read of that chunk.
+    pub covered: Vec<bool>,
+    pub startup: Option<StartupBinding>,
 }
 
 impl Trace {
@@ -67,31 +94,61 @@ impl Trace {
                 .map(|l| l.trailer().meta_sha256)
                 .collect(),
             entries: stack.touched(),
+            covered: Vec::new(),
+            startup: None,
         }
     }
 
-    /// Encodes: header, layer table, entries, crc32c of all before it.
+    /// The entries a prefetch still needs when the startup layer is stacked: those it does not
+    /// cover.
+    pub fn uncovered(&self) -> Trace {
+        let entries = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !self.covered.get(i).copied().unwrap_or(false))
+            .map(|(_, &e)| e)
+            .collect();
+        Trace {
+            entries,
+            covered: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Encodes: header, layer table, entries, (version 2) the startup binding, crc32c of all
+    /// before it. Version 1 unless there is a startup layer.
     pub fn encode(&self) -> Vec<u8> {
         let mut b =
-            Vec::with_capacity(HEADER_LEN + self.layers.len() * 32 + self.entries.len() * 8 + 4);
+            Vec::with_capacity(HEADER_LEN + self.layers.len() * 32 + self.entries.len() * 8 + 68);
+        let version = match self.startup {
+            Some(_) => VERSION_STARTUP,
+            None => VERSION,
+        };
         b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&(self.layers.len() as u16).to_le_bytes());
         b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for l in &self.layers {
             b.extend_from_slice(l);
         }
-        for &(layer, chunk) in &self.entries {
+        for (i, &(layer, chunk)) in self.entries.iter().enumerate() {
+            let covered = self.startup.is_some() && self.covered.get(i) == Some(&true);
+            let flags = if covered { ENTRY_COVERED } else { 0 };
             b.extend_from_slice(&layer.to_le_bytes());
-            b.extend_from_slice(&0u16.to_le_bytes());
+            b.extend_from_slice(&flags.to_le_bytes());
             b.extend_from_slice(&chunk.to_le_bytes());
+        }
+        if let Some(s) = &self.startup {
+            b.extend_from_slice(&s.blob_sha256);
+            b.extend_from_slice(&s.meta_sha256);
         }
         let c = crc32c::crc32c(&b);
         b.extend_from_slice(&c.to_le_bytes());
         b
     }
 
-    /// Decodes; the error says what is wrong.
+    /// Decodes (version 1 or 2); the error says what is wrong.
     pub fn decode(b: &[u8]) -> Result<Trace, String> {
         if b.len() < HEADER_LEN + 4 || &b[..8] != MAGIC {
             return Err("not an lsm trace".into());
@@ -101,12 +158,15 @@ impl Trace {
             return Err("trace checksum mismatch".into());
         }
         let v = u16::from_le_bytes([b[8], b[9]]);
-        if v != VERSION {
-            return Err(format!("unsupported trace version {v}"));
-        }
+        let tail = match v {
+            VERSION => 0,
+            VERSION_STARTUP => 64,
+            _ => return Err(format!("unsupported trace version {v}")),
+        };
         let nl = u16::from_le_bytes([b[10], b[11]]) as usize;
         let ne = u32::from_le_bytes([b[12], b[13], b[14], b[15]]) as usize;
-        if body.len() != HEADER_LEN + nl * 32 + ne * 8 {
+        let entries_end = HEADER_LEN + nl * 32 + ne * 8;
+        if body.len() != entries_end + tail {
             return Err("trace length does not match its counts".into());
         }
         let mut t = Trace::default();
@@ -115,13 +175,31 @@ impl Trace {
             d.copy_from_slice(l);
             t.layers.push(d);
         }
-        for e in body[HEADER_LEN + nl * 32..].chunks(8) {
+        let allowed = if v == VERSION { 0 } else { ENTRY_COVERED };
+        for e in body[HEADER_LEN + nl * 32..entries_end].chunks(8) {
             let layer = u16::from_le_bytes([e[0], e[1]]);
-            if layer as usize >= nl || e[2..4] != [0, 0] {
-                return Err(format!("trace entry names layer {layer} of {nl}"));
+            let flags = u16::from_le_bytes([e[2], e[3]]);
+            if layer as usize >= nl || flags & !allowed != 0 {
+                return Err(format!(
+                    "trace entry names layer {layer} of {nl} (flags {flags:#x})"
+                ));
             }
             t.entries
                 .push((layer, u32::from_le_bytes([e[4], e[5], e[6], e[7]])));
+            if v == VERSION_STARTUP {
+                t.covered.push(flags & ENTRY_COVERED != 0);
+            }
+        }
+        if v == VERSION_STARTUP {
+            let mut s = StartupBinding {
+                blob_sha256: [0; 32],
+                meta_sha256: [0; 32],
+            };
+            s.blob_sha256
+                .copy_from_slice(&body[entries_end..entries_end + 32]);
+            s.meta_sha256
+                .copy_from_slice(&body[entries_end + 32..entries_end + 64]);
+            t.startup = Some(s);
         }
         Ok(t)
     }
@@ -336,6 +414,113 @@ pub fn fetch_shipped(spec: &ImageSpec, host: &HostServices) -> Result<Option<Tra
         .map_err(|e| format!("{name}: {e}"))
 }
 
+/// The largest startup layer fetched.
+pub const MAX_STARTUP_LAYER: u64 = 1 << 30;
+
+/// Block numbers (of [`blockfmt::stack::TRACE_BLOCK`] bytes) as the `/trace-blocks` reply
+/// carries them: u64 LE each, in order.
+pub fn encode_blocks(blocks: &[u64]) -> Vec<u8> {
+    blocks.iter().flat_map(|b| b.to_le_bytes()).collect()
+}
+
+/// [`encode_blocks`] back; an error when the length is not a multiple of 8.
+pub fn decode_blocks(b: &[u8]) -> Result<Vec<u64>, String> {
+    if !b.len().is_multiple_of(8) {
+        return Err(format!("{} bytes is not a list of block numbers", b.len()));
+    }
+    Ok(b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect())
+}
+
+/// The startup layer shipped with the image `spec` describes (its config's `startup`),
+/// fetched whole (it is what the start reads first) and checked against the config's digest:
+/// `Ok(None)` when there is none; an error (saying why) when it cannot be read, is larger than
+/// [`MAX_STARTUP_LAYER`] or its sha256 is not the digest. Nothing in it is used before
+/// [`bind_startup`].
+pub fn fetch_startup(spec: &ImageSpec, host: &HostServices) -> Result<Option<Vec<u8>>, String> {
+    let Some(t) = &spec.config.startup else {
+        return Ok(None);
+    };
+    let want = t
+        .digest
+        .as_deref()
+        .ok_or("the startup entry has no digest")
+        .and_then(|d| parse_oci_digest(d).map_err(|_| "bad startup digest"))?;
+    let name = spec.source_name(t);
+    let src = spec
+        .open_source(t, &name, host)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let size = src.size().map_err(|e| format!("{name}: {e}"))?;
+    if size > MAX_STARTUP_LAYER {
+        return Err(format!(
+            "{name}: {size} bytes is larger than a startup layer may be ({MAX_STARTUP_LAYER})"
+        ));
+    }
+    let mut b = vec![0u8; size as usize];
+    src.read_exact_at(&mut b, 0)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let got = sha256(&b);
+    if got != want {
+        return Err(format!(
+            "{name}: digest {} is not the {} the image config names",
+            oci_digest(&got),
+            oci_digest(&want)
+        ));
+    }
+    Ok(Some(b))
+}
+
+/// The startup layer in `blob` (already checked against the config's digest), opened, if the
+/// digest-checked `trace` binds it to exactly `layers` (bottom first): the trace names this
+/// blob and its metadata digest, and its layer table is the chain's metadata digests in
+/// order. Every chunk is then decoded and checked, so a layer that is stacked never fails a
+/// read. An error says what does not match; the caller then serves without it.
+pub fn bind_startup(
+    blob: Vec<u8>,
+    trace: &Trace,
+    layers: &[blockfmt::Layer],
+    size: u64,
+) -> Result<blockfmt::Layer, String> {
+    let b = trace
+        .startup
+        .ok_or("the shipped trace names no startup layer (baked without one)")?;
+    let got = sha256(&blob);
+    if got != b.blob_sha256 {
+        return Err(format!(
+            "the startup layer {} is not the {} the shipped trace was baked with",
+            oci_digest(&got),
+            oci_digest(&b.blob_sha256)
+        ));
+    }
+    let chain: Vec<[u8; 32]> = layers.iter().map(|l| l.trailer().meta_sha256).collect();
+    if chain != trace.layers {
+        return Err(format!(
+            "the startup layer was baked over another layer chain ({} layers, top {}) than \
+             this image's ({} layers, top {})",
+            trace.layers.len(),
+            trace.layers.last().map_or("-".into(), oci_digest),
+            chain.len(),
+            chain.last().map_or("-".into(), oci_digest),
+        ));
+    }
+    let name = format!("startup layer {}", oci_digest(&got));
+    let src: Arc<dyn blockfmt::ReadAt> = Arc::new(blob);
+    let layer =
+        blockfmt::Layer::open(&name, src, Some(b.meta_sha256)).map_err(|e| e.to_string())?;
+    if layer.logical_size() > size || !layer.metadata().blobs.is_empty() {
+        return Err(format!(
+            "{name}: not a startup layer for a {size} byte disk (it is for {} bytes, borrows {} blobs)",
+            layer.logical_size(),
+            layer.metadata().blobs.len()
+        ));
+    }
+    layer
+        .verify_all(Some(got))
+        .map_err(|e| format!("{name}: {e}"))?;
+    Ok(layer)
+}
+
 /// Every chunk of every layer, top layer first (what a whole-image prefetch fetches).
 pub fn all_chunks(image: &Image) -> Vec<(u16, u32)> {
     let layers = image.lower().layers();
@@ -427,10 +612,19 @@ mod tests {
     proptest! {
         /// Fuzz: traces round-trip; any flipped byte or arbitrary bytes are rejected without panic.
         #[test]
-        fn trace_format(nl in 1usize..4, entries in proptest::collection::vec((0u16..4, any::<u32>()), 0..50), pos in any::<usize>(), x in 1u8..=255, junk in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn trace_format(startup in any::<bool>(), seed in any::<u32>(), nl in 1usize..4, entries in proptest::collection::vec((0u16..4, any::<u32>()), 0..50), pos in any::<usize>(), x in 1u8..=255, junk in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let n = entries.len();
             let t = Trace {
                 layers: (0..nl).map(|i| [i as u8; 32]).collect(),
                 entries: entries.into_iter().map(|(l, c)| (l % nl as u16, c)).collect(),
+                covered: match startup {
+                    true => (0..n).map(|i| !(i as u32 ^ seed).is_multiple_of(3)).collect(),
+                    false => Vec::new(),
+                },
+                startup: startup.then_some(StartupBinding {
+                    blob_sha256: [seed as u8; 32],
+                    meta_sha256: [(seed >> 8) as u8; 32],
+                }),
             };
             let mut b = t.encode();
             prop_assert_eq!(Trace::decode(&b), Ok(t));

@@ -36,6 +36,8 @@ pub enum Role {
     HashIndex,
     /// A shipped startup trace (issue 18).
     Trace,
+    /// A shipped startup layer (FORMAT.md §9): the blocks the baked start read, packed.
+    Startup,
 }
 
 impl Role {
@@ -45,13 +47,20 @@ impl Role {
             Role::Dictionary => blockfmt::ROLE_DICTIONARY,
             Role::HashIndex => "hash-index",
             Role::Trace => "trace",
+            Role::Startup => "startup",
         }
     }
 
     pub fn parse(s: &str) -> Option<Role> {
-        [Role::Layer, Role::Dictionary, Role::HashIndex, Role::Trace]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [
+            Role::Layer,
+            Role::Dictionary,
+            Role::HashIndex,
+            Role::Trace,
+            Role::Startup,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
     }
 }
 
@@ -260,8 +269,14 @@ mod tests {
     }
 
     fn m_role_parse_roundtrip() -> bool {
-        [Role::Layer, Role::Dictionary, Role::HashIndex, Role::Trace]
-            .into_iter()
-            .all(|r| Role::parse(r.as_str()) == Some(r))
+        [
+            Role::Layer,
+            Role::Dictionary,
+            Role::HashIndex,
+            Role::Trace,
+            Role::Startup,
+        ]
+        .into_iter()
+        .all(|r| Role::parse(r.as_str()) == Some(r))
     }
 }
