@@ -657,8 +657,8 @@ fn lazy_start_gets(t: &Path, tag: &str, config: &Path, tree: &Path, extra: &[&st
 /// Fetching ahead in files, against a real registry and the real kernel: an ext4 image of six
 /// 1.5–4 MiB programs and a few hundred small files, converted, pushed and served lazily. The
 /// start that faults in 41 pages of each program makes far fewer GETs when lsmd, having read
-/// the inode tables at open, fetches the rest of a file beside a miss in it (the default) than
-/// with that off (`--file-ahead-kb 0`), and reads the same bytes.
+/// the inode tables at open, fetches the rest of a file beside a miss in it (`--file-ahead-kb 2048`)
+/// than with that off (`--file-ahead-kb 0`, the default), and reads the same bytes.
 #[test]
 fn a_lazy_start_fetches_ahead_in_its_files_with_fewer_gets() {
     use rand::{Rng, SeedableRng};
@@ -691,7 +691,7 @@ fn a_lazy_start_fetches_ahead_in_its_files_with_fewer_gets() {
     let remote = remote_config(t, &img, &reg, false);
 
     let off = lazy_start_gets(t, "off", &remote, &tree, &["--file-ahead-kb", "0"]);
-    let ahead = lazy_start_gets(t, "ahead", &remote, &tree, &[]);
+    let ahead = lazy_start_gets(t, "ahead", &remote, &tree, &["--file-ahead-kb", "2048"]);
     eprintln!("lazy start, 6 programs × 41 pages: {off} GETs without fetching ahead in files, {ahead} with");
     assert!(
         ahead * 2.0 <= off,

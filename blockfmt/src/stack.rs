@@ -267,6 +267,13 @@ impl LayerStack {
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// [`Self::set_file_ahead_bytes`]'s value (0: off).
+    pub fn file_ahead_bytes(&self) -> u64 {
+        self.chunks
+            .file_ahead_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Lends the host's threads for parallel chunk loads (once; later calls are ignored).
     pub fn set_parallel_loads(&self, loads: Arc<dyn ParallelLoads>) {
         let _ = self.loads.set(loads);

@@ -30,9 +30,11 @@ use blockfmt::{Image, LayerStack};
 
 /// Most bytes of inode tables prefetched (a hint, not a promise).
 pub const MAX_META_BYTES: u64 = 256 << 20;
-/// Default of `lsmd serve --file-ahead-kb`: most stored bytes one fetch ahead in a file asks
-/// for (at 100 Mbit/s, 170 ms on the wire: fetched beside the reader's own GET, not before it).
-pub const FILE_AHEAD_KB: u64 = 2048;
+/// Default of `lsmd serve --file-ahead-kb` (most stored bytes one fetch ahead in a file asks
+/// for): off. Measured on the startup bench at 100 Mbit/s (README, "Lazy start: fetching ahead
+/// in files"): 2048 cut python's GETs 109 → 80 and pip's 347 → 249 but made both starts
+/// slower (more bytes, and readers waiting for a long fetch that holds their chunk).
+pub const FILE_AHEAD_KB: u64 = 0;
 /// Most extent-tree blocks (below the inodes) read to find files' extents.
 pub const MAX_TREE_BLOCKS: usize = 4096;
 
@@ -290,10 +292,14 @@ fn push_runs(stack: &LayerStack, extents: &[(u64, u64)], runs: &mut Vec<(u16, u3
     flush(cur, runs);
 }
 
-/// Installs `image`'s file runs ([`file_runs`]) in its stack, if its disk holds ext4. Returns
-/// how many runs (for the log).
+/// Installs `image`'s file runs ([`file_runs`]) in its stack, if its disk holds ext4 and
+/// fetching ahead in files is on (`LayerStack::set_file_ahead_bytes`). Returns how many runs
+/// (for the log).
 pub fn map_files(image: &Arc<Image>) -> usize {
     let stack = image.lower();
+    if stack.file_ahead_bytes() == 0 {
+        return 0;
+    }
     let Some(geo) = ext4_geometry(stack) else {
         return 0;
     };
