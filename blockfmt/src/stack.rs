@@ -53,6 +53,13 @@ pub trait ParallelLoads: Send + Sync {
     /// any thread, the caller's included; the caller may itself be one of the host's threads,
     /// so an implementation must not wait for tasks nobody is free to run.
     fn run_all(&self, tasks: Vec<LoadTask>);
+
+    /// Runs `task` on one of the host's threads without waiting for it (a fetch ahead of a
+    /// reader, [`LayerStack::set_file_runs`]). The default runs it at once on the caller's
+    /// thread, which is correct but makes the caller wait.
+    fn spawn(&self, task: LoadTask) {
+        task();
+    }
 }
 
 /// Releases a leader's in-flight slot when the load ends, by return or by unwinding.
@@ -100,6 +107,11 @@ const MAX_RUN_BYTES: u64 = 4 << 20;
 const STREAMS: usize = 16;
 /// Recent misses remembered for finding hot groups.
 const RECENT_MISSES: usize = 64;
+/// Fetches ahead in a file ([`LayerStack::set_file_runs`]) in flight at once, per stack.
+const FILE_AHEAD_FETCHES: usize = 4;
+/// Most stored bytes of a file's next chunks taken along in a reader's own fetch (about one
+/// round trip's worth at 100 Mbit/s); the rest of the file goes in a fetch of its own.
+const FILE_INLINE_BYTES: u64 = 256 << 10;
 
 /// A sequential reader seen in a layer: the chunk its next miss would be, and its window.
 #[derive(Clone, Copy)]
@@ -139,6 +151,12 @@ struct Chunks {
     recent_misses: Mutex<std::collections::VecDeque<(u16, u32)>>,
     /// Raw bytes of a hot group; 0: off ([`LayerStack::set_hot_group_bytes`]).
     hot_group_bytes: std::sync::atomic::AtomicU64,
+    /// Where each chunk's file run ends, per layer ([`LayerStack::set_file_runs`]).
+    file_ends: OnceLock<Vec<Vec<u32>>>,
+    /// Most stored bytes one fetch ahead in a file asks for; 0: off.
+    file_ahead_bytes: std::sync::atomic::AtomicU64,
+    /// Fetches ahead in a file in flight now (at most [`FILE_AHEAD_FETCHES`]).
+    file_ahead_inflight: std::sync::atomic::AtomicUsize,
 }
 
 /// Most chunks a trace remembers.
@@ -210,6 +228,9 @@ impl LayerStack {
                 exact_trace: std::sync::atomic::AtomicBool::new(false),
                 recent_misses: Mutex::new(std::collections::VecDeque::new()),
                 hot_group_bytes: std::sync::atomic::AtomicU64::new(0),
+                file_ends: OnceLock::new(),
+                file_ahead_bytes: std::sync::atomic::AtomicU64::new(0),
+                file_ahead_inflight: std::sync::atomic::AtomicUsize::new(0),
             }),
             loads: OnceLock::new(),
         })
@@ -234,6 +255,51 @@ impl LayerStack {
         self.chunks
             .hot_group_bytes
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Files' data as runs of chunks (once; later calls are ignored): `(layer, first, end)` for
+    /// each stretch of a file stored in chunks `first..end` of one layer, in the file's order.
+    /// With [`Self::set_file_ahead_bytes`], a reader's miss on a chunk of such a run also
+    /// fetches the run's cold chunks after it (up to that many stored bytes, in one ranged
+    /// GET on one of the host's threads, beside the reader's own fetch): a program faulting in
+    /// pages of its binary and libraries here and there then pays about one round trip per
+    /// file instead of one per page it touches. Runs naming chunks a layer lacks are ignored:
+    /// the runs come from the filesystem inside the image, which the host parsed untrusted;
+    /// a wrong run costs bytes, never correctness (every chunk is still checked).
+    pub fn set_file_runs(&self, runs: &[(u16, u32, u32)]) {
+        let mut ends: Vec<Vec<u32>> = self
+            .chunks
+            .layers
+            .iter()
+            .map(|l| vec![0; l.metadata().chunks.len()])
+            .collect();
+        for &(layer, first, end) in runs {
+            let Some(e) = ends.get_mut(layer as usize) else {
+                continue;
+            };
+            if first >= end || end as usize > e.len() {
+                continue;
+            }
+            for c in first..end {
+                e[c as usize] = e[c as usize].max(end);
+            }
+        }
+        let _ = self.chunks.file_ends.set(ends);
+    }
+
+    /// Most stored bytes a fetch ahead in a file ([`Self::set_file_runs`]) asks for; 0 (the
+    /// default) turns it off.
+    pub fn set_file_ahead_bytes(&self, bytes: u64) {
+        self.chunks
+            .file_ahead_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`Self::set_file_ahead_bytes`]'s value (0: off).
+    pub fn file_ahead_bytes(&self) -> u64 {
+        self.chunks
+            .file_ahead_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Lends the host's threads for parallel chunk loads (once; later calls are ignored).
@@ -270,7 +336,89 @@ impl LayerStack {
     /// chunk wait for the first reader instead of fetching it again. Remembered as needed (see
     /// [`Self::touched`]).
     pub fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
-        self.chunks.chunk(layer, chunk)
+        self.chunks.note_needed(layer, chunk);
+        if let Some(c) = self.chunks.cache.get(&(layer, chunk)) {
+            return Ok(c);
+        }
+        let take = self.fetch_file_ahead(layer, chunk);
+        self.chunks.load(layer, chunk, take, true, true)
+    }
+
+    /// On a reader's miss on `chunk` that lies in a file run ([`Self::set_file_runs`]) going
+    /// on after it: the run's chunks after it within [`FILE_INLINE_BYTES`] are taken along
+    /// in the reader's own fetch (returns how many chunks that fetch takes, at least 1), and
+    /// when the run goes on past them, one more fetch of its next cold chunks (at most the
+    /// file-ahead bytes) starts on the host's threads, unless [`FILE_AHEAD_FETCHES`] are in
+    /// flight already or there are no host threads. Never waits.
+    fn fetch_file_ahead(&self, layer: u16, chunk: u32) -> u32 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cap = self.chunks.file_ahead_bytes.load(Relaxed);
+        let (Some(ends), Some(loads)) = (self.chunks.file_ends.get(), self.loads.get()) else {
+            return 1;
+        };
+        let end = ends
+            .get(layer as usize)
+            .and_then(|e| e.get(chunk as usize))
+            .copied()
+            .unwrap_or(0);
+        let Some(l) = self.chunks.layers.get(layer as usize) else {
+            return 1;
+        };
+        if cap == 0 || end <= chunk.saturating_add(1) {
+            return 1;
+        }
+        let entries = &l.metadata().chunks;
+        let mut inline_end = chunk + 1;
+        let mut bytes = entries
+            .get(chunk as usize)
+            .map_or(0, |e| e.stored_len as u64);
+        while inline_end < end {
+            bytes += entries
+                .get(inline_end as usize)
+                .map_or(0, |e| e.stored_len as u64);
+            if bytes > FILE_INLINE_BYTES.min(cap) {
+                break;
+            }
+            inline_end += 1;
+        }
+        if inline_end < end {
+            self.spawn_fetch_ahead(loads.as_ref(), layer, inline_end, end, cap);
+        }
+        inline_end - chunk
+    }
+
+    /// Starts [`Chunks::fetch_ahead`] of `from..end` on the host's threads, unless
+    /// [`FILE_AHEAD_FETCHES`] are in flight already.
+    fn spawn_fetch_ahead(
+        &self,
+        loads: &dyn ParallelLoads,
+        layer: u16,
+        from: u32,
+        end: u32,
+        cap: u64,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let busy = &self.chunks.file_ahead_inflight;
+        if busy
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < FILE_AHEAD_FETCHES).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return;
+        }
+        let chunks = self.chunks.clone();
+        loads.spawn(Box::new(move || {
+            // Released even if the fetch panics.
+            struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _done = Done(&chunks.file_ahead_inflight);
+            chunks.fetch_ahead(layer, from, end, cap);
+        }));
     }
 
     /// Loads the chunks of `[off, off + len)` that the decoded-chunk cache lacks all at once,
@@ -298,6 +446,25 @@ impl LayerStack {
             match runs.last_mut() {
                 Some((rl, first, n)) if *rl == l && *first + *n == c => *n += 1,
                 _ => runs.push((l, c, 1)),
+            }
+        }
+        for &(layer, first, n) in &runs {
+            // The read's own fetch is planned: only the file's chunks after it go ahead.
+            let last = first + n - 1;
+            if let Some(loads) = self.loads.get() {
+                let end = self
+                    .chunks
+                    .file_ends
+                    .get()
+                    .and_then(|e| e.get(layer as usize)?.get(last as usize).copied())
+                    .unwrap_or(0);
+                let cap = self
+                    .chunks
+                    .file_ahead_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if cap > 0 && end > last + 1 {
+                    self.spawn_fetch_ahead(loads.as_ref(), layer, last + 1, end, cap);
+                }
             }
         }
         let Some(loads) = self.loads.get() else {
@@ -436,11 +603,6 @@ impl Chunks {
     /// The decoded, verified chunk, from cache or from its layer. Concurrent misses on the same
     /// chunk wait for the first reader instead of fetching it again. Remembered as needed (see
     /// [`LayerStack::touched`]).
-    fn chunk(&self, layer: u16, chunk: u32) -> Result<Arc<Vec<u8>>> {
-        self.note_needed(layer, chunk);
-        self.load(layer, chunk, 1, true, true)
-    }
-
     fn exact(&self) -> bool {
         self.exact_trace.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -656,6 +818,50 @@ impl Chunks {
         (first, out)
     }
 
+    /// Fetches, with one ranged read, the chunks of `from..end` of `layer` from the first one
+    /// neither decoded, being loaded nor kept in the host store, as far as they are stored back
+    /// to back, free, and within `cap` stored bytes (at least one chunk); checked and cached as
+    /// [`Self::load`] does, not counted as needed (`file` in the fetch log).
+    fn fetch_ahead(&self, layer: u16, from: u32, end: u32, cap: u64) {
+        let Some(l) = self.layers.get(layer as usize) else {
+            return;
+        };
+        let chunks = &l.metadata().chunks;
+        let stored = |c: u32| chunks.get(c as usize).map_or(0, |e| e.stored_len as u64);
+        let mut inflight = self.inflight.lock();
+        let free = |c: u32, inflight: &HashMap<(u16, u32), Arc<InFlight>>| {
+            (c as usize) < chunks.len()
+                && !inflight.contains_key(&(layer, c))
+                && self.cache.get(&(layer, c)).is_none()
+                && !l.is_kept(c)
+        };
+        let Some(first) = (from..end).find(|&c| free(c, &inflight)) else {
+            return;
+        };
+        let mut guards = vec![SlotGuard::claim(self, &mut inflight, (layer, first))];
+        let mut bytes = stored(first);
+        let mut next = first + 1;
+        while next < end
+            && free(next, &inflight)
+            && l.adjacent(next - 1, next)
+            && bytes + stored(next) <= cap
+        {
+            bytes += stored(next);
+            guards.push(SlotGuard::claim(self, &mut inflight, (layer, next)));
+            next += 1;
+        }
+        drop(inflight);
+        self.log_fetch(layer, first, guards.len() as u32 - 1, "file");
+        let results = l.read_run(first, guards.len() as u32);
+        for (g, res) in guards.iter_mut().zip(results) {
+            if let Ok(d) = res {
+                let d = Arc::new(d);
+                self.cache.insert(g.key, d.clone());
+                g.value = Some(d);
+            }
+        }
+    }
+
     /// Claims (as in-flight, so concurrent readers wait for this fetch) the chunks after
     /// `chunk`, up to `window` chunks in all, that one fetch should take along: stored right
     /// after it, not cached, not being loaded, not kept in the host store; none when `chunk`
@@ -694,7 +900,8 @@ impl Chunks {
     /// One line per fetch at debug level (target `lsm::fetch`): which chunks (from `chunk`), how
     /// many stored bytes, and why: `demand` (a reader's miss), `window` (a sequential reader's
     /// miss with the chunks after it), `group` (a random miss in a hot group, with the group's
-    /// cold chunks around it), `span` (one read's cold chunks), `prefetch` (trace or metadata). What
+    /// cold chunks around it), `span` (one read's cold chunks), `file` (a file's chunks after a
+    /// reader's miss, [`LayerStack::set_file_runs`]), `prefetch` (trace or metadata). What
     /// the README's byte analysis of a lazy start is made from.
     fn log_fetch(&self, layer: u16, chunk: u32, extras: u32, why: &str) {
         if !tracing::enabled!(target: "lsm::fetch", tracing::Level::DEBUG) {

@@ -857,3 +857,92 @@ fn version_1_blobs_still_open() {
     let s = |b: Layer| LayerStack::new(vec![b], size, 1 << 20).unwrap();
     assert_eq!(read_all(&s(l1)).unwrap(), read_all(&s(l2)).unwrap());
 }
+
+/// Fetching ahead in a file: a miss on the first chunk of a file run fetches the run's
+/// following chunks in one more ranged read (on the host's threads, capped in stored bytes),
+/// so the reader's later misses in that file fetch nothing; a chunk outside any run, or a
+/// stack with file-ahead off, fetches only what is read; every byte read is the disk's.
+#[test]
+fn a_miss_in_a_file_run_fetches_the_rest_of_the_run_ahead() {
+    use std::sync::atomic::Ordering;
+    /// Host threads for the test: every task on its own thread, joined at `wait`.
+    #[derive(Default)]
+    struct Threads(std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>);
+    impl blockfmt::ParallelLoads for Threads {
+        fn run_all(&self, tasks: Vec<blockfmt::LoadTask>) {
+            tasks.into_iter().for_each(|t| t());
+        }
+        fn spawn(&self, task: blockfmt::LoadTask) {
+            self.0.lock().unwrap().push(std::thread::spawn(task));
+        }
+    }
+    impl Threads {
+        fn wait(&self) {
+            for h in self.0.lock().unwrap().drain(..) {
+                h.join().unwrap();
+            }
+        }
+    }
+    let disk: Vec<u8> = {
+        let mut rng = StdRng::seed_from_u64(23);
+        (0..(4 << 20)).map(|_| rng.gen::<u8>() & 0x3f).collect()
+    };
+    let blob = build(&disk, WriterOptions::default());
+    let cs = 128 * 1024;
+    let open = |ahead: u64| {
+        let src = Arc::new(CountingSource {
+            blob: blob.clone(),
+            reads: Default::default(),
+            bad_at: None,
+        });
+        let l = Layer::open("files", src.clone(), None).unwrap();
+        let opened = src.reads.load(Ordering::SeqCst);
+        let s = LayerStack::new(vec![l], disk.len() as u64, 64 << 20).unwrap();
+        let threads = Arc::new(Threads::default());
+        s.set_parallel_loads(threads.clone());
+        // A file in chunks 4..12 and one in 20..22; junk runs are ignored.
+        s.set_file_runs(&[
+            (0, 4, 12),
+            (0, 20, 22),
+            (0, 30, 1 << 20),
+            (7, 0, 2),
+            (0, 9, 9),
+        ]);
+        s.set_file_ahead_bytes(ahead);
+        (src, opened, s, threads)
+    };
+    let read_chunk = |s: &LayerStack, c: usize| {
+        let mut b = vec![0u8; 4096];
+        s.read((c * cs + 4096) as u64, &mut b).unwrap();
+        assert_eq!(b, disk[c * cs + 4096..c * cs + 8192]);
+    };
+    let (src, opened, s, threads) = open(1 << 20);
+    let fetches = || src.reads.load(Ordering::SeqCst) - opened;
+    read_chunk(&s, 4);
+    threads.wait();
+    assert_eq!(fetches(), 2, "the chunk read, and the rest of its file");
+    for c in [11, 6, 5, 9] {
+        read_chunk(&s, c);
+    }
+    assert_eq!(fetches(), 2, "the file's pages came along");
+    assert!(
+        s.cached_chunk(0, 12).is_none(),
+        "nothing past the file's end"
+    );
+    read_chunk(&s, 2);
+    threads.wait();
+    assert_eq!(fetches(), 3, "outside any file run: that chunk alone");
+    // The cap: chunks of 4..12 stored as about 100 KB each, 150 KB ahead takes one more chunk.
+    let (src, opened, s, threads) = open(150 << 10);
+    read_chunk(&s, 4);
+    threads.wait();
+    assert_eq!(src.reads.load(Ordering::SeqCst) - opened, 2);
+    assert!(s.cached_chunk(0, 5).is_some() && s.cached_chunk(0, 6).is_none());
+    // Off: only what is read.
+    let (src, opened, s, threads) = open(0);
+    read_chunk(&s, 4);
+    read_chunk(&s, 20);
+    threads.wait();
+    assert_eq!(src.reads.load(Ordering::SeqCst) - opened, 2);
+    assert!(s.cached_chunk(0, 5).is_none() && s.cached_chunk(0, 21).is_none());
+}

@@ -64,6 +64,11 @@ impl blockfmt::ParallelLoads for PoolLoads {
             batch.done.wait(&mut s);
         }
     }
+
+    /// Queued on the pool; nobody waits for it (the pool contains a panic).
+    fn spawn(&self, task: LoadTask) {
+        self.0.submit(task);
+    }
 }
 
 #[cfg(test)]
