@@ -276,3 +276,98 @@ fn a_compaction_failing_midway_leaves_the_layer_as_it_was() {
     want[o as usize..o as usize + 4096].copy_from_slice(&d);
     assert!(read(&reopen(dir), 0, SIZE as usize) == want);
 }
+
+/// Builds a layer whose next FLUSH takes the single-sync path: block 0 written, flushed,
+/// rewritten, block 2 appended and flushed (so block 0's first slot is free), then block 3
+/// written into that slot. Returns the layer; blocks 0 (0x22) and 2 (0x33) are flushed.
+fn layer_before_a_single_sync_flush(dir: &Path) -> UpperLayer {
+    let up = UpperLayer::create(dir, SIZE).expect("create");
+    common::lend_writeback(&up);
+    up.write(0, &[0x11; 4096]).expect("write");
+    up.flush().expect("flush");
+    up.write(0, &[0x22; 4096]).expect("rewrite");
+    up.flush().expect("flush");
+    up.write(2 * 4096, &[0x33; 4096]).expect("append");
+    up.flush()
+        .expect("flush: marks the rewrite, frees block 0's first slot");
+    assert_eq!(up.stats().free_bytes, 4096);
+    let len = up.data_file_len();
+    up.write(3 * 4096, &[0x44; 4096])
+        .expect("write into the free slot");
+    assert_eq!(up.data_file_len(), len, "the write took the free slot");
+    assert_eq!(
+        up.stats().single_sync_flushes,
+        0,
+        "every flush so far appended"
+    );
+    up
+}
+
+/// Item: the single-sync FLUSH (data written back without a device flush, then the log's
+/// `fdatasync`) is taken only when no write since the data file's last full sync appended, and
+/// keeps every write; an append brings back the two `fdatasync`s.
+#[test]
+fn a_flush_of_reused_space_only_syncs_the_log() {
+    let tmp = common::tempdir_on_disk();
+    let dir = tmp.path();
+    let up = layer_before_a_single_sync_flush(dir);
+    up.flush().expect("single-sync flush");
+    assert_eq!(up.stats().single_sync_flushes, 1);
+    up.write(9 * 4096, &[0x55; 4096]).expect("append");
+    up.flush().expect("flush after an append");
+    assert_eq!(
+        up.stats().single_sync_flushes,
+        1,
+        "an append takes both fdatasyncs"
+    );
+    drop(up);
+    let up = reopen(dir);
+    for (i, v) in [(0u64, 0x22u8), (2, 0x33), (3, 0x44), (9, 0x55)] {
+        assert_eq!(read(&up, i * 4096, 4096), [v; 4096], "block {i}");
+    }
+}
+
+/// Item: on the single-sync path, a failing writeback of the data file (`sync_file_range`) or
+/// a failing `fdatasync` of the log is sticky like any failed sync: that flush fails, later
+/// flushes and writes fail although the fault is gone, no flush mark is written; after
+/// reopening, what was flushed before is there.
+#[test]
+fn a_failed_single_sync_flush_is_sticky_until_reopened() {
+    for point in ["upper-writeback-data", "upper-sync-log"] {
+        let scenario = fail::FailScenario::setup();
+        let tmp = common::tempdir_on_disk();
+        let dir = tmp.path();
+        let up = layer_before_a_single_sync_flush(dir);
+        fail::cfg(point, "1*return").expect("cfg");
+        assert!(up.flush().is_err(), "{point}: flush must fail");
+        assert_eq!(up.stats().single_sync_flushes, 0, "{point}");
+        let log_len = std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len();
+        let again = up.flush().expect_err("second flush must fail too");
+        assert!(matches!(again, Error::Failed { .. }), "{point}: {again}");
+        let w = up
+            .write(5 * 4096, &[1; 4096])
+            .expect_err("write after failure");
+        assert!(matches!(w, Error::Failed { .. }), "{point}: {w}");
+        assert_eq!(
+            std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len(),
+            log_len,
+            "{point}: nothing appended after the failure"
+        );
+        drop(up);
+        scenario.teardown();
+        let up = reopen(dir);
+        assert_eq!(
+            read(&up, 0, 4096),
+            [0x22; 4096],
+            "{point}: flushed rewrite kept"
+        );
+        assert_eq!(
+            read(&up, 2 * 4096, 4096),
+            [0x33; 4096],
+            "{point}: flushed write kept"
+        );
+        up.write(0, &[7; 4096])
+            .expect("writes work after reopening");
+        up.flush().expect("flush after reopening");
+    }
+}

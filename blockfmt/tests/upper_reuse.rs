@@ -212,15 +212,17 @@ const DISK: u64 = 20 * 4096;
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     /// Random writes (straddling blocks, so some reuse splits free space), zeroes, trims,
-    /// flushes, compactions, checkpoints and process crashes: every crash recovers exactly
-    /// the state after some prefix of the operations that includes every one a finished flush
-    /// covered and every one whose record reached the log (`settle`); a final reopen reads the
-    /// model.
+    /// flushes (single-sync ones among them), compactions, checkpoints and process crashes:
+    /// every crash recovers exactly the state after some prefix of the operations that includes
+    /// every one a finished flush covered and every one whose record reached the log
+    /// (`settle`); a final reopen reads the model.
     #[test]
     fn random_operations_and_crashes_recover_a_flushed_prefix(ops in proptest::collection::vec(op(), 1..80)) {
-        let tmp = tempfile::tempdir().expect("tmp");
+        let tmp = common::tempdir_on_disk();
         let dir = tmp.path().join("up");
         let up = UpperLayer::create(&dir, DISK).expect("create");
+        // Flushes whose writes all went into reused space take the single-sync path.
+        common::lend_writeback(&up);
         let mut model = vec![0u8; DISK as usize];
         // The content after each operation; `flushed` operations are durable.
         let mut states = vec![model.clone()];

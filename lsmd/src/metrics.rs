@@ -241,7 +241,7 @@ pub fn render(host: &HostServices, exports: &Exports) -> String {
 /// checkpoints.
 fn upper_metrics(m: &mut String, exports: &Exports) {
     type Get = fn(&blockfmt::upper::UpperStats) -> u64;
-    let families: [(&str, &str, &str, Get); 6] = [
+    let families: [(&str, &str, &str, Get); 7] = [
         (
             "lsm_upper_data_bytes",
             "Bytes in each export's upper-layer data file.",
@@ -277,6 +277,12 @@ fn upper_metrics(m: &mut String, exports: &Exports) {
             "Checkpoints (a flush and a synced mark freeing dead space, no copy) since lsmd started.",
             "counter",
             |s| s.checkpoints,
+        ),
+        (
+            "lsm_upper_single_sync_flushes_total",
+            "Flushes since lsmd started whose writes all went into reused space, made durable with one device flush.",
+            "counter",
+            |s| s.single_sync_flushes,
         ),
     ];
     let stats: Vec<_> = exports

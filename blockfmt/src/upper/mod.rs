@@ -88,6 +88,9 @@ pub struct UpperStats {
     pub compactions: u64,
     /// Checkpoints since open: dead space freed by syncing a flush mark instead of a copy.
     pub checkpoints: u64,
+    /// Flushes since open that made the data durable with one device flush (every write they
+    /// covered went into reused space; see [`UpperLayer::set_data_writeback`]).
+    pub single_sync_flushes: u64,
     /// Why the layer refuses writes and flushes, if it does.
     pub failed: Option<String>,
 }
@@ -145,6 +148,37 @@ fn pwrite(f: &File, buf: &[u8], at: u64, point: &str) -> io::Result<()> {
     f.write_all_at(buf, at)
 }
 
+/// Writes a file's dirty pages back and waits for them, without a device cache flush and without
+/// the file's metadata: `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`, which the host
+/// provides (blockfmt has no `unsafe`); see [`UpperLayer::set_data_writeback`].
+pub type DataWriteback = Arc<dyn Fn(&File) -> io::Result<()> + Send + Sync>;
+
+/// `statfs` magic of ext2, ext3 and ext4 (one number for all three).
+const EXT_SUPER_MAGIC: i64 = 0xEF53;
+
+/// True when the filesystem holding `f` writes an overwrite of a file's allocated blocks back
+/// in place, with no metadata of its own: ext2/3/4 (no copy-on-write, no reflinks) with blocks of
+/// at least 4096 bytes (so every block of a slot holds written bytes and is allocated, FORMAT.md
+/// §3.1). The single-sync FLUSH relies on it; other filesystems (btrfs, XFS with its reflinks,
+/// NFS, ...) keep the two `fdatasync`s.
+#[allow(clippy::useless_conversion)] // `f_type` is `i64` here, other integers on other targets
+pub fn overwrites_in_place(f: &File) -> bool {
+    rustix::fs::fstatfs(f).is_ok_and(|s| {
+        i64::try_from(s.f_type).is_ok_and(|t| t == EXT_SUPER_MAGIC)
+            && u64::try_from(s.f_bsize).is_ok_and(|b| b >= 4096)
+    })
+}
+
+/// Writes back the data file's pages through the host's [`DataWriteback`]; the failpoint
+/// `upper-writeback-data` stands for it failing (a writeback error of the data file).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn write_back(wb: &DataWriteback, f: &File) -> io::Result<()> {
+    fail::fail_point!("upper-writeback-data", |_| Err(
+        io::Error::from_raw_os_error(5)
+    ));
+    wb(f)
+}
+
 /// Makes renames and creations in `dir` durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -185,6 +219,12 @@ struct State {
     /// Highest `covered` of the flush marks queued so far; once a flush has written and synced
     /// the log, marks up to here are on disk and synced.
     marks_queued: u64,
+    /// `data_len` when the latest successful `fdatasync(data)` of these files began (`None`:
+    /// not known, e.g. after recovery). While `data_len` is still that, every write since went
+    /// into reused space inside the synced file: no size or allocation change to sync.
+    data_synced_len: Option<u64>,
+    /// Flushes that synced with one device flush (see [`UpperLayer::set_data_writeback`]).
+    single_sync_flushes: u64,
 }
 
 impl State {
@@ -208,6 +248,8 @@ impl State {
             space: DataSpace::default(),
             epoch: Arc::default(),
             marks_queued: 0,
+            data_synced_len: None,
+            single_sync_flushes: 0,
         }
     }
 }
@@ -230,6 +272,9 @@ pub struct UpperLayer {
     compaction_queued: AtomicBool,
     /// The host's threads for a flush's two syncs ([`Self::set_parallel_syncs`]).
     syncs: OnceLock<Arc<dyn ParallelLoads>>,
+    /// The host's writeback without a device flush, when the filesystem overwrites in place
+    /// ([`Self::set_data_writeback`]).
+    writeback: OnceLock<DataWriteback>,
 }
 
 impl std::fmt::Debug for UpperLayer {
@@ -335,6 +380,7 @@ impl UpperLayer {
             compaction_asked: AtomicBool::new(false),
             compaction_queued: AtomicBool::new(false),
             syncs: OnceLock::new(),
+            writeback: OnceLock::new(),
         })
     }
 
@@ -364,6 +410,7 @@ impl UpperLayer {
             compaction_asked: AtomicBool::new(false),
             compaction_queued: AtomicBool::new(false),
             syncs: OnceLock::new(),
+            writeback: OnceLock::new(),
         };
         Ok((up, r.report))
     }
@@ -645,7 +692,7 @@ impl UpperLayer {
     /// during them are not claimed by this flush. A failed sync fails the layer (sticky).
     pub fn flush(&self) -> Result<()> {
         let n = name(&self.dir);
-        let (covered, files, generation, marks_in_log) = {
+        let (covered, files, generation, marks_in_log, data_len, single) = {
             let mut st = self.state.write();
             if self.lock.is_none() {
                 return Ok(());
@@ -662,10 +709,27 @@ impl UpperLayer {
             self.write_pending(&mut st)?;
             // Snapshots taken from now on do not see what died before: a new read epoch.
             st.epoch = st.epoch.advance();
+            // One device flush when nothing changed the data file's size or allocation since
+            // its last full sync (every write since went into reused space inside it).
+            let single = self
+                .writeback
+                .get()
+                .filter(|_| st.data_synced_len == Some(st.data_len));
             // Every mark queued so far is in the log now: the syncs below make them durable.
-            (st.seq, st.files.clone(), st.generation, st.marks_queued)
+            let marks = st.marks_queued;
+            (
+                st.seq,
+                st.files.clone(),
+                st.generation,
+                marks,
+                st.data_len,
+                single,
+            )
         };
-        let (data_synced, log_synced) = self.sync_both(&files);
+        let (data_synced, log_synced) = match single {
+            Some(wb) => self.sync_single(wb, &files),
+            None => self.sync_both(&files),
+        };
         let mut st = self.state.write();
         for (res, which) in [(data_synced, DATA_FILE), (log_synced, LOG_FILE)] {
             if let Err(e) = res {
@@ -677,6 +741,11 @@ impl UpperLayer {
         self.usable(&st)?;
         if st.generation == generation {
             st.durable_seq = st.durable_seq.max(covered);
+            if single.is_some() {
+                st.single_sync_flushes += 1;
+            } else {
+                st.data_synced_len = Some(st.data_synced_len.unwrap_or(0).max(data_len));
+            }
             st.space.settle(marks_in_log);
             self.reserve_log(&mut st, 0)?;
             let mark = Record {
@@ -731,6 +800,37 @@ impl UpperLayer {
                 .unwrap_or_else(|| Err(io::Error::other("fdatasync task panicked")))
         };
         (take(&data_res), take(&log_res))
+    }
+
+    /// The single-sync FLUSH (FORMAT.md §3.4): the data file's pages are written back and waited
+    /// for *first* — no metadata to go with them, as every write since its last full sync
+    /// overwrote allocated blocks in place — and only then `fdatasync(index.log)`, whose device
+    /// cache flush (ext2/3/4 always send one) makes those completed data writes durable with the
+    /// log's. A failed writeback is reported as the data file's failure and the log is not
+    /// synced; either failure fails the flush and the layer.
+    fn sync_single(
+        &self,
+        wb: &DataWriteback,
+        files: &Arc<Files>,
+    ) -> (io::Result<()>, io::Result<()>) {
+        if let Err(e) = write_back(wb, &files.data) {
+            return (Err(e), Ok(()));
+        }
+        (Ok(()), sync_data(&files.log, LOG_FILE))
+    }
+
+    /// Lends the host's writeback without a device flush (`sync_file_range`) to
+    /// [`Self::flush`]. When the filesystem overwrites in place ([`overwrites_in_place`]), a
+    /// FLUSH none of whose writes changed the data file's size or allocation (all went into
+    /// reused space, version 3) then costs one device flush instead of two: the data file's
+    /// writeback, then the log's `fdatasync`. Returns whether that path is on (off on other
+    /// filesystems, where a FLUSH keeps its two `fdatasync`s). Compaction keeps the directory,
+    /// so the answer holds for later generations of the files too.
+    pub fn set_data_writeback(&self, wb: DataWriteback) -> bool {
+        if !overwrites_in_place(&self.state.read().files.data) {
+            return false;
+        }
+        self.writeback.set(wb).is_ok()
     }
 
     /// FLUSH of a version 1 layer, whose marks claim every record before them:
@@ -926,6 +1026,8 @@ impl UpperLayer {
                     st.space = c.space;
                     st.space.settle(c.seq);
                     st.marks_queued = c.seq;
+                    // The compacted data file was synced whole (`finish`).
+                    st.data_synced_len = Some(c.data_len);
                     st.generation += 1;
                     st.compactions += 1;
                     st.next_compaction_check = 0;
@@ -1088,6 +1190,7 @@ impl UpperLayer {
             free_bytes: st.space.free_bytes(),
             compactions: st.compactions,
             checkpoints: st.checkpoints,
+            single_sync_flushes: st.single_sync_flushes,
             failed: st.failed.clone(),
         }
     }

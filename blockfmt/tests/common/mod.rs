@@ -29,3 +29,22 @@ impl blockfmt::ParallelLoads for Threads {
         }
     }
 }
+
+/// A directory on the filesystem of the build's target directory (not /tmp, which may be a
+/// tmpfs): the single-sync FLUSH is on only where the filesystem overwrites in place (ext4).
+#[allow(dead_code)] // not every test binary needs it
+pub fn tempdir_on_disk() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp")
+}
+
+/// Lends `up` a writeback for the single-sync FLUSH and checks that it is on. The stand-in is
+/// `fdatasync` (stronger than the daemon's `sync_file_range`: these tests are about which path
+/// a FLUSH takes and how its failures are handled, not the device's cache).
+#[allow(dead_code)] // not every test binary needs it
+pub fn lend_writeback(up: &UpperLayer) {
+    let on = up.set_data_writeback(std::sync::Arc::new(|f: &std::fs::File| f.sync_data()));
+    assert!(
+        on,
+        "this test needs CARGO_TARGET_TMPDIR on ext2/3/4 with 4 KiB blocks"
+    );
+}
