@@ -18,6 +18,9 @@ use crate::reader::Layer;
 /// Default bound of the decoded-chunk cache.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
+/// The chunks being loaded, by (layer, chunk): a second reader waits on the first's load.
+type InFlightMap = HashMap<(u16, u32), Arc<InFlight>>;
+
 /// A chunk being read by one thread that others wait for instead of reading it again.
 #[derive(Default)]
 struct InFlight {
@@ -137,7 +140,7 @@ struct Chunks {
     layers: Vec<Layer>,
     cache: ChunkCache<(u16, u32)>,
     /// Chunks being read now: concurrent misses on one chunk cost one fetch and one decode.
-    inflight: Mutex<HashMap<(u16, u32), Arc<InFlight>>>,
+    inflight: Mutex<InFlightMap>,
     /// Chunks readers needed, in first-need order (for startup traces), bounded.
     touched: Mutex<Touched>,
     /// With exact traces: the disk's 4 KiB blocks reads took data from, in first-read order
@@ -786,12 +789,7 @@ impl Chunks {
         let chunks = &l.metadata().chunks;
         let stored = |c: u32| chunks.get(c as usize).map_or(0, |e| e.stored_len as u64);
         let mut inflight = self.inflight.lock();
-        let free = |c: u32, inflight: &HashMap<(u16, u32), Arc<InFlight>>| {
-            (c as usize) < chunks.len()
-                && !inflight.contains_key(&(layer, c))
-                && self.cache.get(&(layer, c)).is_none()
-                && !l.is_kept(c)
-        };
+        let free = |c: u32, inflight: &InFlightMap| self.is_free(l, layer, c, inflight);
         let mut bytes = stored(chunk);
         let mut first = chunk;
         while first > lo
@@ -818,6 +816,15 @@ impl Chunks {
         (first, out)
     }
 
+    /// Whether chunk `c` of `layer` (`l`) exists and is neither decoded, being loaded nor kept
+    /// in the host store: one a merged or ahead fetch may take.
+    fn is_free(&self, l: &Layer, layer: u16, c: u32, inflight: &InFlightMap) -> bool {
+        (c as usize) < l.metadata().chunks.len()
+            && !inflight.contains_key(&(layer, c))
+            && self.cache.get(&(layer, c)).is_none()
+            && !l.is_kept(c)
+    }
+
     /// Fetches, with one ranged read, the chunks of `from..end` of `layer` from the first one
     /// neither decoded, being loaded nor kept in the host store, as far as they are stored back
     /// to back, free, and within `cap` stored bytes (at least one chunk); checked and cached as
@@ -829,12 +836,7 @@ impl Chunks {
         let chunks = &l.metadata().chunks;
         let stored = |c: u32| chunks.get(c as usize).map_or(0, |e| e.stored_len as u64);
         let mut inflight = self.inflight.lock();
-        let free = |c: u32, inflight: &HashMap<(u16, u32), Arc<InFlight>>| {
-            (c as usize) < chunks.len()
-                && !inflight.contains_key(&(layer, c))
-                && self.cache.get(&(layer, c)).is_none()
-                && !l.is_kept(c)
-        };
+        let free = |c: u32, inflight: &InFlightMap| self.is_free(l, layer, c, inflight);
         let Some(first) = (from..end).find(|&c| free(c, &inflight)) else {
             return;
         };

@@ -46,17 +46,8 @@ fn failed_data_sync_is_sticky_until_reopened() {
         fail::cfg(point, "1*return").expect("cfg");
         assert!(up.flush().is_err(), "{point}: flush must fail");
         // The fault is gone (1*): a retry would "succeed" over possibly dropped pages.
-        let log_len = std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len();
-        let again = up.flush().expect_err("second flush must fail too");
-        assert!(matches!(again, Error::Failed { .. }), "{point}: {again}");
-        let w = up.write(0, &[1; 4096]).expect_err("write after failure");
-        assert!(matches!(w, Error::Failed { .. }), "{point}: {w}");
+        assert_failed_for_good(&up, dir, point, 0);
         assert!(up.stats().failed.is_some());
-        assert_eq!(
-            std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len(),
-            log_len,
-            "{point}: nothing appended after the failure"
-        );
         drop(up);
         scenario.teardown();
         let up = reopen(dir);
@@ -327,6 +318,23 @@ fn a_flush_of_reused_space_only_syncs_the_log() {
     }
 }
 
+/// After a failed sync: a second flush and a write (at `write_at`) fail although the fault is
+/// gone, and nothing more reaches the log.
+fn assert_failed_for_good(up: &UpperLayer, dir: &std::path::Path, point: &str, write_at: u64) {
+    let log_len = std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len();
+    let again = up.flush().expect_err("second flush must fail too");
+    assert!(matches!(again, Error::Failed { .. }), "{point}: {again}");
+    let w = up
+        .write(write_at, &[1; 4096])
+        .expect_err("write after failure");
+    assert!(matches!(w, Error::Failed { .. }), "{point}: {w}");
+    assert_eq!(
+        std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len(),
+        log_len,
+        "{point}: nothing appended after the failure"
+    );
+}
+
 /// Item: on the single-sync path, a failing writeback of the data file (`sync_file_range`) or
 /// a failing `fdatasync` of the log is sticky like any failed sync: that flush fails, later
 /// flushes and writes fail although the fault is gone, no flush mark is written; after
@@ -341,18 +349,7 @@ fn a_failed_single_sync_flush_is_sticky_until_reopened() {
         fail::cfg(point, "1*return").expect("cfg");
         assert!(up.flush().is_err(), "{point}: flush must fail");
         assert_eq!(up.stats().single_sync_flushes, 0, "{point}");
-        let log_len = std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len();
-        let again = up.flush().expect_err("second flush must fail too");
-        assert!(matches!(again, Error::Failed { .. }), "{point}: {again}");
-        let w = up
-            .write(5 * 4096, &[1; 4096])
-            .expect_err("write after failure");
-        assert!(matches!(w, Error::Failed { .. }), "{point}: {w}");
-        assert_eq!(
-            std::fs::metadata(dir.join(LOG_FILE)).expect("stat").len(),
-            log_len,
-            "{point}: nothing appended after the failure"
-        );
+        assert_failed_for_good(&up, dir, point, 5 * 4096);
         drop(up);
         scenario.teardown();
         let up = reopen(dir);

@@ -51,16 +51,17 @@ impl Role {
         }
     }
 
+    /// Every role, for parsing.
+    pub const ALL: [Role; 5] = [
+        Role::Layer,
+        Role::Dictionary,
+        Role::HashIndex,
+        Role::Trace,
+        Role::Startup,
+    ];
+
     pub fn parse(s: &str) -> Option<Role> {
-        [
-            Role::Layer,
-            Role::Dictionary,
-            Role::HashIndex,
-            Role::Trace,
-            Role::Startup,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 
@@ -269,14 +270,8 @@ mod tests {
     }
 
     fn m_role_parse_roundtrip() -> bool {
-        [
-            Role::Layer,
-            Role::Dictionary,
-            Role::HashIndex,
-            Role::Trace,
-            Role::Startup,
-        ]
-        .into_iter()
-        .all(|r| Role::parse(r.as_str()) == Some(r))
+        Role::ALL
+            .into_iter()
+            .all(|r| Role::parse(r.as_str()) == Some(r))
     }
 }
