@@ -127,6 +127,11 @@ struct Stream {
 /// Layers (bottom first) composed into one readable disk.
 pub struct LayerStack {
     index: MergedIndex,
+    /// With a fallible top layer ([`LayerStack::with_fallible_top`]): the index of the layers
+    /// below it, used once the top is refused.
+    below_top: Option<MergedIndex>,
+    /// The fallible top layer was refused: reads go to the layers below it from then on.
+    top_refused: std::sync::atomic::AtomicBool,
     size: u64,
     /// Shared with the load tasks handed to `loads`.
     chunks: Arc<Chunks>,
@@ -220,6 +225,8 @@ impl LayerStack {
             .unwrap_or(1);
         Ok(LayerStack {
             index,
+            below_top: None,
+            top_refused: std::sync::atomic::AtomicBool::new(false),
             size,
             chunks: Arc::new(Chunks {
                 layers,
@@ -237,6 +244,40 @@ impl LayerStack {
             }),
             loads: OnceLock::new(),
         })
+    }
+
+    /// Makes the top layer fallible (a startup layer, FORMAT.md §9, whose every block equals
+    /// what the layers below hold there): a read of one of its chunks that fails (a chunk that
+    /// fails its digest check, a source that cannot serve it) refuses the top layer
+    /// ([`Self::refuse_top`]) and reads those blocks from the layers below, which answer as
+    /// the image does. Never a byte of a chunk that failed its check: the top's chunks are
+    /// served only verified, the layers below only as always.
+    pub fn with_fallible_top(mut self) -> Result<LayerStack> {
+        let layers = self.layers();
+        if layers.len() < 2 {
+            return Ok(self);
+        }
+        let lists: Vec<&[crate::format::Extent]> = layers[..layers.len() - 1]
+            .iter()
+            .map(|l| l.metadata().extents.as_slice())
+            .collect();
+        self.below_top = Some(MergedIndex::build(&lists)?);
+        Ok(self)
+    }
+
+    /// Stops reading the fallible top layer (see [`Self::with_fallible_top`]): from now on
+    /// every read goes to the layers below. Returns whether this call refused it (false: it
+    /// was already refused, or the top is not fallible).
+    pub fn refuse_top(&self) -> bool {
+        self.below_top.is_some()
+            && !self
+                .top_refused
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Whether the fallible top layer was refused.
+    pub fn top_refused(&self) -> bool {
+        self.top_refused.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Makes [`Self::touched`] exact: only chunks a read touched, including reads the
@@ -318,9 +359,12 @@ impl LayerStack {
     pub fn layers(&self) -> &[Layer] {
         &self.chunks.layers
     }
-    /// The merged index.
+    /// The merged index (without the fallible top layer once it is refused).
     pub fn index(&self) -> &MergedIndex {
-        &self.index
+        match &self.below_top {
+            Some(below) if self.top_refused() => below,
+            _ => &self.index,
+        }
     }
 
     /// Bounds check shared by every request.
@@ -431,7 +475,7 @@ impl LayerStack {
     /// them. Failures are left for the read that follows to meet and report.
     pub fn load_range(&self, off: u64, len: u64) {
         let mut missing: Vec<(u16, u32)> = Vec::new();
-        for seg in self.index.segments(off, len) {
+        for seg in self.index().segments(off, len) {
             if let Target::Data { layer, chunk, .. } = seg.target {
                 let key = (layer, chunk);
                 if !missing.contains(&key) && self.chunks.cache.get(&key).is_none() {
@@ -522,7 +566,8 @@ impl LayerStack {
     /// neither decoded nor being loaded are fetched, as few fetches as they allow (one for
     /// chunks stored back to back, at most [`MAX_RUN_BYTES`] each), checked and cached as
     /// [`Self::chunk`] would. Neither counted as needed nor taken as a sequential reader.
-    /// Returns the first failure (prefetch is a hint: the caller logs it and goes on).
+    /// Returns the first failure (prefetch is a hint: the caller logs it and goes on); a
+    /// failure in the fallible top layer refuses it ([`Self::with_fallible_top`]).
     pub fn prefetch_run(&self, layer: u16, first: u32, n: u32) -> Result<()> {
         let end = first.saturating_add(n);
         let mut failure = Ok(());
@@ -531,6 +576,7 @@ impl LayerStack {
                 || self.chunks.inflight.lock().contains_key(&(layer, c));
             if !busy {
                 if let Err(e) = self.chunks.load(layer, c, end - c, false, false) {
+                    self.refuse_failed_top(layer, &e);
                     failure = failure.and(Err(e));
                 }
             }
@@ -546,7 +592,7 @@ impl LayerStack {
     /// The segments of `[off, off + len)`.
     pub fn map(&self, off: u64, len: u64) -> Result<Vec<Segment>> {
         self.check_range(off, len)?;
-        Ok(self.index.segments(off, len))
+        Ok(self.index().segments(off, len))
     }
 
     /// Fills `dst` (of `s.len` bytes) with segment `s`.
@@ -580,7 +626,10 @@ impl LayerStack {
                         None => return Ok(false),
                     }
                 } else {
-                    self.chunk(layer, chunk)?
+                    match self.chunk(layer, chunk) {
+                        Ok(c) => c,
+                        Err(e) => return self.read_below_failed_top(s, dst, layer, e),
+                    }
                 };
                 if self.chunks.exact() {
                     let mut blocks = self.chunks.touched_blocks.lock();
@@ -599,6 +648,44 @@ impl LayerStack {
             }
         }
         Ok(true)
+    }
+}
+
+impl LayerStack {
+    /// After a read of `layer`'s chunk failed with `e`: when `layer` is the fallible top
+    /// ([`Self::with_fallible_top`]), refuses it and fills `dst` with segment `s` from the
+    /// layers below; otherwise `e`.
+    fn read_below_failed_top(
+        &self,
+        s: &Segment,
+        dst: &mut [u8],
+        layer: u16,
+        e: Error,
+    ) -> Result<bool> {
+        let Some(below) = self.refuse_failed_top(layer, &e) else {
+            return Err(e);
+        };
+        for seg in below.segments(s.offset, dst.len() as u64) {
+            let at = (seg.offset - s.offset) as usize;
+            self.read_segment(&seg, &mut dst[at..at + seg.len as usize])?;
+        }
+        Ok(true)
+    }
+}
+
+impl LayerStack {
+    /// When `layer` is the fallible top ([`Self::with_fallible_top`]) and a load of one of its
+    /// chunks failed with `e`: refuses it (said once) and returns the index of the layers
+    /// below. Otherwise none.
+    fn refuse_failed_top(&self, layer: u16, e: &Error) -> Option<&MergedIndex> {
+        let below = match &self.below_top {
+            Some(b) if layer as usize + 1 == self.layers().len() => b,
+            _ => return None,
+        };
+        if self.refuse_top() {
+            tracing::warn!(layer = %self.layers()[layer as usize].name(), error = %e, "refusing the fallible top layer: a chunk failed its digest check or could not be read; its blocks are read from the layers below");
+        }
+        Some(below)
     }
 }
 

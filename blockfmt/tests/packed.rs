@@ -108,3 +108,46 @@ fn an_exact_trace_records_the_blocks_read_in_first_read_order() {
     plain.read_segment(&s[0], &mut buf[..4096]).expect("read");
     assert!(plain.touched_blocks().is_empty());
 }
+
+/// A fallible top layer (how lsmd stacks a startup layer) whose first chunk fails its digest
+/// check: the read that meets it refuses the top and takes those blocks from the layer below,
+/// so the disk still reads exactly; every later map skips the top. Stacked plainly, the same
+/// read is an error: a chunk that fails its check is never served.
+#[test]
+fn a_fallible_top_whose_chunk_fails_its_check_is_refused_and_the_layers_below_answer() {
+    let d = disk();
+    let order: Vec<u64> = (0..64).rev().collect();
+    let w = LayerWriter::new(Vec::new(), DISK, opts(64)).expect("writer");
+    let blocks = order.iter().map(|&b| {
+        let off = b * TRACE_BLOCK;
+        (off, d[off as usize..(off + TRACE_BLOCK) as usize].to_vec())
+    });
+    let (_, mut bytes) = w.write_packed(blocks).expect("packed");
+    bytes[64 + 10] ^= 0x01; // in chunk 0, right after the 64-byte header
+    let bytes = Arc::new(bytes);
+    let top = |b: &Arc<Vec<u8>>| Layer::open("packed", b.clone(), None).expect("metadata intact");
+    let read_all = |stack: &LayerStack| -> blockfmt::Result<Vec<u8>> {
+        let mut all = vec![0u8; 64 * 4096];
+        for s in stack.map(0, all.len() as u64)? {
+            let at = s.offset as usize;
+            stack.read_segment(&s, &mut all[at..at + s.len as usize])?;
+        }
+        Ok(all)
+    };
+
+    let plain = LayerStack::new(vec![base(&d), top(&bytes)], DISK, 8 << 20).expect("stack");
+    assert!(read_all(&plain).is_err());
+    assert!(!plain.refuse_top(), "a plain stack has no fallible top");
+
+    let stack = LayerStack::new(vec![base(&d), top(&bytes)], DISK, 8 << 20)
+        .and_then(LayerStack::with_fallible_top)
+        .expect("stack");
+    assert!(!stack.top_refused());
+    assert_eq!(read_all(&stack).expect("read"), d[..64 * 4096]);
+    assert!(stack.top_refused());
+    assert!(stack
+        .map(0, DISK)
+        .expect("map")
+        .iter()
+        .all(|s| !matches!(s.target, blockfmt::merged::Target::Data { layer: 1, .. })));
+}

@@ -712,7 +712,9 @@ impl ImageSpec {
 
     /// [`Self::open_image`], with a read-only layer `top` may give (seeing the opened layers,
     /// bottom first) stacked over them, below the upper layer: a startup layer (FORMAT.md §9),
-    /// whose blocks equal what the layers below hold there.
+    /// whose blocks equal what the layers below hold there. It is stacked fallible
+    /// (`LayerStack::with_fallible_top`): a chunk of it that fails refuses it, and the layers
+    /// below answer.
     pub fn open_image_with(
         &self,
         writable: bool,
@@ -720,10 +722,19 @@ impl ImageSpec {
         top: impl FnOnce(&[Layer]) -> Option<Layer>,
     ) -> Result<Image> {
         let mut layers = self.open_layers(host)?;
-        if let Some(t) = top(&layers) {
-            layers.push(t);
-        }
+        let fallible_top = match top(&layers) {
+            Some(t) => {
+                layers.push(t);
+                true
+            }
+            None => false,
+        };
         let stack = LayerStack::new(layers, self.config.size, self.config.cache_bytes)?;
+        // A read of the top layer's that fails reads the layers below instead.
+        let stack = match fallible_top {
+            true => stack.with_fallible_top()?,
+            false => stack,
+        };
         // Read-only still shows what an existing upper layer holds; it only refuses writes.
         let upper = match self.upper_dir() {
             Some(dir) if writable => Some(UpperLayer::open(&dir, self.config.size)?.0),

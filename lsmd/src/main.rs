@@ -218,13 +218,14 @@ fn open_exports(
             None => shipped_trace_fetch(&spec, host, prefetch.mode),
             Some(_) => None,
         };
-        // The startup layer too (fetched whole: the start reads it first); it is stacked only
-        // once the shipped trace binds it to this image's layer chain.
+        // The startup layer opened too (its metadata, one request; its chunks are prefetched
+        // first once it is stacked, and checked each as it arrives); it is stacked only once
+        // the shipped trace binds it to this image's layer chain.
         let startup = match (&shipped, &spec.config.startup) {
             (Some(_), Some(_)) => {
                 let (spec, host) = (spec.clone(), host.clone());
                 Some(std::thread::spawn(move || {
-                    lsmd::trace::fetch_startup(&spec, &host)
+                    lsmd::trace::open_startup(&spec, &host)
                 }))
             }
             _ => None,
@@ -235,7 +236,12 @@ fn open_exports(
             .open_image_with(!read_only, host, |layers| {
                 let fetch = startup?;
                 let trace = shipped.take()?.wait();
-                let layer = startup_layer(&name, fetch, &trace, layers, spec.config.size);
+                let digest = spec
+                    .config
+                    .startup
+                    .as_ref()
+                    .and_then(|t| t.digest.as_deref());
+                let layer = startup_layer(&name, fetch, digest, &trace, layers, spec.config.size);
                 shipped = Some(ShippedTrace::Ready(trace));
                 stacked = layer.is_some();
                 layer
@@ -286,16 +292,18 @@ impl ShippedTrace {
     }
 }
 
-/// A startup layer being fetched and checked against its digest (`lsmd::trace::fetch_startup`).
-type StartupFetch = std::thread::JoinHandle<Result<Option<Vec<u8>>, String>>;
+/// A startup layer being opened (`lsmd::trace::open_startup`).
+type StartupFetch = std::thread::JoinHandle<Result<Option<blockfmt::Layer>, String>>;
 
-/// The shipped startup layer to stack over `layers`, if it was fetched, matched its digest and
-/// the digest-checked shipped `trace` binds it to exactly this layer chain
-/// (`lsmd::trace::bind_startup`). Anything else: none, said (warning and
-/// `lsm_trace_total{trace="startup",result="refused"}`), and the image is served without it.
+/// The shipped startup layer to stack over `layers`, if it opened (its metadata checked) and
+/// the digest-checked shipped `trace` binds it (the config's `digest`, its metadata digest)
+/// to exactly this layer chain (`lsmd::trace::bind_startup`). Anything else: none, said
+/// (warning and `lsm_trace_total{trace="startup",result="refused"}`), and the image is served
+/// without it.
 fn startup_layer(
     name: &str,
     fetch: StartupFetch,
+    digest: Option<&str>,
     trace: &ShippedResult,
     layers: &[blockfmt::Layer],
     size: u64,
@@ -310,17 +318,17 @@ fn startup_layer(
         (Err(e), _) => Err(e),
         (Ok(Some(_)), Err(e)) => Err(format!("the shipped trace that binds it is refused: {e}")),
         (Ok(Some(_)), Ok(None)) => Err("the image ships no trace to bind it".into()),
-        (Ok(Some(b)), Ok(Some(t))) => lsmd::trace::bind_startup(b, t, layers, size),
+        (Ok(Some(l)), Ok(Some(t))) => lsmd::trace::bind_startup(l, digest, t, layers, size),
     };
     match bound {
         Ok(l) => {
             stats.startup_used.fetch_add(1, Relaxed);
-            tracing::info!(export = %name, chunks = l.metadata().chunks.len(), bytes = l.blob_size(), "stacking the startup layer shipped in the image (digest and layer chain checked)");
+            tracing::info!(export = %name, chunks = l.metadata().chunks.len(), bytes = l.blob_size(), "stacking the startup layer shipped in the image (metadata digest and layer chain checked; chunks checked as they arrive)");
             Some(l)
         }
         Err(e) => {
             stats.startup_refused.fetch_add(1, Relaxed);
-            tracing::warn!(export = %name, error = %e, "refusing the startup layer shipped in the image; its blocks are read from the layers");
+            tracing::warn!(export = %name, error = %e, "{STARTUP_REFUSED}");
             None
         }
     }
@@ -371,6 +379,8 @@ fn start_prefetch(
     std::thread::spawn(move || {
         use std::sync::atomic::Ordering::Relaxed;
         let stats = &lsmd::trace::STATS;
+        // With a startup layer stacked: the whole trace, for when the layer is refused.
+        let mut whole = Vec::new();
         let traced = match node {
             Some(t) => {
                 stats.node_used.fetch_add(1, Relaxed);
@@ -384,11 +394,15 @@ fn start_prefetch(
                     tracing::info!(export = %name, chunks = t.entries.len(), startup_layer = stacked, "replaying the startup trace shipped in the image (digest checked)");
                     match stacked {
                         // The startup layer (the top of the stack) first, whole, then the
-                        // chunks it does not cover.
-                        true => startup_chunks(&image)
-                            .into_iter()
-                            .chain(t.uncovered().resolve(&image))
-                            .collect(),
+                        // chunks it does not cover; reads meanwhile wait for the chunks
+                        // they need (or fetch them).
+                        true => {
+                            whole = t.resolve(&image);
+                            startup_chunks(&image)
+                                .into_iter()
+                                .chain(t.uncovered().resolve(&image))
+                                .collect()
+                        }
                         false => t.resolve(&image),
                     }
                 }
@@ -402,6 +416,9 @@ fn start_prefetch(
         };
         if !traced.is_empty() {
             lsmd::trace::prefetch(&name, &image, traced, threads, true);
+            if image.lower().top_refused() {
+                startup_refused(&name, &image, whole, threads);
+            }
         } else {
             let tables = lsmd::cache::fsmeta::ext4_inode_tables(&image);
             let chunks = lsmd::cache::fsmeta::chunks_of(&image, &tables);
@@ -417,6 +434,26 @@ fn start_prefetch(
             lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1, false);
         }
     });
+}
+
+/// What lsmd says when it refuses a shipped startup layer.
+const STARTUP_REFUSED: &str =
+    "refusing the startup layer shipped in the image; its blocks are read from the layers";
+
+/// After a stacked startup layer (the stack's fallible top) was refused because one of its
+/// chunks failed its digest check or could not be read (by a read or by the prefetch): says
+/// so as at open (warning, `lsm_trace_total{trace="startup",result="refused"}`), then
+/// prefetches the `whole` shipped trace from the layers, as without a startup layer.
+fn startup_refused(
+    name: &str,
+    image: &Arc<blockfmt::Image>,
+    whole: Vec<(u16, u32)>,
+    threads: usize,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    lsmd::trace::STATS.startup_refused.fetch_add(1, Relaxed);
+    tracing::warn!(export = %name, error = "a chunk failed its digest check or could not be read", "{STARTUP_REFUSED}");
+    lsmd::trace::prefetch(name, image, whole, threads, true);
 }
 
 /// Every chunk of the top layer of `image`'s stack (the startup layer, when one is stacked),

@@ -56,12 +56,13 @@ pub struct BakeArgs {
     #[arg(long, value_name = "KIB", default_value_t = loop_device::READ_AHEAD_KB)]
     pub read_ahead_kb: u32,
     /// Bake the trace alone, without a startup layer (FORMAT.md §9: the 4 KiB blocks the
-    /// command read, packed in first-read order, which lsmd fetches whole and stacks over the
-    /// layers instead of fetching the whole chunks they sit in).
+    /// command read, packed in first-read order, which lsmd stacks over the layers and
+    /// prefetches first instead of the whole chunks they sit in).
     #[arg(long)]
     pub no_startup_layer: bool,
     /// Decoded bytes per chunk of the startup layer (KiB; a power of two, 4..=4096). lsmd
-    /// fetches the whole layer first, so larger chunks only compress better.
+    /// prefetches the whole layer first, so larger chunks compress better, but a read that
+    /// needs a chunk not yet there waits for all of it.
     #[arg(long, value_name = "KIB", default_value_t = STARTUP_CHUNK_KB)]
     pub startup_chunk_kb: u32,
     /// zstd level of the startup layer (1..=22): it is compressed once and fetched by every

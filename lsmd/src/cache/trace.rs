@@ -298,31 +298,21 @@ pub fn prefetch(
     chunks: Vec<(u16, u32)>,
     threads: usize,
     hold: bool,
-) {
+) -> usize {
     let runs = Arc::new(plan_runs(image, &chunks));
-    let stack = image.lower();
-    let raw: u64 = runs
-        .iter()
-        .flat_map(|&(l, c, n)| (c..c + n).map(move |c| (l, c)))
-        .filter_map(|(l, c)| {
-            stack
-                .layers()
-                .get(l as usize)?
-                .metadata()
-                .chunks
-                .get(c as usize)
-        })
-        .map(|e| e.raw_len as u64)
-        .sum();
-    // Room for what is prefetched, a quarter more for what the start reads besides.
     if hold {
-        stack.reserve_cache(raw.saturating_add(raw / 4).min(PREFETCH_CACHE_MAX) as usize);
+        let listed = runs
+            .iter()
+            .flat_map(|&(l, c, n)| (c..c + n).map(move |c| (l, c)));
+        hold_cache_for(image, listed);
     }
     let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
     let start = std::time::Instant::now();
     let workers: Vec<_> = (0..threads.max(1))
         .map(|_| {
             let (image, runs, next) = (image.clone(), runs.clone(), next.clone());
+            let failed = failed.clone();
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(l, c, n)) = runs.get(i) else { return };
@@ -331,6 +321,7 @@ pub fn prefetch(
                         STATS.prefetched_chunks.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(layer = l, chunk = c, count = n, error = %e, "prefetch skipped chunks")
                     }
                 }
@@ -341,6 +332,26 @@ pub fn prefetch(
         let _ = w.join();
     }
     tracing::info!(export = %name, chunks = chunks.len(), fetches = runs.len(), secs = start.elapsed().as_secs_f64(), "prefetch done");
+    failed.load(Ordering::Relaxed)
+}
+
+/// Makes `image`'s decoded-chunk cache hold at least the decoded bytes of `chunks` and a
+/// quarter more for what the start reads besides (never more than [`PREFETCH_CACHE_MAX`]):
+/// what a start is about to read stays there until it reads it.
+pub fn hold_cache_for(image: &Image, chunks: impl Iterator<Item = (u16, u32)>) {
+    let stack = image.lower();
+    let raw: u64 = chunks
+        .filter_map(|(l, c)| {
+            stack
+                .layers()
+                .get(l as usize)?
+                .metadata()
+                .chunks
+                .get(c as usize)
+        })
+        .map(|e| e.raw_len as u64)
+        .sum();
+    stack.reserve_cache(raw.saturating_add(raw / 4).min(PREFETCH_CACHE_MAX) as usize);
 }
 
 /// Fetches `chunks` of `image` (in disk order) one at a time on `threads` background threads,
@@ -414,9 +425,6 @@ pub fn fetch_shipped(spec: &ImageSpec, host: &HostServices) -> Result<Option<Tra
         .map_err(|e| format!("{name}: {e}"))
 }
 
-/// The largest startup layer fetched.
-pub const MAX_STARTUP_LAYER: u64 = 1 << 30;
-
 /// Block numbers (of [`blockfmt::stack::TRACE_BLOCK`] bytes) as the `/trace-blocks` reply
 /// carries them: u64 LE each, in order.
 pub fn encode_blocks(blocks: &[u64]) -> Vec<u8> {
@@ -434,50 +442,45 @@ pub fn decode_blocks(b: &[u8]) -> Result<Vec<u64>, String> {
 }
 
 /// The startup layer shipped with the image `spec` describes (its config's `startup`),
-/// fetched whole (it is what the start reads first) and checked against the config's digest:
-/// `Ok(None)` when there is none; an error (saying why) when it cannot be read, is larger than
-/// [`MAX_STARTUP_LAYER`] or its sha256 is not the digest. Nothing in it is used before
-/// [`bind_startup`].
-pub fn fetch_startup(spec: &ImageSpec, host: &HostServices) -> Result<Option<Vec<u8>>, String> {
+/// opened as a remote layer is: one ranged read of its metadata and trailer (the config's
+/// `meta_len` sizes it), the metadata checked against its trailer and, when the config names
+/// one, its `meta_digest`; no chunk is fetched (they are checked one by one as they arrive,
+/// FORMAT.md §9). `Ok(None)` when there is none; an error (saying why) when it cannot be
+/// opened. Nothing in it is used before [`bind_startup`].
+pub fn open_startup(
+    spec: &ImageSpec,
+    host: &HostServices,
+) -> Result<Option<blockfmt::Layer>, String> {
     let Some(t) = &spec.config.startup else {
         return Ok(None);
     };
-    let want = t
-        .digest
-        .as_deref()
-        .ok_or("the startup entry has no digest")
-        .and_then(|d| parse_oci_digest(d).map_err(|_| "bad startup digest"))?;
     let name = spec.source_name(t);
+    let meta = t
+        .meta_digest
+        .as_deref()
+        .map(|d| parse_oci_digest(d).map_err(|_| format!("{name}: bad startup meta_digest")))
+        .transpose()?;
     let src = spec
         .open_source(t, &name, host)
         .map_err(|e| format!("{name}: {e}"))?;
-    let size = src.size().map_err(|e| format!("{name}: {e}"))?;
-    if size > MAX_STARTUP_LAYER {
-        return Err(format!(
-            "{name}: {size} bytes is larger than a startup layer may be ({MAX_STARTUP_LAYER})"
-        ));
-    }
-    let mut b = vec![0u8; size as usize];
-    src.read_exact_at(&mut b, 0)
+    let layer = blockfmt::Layer::open_with_hint(&name, src, meta, t.meta_len)
         .map_err(|e| format!("{name}: {e}"))?;
-    let got = sha256(&b);
-    if got != want {
-        return Err(format!(
-            "{name}: digest {} is not the {} the image config names",
-            oci_digest(&got),
-            oci_digest(&want)
-        ));
-    }
-    Ok(Some(b))
+    Ok(Some(match &host.cache {
+        Some(c) => layer.with_store(c.clone()),
+        None => layer,
+    }))
 }
 
-/// The startup layer in `blob` (already checked against the config's digest), opened, if the
-/// digest-checked `trace` binds it to exactly `layers` (bottom first): the trace names this
-/// blob and its metadata digest, and its layer table is the chain's metadata digests in
-/// order. Every chunk is then decoded and checked, so a layer that is stacked never fails a
-/// read. An error says what does not match; the caller then serves without it.
+/// The opened startup `layer` (the config's `startup`, whose digest is `config_digest`), if
+/// the digest-checked `trace` binds it to exactly `layers` (bottom first): the trace names
+/// this blob's digest and its metadata digest, and its layer table is the chain's metadata
+/// digests in order. The metadata digest anchors every chunk's sha256, so each chunk is
+/// checked as it arrives instead of the whole blob before use; a chunk that fails refuses
+/// the layer then (`LayerStack::with_fallible_top`). An error says what does not match; the
+/// caller then serves without it.
 pub fn bind_startup(
-    blob: Vec<u8>,
+    layer: blockfmt::Layer,
+    config_digest: Option<&str>,
     trace: &Trace,
     layers: &[blockfmt::Layer],
     size: u64,
@@ -485,12 +488,18 @@ pub fn bind_startup(
     let b = trace
         .startup
         .ok_or("the shipped trace names no startup layer (baked without one)")?;
-    let got = sha256(&blob);
-    if got != b.blob_sha256 {
+    let digest = config_digest
+        .ok_or("the startup entry has no digest")
+        .and_then(|d| parse_oci_digest(d).map_err(|_| "bad startup digest"))?;
+    let meta = layer.trailer().meta_sha256;
+    if digest != b.blob_sha256 || meta != b.meta_sha256 {
         return Err(format!(
-            "the startup layer {} is not the {} the shipped trace was baked with",
-            oci_digest(&got),
-            oci_digest(&b.blob_sha256)
+            "the startup layer {} (metadata digest {}) is not the {} (metadata digest {}) the \
+             shipped trace was baked with",
+            oci_digest(&digest),
+            oci_digest(&meta),
+            oci_digest(&b.blob_sha256),
+            oci_digest(&b.meta_sha256)
         ));
     }
     let chain: Vec<[u8; 32]> = layers.iter().map(|l| l.trailer().meta_sha256).collect();
@@ -504,20 +513,14 @@ pub fn bind_startup(
             chain.last().map_or("-".into(), oci_digest),
         ));
     }
-    let name = format!("startup layer {}", oci_digest(&got));
-    let src: Arc<dyn blockfmt::ReadAt> = Arc::new(blob);
-    let layer =
-        blockfmt::Layer::open(&name, src, Some(b.meta_sha256)).map_err(|e| e.to_string())?;
     if layer.logical_size() > size || !layer.metadata().blobs.is_empty() {
         return Err(format!(
-            "{name}: not a startup layer for a {size} byte disk (it is for {} bytes, borrows {} blobs)",
+            "{}: not a startup layer for a {size} byte disk (it is for {} bytes, borrows {} blobs)",
+            layer.name(),
             layer.logical_size(),
             layer.metadata().blobs.len()
         ));
     }
-    layer
-        .verify_all(Some(got))
-        .map_err(|e| format!("{name}: {e}"))?;
     Ok(layer)
 }
 
