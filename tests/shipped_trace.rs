@@ -288,9 +288,7 @@ fn a_baked_trace_is_shipped_verified_and_used_and_a_tampered_one_is_refused() {
         metric(port, "lsm_trace_total{trace=\"shipped\",result=\"used\"}"),
         0.0
     );
-    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
-    assert_eq!(sha256_file(&copy), sha256_file(&raw));
-    d.terminate();
+    assert_serves_the_image(d, &copy, &raw);
 }
 
 /// The loop device `trace bake` runs the command over has lsm's readahead (128 KiB; the
@@ -353,6 +351,13 @@ fn bake_runs_the_command_over_a_loop_device_with_lsms_readahead() {
 }
 
 /// The image config at `path` as JSON.
+/// The whole disk `d` serves (copied to `copy` with nbdcopy) equals the image `raw`; then stops it.
+fn assert_serves_the_image(d: Lsmd, copy: &Path, raw: &Path) {
+    ok(Command::new("nbdcopy").arg(d.uri()).arg(copy));
+    assert_eq!(sha256_file(copy), sha256_file(raw));
+    d.terminate();
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("config")).expect("json")
 }
@@ -431,9 +436,7 @@ fn a_startup_layer_is_stacked_for_fewer_bytes_and_refused_when_tampered_or_not_b
         1.0
     );
     let copy = t.join("copy.raw");
-    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
-    assert_eq!(sha256_file(&copy), sha256_file(&raw));
-    d.terminate();
+    assert_serves_the_image(d, &copy, &raw);
     let alone = t.join("trace-alone.json");
     let mut a = c.clone();
     a.as_object_mut().expect("object").remove("startup");
@@ -471,9 +474,7 @@ fn a_startup_layer_is_stacked_for_fewer_bytes_and_refused_when_tampered_or_not_b
         metric(port, "lsm_trace_total{trace=\"shipped\",result=\"used\"}"),
         1.0
     );
-    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
-    assert_eq!(sha256_file(&copy), sha256_file(&raw));
-    d.terminate();
+    assert_serves_the_image(d, &copy, &raw);
     // Its metadata tampered with (the byte before the 96-byte trailer): refused at open,
     // never stacked.
     let mut bad = good.clone();
@@ -483,9 +484,7 @@ fn a_startup_layer_is_stacked_for_fewer_bytes_and_refused_when_tampered_or_not_b
     let log = d.log();
     assert!(!log.contains("stacking the startup layer"), "{log}");
     assert!(log.contains("sha256 does not match"), "{log}");
-    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
-    assert_eq!(sha256_file(&copy), sha256_file(&raw));
-    d.terminate();
+    assert_serves_the_image(d, &copy, &raw);
     std::fs::write(&data, &good).expect("untamper");
 
     // Another image's startup layer (and trace): image B, other data, baked locally.
@@ -513,9 +512,7 @@ fn a_startup_layer_is_stacked_for_fewer_bytes_and_refused_when_tampered_or_not_b
         "{}",
         d.log()
     );
-    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
-    assert_eq!(sha256_file(&copy), sha256_file(&raw));
-    d.terminate();
+    assert_serves_the_image(d, &copy, &raw);
     // B's trace and startup layer, a pair that binds, over A's layers: another chain.
     let mut other = c.clone();
     other["trace"] = local(&b["trace"]);
@@ -541,7 +538,5 @@ fn a_startup_layer_is_stacked_for_fewer_bytes_and_refused_when_tampered_or_not_b
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(d.log().contains("another layer chain"), "{}", d.log());
-    ok(Command::new("nbdcopy").arg(d.uri()).arg(&copy));
-    assert_eq!(sha256_file(&copy), sha256_file(&raw));
-    d.terminate();
+    assert_serves_the_image(d, &copy, &raw);
 }
