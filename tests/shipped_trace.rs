@@ -376,11 +376,8 @@ fn stored_blob(reg_dir: &Path, digest: &str) -> PathBuf {
         .join("data")
 }
 
-/// lsmd on `config` with an empty cache (`cache`) until its prefetch is done and the log
-/// holds `want`; returns it with the registry bytes it fetched by then.
-fn serve_until(t: &Path, config: &Path, cache: &str, port: u16, want: &str) -> (Lsmd, f64) {
-    let d = serve_cold(t, config, cache, port, true);
-    // A startup layer refused for a chunk that failed is said after the prefetch that met it.
+/// Waits (≤ 60 s) until `d`'s log holds `want`.
+fn wait_for_log(d: &Lsmd, want: &str) {
     let t0 = std::time::Instant::now();
     while !d.log().contains(want) {
         assert!(
@@ -390,6 +387,14 @@ fn serve_until(t: &Path, config: &Path, cache: &str, port: u16, want: &str) -> (
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// lsmd on `config` with an empty cache (`cache`) until its prefetch is done and the log
+/// holds `want`; returns it with the registry bytes it fetched by then.
+fn serve_until(t: &Path, config: &Path, cache: &str, port: u16, want: &str) -> (Lsmd, f64) {
+    let d = serve_cold(t, config, cache, port, true);
+    // A startup layer refused for a chunk that failed is said after the prefetch that met it.
+    wait_for_log(&d, want);
     let bytes = metric(port, "lsm_source_bytes_total{source=\"registry\"}");
     (d, bytes)
 }
@@ -528,15 +533,7 @@ fn a_startup_layer_is_stacked_for_fewer_bytes_and_refused_when_tampered_or_not_b
             t.join("cache-e").as_os_str(),
         ],
     );
-    let t0 = std::time::Instant::now();
-    while !d.log().contains(refused) {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(60),
-            "{}",
-            d.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_log(&d, refused);
     assert!(d.log().contains("another layer chain"), "{}", d.log());
     assert_serves_the_image(d, &copy, &raw);
 }
