@@ -368,3 +368,124 @@ fn a_failed_single_sync_flush_is_sticky_until_reopened() {
         up.flush().expect("flush after reopening");
     }
 }
+
+/// A gate the `upper-sync-log` failpoint's callback waits at: the first `hold` calls block
+/// until [`SyncGate::open`], every call is counted.
+struct SyncGate {
+    state: std::sync::Mutex<(u32, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl SyncGate {
+    fn install(hold: u32) -> std::sync::Arc<SyncGate> {
+        let gate = std::sync::Arc::new(SyncGate {
+            state: std::sync::Mutex::new((0, false)),
+            cv: std::sync::Condvar::new(),
+        });
+        let g = gate.clone();
+        fail::cfg_callback("upper-sync-log", move || {
+            let mut s = g.state.lock().expect("gate");
+            s.0 += 1;
+            g.cv.notify_all();
+            while s.0 <= hold && !s.1 {
+                s = g.cv.wait(s).expect("gate");
+            }
+        })
+        .expect("cfg");
+        gate
+    }
+
+    /// Waits until `n` syncs of the log have begun.
+    fn wait_for(&self, n: u32) {
+        let mut s = self.state.lock().expect("gate");
+        while s.0 < n {
+            s = self.cv.wait(s).expect("gate");
+        }
+    }
+
+    fn open(&self) {
+        self.state.lock().expect("gate").1 = true;
+        self.cv.notify_all();
+    }
+
+    fn syncs(&self) -> u32 {
+        self.state.lock().expect("gate").0
+    }
+}
+
+/// Item (group commit): flushes that arrive while a flush's syncs run wait for that round and
+/// do not return before a round covered their own writes; one next round then covers all of
+/// them, so three FLUSHes cost two rounds of syncs. Every write replays after a reopen.
+#[test]
+fn flushes_arriving_during_a_round_share_the_next_one() {
+    let scenario = fail::FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let up = std::sync::Arc::new(UpperLayer::create(dir, SIZE).expect("create"));
+    let (o, d) = block(1, 0x11);
+    up.write(o, &d).expect("write");
+    let gate = SyncGate::install(1);
+    let flusher = |up: &std::sync::Arc<UpperLayer>| {
+        let up = up.clone();
+        std::thread::spawn(move || up.flush())
+    };
+    let first = flusher(&up);
+    gate.wait_for(1);
+    // Round 1 is syncing the first write; these writes and flushes come after it began.
+    up.write(2 * 4096, &[0x22; 4096]).expect("write");
+    let second = flusher(&up);
+    up.write(3 * 4096, &[0x33; 4096]).expect("write");
+    let third = flusher(&up);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !second.is_finished() && !third.is_finished(),
+        "a flush returned before any round covered its write"
+    );
+    gate.open();
+    for t in [first, second, third] {
+        t.join().expect("flush thread").expect("flush");
+    }
+    assert_eq!(gate.syncs(), 2, "the two later flushes shared one round");
+    drop(up);
+    scenario.teardown();
+    let up = reopen(dir);
+    assert_eq!(read(&up, o, 4096), d);
+    assert_eq!(read(&up, 2 * 4096, 4096), [0x22; 4096]);
+    assert_eq!(read(&up, 3 * 4096, 4096), [0x33; 4096]);
+}
+
+/// Item (group commit): a flush waiting for a round that fails fails too (the layer is failed,
+/// sticky) and runs no round of its own: a waiter never succeeds over a failed sync.
+#[test]
+fn a_flush_waiting_for_a_failed_round_fails() {
+    let scenario = fail::FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let up = std::sync::Arc::new(UpperLayer::create(dir, SIZE).expect("create"));
+    up.write(0, &[0x11; 4096]).expect("write");
+    fail::cfg("upper-sync-data", "1*return").expect("cfg");
+    let gate = SyncGate::install(1);
+    let first = {
+        let up = up.clone();
+        std::thread::spawn(move || up.flush())
+    };
+    gate.wait_for(1);
+    up.write(4096, &[0x22; 4096])
+        .expect("write during the round");
+    let second = {
+        let up = up.clone();
+        std::thread::spawn(move || up.flush())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    gate.open();
+    assert!(first.join().expect("thread").is_err(), "the round failed");
+    let e = second
+        .join()
+        .expect("thread")
+        .expect_err("the waiting flush fails too");
+    assert!(matches!(e, Error::Failed { .. }), "{e}");
+    assert_eq!(gate.syncs(), 1, "the waiter ran no round of its own");
+    assert_failed_for_good(&up, dir, "upper-sync-data", 2 * 4096);
+    drop(up);
+    scenario.teardown();
+}

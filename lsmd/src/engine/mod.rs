@@ -24,6 +24,7 @@ pub use lane::Lane;
 pub use loads::PoolLoads;
 pub use pool::WorkerPool;
 
+use blockfmt::upper::Writeback;
 use blockfmt::Alloc;
 
 use crate::metrics::Frontend;
@@ -74,21 +75,28 @@ impl Engine {
         let threads = std::sync::Arc::new(PoolLoads(self.pool.clone()));
         if let Some(up) = image.upper() {
             up.set_parallel_syncs(threads.clone());
-            let single = up.set_data_writeback(std::sync::Arc::new(write_back_and_wait));
+            let single = up.set_data_writeback(std::sync::Arc::new(write_back));
             tracing::debug!(layer = %up.dir().display(), single, "single-sync FLUSH");
         }
         image.lower().set_parallel_loads(threads);
     }
 }
 
-/// Writes back every dirty page of `f` and waits for it, without its metadata and without a
-/// device cache flush (the caller's next `fdatasync` of another file on the same filesystem
-/// sends that). A writeback error since this descriptor last looked is returned.
-fn write_back_and_wait(f: &std::fs::File) -> std::io::Result<()> {
+/// Writes back the dirty pages of `f` without its metadata and without a device cache flush
+/// (the caller's next `fdatasync` of another file on the same filesystem sends that): with
+/// [`Writeback::Wait`] every page, waiting until the writes completed, and returning a writeback
+/// error since this descriptor last looked; with [`Writeback::Start`] the writes are only
+/// started.
+fn write_back(f: &std::fs::File, how: Writeback) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let flags = match how {
+        Writeback::Start => libc::SYNC_FILE_RANGE_WRITE,
+        Writeback::Wait => {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        }
+    };
     // SAFETY: a plain syscall on a descriptor `f` keeps open for the call; offset 0 and
     // length 0 mean the whole file; no memory is passed.
     let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, flags) };
