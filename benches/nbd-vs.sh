@@ -16,6 +16,7 @@
 #        BENCH_ROWS=randwrite bash benches/nbd-vs.sh   only the rows matching a regex, no table
 #                                                     (BENCH_ROWS=remote: the remote rows alone)
 #        UPDATE_README=1 bash benches/nbd-vs.sh   also rewrites README's table (between markers)
+#        BENCH_LSMD=/path/to/lsmd ...              another lsmd binary (an A/B against an older build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/install-deps.sh
@@ -26,7 +27,7 @@ cargo build --release -q -p lsmd -p lsm-tools
 cargo build --release -q -p lsm-benches --bin range-server
 ROOT=$PWD
 L=${CARGO_TARGET_DIR:-$ROOT/target}/release/lsmctl
-D=${CARGO_TARGET_DIR:-$ROOT/target}/release/lsmd
+D=${BENCH_LSMD:-${CARGO_TARGET_DIR:-$ROOT/target}/release/lsmd}
 RS=${CARGO_TARGET_DIR:-$ROOT/target}/release/range-server
 MIB=${BENCH_MIB:-1024}
 CACHE_MIB=${BENCH_CACHE_MIB:-$((MIB * 2))}

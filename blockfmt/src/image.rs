@@ -149,6 +149,8 @@ impl Image {
             return lower(off, len, buf, push);
         };
         let view = up.pieces(off, len);
+        let reading = buf.is_some();
+        let mut data_pieces = 0;
         for &(s, l, t) in &view.pieces {
             let dst = buf
                 .as_deref_mut()
@@ -158,6 +160,7 @@ impl Image {
                     if let Some(dst) = dst {
                         view.read_data(file_offset, dst)?;
                     }
+                    data_pieces += 1;
                     push(s, l, Alloc::Data);
                 }
                 Some(UpperTarget::Zero | UpperTarget::Trimmed) => {
@@ -172,6 +175,11 @@ impl Image {
                     }
                 }
             }
+        }
+        // A finished read over many upper pieces: a rewrite may make the next one a single
+        // `pread` (see `upper/defrag.rs`).
+        if reading && self.writable {
+            up.note_read(off, len, data_pieces);
         }
         Ok(true)
     }

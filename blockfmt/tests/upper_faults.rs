@@ -489,3 +489,51 @@ fn a_flush_waiting_for_a_failed_round_fails() {
     drop(up);
     scenario.teardown();
 }
+
+/// Item: a defragmenting rewrite is ordinary writes under faults too. Its data `pwrite` running
+/// out of space changes nothing (the rewrite fails, the layer is not failed); its log append
+/// running out of space midway keeps the records before it (whole, correct: the same bytes)
+/// and drops the rest. Either way the disk reads the same, before and after a reopen, and a
+/// failure ends the burst (the queue is dropped).
+#[test]
+fn a_rewrite_out_of_space_changes_nothing_a_read_sees() {
+    for point in ["upper-data-write", "upper-log-write"] {
+        let scenario = fail::FailScenario::setup();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        let (up, _) = UpperLayer::open(dir, SIZE).expect("create");
+        up.set_defrag_policy(blockfmt::upper::DefragPolicy {
+            min_pieces: 8,
+            reads: 1,
+        });
+        let stack = blockfmt::LayerStack::new(vec![], SIZE, 0).expect("stack");
+        let img = blockfmt::Image::new(stack, Some(up)).expect("image");
+        // 96 blocks written last to first: out of order in the data file.
+        let mut model = vec![0u8; SIZE as usize];
+        for b in (0..96u64).rev() {
+            let (o, d) = block(b, b as u8 + 1);
+            img.write(o, &d).expect("write");
+            model[o as usize..o as usize + 4096].copy_from_slice(&d);
+        }
+        img.flush().expect("flush");
+        let mut buf = vec![0u8; 96 * 4096];
+        img.read(0, &mut buf).expect("read");
+        let up = img.upper().expect("upper");
+        assert_eq!(up.queued_defrags(), 1);
+        // The log fault hits where the pending records are written out: mid-rewrite.
+        fail::cfg(point, "1*return").expect("cfg");
+        let e = img.run_defrags().expect_err("the rewrite fails");
+        assert!(e.is_no_space(), "{point}: {e}");
+        assert!(up.stats().failed.is_none(), "{point}: not sticky");
+        assert_eq!(up.queued_defrags(), 0, "{point}: the burst ended");
+        assert!(read(up, 0, SIZE as usize) == model, "{point}: same bytes");
+        img.flush().expect("flush");
+        drop(img);
+        scenario.teardown();
+        let up = reopen(dir);
+        assert!(
+            read(&up, 0, SIZE as usize) == model,
+            "{point}: after reopen"
+        );
+    }
+}

@@ -3,14 +3,15 @@
 //! tests show when it is reused, that a crash between a reusing write's bytes and its record
 //! keeps every flushed write (the dead record's crc32c then fails, and recovery accepts that
 //! only because later flushed records wholly replace it), that a reopened layer finds its free
-//! space again, and — a proptest against a model — that random writes, zeroes, trims, flushes
-//! and crashes always recover a state between the last flush and the last write.
+//! space again, and — a proptest against a model — that random writes, zeroes, trims, flushes,
+//! defragmenting rewrites and crashes always recover a state between the last flush and the
+//! last write.
 
 use std::fs;
 use std::path::Path;
 
-use blockfmt::upper::{DATA_FILE, LOG_FILE};
-use blockfmt::UpperLayer;
+use blockfmt::upper::{DefragPolicy, DATA_FILE, LOG_FILE};
+use blockfmt::{Image, LayerStack, UpperLayer};
 use proptest::prelude::*;
 
 mod common;
@@ -193,6 +194,10 @@ enum Op {
     Crash,
     Compact,
     Reclaim,
+    /// A defragmenting rewrite of blocks `[b, b + n)`.
+    Defrag(u64, u64),
+    /// A read of the whole disk, then the rewrites it queued.
+    ReadAndDefrag,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -204,6 +209,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         1 => Just(Op::Compact),
         1 => Just(Op::Reclaim),
+        2 => (0u64..16, 2u64..8).prop_map(|(b, n)| Op::Defrag(b, n)),
+        1 => Just(Op::ReadAndDefrag),
     ]
 }
 
@@ -212,7 +219,8 @@ const DISK: u64 = 20 * 4096;
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     /// Random writes (straddling blocks, so some reuse splits free space), zeroes, trims,
-    /// flushes (single-sync ones among them), compactions, checkpoints and process crashes:
+    /// flushes (single-sync ones among them), compactions, checkpoints, defragmenting rewrites
+    /// (which never change what the disk reads) and process crashes:
     /// every crash recovers exactly the state after some prefix of the operations that includes
     /// every one a finished flush covered and every one whose record reached the log
     /// (`settle`); a final reopen reads the model.
@@ -223,6 +231,11 @@ proptest! {
         let up = UpperLayer::create(&dir, DISK).expect("create");
         // Flushes whose writes all went into reused space take the single-sync path.
         common::lend_writeback(&up);
+        // Any read over two pieces or more queues its range.
+        up.set_defrag_policy(DefragPolicy { min_pieces: 2, reads: 1 });
+        let img = Image::new(LayerStack::new(vec![], DISK, 0).expect("stack"), Some(up))
+            .expect("image");
+        let up = img.upper().expect("upper");
         let mut model = vec![0u8; DISK as usize];
         // The content after each operation; `flushed` operations are durable.
         let mut states = vec![model.clone()];
@@ -261,6 +274,18 @@ proptest! {
                     up.reclaim().expect("reclaim");
                     flushed = states.len() - 1;
                 }
+                Op::Defrag(b, n) => {
+                    let (off, len) = (b * 4096, (n * 4096).min(DISK - b * 4096));
+                    img.defrag_range(off, len).expect("defrag");
+                    prop_assert!(read(up, 0, DISK as usize) == model, "defrag changed the disk");
+                }
+                Op::ReadAndDefrag => {
+                    let mut got = vec![0u8; DISK as usize];
+                    img.read(0, &mut got).expect("read");
+                    prop_assert!(got == model);
+                    img.run_defrags().expect("defrags");
+                    prop_assert!(read(up, 0, DISK as usize) == model, "defrag changed the disk");
+                }
                 Op::Crash => {
                     let cut = tmp.path().join(format!("crash{i}"));
                     crash_copy(&dir, &cut);
@@ -278,7 +303,7 @@ proptest! {
             }
         }
         up.flush().expect("flush");
-        drop(up);
+        drop(img);
         let (up, _) = UpperLayer::open(&dir, DISK).expect("reopen");
         prop_assert!(read(&up, 0, DISK as usize) == model);
     }

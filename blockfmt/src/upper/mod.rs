@@ -25,6 +25,7 @@
 //! without it; syncs run without the lock.
 
 mod compact;
+mod defrag;
 mod lock;
 mod log;
 mod rangemap;
@@ -32,6 +33,7 @@ mod recover;
 mod space;
 
 pub use compact::CompactionPolicy;
+pub use defrag::{DefragOutcome, DefragPolicy, DefragReport, DEFRAG_MAX_RANGE};
 pub use lock::LOCK_FILE;
 pub use log::{
     data_alignment, reuses_space, FileHeader, Record, RecordKind, FILE_HEADER_LEN, RECORD_LEN,
@@ -91,6 +93,10 @@ pub struct UpperStats {
     /// Flushes since open that made the data durable with one device flush (every write they
     /// covered went into reused space; see [`UpperLayer::set_data_writeback`]).
     pub single_sync_flushes: u64,
+    /// Fragmented ranges rewritten in one piece since open (see `defrag.rs`).
+    pub defrags: u64,
+    /// Bytes those rewrites wrote.
+    pub defrag_bytes: u64,
     /// Why the layer refuses writes and flushes, if it does.
     pub failed: Option<String>,
 }
@@ -247,6 +253,11 @@ struct State {
     data_synced_len: Option<u64>,
     /// Flushes that synced with one device flush (see [`UpperLayer::set_data_writeback`]).
     single_sync_flushes: u64,
+    /// Data bytes clients wrote since open: what defragmenting rewrites may write at most.
+    client_bytes: u64,
+    /// Ranges and bytes defragmenting rewrites wrote since open (see `defrag.rs`).
+    defrags: u64,
+    defrag_bytes: u64,
 }
 
 impl State {
@@ -272,6 +283,9 @@ impl State {
             marks_queued: 0,
             data_synced_len: None,
             single_sync_flushes: 0,
+            client_bytes: 0,
+            defrags: 0,
+            defrag_bytes: 0,
         }
     }
 }
@@ -302,6 +316,8 @@ pub struct UpperLayer {
     /// them, else one of them runs the next round for all.
     flushing: Mutex<bool>,
     flush_done: Condvar,
+    /// Fragmented ranges reads found, waiting for the host to rewrite them (`defrag.rs`).
+    defrag: defrag::DefragQueue,
 }
 
 impl std::fmt::Debug for UpperLayer {
@@ -328,6 +344,8 @@ pub struct UpperView<T> {
     pub pieces: Vec<(u64, u64, T)>,
     files: Arc<Files>,
     name: String,
+    /// The files' generation (bumped by each compaction) when the snapshot was taken.
+    generation: u64,
     /// Keeps the dead space these pieces may point at from being reused while they are read.
     _epoch: Arc<ReadEpoch>,
 }
@@ -410,6 +428,7 @@ impl UpperLayer {
             writeback: OnceLock::new(),
             flushing: Mutex::new(false),
             flush_done: Condvar::new(),
+            defrag: defrag::DefragQueue::default(),
         })
     }
 
@@ -442,6 +461,7 @@ impl UpperLayer {
             writeback: OnceLock::new(),
             flushing: Mutex::new(false),
             flush_done: Condvar::new(),
+            defrag: defrag::DefragQueue::default(),
         };
         Ok((up, r.report))
     }
@@ -611,7 +631,23 @@ impl UpperLayer {
         }
         let mut st = self.state.write();
         self.usable(&st)?;
-        self.reserve_log(&mut st, 1)?;
+        let len = data.len() as u64;
+        self.write_records(&mut st, off, data, &[len])?;
+        st.client_bytes += len;
+        let due = self.compaction_due(&mut st);
+        drop(st);
+        self.compact_if(due);
+        Ok(())
+    }
+
+    /// Writes `data` at `off` as ordinary write records, one per length in `records` (they add
+    /// up to `data.len()`; all but the last are multiples of 4096, so each record's bytes start
+    /// a slot of their own), whose bytes lie back to back in the data file: one `pwrite`, then
+    /// the records in disk order. On error, records already queued stay (they are whole and
+    /// correct, a prefix of the write) and the layer is otherwise as before (or failed — see
+    /// the module docs).
+    fn write_records(&self, st: &mut State, off: u64, data: &[u8], records: &[u64]) -> Result<()> {
+        self.reserve_log(st, records.len() as u64)?;
         let len = data.len() as u64;
         let align = st.files.align;
         // Version 3: dead space whose killers a synced flush mark covers (see `space.rs`).
@@ -634,33 +670,43 @@ impl UpperLayer {
             if reused.is_some() {
                 st.space.untake(at, len);
             }
-            return Err(self.fail_unless_no_space(&mut st, e));
+            return Err(self.fail_unless_no_space(st, e));
         }
-        let r = Record {
-            kind: RecordKind::Write,
-            seq: 0,
-            offset: off,
-            len: data.len() as u32,
-            data_crc32c: crc32c::crc32c(data),
-            data_offset: at,
-        };
-        if let Err(e) = self.append(&mut st, r) {
-            if reused.is_some() {
-                st.space.untake(at, len);
+        let mut done = 0u64;
+        for &rl in records {
+            let bytes = &data[done as usize..(done + rl) as usize];
+            let r = Record {
+                kind: RecordKind::Write,
+                seq: 0,
+                offset: off + done,
+                len: rl as u32,
+                data_crc32c: crc32c::crc32c(bytes),
+                data_offset: at + done,
+            };
+            if let Err(e) = self.append(st, r) {
+                // The bytes from here on are garbage no record names, as above.
+                if reused.is_some() {
+                    st.space.untake(at + done, len - done);
+                }
+                return Err(e);
             }
-            return Err(e);
+            if reused.is_none() {
+                st.data_len = at + done + rl;
+            }
+            self.replace(
+                st,
+                off + done,
+                rl,
+                UpperTarget::Data {
+                    file_offset: at + done,
+                },
+            );
+            st.space.add_slot(at + done, rl);
+            if let Some(changed) = st.compacting.as_mut() {
+                changed.insert(off + done, rl, UpperTarget::Zero);
+            }
+            done += rl;
         }
-        if reused.is_none() {
-            st.data_len = at + len;
-        }
-        self.replace(&mut st, off, len, UpperTarget::Data { file_offset: at });
-        st.space.add_slot(at, len);
-        if let Some(changed) = st.compacting.as_mut() {
-            changed.insert(off, len, UpperTarget::Zero);
-        }
-        let due = self.compaction_due(&mut st);
-        drop(st);
-        self.compact_if(due);
         Ok(())
     }
 
@@ -1230,6 +1276,7 @@ impl UpperLayer {
             pieces: st.map.pieces(off, len),
             files: st.files.clone(),
             name: name(&self.dir),
+            generation: st.generation,
             _epoch: st.epoch.clone(),
         }
     }
@@ -1241,6 +1288,7 @@ impl UpperLayer {
             pieces: st.map.iter().collect(),
             files: st.files.clone(),
             name: name(&self.dir),
+            generation: st.generation,
             _epoch: st.epoch.clone(),
         }
     }
@@ -1261,6 +1309,8 @@ impl UpperLayer {
             compactions: st.compactions,
             checkpoints: st.checkpoints,
             single_sync_flushes: st.single_sync_flushes,
+            defrags: st.defrags,
+            defrag_bytes: st.defrag_bytes,
             failed: st.failed.clone(),
         }
     }

@@ -70,6 +70,37 @@ impl Export {
         }
     }
 
+    /// Starts the upper layer's defragmenting rewrites on a thread of its own when reads
+    /// queued fragmented ranges (see `blockfmt/src/upper/defrag.rs`): a large read over many
+    /// small upper pieces costs a `pread` per piece until its range is rewritten as one. One
+    /// thread per burst (the layer asks again only once a burst found its queue empty), so at
+    /// most one runs per export; no read waits for it.
+    pub fn defrag_if_asked(&self) {
+        let Some(up) = self.image.upper() else {
+            return;
+        };
+        if !up.take_defrag_request() {
+            return;
+        }
+        let (image, name) = (self.image.clone(), self.name.clone());
+        let run = move || match image.run_defrags() {
+            Ok(r) => tracing::debug!(export = %name, ranges = r.ranges, bytes = r.bytes,
+                skipped = r.skipped, "upper layer ranges defragmented"),
+            // Out of space, a failed layer (sticky, seen by requests) or a lower layer that
+            // could not be read: the rest of the burst is dropped, reads stay correct.
+            Err(e) => tracing::debug!(export = %name, error = %e, "upper layer defrag ended"),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("upper-defrag".into())
+            .spawn(run);
+        if let Err(e) = spawned {
+            // Never on the request's thread: a burst may rewrite megabytes.
+            tracing::warn!(export = %self.name, error = %e,
+                "cannot start a defrag thread; dropping the queued ranges");
+            up.cancel_defrags();
+        }
+    }
+
     /// Notes a request that failed with `e`: an upper layer out of space is counted, and one
     /// that refuses writes after a failed sync ([`blockfmt::Error::Failed`], sticky until the
     /// layer is reopened) is logged at error level (once) and raises `lsm_upper_failed`.

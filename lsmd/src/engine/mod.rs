@@ -120,6 +120,7 @@ pub fn read_hot(
     }
     let r = export.image.read_sparse(off, buf, true).transpose()?;
     export.stats.count_request(via, false);
+    export.defrag_if_asked();
     Some(r)
 }
 
@@ -131,10 +132,12 @@ pub fn read_cold(
     buf: &mut [u8],
 ) -> blockfmt::Result<ReadMap> {
     export.stats.count_request(via, true);
-    export
+    let r = export
         .image
         .read_sparse(off, buf, false)?
-        .ok_or_else(|| blockfmt::Error::Invalid("read incomplete".into()))
+        .ok_or_else(|| blockfmt::Error::Invalid("read incomplete".into()));
+    export.defrag_if_asked();
+    r
 }
 
 /// Hot work that changes the image (write, zeroes, trim), counted.
