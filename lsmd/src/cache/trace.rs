@@ -335,6 +335,43 @@ pub fn prefetch(
     failed.load(Ordering::Relaxed)
 }
 
+/// Most stored bytes one streamed GET of a startup layer asks for; a larger layer goes in
+/// several, one after the other. One request per stretch (each waits a round trip), but a
+/// body short enough that a slow link still delivers it well within a request's timeout (a
+/// GET that times out part-way is resumed for the rest, never restarted).
+pub const STARTUP_STREAM_BYTES: u64 = 16 << 20;
+
+/// Fetches the startup layer stacked at the top of `image`'s stack (FORMAT.md §9) as ONE
+/// in-order stream (a ranged GET per [`STARTUP_STREAM_BYTES`], one after the other, on this
+/// thread): its chunks are stored in the order the start reads them, so each arrives when
+/// the start wants it instead of sharing the link with later ones, and each is checked and
+/// handed to the reads waiting for it as soon as it is in (`LayerStack::stream_chunks`).
+/// A chunk that fails refuses the layer and ends the stream; returns whether the stream
+/// went through.
+pub fn stream_startup(name: &str, image: &Image) -> bool {
+    let stack = image.lower();
+    let top = stack.layers().len().saturating_sub(1);
+    let n = stack
+        .layers()
+        .get(top)
+        .map_or(0, |l| l.metadata().chunks.len() as u32);
+    let start = std::time::Instant::now();
+    let r = stack.stream_chunks(top as u16, 0, n, STARTUP_STREAM_BYTES);
+    if r.is_ok() {
+        STATS
+            .prefetched_chunks
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    match &r {
+        Ok(()) => tracing::info!(export = %name, chunks = n, secs, "startup layer streamed"),
+        Err(e) => {
+            tracing::info!(export = %name, chunks = n, secs, error = %e, "startup layer stream failed")
+        }
+    }
+    r.is_ok()
+}
+
 /// Makes `image`'s decoded-chunk cache hold at least the decoded bytes of `chunks` and a
 /// quarter more for what the start reads besides (never more than [`PREFETCH_CACHE_MAX`]):
 /// what a start is about to read stays there until it reads it.
