@@ -500,12 +500,36 @@ pub fn open_startup(
     let src = spec
         .open_source(t, &name, host)
         .map_err(|e| format!("{name}: {e}"))?;
-    let layer = blockfmt::Layer::open_with_hint(&name, src, meta, t.meta_len)
+    let ahead = Arc::new(crate::source::ahead::StreamAhead::new(src));
+    let layer = blockfmt::Layer::open_with_hint(&name, ahead.clone(), meta, t.meta_len)
         .map_err(|e| format!("{name}: {e}"))?;
-    Ok(Some(match &host.cache {
+    let layer = match &host.cache {
         Some(c) => layer.with_store(c.clone()),
         None => layer,
-    }))
+    };
+    stream_ahead(&ahead, &layer);
+    Ok(Some(layer))
+}
+
+/// On a cold node (the host store keeps none of its chunks), starts streaming the chunks of
+/// the startup `layer` (its first [`STARTUP_STREAM_BYTES`]) through `ahead`, its source, at
+/// once: while the image's layers open and the trace binds it, instead of once it is
+/// stacked. Only held: each chunk is checked when the stack reads it
+/// ([`stream_startup`]), and a layer refused at binding is dropped, which stops the stream.
+fn stream_ahead(ahead: &crate::source::ahead::StreamAhead, layer: &blockfmt::Layer) {
+    let chunks = &layer.metadata().chunks;
+    let n = chunks.len() as u32;
+    if n == 0 || (0..n).any(|c| layer.is_kept(c)) {
+        return;
+    }
+    let own = chunks.iter().filter(|e| e.blob == 0);
+    let base = own.clone().map(|e| e.offset).min().unwrap_or(0);
+    let end = own
+        .map(|e| e.offset + e.stored_len as u64)
+        .max()
+        .unwrap_or(0);
+    let len = end.saturating_sub(base).min(STARTUP_STREAM_BYTES);
+    ahead.start(layer.name(), base, len);
 }
 
 /// The opened startup `layer` (the config's `startup`, whose digest is `config_digest`), if
