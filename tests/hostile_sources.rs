@@ -666,3 +666,51 @@ fn mirrors_take_over_on_404_and_403() {
         assert!(read_all(&c, &HostServices::default()).expect("read") == f.raw);
     }
 }
+
+#[test]
+fn a_stream_cut_part_way_is_resumed_for_the_rest_only() {
+    let f = fixture();
+    // The first long GET (a layer streamed in order, as a startup layer is) is cut after
+    // half its body; every other request is answered honestly.
+    let (blob, cut) = (f.blob.clone(), Arc::new(AtomicU64::new(0)));
+    let server = Server::start("127.0.0.1", move |r: &Req| {
+        let mut reply = Reply::honest(&blob, r);
+        let long = r.range().is_some_and(|(a, b)| b - a >= 1 << 20);
+        if long && reply.status == 206 && cut.fetch_add(1, Ordering::Relaxed) == 0 {
+            let n = reply.body.len();
+            reply = reply.header("Content-Length", &n.to_string());
+            reply.body.truncate(n / 2);
+        }
+        reply
+    });
+    let c = f.registry("cut.json", &server.url, json!({}));
+    let spec = ImageSpec::load(&c).expect("spec");
+    let image = spec
+        .open_image(false, &HostServices::default())
+        .expect("open");
+    let n = image.lower().layers()[0].metadata().chunks.len() as u32;
+    image
+        .lower()
+        .stream_chunks(0, 0, n, u64::MAX)
+        .expect("stream resumed");
+    let long: Vec<(u64, u64)> = server
+        .requests()
+        .iter()
+        .filter_map(Req::range)
+        .filter(|(a, b)| b - a >= 1 << 20)
+        .collect();
+    assert_eq!(long.len(), 2, "{long:?}");
+    let (first, again) = (long[0], long[1]);
+    assert_eq!(again.1, first.1, "{long:?}");
+    assert_eq!(
+        again.0,
+        first.0 + (first.1 - first.0 + 1) / 2,
+        "not resumed where it was cut: {long:?}"
+    );
+    // Every chunk came in by the stream: reading the disk fetches nothing more.
+    let gets_before = gets(&server);
+    let mut buf = vec![0u8; image.size() as usize];
+    image.read(0, &mut buf).expect("read");
+    assert!(buf == f.raw);
+    assert_eq!(gets(&server), gets_before);
+}

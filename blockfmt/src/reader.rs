@@ -30,7 +30,35 @@ pub trait ReadAt: Send + Sync {
     fn read_again_at(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
         None
     }
+    /// Reads `len` bytes from `offset` as ONE stream, in order, handing `sink` each piece as
+    /// it arrives (the pieces, in order, are the range): for a long read whose first bytes
+    /// are wanted before its last (a startup layer, fetched in the order a start reads it,
+    /// [`Layer::stream_run`]). `sink` returns false to stop: the read then ends `Ok` early.
+    /// On an error the sink keeps the pieces it had; the rest never comes. The default reads
+    /// [`STREAM_PIECE`] bytes at a time with [`Self::read_exact_at`]; a remote source does
+    /// better with one request.
+    fn read_stream_at(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; len.min(STREAM_PIECE) as usize];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(STREAM_PIECE) as usize;
+            self.read_exact_at(&mut buf[..n], offset + at)?;
+            if !sink(&buf[..n]) {
+                return Ok(());
+            }
+            at += n as u64;
+        }
+        Ok(())
+    }
 }
+
+/// Bytes a default [`ReadAt::read_stream_at`] reads at a time.
+pub const STREAM_PIECE: u64 = 1 << 20;
 
 impl ReadAt for File {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -383,25 +411,93 @@ impl Layer {
             .map(|&c| {
                 let e = &self.meta.chunks[c as usize];
                 let at = (e.offset - base) as usize;
-                let stored = &buf[at..at + e.stored_len as usize];
-                match chunk::decode(e, stored, c, &self.name, self.verify) {
-                    Ok(d) => {
-                        if let Some(s) = &self.store {
-                            s.put(&ChunkKey::of(e), stored);
-                        }
-                        Ok(d)
-                    }
-                    // Asked once more from another copy, as a single read's failure is.
-                    Err(err) => {
-                        let (stored, d) = self.fetch_again(c, err)?;
-                        if let Some(s) = &self.store {
-                            s.put(&ChunkKey::of(e), &stored);
-                        }
-                        Ok(d)
-                    }
-                }
+                self.check_fetched(c, &buf[at..at + e.stored_len as usize])
             })
             .collect()
+    }
+
+    /// The stored bytes of chunk `c` as one fetch of several chunks brought them: decoded and
+    /// checked exactly as [`Self::read_chunk`] checks a chunk (asked once more from another
+    /// copy when they fail, [`Self::fetch_again`]) and kept in the store once they passed.
+    fn check_fetched(&self, c: u32, stored: &[u8]) -> Result<Vec<u8>> {
+        let e = self.chunk_entry(c)?;
+        match chunk::decode(e, stored, c, &self.name, self.verify) {
+            Ok(d) => {
+                if let Some(s) = &self.store {
+                    s.put(&ChunkKey::of(e), stored);
+                }
+                Ok(d)
+            }
+            // Asked once more from another copy, as a single read's failure is.
+            Err(err) => {
+                let (stored, d) = self.fetch_again(c, err)?;
+                if let Some(s) = &self.store {
+                    s.put(&ChunkKey::of(e), &stored);
+                }
+                Ok(d)
+            }
+        }
+    }
+
+    /// Chunks `first..first + n`, stored back to back, fetched as ONE stream
+    /// ([`ReadAt::read_stream_at`]: one request of a remote source) and handed to `on_chunk`
+    /// one by one, in order, **as soon as each one's last byte arrives** — checked and kept
+    /// as [`Self::read_run`] does (never a byte that failed its check) — instead of after the
+    /// whole run: a reader waiting for the first chunk of a long run gets it after its own
+    /// bytes, not the run's. `on_chunk` returns false to stop the stream (the chunks after
+    /// get no call). Every chunk gets one call otherwise: those after a failed stream get its
+    /// error. Chunks not stored back to back are read one by one ([`Self::read_chunk`]).
+    pub fn stream_run(
+        &self,
+        first: u32,
+        n: u32,
+        on_chunk: &mut dyn FnMut(u32, Result<Vec<u8>>) -> bool,
+    ) {
+        let end = first.saturating_add(n.max(1));
+        let joined = (first..end.saturating_sub(1)).all(|c| self.adjacent(c, c + 1));
+        let (base, src) = match (joined, self.chunk_source(first)) {
+            (true, Ok((e, src))) => (e.offset, src.clone()),
+            _ => {
+                for c in first..end {
+                    if !on_chunk(c, self.read_chunk(c)) {
+                        return;
+                    }
+                }
+                return;
+            }
+        };
+        let last = &self.meta.chunks[end as usize - 1];
+        let len = last.offset + last.stored_len as u64 - base;
+        let mut pending: Vec<u8> = Vec::new();
+        let (mut next, mut go_on) = (first, true);
+        let streamed = src.read_stream_at(base, len, &mut |piece| {
+            pending.extend_from_slice(piece);
+            while go_on && next < end {
+                let need = self.meta.chunks[next as usize].stored_len as usize;
+                if pending.len() < need {
+                    break;
+                }
+                let r = self.check_fetched(next, &pending[..need]);
+                pending.drain(..need);
+                go_on = on_chunk(next, r);
+                next += 1;
+            }
+            go_on
+        });
+        if !go_on {
+            return;
+        }
+        let why = match streamed {
+            Err(e) => e,
+            Ok(()) => io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended early"),
+        };
+        for c in next..end {
+            let at = self.meta.chunks[c as usize].offset;
+            let e = io::Error::new(why.kind(), why.to_string());
+            if !on_chunk(c, Err(Error::io(&self.name, at, e))) {
+                return;
+            }
+        }
     }
 
     /// Consults `store` before the source for every chunk, and fills it.

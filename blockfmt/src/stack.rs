@@ -584,6 +584,48 @@ impl LayerStack {
         failure
     }
 
+    /// Fetches chunks `first..end` of `layer` **in order, as streams**: each stretch of them
+    /// stored back to back (at most `max_bytes` stored bytes) is claimed as in flight, then
+    /// fetched with ONE streamed read ([`Layer::stream_run`]), and each chunk is checked,
+    /// cached and handed to the readers waiting for it as soon as it arrives — a reader that
+    /// needs a chunk of the stream waits for it instead of fetching it itself, and the
+    /// stream's first chunks do not share the link with its later ones. One stretch after
+    /// the other, on the caller's thread. Chunks already decoded or being loaded are skipped;
+    /// chunks the host store keeps are loaded from it. Not counted as needed. For a startup
+    /// layer (FORMAT.md §9), whose chunks are stored in the order a start reads them.
+    /// Returns the first failure; a failure in the fallible top layer refuses it
+    /// ([`Self::with_fallible_top`]) and ends the stream (what is left of that layer would
+    /// never be read).
+    pub fn stream_chunks(&self, layer: u16, first: u32, end: u32, max_bytes: u64) -> Result<()> {
+        let Some(l) = self.layers().get(layer as usize) else {
+            return Err(Error::Invalid(format!("no layer {layer}")));
+        };
+        let end = end.min(l.metadata().chunks.len() as u32);
+        let mut failure = Ok(());
+        let mut c = first;
+        while c < end && !(self.top_refused() && layer as usize + 1 == self.layers().len()) {
+            let Some(guards) = self.chunks.claim_stream(layer, c, end, max_bytes) else {
+                // Decoded, being loaded, or kept in the host store (then loaded from there).
+                if l.is_kept(c) {
+                    if let Err(e) = self.chunks.load(layer, c, 1, false, false) {
+                        self.refuse_failed_top(layer, &e);
+                        failure = failure.and(Err(e));
+                    }
+                }
+                c += 1;
+                continue;
+            };
+            let n = guards.len() as u32;
+            if let Err(e) = self.chunks.stream(layer, c, guards, &|e| {
+                self.refuse_failed_top(layer, e).is_none()
+            }) {
+                failure = failure.and(Err(e));
+            }
+            c += n;
+        }
+        failure
+    }
+
     /// The decoded chunk if the cache holds it; never touches the layer.
     pub fn cached_chunk(&self, layer: u16, chunk: u32) -> Option<Arc<Vec<u8>>> {
         self.chunks.cache.get(&(layer, chunk))
@@ -951,6 +993,80 @@ impl Chunks {
         }
     }
 
+    /// Claims as in flight (readers of them wait for the stream) the chunks from `first` on,
+    /// before `end`, that one streamed read takes: `first` and the chunks stored right after
+    /// it, as long as each is free ([`Self::is_free`]) and they stay within `max_bytes`
+    /// stored bytes (`first` alone may exceed it). `None` when `first` is not free.
+    fn claim_stream(
+        &self,
+        layer: u16,
+        first: u32,
+        end: u32,
+        max_bytes: u64,
+    ) -> Option<Vec<SlotGuard<'_>>> {
+        let l = self.layers.get(layer as usize)?;
+        let chunks = &l.metadata().chunks;
+        let stored = |c: u32| chunks.get(c as usize).map_or(0, |e| e.stored_len as u64);
+        let mut inflight = self.inflight.lock();
+        if !self.is_free(l, layer, first, &inflight) {
+            return None;
+        }
+        let mut guards = vec![SlotGuard::claim(self, &mut inflight, (layer, first))];
+        let mut bytes = stored(first);
+        let mut next = first + 1;
+        while next < end
+            && self.is_free(l, layer, next, &inflight)
+            && l.adjacent(next - 1, next)
+            && bytes + stored(next) <= max_bytes
+        {
+            bytes += stored(next);
+            guards.push(SlotGuard::claim(self, &mut inflight, (layer, next)));
+            next += 1;
+        }
+        Some(guards)
+    }
+
+    /// Streams the chunks `guards` claimed (from `first`, [`Self::claim_stream`]) with one
+    /// read ([`Layer::stream_run`]): each is cached and its slot released (its waiters woken
+    /// with it) as soon as it arrives and passes its check. A failed chunk's slot is released
+    /// empty (its waiters fetch it themselves and meet the failure) after `on_fail` saw the
+    /// error; the stream goes on only if `on_fail` says so. Returns the first failure.
+    fn stream(
+        &self,
+        layer: u16,
+        first: u32,
+        guards: Vec<SlotGuard<'_>>,
+        on_fail: &dyn Fn(&Error) -> bool,
+    ) -> Result<()> {
+        let l = &self.layers[layer as usize];
+        let n = guards.len() as u32;
+        self.log_fetch(layer, first, n - 1, "stream");
+        let mut guards: Vec<Option<SlotGuard<'_>>> = guards.into_iter().map(Some).collect();
+        let mut failure = Ok(());
+        l.stream_run(first, n, &mut |c, r| {
+            let g = guards.get_mut((c - first) as usize).and_then(Option::take);
+            match r {
+                Ok(d) => {
+                    let d = Arc::new(d);
+                    self.cache.insert((layer, c), d.clone());
+                    if let Some(mut g) = g {
+                        g.value = Some(d);
+                    }
+                    true
+                }
+                Err(e) => {
+                    let go_on = on_fail(&e);
+                    if failure.is_ok() {
+                        failure = Err(e);
+                    }
+                    drop(g);
+                    go_on
+                }
+            }
+        });
+        failure
+    }
+
     /// Claims (as in-flight, so concurrent readers wait for this fetch) the chunks after
     /// `chunk`, up to `window` chunks in all, that one fetch should take along: stored right
     /// after it, not cached, not being loaded, not kept in the host store; none when `chunk`
@@ -990,8 +1106,9 @@ impl Chunks {
     /// many stored bytes, and why: `demand` (a reader's miss), `window` (a sequential reader's
     /// miss with the chunks after it), `group` (a random miss in a hot group, with the group's
     /// cold chunks around it), `span` (one read's cold chunks), `file` (a file's chunks after a
-    /// reader's miss, [`LayerStack::set_file_runs`]), `prefetch` (trace or metadata). What
-    /// the README's byte analysis of a lazy start is made from.
+    /// reader's miss, [`LayerStack::set_file_runs`]), `prefetch` (trace or metadata), `stream`
+    /// (a startup layer fetched in order, [`LayerStack::stream_chunks`]). What the README's
+    /// byte analysis of a lazy start is made from.
     fn log_fetch(&self, layer: u16, chunk: u32, extras: u32, why: &str) {
         if !tracing::enabled!(target: "lsm::fetch", tracing::Level::DEBUG) {
             return;

@@ -380,7 +380,7 @@ fn start_prefetch(
         use std::sync::atomic::Ordering::Relaxed;
         let stats = &lsmd::trace::STATS;
         // With a startup layer stacked: the whole trace, for when the layer is refused.
-        let mut whole = Vec::new();
+        let mut whole = None;
         let traced = match node {
             Some(t) => {
                 stats.node_used.fetch_add(1, Relaxed);
@@ -393,15 +393,11 @@ fn start_prefetch(
                     stats.shipped_used.fetch_add(1, Relaxed);
                     tracing::info!(export = %name, chunks = t.entries.len(), startup_layer = stacked, "replaying the startup trace shipped in the image (digest checked)");
                     match stacked {
-                        // The startup layer (the top of the stack) first, whole, then the
-                        // chunks it does not cover; reads meanwhile wait for the chunks
-                        // they need (or fetch them).
+                        // The startup layer first (`startup_first`), then the chunks it
+                        // does not cover.
                         true => {
-                            whole = t.resolve(&image);
-                            startup_chunks(&image)
-                                .into_iter()
-                                .chain(t.uncovered().resolve(&image))
-                                .collect()
+                            whole = Some(t.resolve(&image));
+                            t.uncovered().resolve(&image)
                         }
                         false => t.resolve(&image),
                     }
@@ -414,11 +410,10 @@ fn start_prefetch(
                 }
             },
         };
-        if !traced.is_empty() {
+        if let Some(whole) = whole {
+            startup_first(&name, &image, traced, whole, threads);
+        } else if !traced.is_empty() {
             lsmd::trace::prefetch(&name, &image, traced, threads, true);
-            if image.lower().top_refused() {
-                startup_refused(&name, &image, whole, threads);
-            }
         } else {
             let tables = lsmd::cache::fsmeta::ext4_inode_tables(&image);
             let chunks = lsmd::cache::fsmeta::chunks_of(&image, &tables);
@@ -434,6 +429,30 @@ fn start_prefetch(
             lsmd::trace::prefetch(&name, &image, lsmd::trace::all_chunks(&image), 1, false);
         }
     });
+}
+
+/// With the shipped startup layer stacked: its chunks first, as ONE in-order stream (reads
+/// meanwhile wait for the chunk they need as it arrives: `lsmd::trace::stream_startup`),
+/// and only then the `uncovered` trace entries on `threads` — or, once the layer is refused
+/// (a chunk failed, by the stream or by a read), the `whole` trace instead.
+fn startup_first(
+    name: &str,
+    image: &Arc<blockfmt::Image>,
+    uncovered: Vec<(u16, u32)>,
+    whole: Vec<(u16, u32)>,
+    threads: usize,
+) {
+    let listed = startup_chunks(image)
+        .into_iter()
+        .chain(uncovered.iter().copied());
+    lsmd::trace::hold_cache_for(image, listed);
+    lsmd::trace::stream_startup(name, image);
+    if !image.lower().top_refused() {
+        lsmd::trace::prefetch(name, image, uncovered, threads, true);
+    }
+    if image.lower().top_refused() {
+        startup_refused(name, image, whole, threads);
+    }
 }
 
 /// What lsmd says when it refuses a shipped startup layer.

@@ -335,6 +335,43 @@ pub fn prefetch(
     failed.load(Ordering::Relaxed)
 }
 
+/// Most stored bytes one streamed GET of a startup layer asks for; a larger layer goes in
+/// several, one after the other. One request per stretch (each waits a round trip), but a
+/// body short enough that a slow link still delivers it well within a request's timeout (a
+/// GET that times out part-way is resumed for the rest, never restarted).
+pub const STARTUP_STREAM_BYTES: u64 = 16 << 20;
+
+/// Fetches the startup layer stacked at the top of `image`'s stack (FORMAT.md §9) as ONE
+/// in-order stream (a ranged GET per [`STARTUP_STREAM_BYTES`], one after the other, on this
+/// thread): its chunks are stored in the order the start reads them, so each arrives when
+/// the start wants it instead of sharing the link with later ones, and each is checked and
+/// handed to the reads waiting for it as soon as it is in (`LayerStack::stream_chunks`).
+/// A chunk that fails refuses the layer and ends the stream; returns whether the stream
+/// went through.
+pub fn stream_startup(name: &str, image: &Image) -> bool {
+    let stack = image.lower();
+    let top = stack.layers().len().saturating_sub(1);
+    let n = stack
+        .layers()
+        .get(top)
+        .map_or(0, |l| l.metadata().chunks.len() as u32);
+    let start = std::time::Instant::now();
+    let r = stack.stream_chunks(top as u16, 0, n, STARTUP_STREAM_BYTES);
+    if r.is_ok() {
+        STATS
+            .prefetched_chunks
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    match &r {
+        Ok(()) => tracing::info!(export = %name, chunks = n, secs, "startup layer streamed"),
+        Err(e) => {
+            tracing::info!(export = %name, chunks = n, secs, error = %e, "startup layer stream failed")
+        }
+    }
+    r.is_ok()
+}
+
 /// Makes `image`'s decoded-chunk cache hold at least the decoded bytes of `chunks` and a
 /// quarter more for what the start reads besides (never more than [`PREFETCH_CACHE_MAX`]):
 /// what a start is about to read stays there until it reads it.
@@ -463,12 +500,36 @@ pub fn open_startup(
     let src = spec
         .open_source(t, &name, host)
         .map_err(|e| format!("{name}: {e}"))?;
-    let layer = blockfmt::Layer::open_with_hint(&name, src, meta, t.meta_len)
+    let ahead = Arc::new(crate::source::ahead::StreamAhead::new(src));
+    let layer = blockfmt::Layer::open_with_hint(&name, ahead.clone(), meta, t.meta_len)
         .map_err(|e| format!("{name}: {e}"))?;
-    Ok(Some(match &host.cache {
+    let layer = match &host.cache {
         Some(c) => layer.with_store(c.clone()),
         None => layer,
-    }))
+    };
+    stream_ahead(&ahead, &layer);
+    Ok(Some(layer))
+}
+
+/// On a cold node (the host store keeps none of its chunks), starts streaming the chunks of
+/// the startup `layer` (its first [`STARTUP_STREAM_BYTES`]) through `ahead`, its source, at
+/// once: while the image's layers open and the trace binds it, instead of once it is
+/// stacked. Only held: each chunk is checked when the stack reads it
+/// ([`stream_startup`]), and a layer refused at binding is dropped, which stops the stream.
+fn stream_ahead(ahead: &crate::source::ahead::StreamAhead, layer: &blockfmt::Layer) {
+    let chunks = &layer.metadata().chunks;
+    let n = chunks.len() as u32;
+    if n == 0 || (0..n).any(|c| layer.is_kept(c)) {
+        return;
+    }
+    let own = chunks.iter().filter(|e| e.blob == 0);
+    let base = own.clone().map(|e| e.offset).min().unwrap_or(0);
+    let end = own
+        .map(|e| e.offset + e.stored_len as u64)
+        .max()
+        .unwrap_or(0);
+    let len = end.saturating_sub(base).min(STARTUP_STREAM_BYTES);
+    ahead.start(layer.name(), base, len);
 }
 
 /// The opened startup `layer` (the config's `startup`, whose digest is `config_digest`), if

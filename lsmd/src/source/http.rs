@@ -367,8 +367,64 @@ impl HttpBlob {
         off: u64,
     ) -> Result<(), Failure> {
         let len = buf.len() as u64;
-        let end = off + len - 1;
         let r = self.request(agent, ep, "GET", Some((off, len)))?;
+        self.check_reply(ep, &r, off, len)?;
+        let mut body = r.into_reader().take(len);
+        let mut got = 0;
+        while got < buf.len() {
+            match body.read(&mut buf[got..]) {
+                Ok(0) => return Err(body_ended(ep, got as u64, len, off)),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(body_failed(ep, &e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams `len` bytes from `off` with one ranged GET, handing `sink` each piece as it
+    /// arrives and counting them in `done` (so that a retry asks only for the rest); `Ok(false)`
+    /// when the sink asked to stop. A reply for other bytes is refused at once.
+    fn get_stream(
+        &self,
+        ep: &Endpoint,
+        (off, len): (u64, u64),
+        done: &mut u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<bool, Failure> {
+        let r = self.request(&self.agent, ep, "GET", Some((off, len)))?;
+        self.check_reply(ep, &r, off, len)?;
+        let mut body = r.into_reader().take(len);
+        let mut buf = vec![0u8; STREAM_READ.min(len) as usize];
+        let mut got = 0u64;
+        while got < len {
+            match body.read(&mut buf) {
+                Ok(0) => return Err(body_ended(ep, got, len, off)),
+                Ok(n) => {
+                    got += n as u64;
+                    *done += n as u64;
+                    if !sink(&buf[..n]) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(body_failed(ep, &e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether reply `r` to a GET of `len` bytes from `off` carries exactly those bytes: a
+    /// 206 for that range, or — for a read from offset 0 only — a 200 with the whole blob,
+    /// whose start they are. Anything else fails for good at this server.
+    fn check_reply(
+        &self,
+        ep: &Endpoint,
+        r: &ureq::Response,
+        off: u64,
+        len: u64,
+    ) -> Result<(), Failure> {
+        let end = off + len - 1;
         match r.status() {
             206 => {
                 let got = r.header("content-range").unwrap_or("(none)");
@@ -389,29 +445,6 @@ impl HttpBlob {
                 )))
             }
             s => return Err(Failure::Fatal(format!("{}: unexpected HTTP {s}", ep.shown))),
-        }
-        let mut body = r.into_reader().take(len);
-        let mut got = 0;
-        while got < buf.len() {
-            match body.read(&mut buf[got..]) {
-                Ok(0) => {
-                    return Err(Failure::Transient(
-                        format!(
-                            "{}: body ended after {got} of {len} bytes at offset {off}",
-                            ep.shown
-                        ),
-                        None,
-                    ))
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Failure::Transient(
-                        format!("{}: body: {}", ep.shown, redact::text(&e.to_string())),
-                        None,
-                    ))
-                }
-            }
         }
         Ok(())
     }
@@ -535,7 +568,11 @@ fn content_range_matches(header: &str, off: u64, end: u64, size: u64) -> bool {
 
 impl HttpBlob {
     fn check_bounds(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        match offset.checked_add(buf.len() as u64) {
+        self.check_range(offset, buf.len() as u64)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -544,6 +581,29 @@ impl HttpBlob {
         }
     }
 }
+
+/// A body that ended after `got` of the `len` bytes asked from `off`: worth another try.
+fn body_ended(ep: &Endpoint, got: u64, len: u64, off: u64) -> Failure {
+    Failure::Transient(
+        format!(
+            "{}: body ended after {got} of {len} bytes at offset {off}",
+            ep.shown
+        ),
+        None,
+    )
+}
+
+/// A body whose read failed with `e`: worth another try.
+fn body_failed(ep: &Endpoint, e: &io::Error) -> Failure {
+    Failure::Transient(
+        format!("{}: body: {}", ep.shown, redact::text(&e.to_string())),
+        None,
+    )
+}
+
+/// Bytes a streamed read ([`blockfmt::ReadAt::read_stream_at`]) takes from the body at a
+/// time: what it hands on as soon as they are in.
+const STREAM_READ: u64 = 64 << 10;
 
 /// `d` ± 50 %.
 fn jitter(d: Duration) -> Duration {
@@ -569,6 +629,37 @@ impl blockfmt::ReadAt for HttpBlob {
             .bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// One ranged GET for the whole range, its body handed on as it arrives (a startup
+    /// layer's first chunks are checked and served while its last are on the wire). A GET
+    /// that fails part-way is retried as any read is (mirrors, back-off, until the deadline),
+    /// for the bytes not handed on yet only. Through a P2P agent: read as
+    /// [`Self::read_exact_at`] reads (by whole pieces), then handed on.
+    fn read_stream_at(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(offset, len)?;
+        if self.p2p.is_some() {
+            let mut buf = vec![0u8; len as usize];
+            self.read_exact_at(&mut buf, offset)?;
+            sink(&buf);
+            return Ok(());
+        }
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut done = 0u64;
+        let r = self.with_retries(None, |b, ep| {
+            let at = done;
+            b.get_stream(ep, (offset + at, len - at), &mut done, &mut *sink)
+        });
+        self.stats.bytes.fetch_add(done, Ordering::Relaxed);
+        r.map(|_| ())
     }
 
     /// Bytes that failed their check, once more from the next source: the registry behind the

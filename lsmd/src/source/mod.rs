@@ -6,9 +6,13 @@
 //! - [`nas::NasFile`]: a file on a network mount, with read timeouts and retries;
 //! - [`http::HttpBlob`]: a blob over HTTP(S) with Range — in an OCI registry (`/v2/<repo>/blobs/<digest>`, registry auth) or at any URL that honours Range (object storage), with mirrors and an optional P2P agent.
 //!
+//! - [`ahead::StreamAhead`]: any of them, streaming one range ahead of its reads (a startup
+//!   layer's chunks, while the image opens).
+//!
 //! Each kind builds itself from its config ([`SourceConfig::open`]: [`registry`], [`url`],
 //! [`nas`]), so `config` is only the schema and its validation.
 
+pub mod ahead;
 pub mod auth;
 pub mod http;
 pub mod nas;
