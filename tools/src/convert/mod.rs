@@ -21,8 +21,8 @@
 //! (`http(s)://registry/repository:tag`, pulled into a temporary layout first).
 //!
 //! Stages, each its own function or module: [`read_source`] (index → manifest, typed by
-//! `crate::oci` and digest-checked), [`spool_layers`] (each layer checked and decompressed
-//! once), `layers` (the per-layer loop: apply, filesystem, import, reuse), `publish` (config,
+//! `crate::oci` and digest-checked), `spool` (each layer checked and decompressed once, on
+//! every core), `layers` (the per-layer loop: apply, filesystem, import, reuse), `publish` (config,
 //! manifest, index, the two lsmd image configs written through lsmd's `ImageConfig`, push).
 //! Every e2fsprogs run is in `e2fs`, the reuse database in `reuse`.
 
@@ -42,11 +42,11 @@ mod remotedict;
 pub mod report;
 mod reuse;
 mod scratch;
+mod spool;
+mod timing;
 mod unpack;
 mod workdir;
 
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -198,22 +198,6 @@ fn sha256_file(p: &Path) -> CliResult<String> {
     ))
 }
 
-/// A source layer's bytes, decompressed as its media type says.
-fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>> {
-    let f = BufReader::with_capacity(1 << 20, File::open(path)?);
-    Ok(if media_type.ends_with("gzip") {
-        Box::new(flate2::read::MultiGzDecoder::new(f))
-    } else if media_type.ends_with("zstd") {
-        Box::new(zstd::stream::read::Decoder::new(f)?)
-    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
-        Box::new(f)
-    } else {
-        return Err(std::io::Error::other(format!(
-            "unsupported layer media type {media_type}"
-        )));
-    })
-}
-
 /// How many times more a block costs when debugfs records it in an undo file than when it is
 /// hashed from the page cache with the rest of the image (measured: about 10–20×; the undo
 /// manager copies each block's old contents and rewrites its index per block).
@@ -251,6 +235,7 @@ struct LayerFs<'a> {
 fn layer_filesystem(l: &LayerFs) -> CliResult<rawimport::Scan> {
     let (raw, i, digest) = (l.raw, l.index, l.digest);
     let mut scan = rawimport::Scan::Whole;
+    let _t = timing::stage(|| format!("layer {}: filesystem", i + 1));
     let in_place = if l.fs == FsKind::Erofs {
         erofs::make(l.root, raw, l.size, l.uuid)?;
         true
@@ -303,22 +288,6 @@ fn link_or_copy(from: &Path, to: &Path) -> CliResult {
         std::fs::rename(&tmp, to).map_err(|e| bad(format!("{}: {e}", to.display())))?;
     }
     Ok(())
-}
-
-/// A `Write` that hashes, and copies to a file if it has one.
-struct HashingSink(Sha256, Option<std::io::BufWriter<File>>);
-
-impl std::io::Write for HashingSink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if let Some(f) = &mut self.1 {
-            std::io::Write::write_all(f, b)?;
-        }
-        self.0.update(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Writes `bytes` as a blob of layout `dst`; returns its descriptor fields (digest, size).
@@ -484,64 +453,6 @@ fn read_source(src: &Path, tag: Option<&str>) -> CliResult<SourceImage> {
     })
 }
 
-/// The source layers, decompressed once each into a private spool beside the destination
-/// (removed with it), with their uncompressed digests (diff IDs: they name the content whatever
-/// its compression) and the total unpacked size.
-struct Spool {
-    tree: workdir::WorkTree,
-    diff_ids: Vec<sha2::digest::Output<Sha256>>,
-    unpacked: u64,
-}
-
-impl Spool {
-    fn tar(&self, i: usize) -> PathBuf {
-        self.tree.path().join(format!("{i}.tar"))
-    }
-}
-
-/// Checks every source layer against its digest before anything is written, and spools it.
-fn spool_layers(src: &Path, dst: &Path, layers: &[oci::Descriptor]) -> CliResult<Spool> {
-    let tree = {
-        let mut name = dst.file_name().unwrap_or_default().to_os_string();
-        name.push(".lsm-spool");
-        let spool = dst.with_file_name(name);
-        if let Some(up) = spool.parent().filter(|u| !u.as_os_str().is_empty()) {
-            std::fs::create_dir_all(up).map_err(|e| bad(format!("{}: {e}", up.display())))?;
-        }
-        workdir::WorkTree::create(&spool).map_err(|e| bad(format!("spool: {e}")))?
-    };
-    let mut spool = Spool {
-        tree,
-        diff_ids: Vec::new(),
-        unpacked: 0,
-    };
-    for (i, l) in layers.iter().enumerate() {
-        let digest = &l.digest;
-        let p = blob_path(src, digest)?;
-        if sha256_file(&p)? != *digest {
-            return Err(bad(format!(
-                "layer {digest}: content does not match its digest (corrupt or truncated)"
-            )));
-        }
-        let mut r =
-            layer_reader(&p, &l.media_type).map_err(|e| bad(format!("layer {digest}: {e}")))?;
-        let mut h = HashingSink(
-            Sha256::new(),
-            Some(std::io::BufWriter::with_capacity(
-                1 << 20,
-                File::create(spool.tar(i)).map_err(|e| bad(format!("spool: {e}")))?,
-            )),
-        );
-        spool.unpacked += std::io::copy(&mut r, &mut h)
-            .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
-        if let Some(w) = h.1.take() {
-            w.into_inner().map_err(|e| bad(format!("spool: {e}")))?;
-        }
-        spool.diff_ids.push(h.0.finalize());
-    }
-    Ok(spool)
-}
-
 /// Default disk size: a power-of-two size class (at least 256 MiB) with room for twice the
 /// content; images of one class can share converted layers. Holes cost nothing.
 fn default_disk_size(unpacked: u64) -> u64 {
@@ -601,8 +512,12 @@ fn convert_layout(
             eprintln!("convert: {m}");
         }
     };
+    let _total = timing::stage(|| "total".into());
     let source = read_source(&src, a.tag.as_deref())?;
-    let spool = spool_layers(&src, &dst, &source.manifest.layers)?;
+    let spool = {
+        let _t = timing::stage(|| "spool (all layers)".into());
+        spool::spool_layers(&src, &dst, &source.manifest.layers)?
+    };
     let size = a.size.unwrap_or_else(|| default_disk_size(spool.unpacked));
     let n = source.manifest.layers.len();
     say(format!(
@@ -698,6 +613,7 @@ fn convert_layout(
             })
         })
         .and_then(|()| run.borrowed_blobs());
+    let end = timing::stage(|| "end (removal, hash index, publish)".into());
     if let Some(r) = run.tree_removal.take() {
         r.wait();
     }
@@ -730,5 +646,6 @@ fn convert_layout(
     if a.print_digest {
         println!("{}", published.manifest_digest);
     }
+    drop(end);
     Ok(stats)
 }
