@@ -50,6 +50,9 @@ pub(super) struct LayerRun<'a> {
     pub in_dict: usize,
     /// The converted layers' descriptors, bottom first.
     pub out: Vec<Descriptor>,
+    /// Whether the bottom layer is in the host tree already (streamed into it while the
+    /// layers were spooled, `mod.rs`).
+    pub bottom_applied: bool,
     /// The host tree's removal, started once the top layer no longer needs it.
     pub tree_removal: Option<workdir::Removal>,
     pub stats: Summary,
@@ -76,11 +79,14 @@ impl LayerRun<'_> {
         let mut changes = ext4apply::Changes::new(self.root);
         let tar = s.tar.clone();
         let apply = timing::stage(|| format!("layer {}: tar to host tree", i + 1));
-        unpack::apply_layer(self.root, &mut changes, || {
-            let f = File::open(&tar)?;
-            Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
-        })
-        .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+        // (The bottom layer may be in the tree already: applied as it was spooled.)
+        if !(i == 0 && self.bottom_applied) {
+            unpack::apply_layer(self.root, &mut changes, i == 0, || {
+                let f = File::open(&tar)?;
+                Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
+            })
+            .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+        }
         let tar_bytes = std::fs::metadata(&s.tar).map_or(u64::MAX, |m| m.len());
         let _ = std::fs::remove_file(&s.tar);
         drop(apply);

@@ -476,15 +476,19 @@ fn filesystem_uuid(base_diff_id: &[u8]) -> String {
     )
 }
 
-/// The private (0700) work tree for the host tree and raw filesystem: in `--work-dir`, else
-/// inside DST. Removed however the conversion ends, signals included: it holds the image's
-/// setuid files and device nodes.
-fn work_tree(a: &ConvertArgs, dst: &Path, unpacked: u64) -> CliResult<workdir::WorkTree> {
-    let dir = a
-        .work_dir
+/// Where the work tree goes for an image of `unpacked` bytes: `--work-dir`, else `/dev/shm` if
+/// it has room (`scratch`); `None`: inside DST.
+fn work_dir(a: &ConvertArgs, unpacked: u64) -> Option<PathBuf> {
+    a.work_dir
         .clone()
-        .or_else(|| scratch::default_work_dir(unpacked, a.jobs));
-    let path = match &dir {
+        .or_else(|| scratch::default_work_dir(unpacked, a.jobs))
+}
+
+/// The private (0700) work tree for the host tree and raw filesystem: in `dir`, else inside
+/// DST. Removed however the conversion ends, signals included: it holds the image's setuid
+/// files and device nodes.
+fn work_tree(dir: Option<&Path>, dst: &Path) -> CliResult<workdir::WorkTree> {
+    let path = match dir {
         Some(d) => d.join(format!(
             ".lsm-convert-{}-{}",
             std::process::id(),
@@ -494,7 +498,82 @@ fn work_tree(a: &ConvertArgs, dst: &Path, unpacked: u64) -> CliResult<workdir::W
         )),
         None => dst.join(".convert-work"),
     };
-    workdir::WorkTree::create(&path).map_err(|e| bad(format!("work tree: {e}")))
+    let tree = workdir::WorkTree::create(&path).map_err(|e| bad(format!("work tree: {e}")))?;
+    std::fs::create_dir(tree.path().join("root"))?;
+    Ok(tree)
+}
+
+/// A guess of the image's unpacked size before its layers are decompressed, for where to put
+/// the work tree while the bottom layer streams into it: a gzip layer's trailer size (its
+/// length modulo 4 GiB) or its compressed size, whichever is larger; else 4 times the
+/// compressed size. Only where the tree goes depends on it, never the output; a wrong guess
+/// costs the streamed apply, which is then redone from the spool.
+fn estimated_unpacked(src: &Path, layers: &[oci::Descriptor]) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let gzip_size = |l: &oci::Descriptor| -> Option<u64> {
+        let mut f = std::fs::File::open(blob_path(src, &l.digest).ok()?).ok()?;
+        f.seek(SeekFrom::End(-4)).ok()?;
+        let mut b = [0u8; 4];
+        f.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b) as u64)
+    };
+    layers
+        .iter()
+        .map(|l| {
+            if l.media_type.ends_with("gzip") {
+                gzip_size(l).unwrap_or(0).max(l.size)
+            } else {
+                l.size.saturating_mul(4)
+            }
+        })
+        .fold(0u64, |a, b| a.saturating_add(b))
+}
+
+/// Spools the layers (`spool`) and meanwhile streams the bottom layer's bytes into a work tree
+/// (its apply overlaps its decompression and the other layers'), when the work tree's place
+/// is known before the unpacked size is: `--work-dir`, or `/dev/shm` with room for the
+/// [`estimated_unpacked`] size (the stream stops past that size). The tree is kept only if
+/// every layer then matched its digest (else the error is the spool's), the apply succeeded
+/// and the unpacked size puts the tree in the same place; otherwise it is removed and the
+/// bottom layer applied from the spool as the others are. The same tree either way.
+fn spool_and_apply_bottom(
+    a: &ConvertArgs,
+    src: &Path,
+    dst: &Path,
+    layers: &[oci::Descriptor],
+) -> CliResult<(spool::Spool, Option<workdir::WorkTree>)> {
+    let guess = estimated_unpacked(src, layers);
+    let Some(dir) = work_dir(a, guess).filter(|_| !layers.is_empty()) else {
+        return Ok((spool::spool_layers(src, dst, layers, None)?, None));
+    };
+    let tree = work_tree(Some(&dir), dst)?;
+    let root = tree.path().join("root");
+    let (to, from) = std::sync::mpsc::sync_channel(16);
+    let tee = spool::Tee {
+        to,
+        limit: if a.work_dir.is_some() {
+            u64::MAX
+        } else {
+            guess
+        },
+    };
+    let (spooled, applied) = std::thread::scope(|sc| {
+        let spooling = sc.spawn(move || spool::spool_layers(src, dst, layers, Some(tee)));
+        let _t = timing::stage(|| "layer 1: tar to host tree, streamed".into());
+        let mut stream = Some(spool::TeeReader::new(from));
+        let mut changes = ext4apply::Changes::new(&root);
+        let applied = unpack::apply_layer(&root, &mut changes, true, || {
+            let s = stream
+                .take()
+                .ok_or_else(|| std::io::Error::other("read twice"))?;
+            Ok(Box::new(s) as Box<dyn std::io::Read>)
+        });
+        drop(stream);
+        (spooling.join(), applied)
+    });
+    let spool = spooled.map_err(|_| bad("internal error: the spooling thread panicked"))??;
+    let keep = applied.is_ok() && work_dir(a, spool.unpacked).as_deref() == Some(dir.as_path());
+    Ok((spool, keep.then_some(tree)))
 }
 
 /// Converts the image `a.src` (an image layout) into the layout `a.dst`: the source is read and
@@ -514,9 +593,9 @@ fn convert_layout(
     };
     let _total = timing::stage(|| "total".into());
     let source = read_source(&src, a.tag.as_deref())?;
-    let spool = {
+    let (spool, early_tree) = {
         let _t = timing::stage(|| "spool (all layers)".into());
-        spool::spool_layers(&src, &dst, &source.manifest.layers)?
+        spool_and_apply_bottom(&a, &src, &dst, &source.manifest.layers)?
     };
     let size = a.size.unwrap_or_else(|| default_disk_size(spool.unpacked));
     let n = source.manifest.layers.len();
@@ -538,9 +617,12 @@ fn convert_layout(
             dst.join("blobs")
         });
     };
-    let work_tree = work_tree(&a, &dst, spool.unpacked)?;
+    let bottom_applied = early_tree.is_some();
+    let work_tree = match early_tree {
+        Some(t) => t,
+        None => work_tree(work_dir(&a, spool.unpacked).as_deref(), &dst)?,
+    };
     let root = work_tree.path().join("root");
-    std::fs::create_dir(&root)?;
     let dict_dir = dst.join(".convert-dict");
     let dict_tree = workdir::WorkTree::adopt(&dict_dir);
     let dict = if a.dict.is_empty() {
@@ -591,6 +673,7 @@ fn convert_layout(
         hashes: Some(rawimport::BlockHashes::zeros(size)),
         in_dict: 0,
         out: Vec::new(),
+        bottom_applied,
         tree_removal: None,
         stats: Summary {
             bytes_in: source.manifest.layers.iter().map(|l| l.size).sum(),

@@ -51,20 +51,99 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// A writer that hashes what it writes to `file`.
+/// A copy of one layer's decompressed bytes, streamed to a consumer while the layer is
+/// spooled (the bottom layer's tar, applied to the host tree meanwhile, `mod.rs`): buffers in
+/// order, then an empty buffer for the end. Unchecked bytes: the consumer must not use what
+/// it made of them unless the spool then succeeds. Stops (dropped, so the consumer sees the
+/// stream cut) past `limit` bytes; a consumer that hangs up stops it too, the spool goes on.
+pub(super) struct Tee {
+    pub to: std::sync::mpsc::SyncSender<Vec<u8>>,
+    pub limit: u64,
+}
+
+/// A writer that hashes what it writes to `file`, and copies it to a [`Tee`] if it has one.
 struct HashingWriter<W> {
     file: W,
     hash: Sha256,
+    tee: Option<Tee>,
+    teed: u64,
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         self.file.write_all(b)?;
         self.hash.update(b);
+        if let Some(t) = self.tee.as_ref().filter(|_| !b.is_empty()) {
+            self.teed += b.len() as u64;
+            if self.teed > t.limit || t.to.send(b.to_vec()).is_err() {
+                self.tee = None;
+            }
+        }
         Ok(b.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+/// Reads what a [`Tee`] sends: its bytes up to the end marker; an error if the stream was cut
+/// (the spool failed or went past the tee's limit).
+pub(super) struct TeeReader {
+    from: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+    ended: bool,
+}
+
+impl TeeReader {
+    pub fn new(from: std::sync::mpsc::Receiver<Vec<u8>>) -> TeeReader {
+        TeeReader {
+            from,
+            buf: Vec::new(),
+            pos: 0,
+            ended: false,
+        }
+    }
+}
+
+impl Read for TeeReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.from.recv() {
+                Ok(b) if b.is_empty() => self.ended = true,
+                Ok(b) => (self.buf, self.pos) = (b, 0),
+                Err(_) => return Err(io::Error::other("the layer's stream was cut")),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Copies `r` to `w` in large pieces (each piece is one message of a [`Tee`]).
+fn copy_large(r: &mut dyn Read, w: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        w.write_all(&buf[..filled])?;
+        total += filled as u64;
     }
 }
 
@@ -89,6 +168,7 @@ fn spool_one(
     src: &Path,
     l: &oci::Descriptor,
     out: &Path,
+    tee: Option<Tee>,
 ) -> CliResult<(sha2::digest::Output<Sha256>, u64)> {
     let digest = &l.digest;
     let p = blob_path(src, digest)?;
@@ -106,9 +186,11 @@ fn spool_one(
             File::create(out).map_err(|e| bad(format!("spool: {e}")))?,
         ),
         hash: Sha256::new(),
+        tee,
+        teed: 0,
     };
     let copied = decoder(&mut blob, &l.media_type)
-        .and_then(|mut r| io::copy(&mut r, &mut tar))
+        .and_then(|mut r| copy_large(&mut r, &mut tar))
         .map_err(|e| format!("layer {digest}: {e}"));
     // The rest of the blob (a decoder that failed stopped early): the digest covers it all.
     let drained = io::copy(&mut blob, &mut io::sink());
@@ -120,15 +202,25 @@ fn spool_one(
     }
     drained.map_err(|e| bad(format!("layer {digest}: {e}")))?;
     let n = copied.map_err(|e| bad(format!("{e} (corrupt or truncated)")))?;
-    let HashingWriter { file, hash } = tar;
+    let HashingWriter {
+        file, hash, tee, ..
+    } = tar;
     file.into_inner().map_err(|e| bad(format!("spool: {e}")))?;
+    if let Some(t) = tee {
+        let _ = t.to.send(Vec::new()); // the end: the whole layer was sent
+    }
     Ok((hash.finalize(), n))
 }
 
 /// Checks every source layer against its digest before anything is converted, and spools it
 /// (a private directory named after `dst`, beside it). Layers go on every core at once; the
-/// first failing layer (bottom first) is the error.
-pub(super) fn spool_layers(src: &Path, dst: &Path, layers: &[oci::Descriptor]) -> CliResult<Spool> {
+/// first failing layer (bottom first) is the error. `tee` gets a copy of the bottom layer.
+pub(super) fn spool_layers(
+    src: &Path,
+    dst: &Path,
+    layers: &[oci::Descriptor],
+    tee: Option<Tee>,
+) -> CliResult<Spool> {
     let tree = {
         let mut name = dst.file_name().unwrap_or_default().to_os_string();
         name.push(".lsm-spool");
@@ -141,6 +233,7 @@ pub(super) fn spool_layers(src: &Path, dst: &Path, layers: &[oci::Descriptor]) -
     let dir = tree.path().to_path_buf();
     let results = std::sync::Mutex::new((0..layers.len()).map(|_| None).collect::<Vec<_>>());
     let queue = std::sync::Mutex::new(0usize);
+    let tee = std::sync::Mutex::new(tee);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|sc| {
         for _ in 0..cores.min(layers.len()) {
@@ -153,7 +246,12 @@ pub(super) fn spool_layers(src: &Path, dst: &Path, layers: &[oci::Descriptor]) -
                 };
                 let Some(l) = layers.get(i) else { return };
                 let _t = super::timing::stage(|| format!("layer {}: spool", i + 1));
-                let r = spool_one(src, l, &tar_in(&dir, i));
+                let tee = if i == 0 {
+                    tee.lock().ok().and_then(|mut t| t.take())
+                } else {
+                    None
+                };
+                let r = spool_one(src, l, &tar_in(&dir, i), tee);
                 if let Ok(mut v) = results.lock() {
                     v[i] = Some(r);
                 }
