@@ -573,6 +573,9 @@ fn spool_and_apply_bottom(
     });
     let spool = spooled.map_err(|_| bad("internal error: the spooling thread panicked"))??;
     let keep = applied.is_ok() && work_dir(a, spool.unpacked).as_deref() == Some(dir.as_path());
+    if !keep {
+        timing::note(|| "layer 1: the streamed apply is not kept; applied from the spool".into());
+    }
     Ok((spool, keep.then_some(tree)))
 }
 

@@ -36,3 +36,10 @@ impl Drop for Stage {
         }
     }
 }
+
+/// Prints `convert timing: WHAT` (if enabled): an event between stages.
+pub fn note(what: impl FnOnce() -> String) {
+    if enabled() {
+        eprintln!("convert timing: {}", what());
+    }
+}
