@@ -597,6 +597,69 @@ fn a_shared_base_is_converted_once_across_a_batch_and_runs() {
     assert_eq!(first("dstA2"), first("dstA1"));
 }
 
+/// The bottom layer streams into the work tree while it is spooled, in a place chosen from its
+/// gzip trailer's size; a layer much larger than that (a two-member gzip whose trailer names
+/// only the last member) cuts the stream, and the layer is applied again from the spool. Both
+/// ways, and with `--work-dir` (streamed, never cut), give the same converted layers.
+#[test]
+fn a_bottom_layer_larger_than_its_gzip_trailer_says_converts_the_same() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let big = "0123456789abcdef".repeat(1 << 19); // 8 MiB that compress to little
+    let tar = TarLayer::new()
+        .dir("etc")
+        .file_as("etc/shadow", "root:*:1::::::\n", 0o640, 0, 42)
+        .xattr("user.lsm", "bottom")
+        .file("big", &big)
+        .finish();
+    let top = TarLayer::new().file(".wh.big", "").finish();
+    oci_layout(&t.join("one"), &[(tar.clone(), true), (top.clone(), true)]);
+    // The same tar as two gzip members: the trailer of the last one says 1 KiB.
+    let cut = tar.len() - 1024;
+    let mut two = gzip(&tar[..cut]);
+    two.extend_from_slice(&gzip(&tar[cut..]));
+    let dir = t.join("two");
+    let put = |b: &[u8]| put_oci_blob(&dir, b);
+    let mut descs = Vec::new();
+    for bytes in [two, gzip(&top)] {
+        let media = "application/vnd.oci.image.layer.v1.tar+gzip";
+        descs.push(
+            serde_json::json!({"mediaType": media, "digest": put(&bytes), "size": bytes.len()}),
+        );
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha(&tar), sha(&top)]},
+    });
+    finish_oci_layout(&dir, &config, descs, "t");
+    let layers = |src: &str, dst: &str, work_dir: bool| {
+        let mut c = lsmctl(["convert", "--no-reuse", "--tag", "t"]);
+        c.arg(t.join(src)).arg(t.join(dst));
+        if work_dir {
+            std::fs::create_dir(t.join("wd")).expect("work dir");
+            c.arg("--work-dir").arg(t.join("wd"));
+        }
+        let o = run(c.env("LSM_CONVERT_TIMING", "1"));
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(t.join(dst).join("lsm-image.json")).expect("config"),
+        )
+        .expect("json");
+        let digests: Vec<String> = (0..2)
+            .map(|i| m["layers"][i]["digest"].to_string())
+            .collect();
+        (digests, err.contains("streamed apply is not kept"))
+    };
+    let (plain, redone) = layers("one", "out-one", false);
+    assert!(!redone, "a truthful trailer's stream was not kept");
+    let (cut_stream, redone) = layers("two", "out-two", false);
+    assert!(redone, "a stream past its trailer's size was kept");
+    assert_eq!(plain, cut_stream);
+    let (in_work_dir, _) = layers("two", "out-wd", true);
+    assert_eq!(plain, in_work_dir);
+}
+
 /// A whiteout naming `.` or `..` (`.wh..`, `.wh...`) would delete its own directory or the one
 /// above (at the top: the work tree itself); it is refused, naming the entry.
 #[test]

@@ -254,6 +254,44 @@ mod tests {
             }
         }
 
+        /// Blocks handed over with their hashes (`write_block_hashed`, what a raw import
+        /// does) give the same blob as the same bytes through `write_data`, with or without a
+        /// dictionary and dedup, zero blocks and repeats included.
+        #[test]
+        fn blocks_written_with_their_hashes_give_the_same_blob(
+            a in proptest::collection::vec(0u8..12, 1..40),
+            b in proptest::collection::vec(0u8..16, 1..60),
+            chunk_kib in prop_oneof![Just(4u32), Just(16), Just(64)],
+            dedup in any::<bool>(),
+            with_dict in any::<bool>(),
+        ) {
+            let opts = WriterOptions { chunk_size: chunk_kib * 1024, dedup, ..Default::default() };
+            let ba = blob(&disk(&a), None, opts);
+            let la = Layer::open("a", Arc::new(ba.clone()), None).expect("open a");
+            let mut dict = Dictionary::new();
+            dict.add_layer(&la, BlobRef { sha256: sha256(&ba), size: ba.len() as u64 }, |_| {})
+                .expect("dict");
+            let dict = Arc::new(dict);
+            let db = disk(&b);
+            let write = |hashed: bool| {
+                let mut w = crate::LayerWriter::new(Vec::new(), db.len() as u64, opts).expect("w");
+                w.collect_block_hashes();
+                if with_dict {
+                    w.set_dictionary(dict.clone());
+                }
+                for (k, block) in db.chunks(4096).enumerate() {
+                    let at = k as u64 * 4096;
+                    if hashed {
+                        w.write_block_hashed(at, block, sha256(block)).expect("write");
+                    } else {
+                        w.write_data(at, block).expect("write");
+                    }
+                }
+                w.finish().expect("finish")
+            };
+            prop_assert!(write(true) == write(false));
+        }
+
         /// The block hashes a writer collects while writing equal those of its own chunks
         /// decoded, whatever the pieces (aligned blocks, unaligned pieces, zeros, repeats,
         /// blocks borrowed from a dictionary), the chunk size and the dedup setting.

@@ -254,6 +254,28 @@ impl<W: Write> LayerWriter<W> {
         Ok(())
     }
 
+    /// [`LayerWriter::write_data`] of one aligned 4 KiB block whose sha256 the caller computed
+    /// already (`hash` must be `sha256(block)`; anything else but an aligned 4 KiB block is
+    /// written as `write_data` writes it): the same blob, without hashing the block again. A
+    /// raw import hashes every block to find those that changed, on every core; the writer's
+    /// own hash of each block would be one more pass over them, on one.
+    pub fn write_block_hashed(&mut self, off: u64, block: &[u8], hash: [u8; 32]) -> Result<()> {
+        if block.len() as u64 != ZERO_GRANULE || !off.is_multiple_of(ZERO_GRANULE) {
+            return self.write_data(off, block);
+        }
+        debug_assert_eq!(sha256(block), hash, "write_block_hashed: a wrong hash");
+        self.check_range(off, ZERO_GRANULE)?;
+        if is_zero(block) {
+            self.push_zero(off, ZERO_GRANULE);
+        } else if self.opts.dedup {
+            self.push_hashed_block(off, block, hash)?;
+        } else {
+            self.push_data(off, block)?;
+            self.buf_blocks = None;
+        }
+        Ok(())
+    }
+
     /// Records `len` bytes of zeros at `off` (a zero extent or a hole, per the zero policy).
     pub fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
         self.check_range(off, len)?;
@@ -290,7 +312,11 @@ impl<W: Write> LayerWriter<W> {
 
     /// Adds one aligned 4 KiB block, pointing at an earlier copy when there is one.
     fn push_block(&mut self, off: u64, block: &[u8]) -> Result<()> {
-        let h = sha256(block);
+        self.push_hashed_block(off, block, sha256(block))
+    }
+
+    /// [`Self::push_block`] of a block whose sha256 is `h`.
+    fn push_hashed_block(&mut self, off: u64, block: &[u8], h: [u8; 32]) -> Result<()> {
         if let Some(r) = self.dict.as_ref().and_then(|d| d.lookup(&h)) {
             let chunk = self.borrow(r)?;
             self.push_data_extent(off, block.len() as u32, chunk, r.offset);

@@ -18,8 +18,8 @@ use blockfmt::{Dictionary, Image, Layer, LayerStack, WriterOptions};
 
 use super::reuse::{chain_key, ReuseDb};
 use super::{
-    bad, blob_path, dict, ext4apply, layer_filesystem, link_or_copy, rawimport, unpack, workdir,
-    FsKind, LayerFs, Summary,
+    bad, blob_path, dict, ext4apply, layer_filesystem, link_or_copy, rawimport, timing, unpack,
+    workdir, FsKind, LayerFs, Summary,
 };
 use crate::build::write_blob_atomically;
 use crate::cli::CliResult;
@@ -50,6 +50,9 @@ pub(super) struct LayerRun<'a> {
     pub in_dict: usize,
     /// The converted layers' descriptors, bottom first.
     pub out: Vec<Descriptor>,
+    /// Whether the bottom layer is in the host tree already (streamed into it while the
+    /// layers were spooled, `mod.rs`).
+    pub bottom_applied: bool,
     /// The host tree's removal, started once the top layer no longer needs it.
     pub tree_removal: Option<workdir::Removal>,
     pub stats: Summary,
@@ -75,13 +78,18 @@ impl LayerRun<'_> {
         let (i, digest) = (s.index, s.digest);
         let mut changes = ext4apply::Changes::new(self.root);
         let tar = s.tar.clone();
-        unpack::apply_layer(self.root, &mut changes, || {
-            let f = File::open(&tar)?;
-            Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
-        })
-        .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+        let apply = timing::stage(|| format!("layer {}: tar to host tree", i + 1));
+        // (The bottom layer may be in the tree already: applied as it was spooled.)
+        if !(i == 0 && self.bottom_applied) {
+            unpack::apply_layer(self.root, &mut changes, i == 0, || {
+                let f = File::open(&tar)?;
+                Ok(Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn Read>)
+            })
+            .map_err(|e| bad(format!("layer {digest}: {e}")))?;
+        }
         let tar_bytes = std::fs::metadata(&s.tar).map_or(u64::MAX, |m| m.len());
         let _ = std::fs::remove_file(&s.tar);
+        drop(apply);
         if self.fs == FsKind::Erofs && i + 1 < s.count {
             return Ok(()); // flattened: one filesystem of the final tree
         }
@@ -89,8 +97,10 @@ impl LayerRun<'_> {
         if self.reuse(s, &key)? {
             return Ok(());
         }
-        let base = self.below()?;
-        let mut h = self.hashes_of(base.as_ref())?;
+        let below = timing::stage(|| format!("layer {}: layers below", i + 1));
+        let bottom = self.out.is_empty();
+        let mut h = self.hashes_of()?;
+        drop(below);
         let scan = layer_filesystem(&LayerFs {
             fs: self.fs,
             root: self.root,
@@ -106,7 +116,9 @@ impl LayerRun<'_> {
         if i + 1 == s.count {
             self.tree_removal = Some(workdir::Removal::start(self.root));
         }
-        let desc = self.import(s, &mut h, base.is_none(), &scan)?;
+        let import = timing::stage(|| format!("layer {}: import", i + 1));
+        let desc = self.import(s, &mut h, bottom, &scan)?;
+        drop(import);
         self.hashes = Some(h);
         if let Some(d) = &self.db {
             d.record(&key, &desc, &blob_path(self.dst, &desc.digest)?);
@@ -165,17 +177,20 @@ impl LayerRun<'_> {
     }
 
     /// The block hashes of `raw` as the layers below left it: kept from the last layer, or,
-    /// after a reused layer, their filesystem exported back into `raw` and hashed.
-    fn hashes_of(&mut self, base: Option<&Image>) -> CliResult<rawimport::BlockHashes> {
-        Ok(match (self.hashes.take(), base) {
-            (Some(h), _) => h,
-            (None, None) => rawimport::BlockHashes::zeros(self.size),
-            (None, Some(b)) => {
+    /// after a reused layer, their filesystem exported back into `raw` and hashed (the stack
+    /// of layers below is opened only then).
+    fn hashes_of(&mut self) -> CliResult<rawimport::BlockHashes> {
+        if let Some(h) = self.hashes.take() {
+            return Ok(h);
+        }
+        Ok(match self.below()? {
+            None => rawimport::BlockHashes::zeros(self.size),
+            Some(b) => {
                 let _step = workdir::step()?;
                 let _ = std::fs::remove_file(&self.raw);
                 let f = File::create(&self.raw)?;
                 f.set_len(self.size)?;
-                rawimport::export(b, &f, self.size)?
+                rawimport::export(&b, &f, self.size)?
             }
         })
     }
@@ -211,6 +226,7 @@ impl LayerRun<'_> {
             self.quiet,
         );
         // The layers below join the dictionary (each once).
+        let grow = timing::stage(|| format!("layer {}: dictionary growth", s.index + 1));
         for l in &self.out[self.in_dict..] {
             // (Written by this conversion, its digest computed while writing.)
             let (layer, id) = dict::open_trusted(&dict::DictBlob {
@@ -234,6 +250,7 @@ impl LayerRun<'_> {
                 .add_hashed(id, &layer.metadata().chunks, &entry.chunks)?;
         }
         self.in_dict = self.out.len();
+        drop(grow);
         let shared = Arc::new(std::mem::take(&mut self.running));
         let (size, opts) = (self.size, self.opts);
         let mut w = write_blob_atomically(&tmp, |o| {

@@ -21,8 +21,8 @@
 //! (`http(s)://registry/repository:tag`, pulled into a temporary layout first).
 //!
 //! Stages, each its own function or module: [`read_source`] (index → manifest, typed by
-//! `crate::oci` and digest-checked), [`spool_layers`] (each layer checked and decompressed
-//! once), `layers` (the per-layer loop: apply, filesystem, import, reuse), `publish` (config,
+//! `crate::oci` and digest-checked), `spool` (each layer checked and decompressed once, on
+//! every core), `layers` (the per-layer loop: apply, filesystem, import, reuse), `publish` (config,
 //! manifest, index, the two lsmd image configs written through lsmd's `ImageConfig`, push).
 //! Every e2fsprogs run is in `e2fs`, the reuse database in `reuse`.
 
@@ -42,11 +42,11 @@ mod remotedict;
 pub mod report;
 mod reuse;
 mod scratch;
+mod spool;
+mod timing;
 mod unpack;
 mod workdir;
 
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -198,22 +198,6 @@ fn sha256_file(p: &Path) -> CliResult<String> {
     ))
 }
 
-/// A source layer's bytes, decompressed as its media type says.
-fn layer_reader(path: &Path, media_type: &str) -> std::io::Result<Box<dyn Read>> {
-    let f = BufReader::with_capacity(1 << 20, File::open(path)?);
-    Ok(if media_type.ends_with("gzip") {
-        Box::new(flate2::read::MultiGzDecoder::new(f))
-    } else if media_type.ends_with("zstd") {
-        Box::new(zstd::stream::read::Decoder::new(f)?)
-    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
-        Box::new(f)
-    } else {
-        return Err(std::io::Error::other(format!(
-            "unsupported layer media type {media_type}"
-        )));
-    })
-}
-
 /// How many times more a block costs when debugfs records it in an undo file than when it is
 /// hashed from the page cache with the rest of the image (measured: about 10–20×; the undo
 /// manager copies each block's old contents and rewrites its index per block).
@@ -251,6 +235,7 @@ struct LayerFs<'a> {
 fn layer_filesystem(l: &LayerFs) -> CliResult<rawimport::Scan> {
     let (raw, i, digest) = (l.raw, l.index, l.digest);
     let mut scan = rawimport::Scan::Whole;
+    let _t = timing::stage(|| format!("layer {}: filesystem", i + 1));
     let in_place = if l.fs == FsKind::Erofs {
         erofs::make(l.root, raw, l.size, l.uuid)?;
         true
@@ -303,22 +288,6 @@ fn link_or_copy(from: &Path, to: &Path) -> CliResult {
         std::fs::rename(&tmp, to).map_err(|e| bad(format!("{}: {e}", to.display())))?;
     }
     Ok(())
-}
-
-/// A `Write` that hashes, and copies to a file if it has one.
-struct HashingSink(Sha256, Option<std::io::BufWriter<File>>);
-
-impl std::io::Write for HashingSink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if let Some(f) = &mut self.1 {
-            std::io::Write::write_all(f, b)?;
-        }
-        self.0.update(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Writes `bytes` as a blob of layout `dst`; returns its descriptor fields (digest, size).
@@ -484,64 +453,6 @@ fn read_source(src: &Path, tag: Option<&str>) -> CliResult<SourceImage> {
     })
 }
 
-/// The source layers, decompressed once each into a private spool beside the destination
-/// (removed with it), with their uncompressed digests (diff IDs: they name the content whatever
-/// its compression) and the total unpacked size.
-struct Spool {
-    tree: workdir::WorkTree,
-    diff_ids: Vec<sha2::digest::Output<Sha256>>,
-    unpacked: u64,
-}
-
-impl Spool {
-    fn tar(&self, i: usize) -> PathBuf {
-        self.tree.path().join(format!("{i}.tar"))
-    }
-}
-
-/// Checks every source layer against its digest before anything is written, and spools it.
-fn spool_layers(src: &Path, dst: &Path, layers: &[oci::Descriptor]) -> CliResult<Spool> {
-    let tree = {
-        let mut name = dst.file_name().unwrap_or_default().to_os_string();
-        name.push(".lsm-spool");
-        let spool = dst.with_file_name(name);
-        if let Some(up) = spool.parent().filter(|u| !u.as_os_str().is_empty()) {
-            std::fs::create_dir_all(up).map_err(|e| bad(format!("{}: {e}", up.display())))?;
-        }
-        workdir::WorkTree::create(&spool).map_err(|e| bad(format!("spool: {e}")))?
-    };
-    let mut spool = Spool {
-        tree,
-        diff_ids: Vec::new(),
-        unpacked: 0,
-    };
-    for (i, l) in layers.iter().enumerate() {
-        let digest = &l.digest;
-        let p = blob_path(src, digest)?;
-        if sha256_file(&p)? != *digest {
-            return Err(bad(format!(
-                "layer {digest}: content does not match its digest (corrupt or truncated)"
-            )));
-        }
-        let mut r =
-            layer_reader(&p, &l.media_type).map_err(|e| bad(format!("layer {digest}: {e}")))?;
-        let mut h = HashingSink(
-            Sha256::new(),
-            Some(std::io::BufWriter::with_capacity(
-                1 << 20,
-                File::create(spool.tar(i)).map_err(|e| bad(format!("spool: {e}")))?,
-            )),
-        );
-        spool.unpacked += std::io::copy(&mut r, &mut h)
-            .map_err(|e| bad(format!("layer {digest}: {e} (corrupt or truncated)")))?;
-        if let Some(w) = h.1.take() {
-            w.into_inner().map_err(|e| bad(format!("spool: {e}")))?;
-        }
-        spool.diff_ids.push(h.0.finalize());
-    }
-    Ok(spool)
-}
-
 /// Default disk size: a power-of-two size class (at least 256 MiB) with room for twice the
 /// content; images of one class can share converted layers. Holes cost nothing.
 fn default_disk_size(unpacked: u64) -> u64 {
@@ -565,15 +476,19 @@ fn filesystem_uuid(base_diff_id: &[u8]) -> String {
     )
 }
 
-/// The private (0700) work tree for the host tree and raw filesystem: in `--work-dir`, else
-/// inside DST. Removed however the conversion ends, signals included: it holds the image's
-/// setuid files and device nodes.
-fn work_tree(a: &ConvertArgs, dst: &Path, unpacked: u64) -> CliResult<workdir::WorkTree> {
-    let dir = a
-        .work_dir
+/// Where the work tree goes for an image of `unpacked` bytes: `--work-dir`, else `/dev/shm` if
+/// it has room (`scratch`); `None`: inside DST.
+fn work_dir(a: &ConvertArgs, unpacked: u64) -> Option<PathBuf> {
+    a.work_dir
         .clone()
-        .or_else(|| scratch::default_work_dir(unpacked, a.jobs));
-    let path = match &dir {
+        .or_else(|| scratch::default_work_dir(unpacked, a.jobs))
+}
+
+/// The private (0700) work tree for the host tree and raw filesystem: in `dir`, else inside
+/// DST. Removed however the conversion ends, signals included: it holds the image's setuid
+/// files and device nodes.
+fn work_tree(dir: Option<&Path>, dst: &Path) -> CliResult<workdir::WorkTree> {
+    let path = match dir {
         Some(d) => d.join(format!(
             ".lsm-convert-{}-{}",
             std::process::id(),
@@ -583,7 +498,85 @@ fn work_tree(a: &ConvertArgs, dst: &Path, unpacked: u64) -> CliResult<workdir::W
         )),
         None => dst.join(".convert-work"),
     };
-    workdir::WorkTree::create(&path).map_err(|e| bad(format!("work tree: {e}")))
+    let tree = workdir::WorkTree::create(&path).map_err(|e| bad(format!("work tree: {e}")))?;
+    std::fs::create_dir(tree.path().join("root"))?;
+    Ok(tree)
+}
+
+/// A guess of the image's unpacked size before its layers are decompressed, for where to put
+/// the work tree while the bottom layer streams into it: a gzip layer's trailer size (its
+/// length modulo 4 GiB) or its compressed size, whichever is larger; else 4 times the
+/// compressed size. Only where the tree goes depends on it, never the output; a wrong guess
+/// costs the streamed apply, which is then redone from the spool.
+fn estimated_unpacked(src: &Path, layers: &[oci::Descriptor]) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let gzip_size = |l: &oci::Descriptor| -> Option<u64> {
+        let mut f = std::fs::File::open(blob_path(src, &l.digest).ok()?).ok()?;
+        f.seek(SeekFrom::End(-4)).ok()?;
+        let mut b = [0u8; 4];
+        f.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b) as u64)
+    };
+    layers
+        .iter()
+        .map(|l| {
+            if l.media_type.ends_with("gzip") {
+                gzip_size(l).unwrap_or(0).max(l.size)
+            } else {
+                l.size.saturating_mul(4)
+            }
+        })
+        .fold(0u64, |a, b| a.saturating_add(b))
+}
+
+/// Spools the layers (`spool`) and meanwhile streams the bottom layer's bytes into a work tree
+/// (its apply overlaps its decompression and the other layers'), when the work tree's place
+/// is known before the unpacked size is: `--work-dir`, or `/dev/shm` with room for the
+/// [`estimated_unpacked`] size (the stream stops past that size). The tree is kept only if
+/// every layer then matched its digest (else the error is the spool's), the apply succeeded
+/// and the unpacked size puts the tree in the same place; otherwise it is removed and the
+/// bottom layer applied from the spool as the others are. The same tree either way.
+fn spool_and_apply_bottom(
+    a: &ConvertArgs,
+    src: &Path,
+    dst: &Path,
+    layers: &[oci::Descriptor],
+) -> CliResult<(spool::Spool, Option<workdir::WorkTree>)> {
+    let guess = estimated_unpacked(src, layers);
+    let Some(dir) = work_dir(a, guess).filter(|_| !layers.is_empty()) else {
+        return Ok((spool::spool_layers(src, dst, layers, None)?, None));
+    };
+    let tree = work_tree(Some(&dir), dst)?;
+    let root = tree.path().join("root");
+    let (to, from) = std::sync::mpsc::sync_channel(16);
+    let tee = spool::Tee {
+        to,
+        limit: if a.work_dir.is_some() {
+            u64::MAX
+        } else {
+            guess
+        },
+    };
+    let (spooled, applied) = std::thread::scope(|sc| {
+        let spooling = sc.spawn(move || spool::spool_layers(src, dst, layers, Some(tee)));
+        let _t = timing::stage(|| "layer 1: tar to host tree, streamed".into());
+        let mut stream = Some(spool::TeeReader::new(from));
+        let mut changes = ext4apply::Changes::new(&root);
+        let applied = unpack::apply_layer(&root, &mut changes, true, || {
+            let s = stream
+                .take()
+                .ok_or_else(|| std::io::Error::other("read twice"))?;
+            Ok(Box::new(s) as Box<dyn std::io::Read>)
+        });
+        drop(stream);
+        (spooling.join(), applied)
+    });
+    let spool = spooled.map_err(|_| bad("internal error: the spooling thread panicked"))??;
+    let keep = applied.is_ok() && work_dir(a, spool.unpacked).as_deref() == Some(dir.as_path());
+    if !keep {
+        timing::note(|| "layer 1: the streamed apply is not kept; applied from the spool".into());
+    }
+    Ok((spool, keep.then_some(tree)))
 }
 
 /// Converts the image `a.src` (an image layout) into the layout `a.dst`: the source is read and
@@ -601,8 +594,12 @@ fn convert_layout(
             eprintln!("convert: {m}");
         }
     };
+    let _total = timing::stage(|| "total".into());
     let source = read_source(&src, a.tag.as_deref())?;
-    let spool = spool_layers(&src, &dst, &source.manifest.layers)?;
+    let (spool, early_tree) = {
+        let _t = timing::stage(|| "spool (all layers)".into());
+        spool_and_apply_bottom(&a, &src, &dst, &source.manifest.layers)?
+    };
     let size = a.size.unwrap_or_else(|| default_disk_size(spool.unpacked));
     let n = source.manifest.layers.len();
     say(format!(
@@ -623,9 +620,12 @@ fn convert_layout(
             dst.join("blobs")
         });
     };
-    let work_tree = work_tree(&a, &dst, spool.unpacked)?;
+    let bottom_applied = early_tree.is_some();
+    let work_tree = match early_tree {
+        Some(t) => t,
+        None => work_tree(work_dir(&a, spool.unpacked).as_deref(), &dst)?,
+    };
     let root = work_tree.path().join("root");
-    std::fs::create_dir(&root)?;
     let dict_dir = dst.join(".convert-dict");
     let dict_tree = workdir::WorkTree::adopt(&dict_dir);
     let dict = if a.dict.is_empty() {
@@ -676,6 +676,7 @@ fn convert_layout(
         hashes: Some(rawimport::BlockHashes::zeros(size)),
         in_dict: 0,
         out: Vec::new(),
+        bottom_applied,
         tree_removal: None,
         stats: Summary {
             bytes_in: source.manifest.layers.iter().map(|l| l.size).sum(),
@@ -698,6 +699,7 @@ fn convert_layout(
             })
         })
         .and_then(|()| run.borrowed_blobs());
+    let end = timing::stage(|| "end (removal, hash index, publish)".into());
     if let Some(r) = run.tree_removal.take() {
         r.wait();
     }
@@ -730,5 +732,6 @@ fn convert_layout(
     if a.print_digest {
         println!("{}", published.manifest_digest);
     }
+    drop(end);
     Ok(stats)
 }

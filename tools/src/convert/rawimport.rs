@@ -26,17 +26,25 @@ const STEP: u64 = 4 << 20;
 type Hash = [u8; 16];
 const ZERO: Hash = [0; 16];
 
-fn hash(b: &[u8]) -> Hash {
-    if blockfmt::writer::is_zero(b) {
-        return ZERO;
-    }
-    let d = Sha256::digest(b);
+/// The sha256 of a 4 KiB block; `None` for a zero block.
+fn full_hash(b: &[u8]) -> Option<[u8; 32]> {
+    (!blockfmt::writer::is_zero(b)).then(|| Sha256::digest(b).into())
+}
+
+/// What [`BlockHashes`] keeps of a block's [`full_hash`]: its first 128 bits, never [`ZERO`]
+/// for a block that is not zero.
+fn short(full: &Option<[u8; 32]>) -> Hash {
+    let Some(d) = full else { return ZERO };
     let mut h = [0u8; 16];
     h.copy_from_slice(&d[..16]);
     if h == ZERO {
         h[0] = 1; // never confused with a zero block
     }
     h
+}
+
+fn hash(b: &[u8]) -> Hash {
+    short(&full_hash(b))
 }
 
 /// Threads lent to blockfmt for encoding chunks at once: each batch runs on up to one thread
@@ -70,18 +78,18 @@ impl blockfmt::ParallelLoads for HostThreads {
 }
 
 /// The hashes of every 4 KiB block of `buf`, on every core.
-fn hash_all(buf: &[u8], threads: usize) -> Vec<Hash> {
+fn hash_all(buf: &[u8], threads: usize) -> Vec<Option<[u8; 32]>> {
     if threads <= 1 {
-        return buf.chunks(BLOCK as usize).map(hash).collect();
+        return buf.chunks(BLOCK as usize).map(full_hash).collect();
     }
     let blocks = buf.len().div_ceil(BLOCK as usize);
     let per = blocks.div_ceil(threads.max(1)).max(1) * BLOCK as usize;
-    let mut out = vec![ZERO; blocks];
+    let mut out = vec![None; blocks];
     std::thread::scope(|sc| {
         for (piece, hashes) in buf.chunks(per).zip(out.chunks_mut(per / BLOCK as usize)) {
             sc.spawn(move || {
                 for (b, h) in piece.chunks(BLOCK as usize).zip(hashes.iter_mut()) {
-                    *h = hash(b);
+                    *h = full_hash(b);
                 }
             });
         }
@@ -162,89 +170,149 @@ pub fn import_changed<W: io::Write>(
     let threads = HostThreads::new();
     let cores = threads.0;
     w.set_parallel(Arc::new(threads), 4 * cores);
-    match scan {
-        Scan::Whole => scan_whole(raw, size, hashes, &mut w, cores, &mut progress)?,
-        Scan::Written(runs) => {
-            for &(first, count) in runs {
-                let from = first.saturating_mul(BLOCK).min(size);
-                let to = first.saturating_add(count).saturating_mul(BLOCK).min(size);
-                compare_range(raw, hashes, &mut w, from, to, cores, &mut progress)?;
-            }
-        }
-    }
+    // The raw image is read and hashed on other threads while this one writes what changed.
+    std::thread::scope(|sc| {
+        let (to, from) = std::sync::mpsc::sync_channel(2);
+        let reader = sc.spawn(move || read_pieces(raw, size, scan, cores, &to));
+        let written = from
+            .iter()
+            .try_for_each(|p| write_piece(&mut w, hashes, p, &mut progress));
+        drop(from); // (a reader still sending stops)
+        let read = reader
+            .join()
+            .map_err(|_| raw_io(0, io::Error::other("the raw image reader panicked")))?;
+        written.and(read)
+    })?;
     progress(size);
     w.finish()
 }
 
-/// Every data region of `raw`: holes are zeros without reading them.
-fn scan_whole<W: io::Write>(
+/// One piece of the raw image, in disk order: a hole (zeros), or data with the hashes of its
+/// blocks.
+enum Piece {
+    Hole {
+        from: u64,
+        to: u64,
+    },
+    Data {
+        off: u64,
+        buf: Vec<u8>,
+        hashes: Vec<Option<[u8; 32]>>,
+    },
+}
+
+/// Sends the pieces of `raw` that `scan` names, in disk order, to `to` (stops early, without
+/// an error, when the receiver hangs up).
+fn read_pieces(
     raw: &File,
     size: u64,
-    hashes: &mut BlockHashes,
-    w: &mut LayerWriter<W>,
+    scan: &Scan,
     cores: usize,
-    progress: &mut impl FnMut(u64),
+    to: &std::sync::mpsc::SyncSender<Piece>,
 ) -> blockfmt::Result<()> {
-    let io_err = raw_io;
-    let mut off = 0u64;
-    while off < size {
-        let data = seek(raw, off, libc::SEEK_DATA)
-            .map_err(|e| io_err(off, e))?
-            .unwrap_or(size)
-            .min(size)
-            / BLOCK
-            * BLOCK;
-        // A hole: zeros now; a block that held data before becomes a zero extent.
-        zero_range(w, hashes, off, data)?;
-        off = data.max(off);
-        if off >= size {
-            break;
+    match scan {
+        Scan::Whole => {
+            let mut off = 0u64;
+            while off < size {
+                let data = seek(raw, off, libc::SEEK_DATA)
+                    .map_err(|e| raw_io(off, e))?
+                    .unwrap_or(size)
+                    .min(size)
+                    / BLOCK
+                    * BLOCK;
+                // A hole: zeros now; a block that held data before becomes a zero extent.
+                if data > off
+                    && to
+                        .send(Piece::Hole {
+                            from: off,
+                            to: data,
+                        })
+                        .is_err()
+                {
+                    return Ok(());
+                }
+                off = data.max(off);
+                if off >= size {
+                    break;
+                }
+                let end = seek(raw, off, libc::SEEK_HOLE)
+                    .map_err(|e| raw_io(off, e))?
+                    .unwrap_or(size)
+                    .min(size)
+                    .div_ceil(BLOCK)
+                    * BLOCK;
+                let end = end.min(size).max(off + BLOCK.min(size - off));
+                if !read_range(raw, off, end, cores, to)? {
+                    return Ok(());
+                }
+                off = end;
+            }
         }
-        let end = seek(raw, off, libc::SEEK_HOLE)
-            .map_err(|e| io_err(off, e))?
-            .unwrap_or(size)
-            .min(size)
-            .div_ceil(BLOCK)
-            * BLOCK;
-        let end = end.min(size).max(off + BLOCK.min(size - off));
-        compare_range(raw, hashes, w, off, end, cores, progress)?;
-        off = end;
+        Scan::Written(runs) => {
+            for &(first, count) in runs {
+                let from = first.saturating_mul(BLOCK).min(size);
+                let end = first.saturating_add(count).saturating_mul(BLOCK).min(size);
+                if !read_range(raw, from, end, cores, to)? {
+                    return Ok(());
+                }
+            }
+        }
     }
     Ok(())
 }
 
-/// Reads `[from, to)` of `raw`, hashes its blocks and writes those whose hash changed (a
-/// block now zero becomes zeros: a zero extent over layers, nothing in a bottom layer).
-fn compare_range<W: io::Write>(
+/// Reads `[off, to)` of `raw` in steps and sends each with its block hashes; whether the
+/// receiver still listens.
+fn read_range(
     raw: &File,
-    hashes: &mut BlockHashes,
-    w: &mut LayerWriter<W>,
     mut off: u64,
     to: u64,
     cores: usize,
-    progress: &mut impl FnMut(u64),
-) -> blockfmt::Result<()> {
-    let mut buf = vec![0u8; (to.saturating_sub(off)).min(STEP) as usize];
+    send: &std::sync::mpsc::SyncSender<Piece>,
+) -> blockfmt::Result<bool> {
     while off < to {
         let n = (to - off).min(STEP) as usize;
-        raw.read_exact_at(&mut buf[..n], off)
+        let mut buf = vec![0u8; n];
+        raw.read_exact_at(&mut buf, off)
             .map_err(|e| raw_io(off, e))?;
         // Threads pay off only for many blocks (small runs are most of a small layer's).
-        let fresh = hash_all(&buf[..n], if n >= 64 * BLOCK as usize { cores } else { 1 });
-        for (i, (b, h)) in buf[..n].chunks(BLOCK as usize).zip(fresh).enumerate() {
-            let at = off + i as u64 * BLOCK;
-            let slot = hashes
-                .0
-                .get_mut((at / BLOCK) as usize)
-                .ok_or_else(|| raw_io(at, io::Error::other("block past the disk")))?;
-            if h != *slot {
-                *slot = h;
-                w.write_data(at, b)?;
-            }
+        let hashes = hash_all(&buf, if n >= 64 * BLOCK as usize { cores } else { 1 });
+        if send.send(Piece::Data { off, buf, hashes }).is_err() {
+            return Ok(false);
         }
         off += n as u64;
-        progress(off);
     }
+    Ok(true)
+}
+
+/// Writes the blocks of `piece` whose hash differs from `hashes` (then updated): a block now
+/// zero becomes zeros (a zero extent over layers, nothing in a bottom layer).
+fn write_piece<W: io::Write>(
+    w: &mut LayerWriter<W>,
+    hashes: &mut BlockHashes,
+    piece: Piece,
+    progress: &mut impl FnMut(u64),
+) -> blockfmt::Result<()> {
+    let (off, buf, fresh) = match piece {
+        Piece::Hole { from, to } => return zero_range(w, hashes, from, to),
+        Piece::Data { off, buf, hashes } => (off, buf, hashes),
+    };
+    for (i, (b, full)) in buf.chunks(BLOCK as usize).zip(fresh).enumerate() {
+        let at = off + i as u64 * BLOCK;
+        let h = short(&full);
+        let slot = hashes
+            .0
+            .get_mut((at / BLOCK) as usize)
+            .ok_or_else(|| raw_io(at, io::Error::other("block past the disk")))?;
+        if h != *slot {
+            *slot = h;
+            match full {
+                Some(d) => w.write_block_hashed(at, b, d)?,
+                None => w.write_data(at, b)?,
+            }
+        }
+    }
+    progress(off + buf.len() as u64);
     Ok(())
 }
 

@@ -159,16 +159,46 @@ fn make_dirs(
 /// lacks): fixed, as the filesystem root's is.
 const IMPLICIT_DIR_MTIME: u64 = 1;
 
+/// The error for a whiteout of `hidden` that would climb out of its directory (`.wh.`,
+/// `.wh..`, `.wh...`), if it is one.
+fn climbing_whiteout(entry: &Path, hidden: &str) -> io::Result<()> {
+    if matches!(hidden, "" | "." | "..") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "entry path {}: a whiteout of {hidden:?} climbs out of its directory",
+                entry.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Applies one layer, read twice through `open` (whiteouts, then contents), onto `root`,
-/// recording in `changes` what it changed (to replay on the layer's filesystem).
+/// recording in `changes` what it changed (to replay on the layer's filesystem). With
+/// `empty_root` (the bottom layer: nothing below for a whiteout to hide) it is read once, as
+/// a stream: the whiteout pass would change nothing, so only its checks are kept.
 pub fn apply_layer(
     root: &Path,
     changes: &mut Changes,
+    empty_root: bool,
     mut open: impl FnMut() -> io::Result<Box<dyn Read>>,
 ) -> io::Result<()> {
     let mut kept = KeptTimes::default();
-    // Pass 1: whiteouts hide what lower layers put there.
-    let mut a = Archive::new(open()?);
+    if !empty_root {
+        hide_whiteouts(root, changes, &mut kept, open()?)?;
+    }
+    apply_contents(root, changes, kept, empty_root, open()?)
+}
+
+/// Pass 1: whiteouts hide what lower layers put there.
+fn hide_whiteouts(
+    root: &Path,
+    changes: &mut Changes,
+    kept: &mut KeptTimes,
+    tar: Box<dyn Read>,
+) -> io::Result<()> {
+    let mut a = Archive::new(tar);
     for e in a.entries()? {
         let e = e?;
         let parts = clean(&e.path()?)?;
@@ -190,15 +220,7 @@ pub fn apply_layer(
                 }
             }
         } else if let Some(hidden) = name.strip_prefix(".wh.") {
-            if matches!(hidden, "" | "." | "..") {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "entry path {}: a whiteout of {hidden:?} climbs out of its directory",
-                        e.path()?.display()
-                    ),
-                ));
-            }
+            climbing_whiteout(&e.path()?, hidden)?;
             let mut p = parts[..parts.len() - 1].to_vec();
             p.push(hidden.into());
             let victim = entry_path(root, &p)?;
@@ -209,15 +231,28 @@ pub fn apply_layer(
             remove_all(&victim)?;
         }
     }
-    // Pass 2: everything else.
+    Ok(())
+}
+
+/// Pass 2: everything but whiteouts (checked here when pass 1 was skipped: `checks`).
+fn apply_contents(
+    root: &Path,
+    changes: &mut Changes,
+    mut kept: KeptTimes,
+    checks: bool,
+    tar: Box<dyn Read>,
+) -> io::Result<()> {
     let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();
     let mut implicit: Vec<PathBuf> = Vec::new();
-    let mut a = Archive::new(open()?);
+    let mut a = Archive::new(tar);
     for e in a.entries()? {
         let mut e = e?;
         let parts = clean(&e.path()?)?;
         let Some(name) = parts.last() else { continue }; // the root itself
-        if name.to_str().is_some_and(|n| n.starts_with(".wh.")) {
+        if let Some(hidden) = name.to_str().and_then(|n| n.strip_prefix(".wh.")) {
+            if checks {
+                climbing_whiteout(&e.path()?, hidden)?;
+            }
             continue;
         }
         let _step = workdir::step()?;
