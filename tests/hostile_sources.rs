@@ -704,7 +704,7 @@ fn a_stream_cut_part_way_is_resumed_for_the_rest_only() {
     assert_eq!(again.1, first.1, "{long:?}");
     assert_eq!(
         again.0,
-        first.0 + (first.1 - first.0 + 1) / 2,
+        first.0 + (first.1 - first.0).div_ceil(2),
         "not resumed where it was cut: {long:?}"
     );
     // Every chunk came in by the stream: reading the disk fetches nothing more.
