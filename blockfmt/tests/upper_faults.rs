@@ -299,6 +299,9 @@ fn layer_before_a_single_sync_flush(dir: &Path) -> UpperLayer {
 /// keeps every write; an append brings back the two `fdatasync`s.
 #[test]
 fn a_flush_of_reused_space_only_syncs_the_log() {
+    // No failpoint here, but the scenario keeps the other tests' failpoints (a process-wide
+    // registry) away from these syncs, and this test's syncs from their counts.
+    let scenario = fail::FailScenario::setup();
     let tmp = common::tempdir_on_disk();
     let dir = tmp.path();
     let up = layer_before_a_single_sync_flush(dir);
@@ -316,6 +319,7 @@ fn a_flush_of_reused_space_only_syncs_the_log() {
     for (i, v) in [(0u64, 0x22u8), (2, 0x33), (3, 0x44), (9, 0x55)] {
         assert_eq!(read(&up, i * 4096, 4096), [v; 4096], "block {i}");
     }
+    scenario.teardown();
 }
 
 /// After a failed sync: a second flush and a write (at `write_at`) fail although the fault is
