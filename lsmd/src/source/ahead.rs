@@ -9,7 +9,8 @@
 //! from the stream, waiting for those not in yet; what the stream did not bring (it failed, or
 //! a read reaches past it) comes from the source itself. Bytes that failed their check are
 //! asked of the source again ([`ReadAt::read_again_at`]), never of the stream. Once a read has
-//! taken the range's last byte, the stream's buffer is freed.
+//! taken the range's last byte, the stream's buffer is freed; a read that stops its stream
+//! early (the layer above was refused) stops the stream ahead too.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,6 +108,11 @@ impl StreamAhead {
                 at += n as u64;
                 st = self.shared.state.lock();
                 if !go_on {
+                    // The reader stopped its stream (the layer was refused): nobody wants
+                    // the rest, which would only take the link from the layers below.
+                    self.shared.cancel.store(true, Ordering::Relaxed);
+                    st.released = true;
+                    st.buf = Vec::new();
                     return (at - off, false);
                 }
             } else if st.ended {
@@ -236,6 +242,22 @@ mod tests {
         let mut tail = vec![0u8; 1000];
         ahead.read_exact_at(&mut tail, 99_000).expect("read");
         assert_eq!(tail, src.blob[99_000..]);
+    }
+
+    #[test]
+    fn a_reader_that_stops_its_stream_stops_the_stream_ahead() {
+        let src = counted();
+        let ahead = StreamAhead::new(src.clone());
+        ahead.start("blob", 0, 50_000);
+        ahead
+            .read_stream_at(0, 50_000, &mut |_| false)
+            .expect("stream");
+        assert!(ahead.shared.cancel.load(Ordering::SeqCst));
+        assert!(ahead.shared.state.lock().released);
+        let mut b = vec![0u8; 100];
+        ahead.read_exact_at(&mut b, 40_000).expect("read");
+        assert_eq!(b, src.blob[40_000..40_100]);
+        assert_eq!(src.reads.load(Ordering::SeqCst), 1);
     }
 
     #[test]
