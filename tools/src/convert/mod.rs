@@ -559,7 +559,7 @@ fn spool_and_apply_bottom(
     };
     let (spooled, applied) = std::thread::scope(|sc| {
         let spooling = sc.spawn(move || spool::spool_layers(src, dst, layers, Some(tee)));
-        let _t = timing::stage(|| "layer 1: tar to host tree, streamed".into());
+        let streamed = timing::stage(|| "layer 1: tar to host tree, streamed".into());
         let mut stream = Some(spool::TeeReader::new(from));
         let mut changes = ext4apply::Changes::new(&root);
         let applied = unpack::apply_layer(&root, &mut changes, true, || {
@@ -569,6 +569,7 @@ fn spool_and_apply_bottom(
             Ok(Box::new(s) as Box<dyn std::io::Read>)
         });
         drop(stream);
+        drop(streamed);
         (spooling.join(), applied)
     });
     let spool = spooled.map_err(|_| bad("internal error: the spooling thread panicked"))??;
