@@ -26,8 +26,8 @@
 //! Space: one record per upper piece (cut at 4 KiB boundaries of the run and at 64 KiB), so a
 //! later overwrite frees the rewritten space slot by slot as it did before the rewrite; a
 //! budget: the bytes rewritten since open never pass the bytes clients wrote since open; and
-//! room: a rewrite that would append (no free region takes it whole) is skipped once the data
-//! file would pass twice the live data (or live + 64 MiB), so rewrites never push the files to
+//! room: a rewrite that would append (no free region takes it whole) is skipped once the files
+//! would pass 2.5 times the live data (or live + 64 MiB), so rewrites never push the files to
 //! compaction's hard bound (three times, counting free space) — bringing a layer fragmented
 //! again back in order is then compaction's job, which copies in disk order. Over the budget or
 //! out of room, the queue is dropped and reads queue nothing until clients wrote another 64 MiB
@@ -56,8 +56,9 @@ const SLOT: u64 = 4096;
 /// Client bytes written after a burst ended over the budget or out of room before reads queue
 /// ranges again.
 const PAUSE_BYTES: u64 = 64 << 20;
-/// A rewrite that appends may grow the data file to this many times the live data...
-const ROOM_RATIO: u64 = 2;
+/// A rewrite that appends may grow the files to this percentage of the live data (compaction's
+/// hard bound is 300 %: this leaves the clients' own appends room below it)...
+const ROOM_PERCENT: u64 = 250;
 /// ... or to the live data plus this much, if more (small layers).
 const ROOM_MIN: u64 = 64 << 20;
 
@@ -215,7 +216,9 @@ impl UpperLayer {
             return true;
         }
         let live = live_size(&st.map);
-        let room = live.saturating_mul(ROOM_RATIO).max(live + ROOM_MIN);
+        let room = (live / 100)
+            .saturating_mul(ROOM_PERCENT)
+            .max(live + ROOM_MIN);
         st.data_len + st.log_len + len <= room
     }
 
