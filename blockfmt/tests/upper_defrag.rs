@@ -248,13 +248,16 @@ fn rewrites_stay_within_the_bytes_clients_wrote() {
         img.defrag_range(RANGE.0, RANGE.1).expect("defrag"),
         DefragOutcome::OverBudget
     );
-    // Another 128 KiB written elsewhere: now it fits, exactly.
+    // Another 128 KiB written elsewhere: now it fits, exactly. Reads queue nothing until
+    // clients wrote 64 MiB since the burst ended over the budget.
     give_budget(&img, &mut model);
     img.read(RANGE.0, &mut buf).expect("read");
-    let report = img.run_defrags().expect("defrag");
-    assert_eq!((report.ranges, report.bytes), (1, RANGE.1));
-    let s = up.stats();
-    assert_eq!(s.defrag_bytes, 256 << 10);
+    assert_eq!(up.queued_defrags(), 0, "paused");
+    assert_eq!(
+        img.defrag_range(RANGE.0, RANGE.1).expect("defrag"),
+        DefragOutcome::Rewritten { bytes: RANGE.1 }
+    );
+    assert_eq!(up.stats().defrag_bytes, 256 << 10);
     assert_eq!(read_all(&img), model);
     // Spent: nothing more, however fragmented.
     fragment(&img, &mut model, 9);
@@ -262,6 +265,56 @@ fn rewrites_stay_within_the_bytes_clients_wrote() {
         img.defrag_range(RANGE.0, RANGE.1).expect("defrag"),
         DefragOutcome::OverBudget
     );
+    assert_eq!(read_all(&img), model);
+    // 64 MiB more written (flushed as it goes, so it reuses its own space): reads queue again.
+    for i in 0..64u8 {
+        img.write(0, &vec![i; 1 << 20]).expect("write");
+        img.flush().expect("flush");
+    }
+    model.fill(63);
+    fragment(&img, &mut model, 10);
+    img.read(RANGE.0, &mut buf).expect("read");
+    assert_eq!(up.queued_defrags(), 1, "resumed");
+    let report = img.run_defrags().expect("defrag");
+    assert_eq!((report.ranges, report.bytes), (1, RANGE.1));
+    assert_eq!(read_all(&img), model);
+}
+
+/// A rewrite that would append is skipped once the files would pass the room rewrites may
+/// take (here: live data + 64 MiB); one that fits in free space whole takes it, and the data
+/// file does not grow.
+#[test]
+fn rewrites_append_only_within_their_room() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut model = random_disk(17);
+    let (img, _) = image(tmp.path(), &model);
+    let up = img.upper().expect("upper");
+    up.set_compaction(blockfmt::upper::CompactionPolicy::never());
+    // 70 MiB appended over the same MiB, unflushed: nothing is free yet.
+    for i in 0..70u8 {
+        img.write(0, &vec![i; 1 << 20]).expect("write");
+    }
+    model.fill(69);
+    fragment(&img, &mut model, 18);
+    let len = up.data_file_len();
+    assert_eq!(
+        img.defrag_range(RANGE.0, RANGE.1).expect("defrag"),
+        DefragOutcome::NoRoom
+    );
+    assert_eq!(up.data_file_len(), len);
+    // Two flushes: the overwritten MiBs are free; the rewrite goes there whole.
+    img.flush().expect("flush");
+    img.write(900 << 10, &[5; 4096]).expect("write");
+    model[900 << 10..(900 << 10) + 4096].fill(5);
+    img.flush().expect("flush");
+    assert!(up.stats().free_bytes >= RANGE.1);
+    let len = up.data_file_len();
+    assert_eq!(
+        img.defrag_range(RANGE.0, RANGE.1).expect("defrag"),
+        DefragOutcome::Rewritten { bytes: RANGE.1 }
+    );
+    assert_eq!(up.data_file_len(), len, "no growth");
+    assert_eq!(data_pieces(&img, RANGE), 1);
     assert_eq!(read_all(&img), model);
 }
 

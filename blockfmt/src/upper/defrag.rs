@@ -24,17 +24,21 @@
 //! lower holes and zero extents split a range into runs and stay as they are.
 //!
 //! Space: one record per upper piece (cut at 4 KiB boundaries of the run and at 64 KiB), so a
-//! later overwrite frees the rewritten space slot by slot as it did before the rewrite; and a
-//! budget: the bytes rewritten since open never pass the bytes clients wrote since open, so
-//! rewrites cannot grow the files more than the writes that fragmented them did (dead space is
-//! reused or compacted as usual).
+//! later overwrite frees the rewritten space slot by slot as it did before the rewrite; a
+//! budget: the bytes rewritten since open never pass the bytes clients wrote since open; and
+//! room: a rewrite that would append (no free region takes it whole) is skipped once the files
+//! would pass 2.5 times the live data (or live + 64 MiB), so rewrites never push the files to
+//! compaction's hard bound (three times, counting free space) — bringing a layer fragmented
+//! again back in order is then compaction's job, which copies in disk order. Over the budget or
+//! out of room, the queue is dropped and reads queue nothing until clients wrote another 64 MiB
+//! (which may free space, or compact).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::{State, UpperLayer, UpperTarget, UpperView};
+use super::{live_size, reuses_space, State, UpperLayer, UpperTarget, UpperView};
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::merged::{Segment, Target};
@@ -49,6 +53,14 @@ const SEEN_MAX: usize = 4096;
 const RECORD_MAX: u64 = 64 << 10;
 /// Records start on this boundary of the data file (a slot each, `space.rs`).
 const SLOT: u64 = 4096;
+/// Client bytes written after a burst ended over the budget or out of room before reads queue
+/// ranges again.
+const PAUSE_BYTES: u64 = 64 << 20;
+/// A rewrite that appends may grow the files to this percentage of the live data (compaction's
+/// hard bound is 300 %: this leaves the clients' own appends room below it)...
+const ROOM_PERCENT: u64 = 250;
+/// ... or to the live data plus this much, if more (small layers).
+const ROOM_MIN: u64 = 64 << 20;
 
 /// Which reads queue their range for a rewrite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +102,8 @@ pub enum DefragOutcome {
     Changed,
     /// Rewriting it would pass the budget (bytes clients wrote since open): skipped.
     OverBudget,
+    /// Rewriting it would append past the room rewrites may take (see the module docs).
+    NoRoom,
 }
 
 /// What one [`Image::run_defrags`] did.
@@ -109,6 +123,17 @@ pub(super) struct DefragQueue {
     inner: Mutex<Queued>,
     /// Set when the queue became busy; the host takes it ([`UpperLayer::take_defrag_request`]).
     asked: AtomicBool,
+    /// Data bytes clients wrote since open: the budget of the rewrites.
+    written: AtomicU64,
+    /// Reads queue nothing until `written` reaches this (a burst ran out of budget or room).
+    resume_at: AtomicU64,
+}
+
+impl DefragQueue {
+    /// A client write of `len` data bytes (budget and pause; lock-free, on every write).
+    pub(super) fn note_client_write(&self, len: u64) {
+        self.written.fetch_add(len, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -134,6 +159,10 @@ impl UpperLayer {
     /// docs). Cheap when it is not: reads of one piece return at once.
     pub(crate) fn note_read(&self, off: u64, len: u64, data_pieces: usize) {
         if data_pieces < 2 || len > DEFRAG_MAX_RANGE || self.read_only() {
+            return;
+        }
+        let d = &self.defrag;
+        if d.written.load(Ordering::Relaxed) < d.resume_at.load(Ordering::Relaxed) {
             return;
         }
         let mut q = self.defrag.inner.lock();
@@ -166,6 +195,31 @@ impl UpperLayer {
     /// the request path (one run at a time: no new request until a run found the queue empty).
     pub fn take_defrag_request(&self) -> bool {
         self.defrag.asked.load(Ordering::Relaxed) && self.defrag.asked.swap(false, Ordering::AcqRel)
+    }
+
+    /// Drops the queue and queues nothing until clients wrote [`PAUSE_BYTES`] more.
+    fn pause_defrags(&self) {
+        let d = &self.defrag;
+        d.resume_at.store(
+            d.written
+                .load(Ordering::Relaxed)
+                .saturating_add(PAUSE_BYTES),
+            Ordering::Relaxed,
+        );
+        self.cancel_defrags();
+    }
+
+    /// True when a rewrite of `len` bytes could go into free space whole, or append within
+    /// the room rewrites may take (see the module docs).
+    fn defrag_room(&self, st: &State, len: u64) -> bool {
+        if reuses_space(st.files.version) && st.space.fits(len, st.data_len) {
+            return true;
+        }
+        let live = live_size(&st.map);
+        let room = (live / 100)
+            .saturating_mul(ROOM_PERCENT)
+            .max(live + ROOM_MIN);
+        st.data_len + st.log_len + len <= room
     }
 
     /// Drops every queued range (the host cannot run them now); later reads queue anew.
@@ -209,8 +263,11 @@ impl UpperLayer {
         if !unchanged(&st, seen, off, len) {
             return Ok(DefragOutcome::Changed);
         }
-        if st.defrag_bytes.saturating_add(bytes) > st.client_bytes {
+        if st.defrag_bytes.saturating_add(bytes) > self.defrag.written.load(Ordering::Relaxed) {
             return Ok(DefragOutcome::OverBudget);
+        }
+        if !self.defrag_room(&st, bytes) {
+            return Ok(DefragOutcome::NoRoom);
         }
         let mut res = Ok(());
         for (at, data, records) in runs {
@@ -227,6 +284,17 @@ impl UpperLayer {
         drop(st);
         self.compact_if(due);
         res.map(|()| DefragOutcome::Rewritten { bytes })
+    }
+}
+
+impl UpperLayer {
+    /// `Some(skip)` when a rewrite of `bytes` would be over the budget or out of room now.
+    fn defrag_precheck(&self, bytes: u64) -> Option<DefragOutcome> {
+        let st = self.state.read();
+        if st.defrag_bytes.saturating_add(bytes) > self.defrag.written.load(Ordering::Relaxed) {
+            return Some(DefragOutcome::OverBudget);
+        }
+        (!self.defrag_room(&st, bytes)).then_some(DefragOutcome::NoRoom)
     }
 }
 
@@ -334,10 +402,10 @@ impl Image {
                     report.ranges += 1;
                     report.bytes += bytes;
                 }
-                Ok(DefragOutcome::OverBudget) => {
+                Ok(DefragOutcome::OverBudget | DefragOutcome::NoRoom) => {
                     // Nothing more fits until clients write more.
                     report.skipped += 1 + up.queued_defrags() as u64;
-                    up.cancel_defrags();
+                    up.pause_defrags();
                     break;
                 }
                 Ok(DefragOutcome::Unfragmented | DefragOutcome::Changed) => report.skipped += 1,
@@ -368,6 +436,11 @@ impl Image {
         let runs = plan_runs(self, &seen.pieces);
         if runs.is_empty() {
             return Ok(DefragOutcome::Unfragmented);
+        }
+        // Settled before reading a byte: the write checks again, under the same lock.
+        let bytes = runs.iter().map(Run::len).sum();
+        if let Some(out) = up.defrag_precheck(bytes) {
+            return Ok(out);
         }
         let mut filled = Vec::with_capacity(runs.len());
         for run in &runs {

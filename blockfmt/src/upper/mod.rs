@@ -253,8 +253,6 @@ struct State {
     data_synced_len: Option<u64>,
     /// Flushes that synced with one device flush (see [`UpperLayer::set_data_writeback`]).
     single_sync_flushes: u64,
-    /// Data bytes clients wrote since open: what defragmenting rewrites may write at most.
-    client_bytes: u64,
     /// Ranges and bytes defragmenting rewrites wrote since open (see `defrag.rs`).
     defrags: u64,
     defrag_bytes: u64,
@@ -283,7 +281,6 @@ impl State {
             marks_queued: 0,
             data_synced_len: None,
             single_sync_flushes: 0,
-            client_bytes: 0,
             defrags: 0,
             defrag_bytes: 0,
         }
@@ -633,7 +630,7 @@ impl UpperLayer {
         self.usable(&st)?;
         let len = data.len() as u64;
         self.write_records(&mut st, off, data, &[len])?;
-        st.client_bytes += len;
+        self.defrag.note_client_write(len);
         let due = self.compaction_due(&mut st);
         drop(st);
         self.compact_if(due);

@@ -125,6 +125,14 @@ impl DataSpace {
         Some(s)
     }
 
+    /// True when [`Self::take`] would find space for `len` bytes below `limit`.
+    pub fn fits(&self, len: u64, limit: u64) -> bool {
+        let want = len.next_multiple_of(SLOT);
+        self.free_by_len
+            .range((want, 0)..)
+            .any(|&(_, s)| s + len <= limit)
+    }
+
     /// Gives back space [`Self::take`] returned (the write failed).
     pub fn untake(&mut self, at: u64, len: u64) {
         self.put_free(at, len.next_multiple_of(SLOT));
