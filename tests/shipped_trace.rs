@@ -350,6 +350,162 @@ fn bake_runs_the_command_over_a_loop_device_with_lsms_readahead() {
     }
 }
 
+/// What a bake in `sandbox` (its directory) may have left: loop devices over a file in it,
+/// mounts in it, processes naming it (its lsmd) or `marker` (the command's) in their command
+/// line, the directory itself.
+fn bake_leftovers(sandbox: &Path, marker: &str) -> Vec<String> {
+    let dir = sandbox.to_string_lossy().into_owned();
+    let mut left = Vec::new();
+    let loops = ok(Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE"]));
+    left.extend(
+        loops
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .map(|l| format!("loop {l}")),
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+    left.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .map(|l| format!("mount {l}")),
+    );
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&dir) || cmdline.contains(marker) {
+            left.push(format!(
+                "process {}: {cmdline}",
+                e.file_name().to_string_lossy()
+            ));
+        }
+    }
+    if sandbox.exists() {
+        left.push(format!("directory {dir}"));
+    }
+    left
+}
+
+/// Waits (≤ 30 s) until nothing of the bake in `sandbox` is left, else fails naming what is.
+fn assert_nothing_left(sandbox: &Path, marker: &str, what: &str) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let left = bake_leftovers(sandbox, marker);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: left behind: {left:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A bake that does not finish leaves nothing behind — no lsmd, loop device, mount, process
+/// of the command or directory — whether its command fails, outlives `--timeout` (with a
+/// process of its own in the background), or lsmctl is stopped by SIGTERM or SIGINT while the
+/// command runs; and the image's config is left as it was.
+#[test]
+fn a_failed_timed_out_or_interrupted_bake_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let t = tmp.path();
+    let (_raw, img) = rootfs_image(t, 19);
+    let config_before = std::fs::read(&img).expect("config");
+    // lsmctl's output goes to a file, not a pipe: a leaked process of the command would hold
+    // a pipe open and hang the test instead of failing it.
+    let err_file = t.join("bake.err");
+    let bake = |cmd: &str, timeout: &str| {
+        let err = std::fs::File::create(&err_file).expect("stderr file");
+        let mut c = lsmctl(["trace", "bake", "--timeout", timeout]);
+        c.env("TMPDIR", t)
+            .arg(&img)
+            .args(["--", cmd])
+            .stdout(std::process::Stdio::null())
+            .stderr(err);
+        c.spawn().expect("lsmctl trace bake")
+    };
+    let finish = |mut child: std::process::Child| {
+        let status = child.wait().expect("wait for lsmctl");
+        (status, std::fs::read_to_string(&err_file).expect("stderr"))
+    };
+    // The command fails, a process of its own still running.
+    let marker = format!("{}", 7000 + std::process::id() % 1000);
+    // Should the test fail: what a leaky bake left is swept away, not left to other tests.
+    struct Sweep(String, PathBuf);
+    impl Drop for Sweep {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-f"])
+                .arg(format!("sleep {}", self.0))
+                .status();
+            let dir = self.1.to_string_lossy().into_owned();
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-f"])
+                .arg(&dir)
+                .status();
+            let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+            let mut mine: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1))
+                .filter(|m| m.starts_with(&dir))
+                .collect();
+            mine.sort_unstable_by(|a, b| b.cmp(a));
+            for m in mine {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+    }
+    let _sweep = Sweep(marker.clone(), t.to_path_buf());
+    let child = bake(
+        &format!("cat /data/a >/dev/null; sleep {marker}1 & exit 3"),
+        "120",
+    );
+    let sandbox = t.join(format!("lsmctl-bake-{}", child.id()));
+    let (status, err) = finish(child);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("the command failed inside the image"), "{err}");
+    assert_nothing_left(&sandbox, &format!("sleep {marker}1"), "a failed command");
+
+    // The command outlives the timeout, with a process in the background.
+    let child = bake(&format!("sleep {marker}2 & sleep {marker}3"), "2");
+    let sandbox = t.join(format!("lsmctl-bake-{}", child.id()));
+    let (status, err) = finish(child);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("ran longer than"), "{err}");
+    assert_nothing_left(&sandbox, &format!("sleep {marker}"), "a timed-out command");
+
+    // lsmctl stopped by a signal while the command runs.
+    for (name, sig, n) in [("TERM", 15, 4), ("INT", 2, 5)] {
+        let cmd = format!("cat /data/b >/dev/null; sleep {marker}{n}");
+        let mut child = bake(&cmd, "600");
+        let sandbox = t.join(format!("lsmctl-bake-{}", child.id()));
+        let t0 = std::time::Instant::now();
+        let running = format!("sleep {marker}{n}");
+        while !bake_leftovers(&sandbox, &running)
+            .iter()
+            .any(|l| l.starts_with("process") && l.trim_end().ends_with(&format!(": {running}")))
+        {
+            assert!(
+                child.try_wait().expect("wait").is_none(),
+                "bake ended before its command ran"
+            );
+            assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        ok(Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string()));
+        let (status, err) = finish(child);
+        assert_eq!(status.code(), Some(128 + sig), "{status}: {err}");
+        assert!(err.contains("sandbox torn down"), "{err}");
+        assert_nothing_left(&sandbox, &running, "an interrupted bake");
+    }
+    assert_eq!(std::fs::read(&img).expect("config"), config_before);
+}
+
 /// The image config at `path` as JSON.
 /// The whole disk `d` serves (copied to `copy` with nbdcopy) equals the image `raw`; then stops it.
 fn assert_serves_the_image(d: Lsmd, copy: &Path, raw: &Path) {

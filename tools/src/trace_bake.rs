@@ -11,10 +11,10 @@
 //! lists the blob too (CONTRACT.md: an OCI layer media type, role `trace`, the config's
 //! diff_ids and history kept one per layer).
 //!
-//! Everything set up (lsmd, loop device, mounts) is torn down on every path out, error or not.
+//! Everything set up (lsmd, loop device, mounts, the command) is torn down on every path out:
+//! error, panic or signal (`sandbox`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockfmt::format::{oci_digest, sha256};
@@ -28,6 +28,9 @@ use crate::cli::{CliError, CliResult};
 use crate::convert::manifest::{lsm_role, Blob, ImageManifest, Role};
 use crate::convert::push::{Client, Session, Target};
 use crate::oci;
+
+mod sandbox;
+use sandbox::Sandbox;
 
 /// Arguments of `lsmctl trace bake`.
 #[derive(clap::Args)]
@@ -76,68 +79,6 @@ pub const STARTUP_CHUNK_KB: u32 = 1024;
 /// Default zstd level of a startup layer (`--startup-level`).
 pub const STARTUP_LEVEL: i32 = 19;
 
-/// What is set up, torn down in reverse on drop.
-struct Sandbox {
-    dir: PathBuf,
-    lsmd: Option<Child>,
-    loop_dev: Option<String>,
-    mounted: bool,
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let mnt = self.dir.join("mnt");
-        if self.mounted {
-            let _ = Command::new("umount").arg(&mnt).status();
-        }
-        if let Some(l) = self.loop_dev.take() {
-            let _ = loop_device::detach_loop(&l);
-            // The loop device lets go of the FUSE file asynchronously.
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(5) && loop_device::loop_holds_file(&l) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        if let Some(mut c) = self.lsmd.take() {
-            // SAFETY: kill(2) on the pid of a child we started and have not reaped.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let files = self.dir.join("files");
-        if is_mountpoint(&files) {
-            let _ = Command::new("umount").arg("-l").arg(&files).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn is_mountpoint(p: &Path) -> bool {
-    let p = p.to_string_lossy();
-    std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&p)))
-        .unwrap_or(false)
-}
-
-fn run(cmd: &mut Command, what: &str) -> CliResult<String> {
-    let out = cmd.output().map_err(|e| CliError(format!("{what}: {e}")))?;
-    if !out.status.success() {
-        return Err(CliError(format!(
-            "{what}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 fn free_port() -> CliResult<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -151,107 +92,6 @@ fn lsmd_binary(given: Option<PathBuf>) -> PathBuf {
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("lsmd"))
     })
-}
-
-/// Serves `image` from a private lsmd and mounts it read-only under the sandbox's `mnt`.
-fn mount_image(
-    sb: &mut Sandbox,
-    image: &Path,
-    lsmd: &Path,
-    metrics: &str,
-    read_ahead_kb: u32,
-) -> CliResult {
-    let (files, mnt) = (sb.dir.join("files"), sb.dir.join("mnt"));
-    std::fs::create_dir_all(&files)?;
-    std::fs::create_dir_all(&mnt)?;
-    let log = std::fs::File::create(sb.dir.join("lsmd.log"))?;
-    let mut config = std::ffi::OsString::from("image=");
-    config.push(image.canonicalize()?);
-    let child = Command::new(lsmd)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .arg("--fuse")
-        .arg(&files)
-        .arg("--cache-dir")
-        .arg(sb.dir.join("cache"))
-        .arg("--socket")
-        .arg(sb.dir.join("sock"))
-        .args(["--prefetch", "none", "--exact-trace", "--metrics", metrics])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| CliError(format!("{}: {e}", lsmd.display())))?;
-    sb.lsmd = Some(child);
-    let file = files.join("image");
-    let t0 = Instant::now();
-    while !file.exists() {
-        let exited = sb
-            .lsmd
-            .as_mut()
-            .map(|c| matches!(c.try_wait(), Ok(Some(_))));
-        if exited == Some(true) || t0.elapsed() > Duration::from_secs(60) {
-            let log = std::fs::read_to_string(sb.dir.join("lsmd.log")).unwrap_or_default();
-            return Err(CliError(format!("lsmd did not serve the image: {log}")));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // The readahead the nodes' disks have (not the loop's 2560 KiB): what the kernel reads
-    // ahead here lands in the trace, and every node would fetch it.
-    let dev = loop_device::attach_loop(&file, true, read_ahead_kb).map_err(CliError)?;
-    sb.loop_dev = Some(dev.clone());
-    // ext4 without replaying a journal (read-only device); other filesystems plain read-only.
-    let ext4 = run(
-        Command::new("mount")
-            .args(["-o", "ro,noload", &dev])
-            .arg(&mnt),
-        "mount",
-    );
-    if ext4.is_err() {
-        run(
-            Command::new("mount").args(["-o", "ro", &dev]).arg(&mnt),
-            "mount",
-        )?;
-    }
-    sb.mounted = true;
-    Ok(())
-}
-
-/// Runs `command` once in the sandbox over `mnt`, failing if it fails or outlives `timeout`.
-fn run_command(mnt: &Path, command: &[String], timeout: Duration) -> CliResult {
-    // In its own mount namespace (private: nothing leaks to the host, all gone when it
-    // exits), the image gets the host's /dev and a /proc of its PID namespace where it has
-    // those directories, as a container runtime would give them.
-    const SETUP: &str = "[ -d \"$1/dev\" ] && mount --rbind /dev \"$1/dev\"; \
-        [ -d \"$1/proc\" ] && mount -t proc proc \"$1/proc\"; \
-        exec chroot \"$1\" /bin/sh -c \"$2\"";
-    let mut child = Command::new("unshare")
-        .args(["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"])
-        .args(["/bin/sh", "-c", SETUP, "sh"])
-        .arg(mnt)
-        .arg(command.join(" "))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| CliError(format!("unshare: {e}")))?;
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            if !st.success() {
-                return Err(CliError(format!(
-                    "the command failed inside the image ({st}): {}",
-                    command.join(" ")
-                )));
-            }
-            return Ok(());
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(CliError(format!("the command ran longer than {timeout:?}")));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Where a baked blob (`kind`: trace, startup) goes: pushed beside the first layer's registry
@@ -520,20 +360,10 @@ pub fn bake(a: BakeArgs) -> CliResult {
     let port = free_port()?;
     let metrics = format!("127.0.0.1:{port}");
     let dir = std::env::temp_dir().join(format!("lsmctl-bake-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut sb = Sandbox {
-        dir,
-        lsmd: None,
-        loop_dev: None,
-        mounted: false,
-    };
-    mount_image(&mut sb, &a.image, &lsmd, &metrics, a.read_ahead_kb)?;
+    let sb = Sandbox::new(dir)?;
+    sandbox::mount_image(&sb, &a.image, &lsmd, &metrics, a.read_ahead_kb)?;
     let t0 = Instant::now();
-    run_command(
-        &sb.dir.join("mnt"),
-        &a.command,
-        Duration::from_secs(a.timeout),
-    )?;
+    sandbox::run_command(&sb, &a.command, Duration::from_secs(a.timeout))?;
     let took = t0.elapsed();
     let bytes = get_lsmd(&metrics, "/trace?export=image")?;
     let mut trace =
@@ -543,7 +373,7 @@ pub fn bake(a: BakeArgs) -> CliResult {
         .map_err(CliError)?;
     let mut baked = Vec::new();
     if !a.no_startup_layer {
-        let data = read_blocks(&sb.dir.join("files/image"), &blocks, config.size)?;
+        let data = read_blocks(&sb.dir().join("files/image"), &blocks, config.size)?;
         let (blob, w) = startup_layer(data, config.size, a.startup_chunk_kb, a.startup_level)?;
         // Every chunk in the exact trace had a block read, and the layer holds every block
         // read: the layer covers them all (FORMAT.md §6, version 2).
