@@ -31,9 +31,10 @@ use blockfmt::{Image, LayerStack};
 /// Most bytes of inode tables prefetched (a hint, not a promise).
 pub const MAX_META_BYTES: u64 = 256 << 20;
 /// Default of `lsmd serve --file-ahead-kb` (most stored bytes one fetch ahead in a file asks
-/// for): off. Measured on the startup bench at 100 Mbit/s (README, "Lazy start: fetching ahead
-/// in files"): 2048 cut python's GETs 109 → 80 and pip's 347 → 249 but made both starts
-/// slower (more bytes, and readers waiting for a long fetch that holds their chunk).
+/// for): off. Measured on the startup bench at 100 Mbit/s (`benches/startup/HISTORY.md`, "Lazy
+/// start: fetching ahead in files"): 2048 cut python's GETs 109 → 80 and pip's 347 → 249 but
+/// made both starts slower (more bytes, and readers waiting for a long fetch that holds their
+/// chunk); 64–512 save at most 5–10 % (README, the startup section's table of trace-free levers).
 pub const FILE_AHEAD_KB: u64 = 0;
 /// Most extent-tree blocks (below the inodes) read to find files' extents.
 pub const MAX_TREE_BLOCKS: usize = 4096;
