@@ -7,6 +7,7 @@ mod build;
 mod check;
 mod cli;
 mod convert;
+mod interrupt;
 mod oci;
 mod progress;
 mod pull;

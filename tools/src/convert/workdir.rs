@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Once, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::attach::PidFd;
 
@@ -26,37 +26,27 @@ static CHILDREN: Mutex<Vec<(u32, PidFd)>> = Mutex::new(Vec::new());
 /// Shared by steps, exclusive for the signal thread.
 static GATE: RwLock<()> = RwLock::new(());
 static STOPPING: AtomicBool = AtomicBool::new(false);
-static HANDLER: Once = Once::new();
 
 fn lock<T>(m: &'static Mutex<T>) -> std::sync::MutexGuard<'static, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn install_handler() {
-    HANDLER.call_once(|| {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("convert: cannot install signal handlers ({e}); an interrupted conversion may leave its work tree");
-                return;
-            }
-        };
-        std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                STOPPING.store(true, Ordering::SeqCst);
-                let _gate = GATE.write().unwrap_or_else(|p| p.into_inner());
-                for (_, child) in lock(&CHILDREN).iter() {
-                    let _ = child.signal(libc::SIGKILL);
-                }
-                for t in lock(&TREES).iter() {
-                    remove(t);
-                }
-                eprintln!("convert: interrupted by signal {sig}; work trees removed");
-                std::process::exit(128 + sig);
-            }
-        });
-    });
+    crate::interrupt::on_interrupt("convert", interrupted);
+}
+
+/// At a signal: no new step starts, the running ones end, children are killed and the work
+/// trees removed.
+fn interrupted(sig: i32) {
+    STOPPING.store(true, Ordering::SeqCst);
+    let _gate = GATE.write().unwrap_or_else(|p| p.into_inner());
+    for (_, child) in lock(&CHILDREN).iter() {
+        let _ = child.signal(libc::SIGKILL);
+    }
+    for t in lock(&TREES).iter() {
+        remove(t);
+    }
+    eprintln!("convert: interrupted by signal {sig}; work trees removed");
 }
 
 fn remove(p: &Path) {

@@ -6,7 +6,8 @@
 //! mount unmounted (lazily when still busy), the loop device detached, lsmd stopped, its FUSE
 //! mount and the directory removed —
 //! - on return or error, and on a panic, by dropping the [`Sandbox`] guard;
-//! - on SIGINT, SIGTERM or SIGHUP, by a signal thread, which then exits with 128 + the signal;
+//! - on SIGINT, SIGTERM or SIGHUP, by lsmctl's signal thread (`crate::interrupt`), which then
+//!   exits with 128 + the signal;
 //! - when lsmctl itself is killed (SIGKILL), nothing of lsmctl runs: the kernel signals its
 //!   lsmd (SIGTERM) and the command's namespace (SIGKILL) through `PR_SET_PDEATHSIG`; the
 //!   mount and the loop device then stay until someone unmounts them.
@@ -22,7 +23,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lsmd::frontend::loop_device;
@@ -45,7 +46,6 @@ static PARTS: Mutex<Option<Parts>> = Mutex::new(None);
 /// Held while parts are torn down: the signal thread exits only after a teardown the main
 /// thread began is over.
 static TEARING: Mutex<()> = Mutex::new(());
-static HANDLER: Once = Once::new();
 
 fn parts() -> MutexGuard<'static, Option<Parts>> {
     PARTS.lock().unwrap_or_else(|p| p.into_inner())
@@ -101,27 +101,17 @@ impl Drop for Sandbox {
 }
 
 fn install_handler() {
-    HANDLER.call_once(|| {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("trace bake: cannot install signal handlers ({e}); an interrupted bake may leave its lsmd, loop device and mounts");
-                return;
-            }
-        };
-        std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                let _tearing = TEARING.lock().unwrap_or_else(|p| p.into_inner());
-                let taken = parts().take();
-                if let Some(p) = taken {
-                    p.tear_down();
-                }
-                eprintln!("trace bake: interrupted by signal {sig}; sandbox torn down");
-                std::process::exit(128 + sig);
-            }
-        });
-    });
+    crate::interrupt::on_interrupt("trace bake", interrupted);
+}
+
+/// At a signal: tears down what is up, once a teardown the main thread began is over.
+fn interrupted(sig: i32) {
+    let _tearing = TEARING.lock().unwrap_or_else(|p| p.into_inner());
+    let taken = parts().take();
+    if let Some(p) = taken {
+        p.tear_down();
+    }
+    eprintln!("trace bake: interrupted by signal {sig}; sandbox torn down");
 }
 
 /// Asks the kernel to send `sig` to the child when this process dies.
