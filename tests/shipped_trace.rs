@@ -407,7 +407,8 @@ fn assert_nothing_left(sandbox: &Path, marker: &str, what: &str) {
 /// A bake that does not finish leaves nothing behind — no lsmd, loop device, mount, process
 /// of the command or directory — whether its command fails, outlives `--timeout` (with a
 /// process of its own in the background), or lsmctl is stopped by SIGTERM or SIGINT while the
-/// command runs; and the image's config is left as it was.
+/// command runs; killed outright (SIGKILL), its lsmd and the command still stop; and the
+/// image's config is left as it was.
 #[test]
 fn a_failed_timed_out_or_interrupted_bake_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -503,6 +504,55 @@ fn a_failed_timed_out_or_interrupted_bake_leaves_nothing_behind() {
         assert!(err.contains("sandbox torn down"), "{err}");
         assert_nothing_left(&sandbox, &running, "an interrupted bake");
     }
+
+    // lsmctl killed outright (SIGKILL): nothing of lsmctl runs, but the kernel stops its lsmd
+    // and the command (PR_SET_PDEATHSIG). The mount and the loop device stay: removed here.
+    let cmd = format!("cat /data/c >/dev/null; sleep {marker}6");
+    let mut child = bake(&cmd, "600");
+    let sandbox = t.join(format!("lsmctl-bake-{}", child.id()));
+    let running = format!("sleep {marker}6");
+    let t0 = std::time::Instant::now();
+    while !bake_leftovers(&sandbox, &running)
+        .iter()
+        .any(|l| l.starts_with("process") && l.trim_end().ends_with(&format!(": {running}")))
+    {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "bake ended before its command ran"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9 lsmctl");
+    child.wait().expect("wait");
+    let t0 = std::time::Instant::now();
+    loop {
+        let procs: Vec<String> = bake_leftovers(&sandbox, &running)
+            .into_iter()
+            .filter(|l| l.starts_with("process"))
+            .collect();
+        if procs.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "lsmctl killed: processes left: {procs:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mnt = sandbox.join("mnt");
+    let _ = Command::new("umount").arg(&mnt).status();
+    let loops = ok(Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE"]));
+    let dir = sandbox.to_string_lossy().into_owned();
+    for l in loops.lines().filter(|l| l.contains(&dir)) {
+        if let Some(dev) = l.split_whitespace().next() {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+    }
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(sandbox.join("files"))
+        .status();
     assert_eq!(std::fs::read(&img).expect("config"), config_before);
 }
 
