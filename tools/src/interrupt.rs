@@ -5,13 +5,27 @@
 //! another's exit.
 //!
 //! Concurrency: cleanups run on the signal thread while the rest of the process goes on; each
-//! one synchronizes with the threads whose work it undoes (see its module).
+//! one synchronizes with the threads whose work it undoes (see its module). The main thread,
+//! whose work a cleanup may have just pulled from under it, must not end the process first
+//! (with its own exit status, or before a cleanup is done): `main` calls
+//! [`wait_if_interrupted`] before it exits.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 /// Cleanups run at a signal, in registration order reversed.
 static CLEANUPS: Mutex<Vec<fn(i32)>> = Mutex::new(Vec::new());
 static THREAD: Once = Once::new();
+/// A signal arrived: the signal thread is running the cleanups and will exit the process.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Once a signal arrived, never returns: the signal thread finishes the cleanups and exits
+/// with 128 + the signal. Otherwise returns at once.
+pub fn wait_if_interrupted() {
+    while INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::park();
+    }
+}
 
 /// Runs `cleanup(signal)` at the first SIGINT, SIGTERM or SIGHUP (once per registration; a
 /// function registered twice runs once). `what` names the caller in the warning printed when
@@ -34,6 +48,7 @@ pub fn on_interrupt(what: &str, cleanup: fn(i32)) {
         };
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                INTERRUPTED.store(true, Ordering::SeqCst);
                 let cleanups = CLEANUPS.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 for c in cleanups.iter().rev() {
                     c(sig);

@@ -105,6 +105,9 @@ fn main() -> ExitCode {
         Cmd::List(a) => attach::list(a),
         Cmd::Pull(a) => pull::pull(a),
     };
+    // Interrupted: the signal's cleanups decide how lsmctl ends (exit 128 + the signal), not
+    // whatever the interrupted work returned.
+    interrupt::wait_if_interrupted();
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError(msg)) => {
